@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs beyond Python packages: Debian's Chromium for
+# the console's browser tests (Playwright's own browser download cannot work here).
+set -euo pipefail
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium for the browser tests"
+    (apt-get install -y -q chromium >/dev/null 2>&1) || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
+  else
+    echo "note: /usr/bin/chromium is missing; install it (apt-get install chromium) for the console tests" >&2
+  fi
+fi

@@ -1,0 +1,51 @@
+"""Wraps a handler with a request id and protocol-shaped error rendering.
+
+Every response, error or not, carries ``x-request-id`` and ``request-id``. No exception
+escapes as a traceback: unknown ones are logged and answered as the protocol's 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mesh.api.responses import ErrorRenderer, error_response
+from mesh.errors import InternalError, MeshError
+from mesh.http.ids import request_id
+from mesh.http.streaming import StreamResponse
+from mesh.pipeline import RequestContext
+
+log = logging.getLogger("mesh.api")
+
+AnyResponse = Response | StreamResponse
+Handler = Callable[[Request, RequestContext], Awaitable[AnyResponse]]
+Endpoint = Callable[[Request], Awaitable[AnyResponse]]
+
+
+def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
+    def wrap(handler: Handler) -> Endpoint:
+        async def run(request: Request) -> AnyResponse:
+            ctx = RequestContext(request_id=request_id(), protocol=protocol)
+            request.state.ctx = ctx
+            response: AnyResponse
+            try:
+                response = await handler(request, ctx)
+            except MeshError as err:
+                ctx.status = "error"
+                response = error_response(err, render_error)
+            except Exception:
+                ctx.status = "error"
+                log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
+                internal = InternalError("The server had an error processing your request.")
+                response = error_response(internal, render_error)
+            response.headers["x-request-id"] = ctx.request_id
+            response.headers["request-id"] = ctx.request_id
+            return response
+
+        run.__name__ = handler.__name__
+        return run
+
+    return wrap

@@ -1,0 +1,69 @@
+"""ASGI app assembly: routes, lifespan. Everything else lives in the modules it names."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from mesh.api.chat import chat_completions
+from mesh.api.models import get_model, list_models
+from mesh.api.responses import JSON, error_response
+from mesh.config import Settings
+from mesh.errors import NotFound
+from mesh.gateway import Gateway
+from mesh.protocols import openai_errors
+
+
+async def _health(request: Request) -> Response:
+    return JSON({"status": "ok"})
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(NotFound(f"Unknown path: {request.method} {request.url.path}"), openai_errors.render_error)
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    err = NotFound(f"Method {request.method} is not allowed on {request.url.path}")
+    err.status = 405
+    return error_response(err, openai_errors.render_error)
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/health", _health, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+    ]
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = await Gateway.start(settings)
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    return Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={404: _not_found, 405: _method_not_allowed},
+    )
+
+
+def app_from_environment() -> Starlette:
+    """The uvicorn factory: settings from ``MESH_CONFIG`` and ``MESH_*`` (one per worker)."""
+    from mesh.config import load_settings
+    from mesh.observability.logging import configure
+
+    settings = load_settings()
+    configure(settings.logging)
+    return create_app(settings)

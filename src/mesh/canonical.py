@@ -1,0 +1,346 @@
+"""The canonical layer: one request model and one event stream for every protocol and engine.
+
+Protocols (``mesh.protocols``) parse their wire format into a :class:`CanonicalRequest` and
+render :data:`Event` streams (or an aggregated :class:`Result`) back out. Engines
+(``mesh.engines``) consume a ``CanonicalRequest`` and produce ``Event``\\ s. Neither side
+imports the other: this module is the only contract between them.
+
+Everything here is a frozen dataclass; no raw wire dict crosses a layer except the
+deliberately opaque ``extra`` pass-through fields and JSON schemas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error"]
+
+
+# ---- message parts -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image by URL: ``https://…`` or a ``data:<media>;base64,…`` URL."""
+
+    url: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningPart:
+    """The model's prior thinking, echoed back by a client on an assistant turn."""
+
+    text: str
+    signature: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallPart:
+    """A call the assistant made. ``arguments`` is the JSON text, passed through verbatim."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultPart:
+    """The result of a tool call, sent by the client. Content is text and images."""
+
+    call_id: str
+    content: tuple[TextPart | ImagePart, ...]
+    is_error: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+Part = TextPart | ImagePart | ReasoningPart | ToolCallPart | ToolResultPart
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn. ``tool`` messages carry only :class:`ToolResultPart`\\ s."""
+
+    role: Role
+    parts: tuple[Part, ...]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+# ---- tools and output control ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """``auto`` / ``none`` / ``required`` (any tool) / ``function`` (the one named)."""
+
+    mode: Literal["auto", "none", "required", "function"]
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema: Mapping[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningConfig:
+    """What the client asked of the model's thinking.
+
+    ``enabled`` None means "the model's default". ``effort`` is one of
+    none/minimal/low/medium/high/xhigh/max; ``budget_tokens`` is Anthropic's budget.
+    """
+
+    enabled: bool | None = None
+    effort: str | None = None
+    budget_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalRequest:
+    """A generation request, whatever protocol it came in by.
+
+    ``model`` is the public name the client sent; engines map it to their own.
+    ``max_tokens`` counts output tokens including reasoning. ``extra`` holds unknown
+    request fields that engines which accept them receive unchanged (vLLM's ``top_k``,
+    ``chat_template_kwargs``, …). ``continue_final`` asks the engine to continue the final
+    assistant message (prefill) instead of starting a new turn.
+    """
+
+    model: str
+    messages: tuple[Message, ...]
+    stream: bool = False
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    sampling: Sampling = field(default_factory=Sampling)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    reasoning: ReasoningConfig | None = None
+    user: str | None = None
+    metadata: Mapping[str, str] | None = None
+    continue_final: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_max_tokens(self, max_tokens: int | None) -> CanonicalRequest:
+        return replace(self, max_tokens=max_tokens)
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    choice: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """A new tool call; ``index`` counts calls within the choice from 0."""
+
+    index: int
+    id: str
+    name: str
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ToolArgsDelta:
+    index: int
+    delta: str
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The end of one choice. ``stop_sequence`` is the matched stop string, when known."""
+
+    reason: FinishReason
+    choice: int = 0
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as the engine reported them.
+
+    ``input_tokens`` includes ``cached_tokens``; ``output_tokens`` includes
+    ``reasoning_tokens`` (the OpenAI convention).
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage
+
+
+# ---- aggregated result ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    text: str
+    reasoning: str
+    tool_calls: tuple[ToolCall, ...]
+    finish_reason: FinishReason
+    stop_sequence: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A whole non-streamed answer: what :func:`aggregate` builds from events."""
+
+    choices: tuple[Choice, ...]
+    usage: Usage
+
+
+class _ChoiceBuilder:
+    __slots__ = ("calls", "finish", "logprobs", "reasoning", "stop_sequence", "text")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, list[str]] = {}
+        self.logprobs: list[TokenLogprob] | None = None
+        self.finish: FinishReason | None = None
+        self.stop_sequence: str | None = None
+
+
+class Aggregator:
+    """Folds an event stream into a :class:`Result`. Feed events with :meth:`add`."""
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _ChoiceBuilder] = {}
+        self._call_meta: dict[tuple[int, int], tuple[str, str]] = {}
+        self.usage = Usage()
+
+    def _choice(self, index: int) -> _ChoiceBuilder:
+        builder = self._choices.get(index)
+        if builder is None:
+            builder = self._choices[index] = _ChoiceBuilder()
+        return builder
+
+    def add(self, event: Event) -> None:
+        match event:
+            case TextDelta(text=text, choice=c, logprobs=lps):
+                b = self._choice(c)
+                b.text.append(text)
+                if lps is not None:
+                    if b.logprobs is None:
+                        b.logprobs = []
+                    b.logprobs.extend(lps)
+            case ReasoningDelta(text=text, choice=c):
+                self._choice(c).reasoning.append(text)
+            case ToolCallStart(index=i, id=call_id, name=name, choice=c):
+                self._choice(c).calls.setdefault(i, [])
+                self._call_meta[(c, i)] = (call_id, name)
+            case ToolArgsDelta(index=i, delta=delta, choice=c):
+                self._choice(c).calls.setdefault(i, []).append(delta)
+            case Finish(reason=reason, choice=c, stop_sequence=seq):
+                b = self._choice(c)
+                b.finish = reason
+                b.stop_sequence = seq
+            case Usage():
+                self.usage = event
+
+    def result(self) -> Result:
+        choices = []
+        for index in sorted(self._choices) or [0]:
+            b = self._choices.get(index) or _ChoiceBuilder()
+            calls = tuple(
+                ToolCall(*self._call_meta.get((index, i), (f"call_{index}_{i}", "")), "".join(args))
+                for i, args in sorted(b.calls.items())
+            )
+            finish: FinishReason = b.finish or ("tool_calls" if calls else "stop")
+            choices.append(
+                Choice(
+                    index=index,
+                    text="".join(b.text),
+                    reasoning="".join(b.reasoning),
+                    tool_calls=calls,
+                    finish_reason=finish,
+                    stop_sequence=b.stop_sequence,
+                    logprobs=tuple(b.logprobs) if b.logprobs is not None else None,
+                )
+            )
+        return Result(choices=tuple(choices), usage=self.usage)

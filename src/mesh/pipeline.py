@@ -1,0 +1,258 @@
+"""The request path, top to bottom: authenticate, parse, admit, route, stream, settle.
+
+Each step is a named method of :class:`Pipeline` sharing one :class:`RequestContext`;
+the protocol endpoints in ``mesh.api`` call them in order. Nothing here knows a wire
+format: protocols turn bodies into canonical requests and events back into bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from mesh.canonical import (
+    CanonicalRequest,
+    Event,
+    ImagePart,
+    ReasoningDelta,
+    TextDelta,
+    TextPart,
+    ToolArgsDelta,
+    Usage,
+)
+from mesh.config import ModelConfig, Pricing, Settings
+from mesh.errors import AuthenticationFailed, MeshError, ModelNotFound, PermissionDenied
+from mesh.routing.router import RoutedStream, Router
+
+log = logging.getLogger("mesh.pipeline")
+
+# A rough upper bound of prompt tokens from text size, used for the credit hold only: BPE
+# tokenizers average 3-4 bytes per token on English and about 1.5 on CJK.
+_BYTES_PER_TOKEN = 2
+_TOKENS_PER_MESSAGE = 8
+_TOKENS_PER_IMAGE = 1600
+
+
+class Principal(Protocol):
+    account_id: str
+    key_id: str
+
+    def may_use(self, model: str) -> bool: ...
+
+
+class Admission(Protocol):
+    held: int
+    max_output_tokens: int
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, raw_key: str | None) -> Any: ...
+
+
+class Ledger(Protocol):
+    async def admit(
+        self, principal: Any, pricing: Pricing, request_id: str, prompt_tokens_estimate: int, max_output_tokens: int
+    ) -> Any: ...
+
+    async def settle(
+        self,
+        admission: Any,
+        usage: Usage | None,
+        *,
+        status: str,
+        model: str,
+        pricing: Pricing,
+        replica: str | None = None,
+        protocol: str | None = None,
+        ttft_ms: int | None = None,
+        duration_ms: int | None = None,
+    ) -> int: ...
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything one request accumulates on its way through the pipeline."""
+
+    request_id: str
+    protocol: str
+    started: float = field(default_factory=time.monotonic)
+    principal: Any = None
+    model: ModelConfig | None = None
+    request: CanonicalRequest | None = None
+    admission: Any = None
+    prompt_estimate: int = 0
+    replica: str | None = None
+    first_token_at: float | None = None
+    usage: Usage | None = None
+    status: str = "ok"
+    settled: bool = False
+
+    @property
+    def ttft_ms(self) -> int | None:
+        return None if self.first_token_at is None else int((self.first_token_at - self.started) * 1000)
+
+
+def estimate_prompt_tokens(request: CanonicalRequest) -> int:
+    size = 0
+    images = 0
+    for m in request.messages:
+        size += _TOKENS_PER_MESSAGE * _BYTES_PER_TOKEN
+        for p in m.parts:
+            if isinstance(p, ImagePart):
+                images += 1
+            elif isinstance(p, TextPart):
+                size += len(p.text.encode())
+            else:
+                size += len(repr(p).encode())
+    for t in request.tools:
+        size += len(t.name) + len(t.description or "") + len(repr(t.parameters or {}))
+    return size // _BYTES_PER_TOKEN + images * _TOKENS_PER_IMAGE + 16
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        authenticator: Authenticator,
+        ledger: Ledger,
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.authenticator = authenticator
+        self.ledger = ledger
+        self._spawn = spawn
+        self._models = {m.id: m for m in settings.models}
+
+    # 1. authenticate ----------------------------------------------------------------------
+    async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Any:
+        """Bearer token or ``x-api-key``; raises AuthenticationFailed (401)."""
+        raw: str | None = None
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer <key>'.")
+            raw = token.strip()
+        elif api_key:
+            raw = api_key.strip()
+        ctx.principal = await self.authenticator.authenticate(raw)
+        return ctx.principal
+
+    # 2. resolve the model (after the protocol parsed the body) -------------------------------
+    def resolve(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
+        model = self._models.get(request.model)
+        if model is None:
+            raise ModelNotFound(
+                f"The model '{request.model}' does not exist or you do not have access to it.", param="model"
+            )
+        if not ctx.principal.may_use(model.id):
+            raise PermissionDenied(f"This API key may not use the model '{model.id}'.", param="model")
+        ctx.model = model
+        if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
+            request = request.with_max_tokens(model.context_length)
+        ctx.request = request
+        return request
+
+    # 3. admit: hold credit for the prompt and the most output the request may produce ----------
+    async def admit(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
+        assert ctx.model is not None
+        model = ctx.model
+        ctx.prompt_estimate = estimate_prompt_tokens(request)
+        wanted = request.max_tokens
+        if wanted is None:
+            if model.context_length:
+                wanted = max(1, model.context_length - ctx.prompt_estimate)
+            else:
+                wanted = self.settings.billing.default_hold_output_tokens
+        ctx.admission = await self.ledger.admit(
+            ctx.principal, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted
+        )
+        allowed = int(ctx.admission.max_output_tokens)
+        if allowed < wanted or (request.max_tokens is None and not model.context_length):
+            request = request.with_max_tokens(allowed)
+        ctx.request = request
+        return request
+
+    # 4. route: a replica that produced its first event --------------------------------------
+    async def route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
+        try:
+            stream = await self.router.open(request)
+        except BaseException as exc:
+            ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
+            await self._settle_now(ctx)
+            raise
+        ctx.replica = stream.replica.name
+        ctx.first_token_at = time.monotonic()
+        return stream
+
+    # 5. stream, metering what passes -----------------------------------------------------------
+    async def metered(self, ctx: RequestContext, stream: RoutedStream) -> AsyncIterator[Event]:
+        """Pass events through, remembering usage; settle when the stream ends in any way.
+
+        A normal end settles before the protocol writes its final event, so the balance is
+        current when the client sees the end; a disconnect or failure settles in the
+        background with what was generated.
+        """
+        usage: Usage | None = None
+        produced = 0
+        try:
+            async for ev in stream:
+                if isinstance(ev, Usage):
+                    usage = ev
+                elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
+                    produced += 1
+                yield ev
+            ctx.usage = usage
+            await self._settle_now(ctx)
+        except MeshError:
+            ctx.status = "error"
+            raise
+        except BaseException:
+            ctx.status = "cancelled"
+            raise
+        finally:
+            if not ctx.settled:
+                ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
+                self._spawn(self._settle_now(ctx))
+            await stream.aclose()
+
+    # 6. settle ------------------------------------------------------------------------------
+    async def _settle_now(self, ctx: RequestContext) -> None:
+        if ctx.settled or ctx.admission is None or ctx.model is None:
+            ctx.settled = True
+            return
+        ctx.settled = True
+        duration_ms = int((time.monotonic() - ctx.started) * 1000)
+        try:
+            await self.ledger.settle(
+                ctx.admission,
+                ctx.usage,
+                status=ctx.status,
+                model=ctx.model.id,
+                pricing=ctx.model.pricing,
+                replica=ctx.replica,
+                protocol=ctx.protocol,
+                ttft_ms=ctx.ttft_ms,
+                duration_ms=duration_ms,
+            )
+        except Exception:
+            # The hold stays in place and the stale-hold sweeper releases it; never lose the
+            # response over a bookkeeping failure, and never charge twice.
+            log.exception("settlement failed for %s", ctx.request_id)
+
+    def with_request(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
+        ctx.request = request
+        return request
+
+
+def without_stream(request: CanonicalRequest) -> CanonicalRequest:
+    return replace(request, stream=False)
+
+
+async def drain(ctx_task: asyncio.Task[Any]) -> None:  # pragma: no cover - helper for shutdown
+    await ctx_task

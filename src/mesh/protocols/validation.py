@@ -1,0 +1,64 @@
+"""Turns raw bodies into protocol models, with pydantic errors rendered as one clear 400."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from mesh.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def loads_object(body: bytes) -> dict[str, Any]:
+    """Parse a JSON object body or raise :class:`InvalidRequest`."""
+    if not body:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return data
+
+
+def param_path(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "content")`` -> ``messages[0].content``; drops pydantic's union tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "union[", "tagged-union[")) or "[" in part or part in _TAGS:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+_TAGS = {"str", "list", "dict", "int", "float", "bool", "none", "literal", "lax-or-strict", "json-or-python"}
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """Validate ``data`` into ``model``; the first error becomes an :class:`InvalidRequest`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _to_invalid(exc) from None
+
+
+def _to_invalid(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors(include_url=False)
+    # Prefer the most specific error (the longest location) among union alternatives.
+    err = max(errors, key=lambda e: len(e["loc"]))
+    param = param_path(tuple(err["loc"]))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        text = f"Missing required parameter: '{param}'."
+    elif err["type"] == "extra_forbidden":
+        text = f"Unrecognized request argument supplied: '{param}'."
+    else:
+        text = f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}."
+    return InvalidRequest(text, param=param or None, code="invalid_value" if err["type"] != "missing" else None)

@@ -1,0 +1,70 @@
+"""Shared fixtures: real test-engine and gateway processes, and an operator client.
+
+Processes are session-scoped (starting them costs about a second each); every test
+makes its own account and key, so tests never share balances.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support.gateway import Admin, GatewayProcess
+from testengine.harness import EngineProcess
+
+pytest_plugins = ["conftest_db"]
+
+TEST_PRICING = {"input": "1.0", "cached_input": "0.5", "output": "2.0"}
+
+
+def engine_models(base_url: str, **extra: Any) -> list[dict[str, Any]]:
+    """Catalog entries for the test engine's three models."""
+    return [
+        {
+            "id": name,
+            "family": "Test",
+            "license": "MIT",
+            "context_length": 4096,
+            "pricing": TEST_PRICING,
+            "engines": [{"type": "openai", "base_url": base_url, "model": name, **extra}],
+        }
+        for name in ("test-model", "test-reasoner", "test-reasoner-vllm")
+    ]
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[EngineProcess]:
+    with EngineProcess() as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def gateway(engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    work = tmp_path_factory.mktemp("gateway")
+    config = {"database": f"sqlite:///{work}/mesh.db", "models": engine_models(engine.base_url)}
+    with GatewayProcess(config, work) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="session")
+def admin(gateway: GatewayProcess) -> Iterator[Admin]:
+    client = Admin(gateway.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def account(admin: Admin) -> str:
+    return admin.account("test", credits="100")
+
+
+@pytest.fixture
+def api_key(admin: Admin, account: str) -> str:
+    key: str = admin.key(account, name="test")["key"]
+    return key

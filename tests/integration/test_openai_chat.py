@@ -1,0 +1,306 @@
+"""Chat Completions end to end: the official openai SDK -> gateway process -> test engine."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from support.gateway import GatewayProcess
+from testengine.harness import EngineProcess
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0)
+
+
+def engine_requests(engine: EngineProcess) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = httpx.get(engine.url + "/control/requests").json()
+    return data
+
+
+def last_engine_request(engine: EngineProcess, marker: str) -> dict[str, Any]:
+    """The newest body the engine received whose messages mention ``marker``."""
+    for body in reversed(engine_requests(engine)):
+        if marker in json.dumps(body["messages"]):
+            return body
+    raise AssertionError(f"the engine never saw {marker!r}")
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}},
+}
+
+
+def test_chat_non_streaming_answers_with_public_model_and_cost(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="test-model", messages=[{"role": "user", "content": "hi there"}]
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.model == "test-model"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.choices[0].message.content == "Hello! You said: hi there"
+    assert completion.choices[0].finish_reason == "stop"
+    usage = completion.usage
+    assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens == 5
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # Cost = prompt * 1.0 + completion * 2.0 credits per million tokens, rounded up.
+    expected = Decimal(usage.prompt_tokens * 1 + usage.completion_tokens * 2) / 1_000_000
+    assert Decimal(raw.headers["x-mesh-cost"]) == expected.quantize(Decimal("0.000001"))
+    assert Decimal(completion.usage.model_extra["cost"]) == Decimal(raw.headers["x-mesh-cost"])
+    assert raw.headers["x-request-id"].startswith("req_")
+    assert raw.headers["request-id"] == raw.headers["x-request-id"]
+
+
+def test_chat_stream_with_usage_puts_usage_only_in_last_chunk(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="test-model",
+            messages=[{"role": "user", "content": "stream me"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.model == "test-model" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello! You said: stream me"
+    assert [c for c in chunks if c.usage is not None] == [chunks[-1]]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+
+
+def test_chat_stream_without_include_usage_sends_no_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "no usage"}], stream=True
+        )
+    )
+    assert chunks and all(c.usage is None for c in chunks)
+
+
+def test_chat_streamed_tool_call_accumulates_to_valid_arguments(client: openai.OpenAI) -> None:
+    with client.chat.completions.stream(
+        model="test-model",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert calls[0].id.startswith("call_")
+
+
+def test_chat_parallel_tool_calls_and_tool_loop(client: openai.OpenAI, engine: EngineProcess) -> None:
+    first = client.chat.completions.create(
+        model="test-model",
+        messages=[{"role": "user", "content": "both please [parallel]"}],
+        tools=[WEATHER_TOOL, TIME_TOOL],
+    )
+    calls = first.choices[0].message.tool_calls
+    assert calls is not None and [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert first.choices[0].message.content is None
+    messages: list[Any] = [
+        {"role": "user", "content": "both please [parallel]"},
+        first.choices[0].message.model_dump(exclude_none=True),
+    ]
+    for call, result in zip(calls, ["21C", "noon"], strict=True):
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    second = client.chat.completions.create(
+        model="test-model", messages=messages, tools=[WEATHER_TOOL, TIME_TOOL]
+    )
+    assert second.choices[0].message.content == "Tool result: 21C | noon"
+    sent = last_engine_request(engine, "noon")
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool", "tool"]
+    assert sent["messages"][2]["tool_call_id"] == calls[0].id
+
+
+@pytest.mark.parametrize("model", ["test-reasoner", "test-reasoner-vllm"])
+def test_chat_reasoning_comes_back_as_reasoning_content(client: openai.OpenAI, model: str) -> None:
+    completion = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "think"}])
+    message = completion.choices[0].message
+    assert message.model_extra is not None
+    assert message.model_extra["reasoning_content"].startswith("Let me think")
+    assert message.content == "Hello! You said: think"
+    assert completion.usage is not None and completion.usage.completion_tokens_details is not None
+    assert completion.usage.completion_tokens_details.reasoning_tokens > 0
+    chunks = list(
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "think"}], stream=True)
+    )
+    deltas = [(c.choices[0].delta.model_extra or {}) for c in chunks if c.choices]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    assert reasoning == message.model_extra["reasoning_content"]
+
+
+def test_chat_reasoning_sent_back_reaches_the_engine(client: openai.OpenAI, engine: EngineProcess) -> None:
+    client.chat.completions.create(
+        model="test-reasoner",
+        messages=[
+            {"role": "user", "content": "marker-r1"},
+            {"role": "assistant", "content": None, "reasoning_content": "prior thought",
+             "tool_calls": [
+                 {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+             ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        tools=[WEATHER_TOOL],
+    )
+    sent = last_engine_request(engine, "marker-r1")
+    assert sent["messages"][1]["reasoning_content"] == "prior thought"
+
+
+def test_chat_unknown_fields_pass_through_to_engine(client: openai.OpenAI, engine: EngineProcess) -> None:
+    client.chat.completions.create(
+        model="test-model",
+        messages=[{"role": "user", "content": "marker-extra"}],
+        extra_body={"top_k": 7, "repetition_penalty": 1.1, "chat_template_kwargs": {"enable_thinking": False}},
+        seed=3,
+        presence_penalty=0.5,
+        user="end-user-1",
+    )
+    sent = last_engine_request(engine, "marker-extra")
+    assert sent["top_k"] == 7
+    assert sent["repetition_penalty"] == 1.1
+    assert sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent["seed"] == 3 and sent["presence_penalty"] == 0.5
+    assert sent["model"] == "test-model"
+    assert sent["stream"] is True and sent["stream_options"]["include_usage"] is True
+
+
+def test_chat_max_tokens_and_stop(client: openai.OpenAI) -> None:
+    cut = client.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "a b c d e f"}], max_completion_tokens=3
+    )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None and cut.usage.completion_tokens == 3
+    stopped = client.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "one two three"}], stop=["two"]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == "Hello! You said: one "
+
+
+def test_chat_n_and_logprobs(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "two ways"}], n=2, logprobs=True, top_logprobs=2
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    for c in completion.choices:
+        assert c.message.content == "Hello! You said: two ways"
+        assert c.logprobs is not None and c.logprobs.content is not None
+        assert "".join(t.token for t in c.logprobs.content) == c.message.content
+        assert len(c.logprobs.content[0].top_logprobs) == 2
+    chunks = list(
+        client.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "two ways"}], n=2, stream=True
+        )
+    )
+    for index in (0, 1):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+        assert text == "Hello! You said: two ways"
+
+
+def test_chat_json_schema_response_format(client: openai.OpenAI, engine: EngineProcess) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    completion = client.chat.completions.create(
+        model="test-model",
+        messages=[{"role": "user", "content": "marker-json"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+    )
+    assert json.loads(completion.choices[0].message.content or "")["answer"]
+    sent = last_engine_request(engine, "marker-json")
+    assert sent["response_format"]["json_schema"]["schema"] == schema
+
+
+def test_chat_image_parts_reach_the_engine(client: openai.OpenAI, engine: EngineProcess) -> None:
+    client.chat.completions.create(
+        model="test-model",
+        messages=[{"role": "system", "content": "sys"}, {"role": "developer", "content": "dev"}, {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "marker-image"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+            ],
+        }],
+    )
+    sent = last_engine_request(engine, "marker-image")
+    assert [m["role"] for m in sent["messages"]] == ["system", "system", "user"]
+    assert sent["messages"][2]["content"][1] == {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}
+    }
+
+
+def test_chat_engine_failure_before_first_byte_is_openai_error(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "[fault:500]"}])
+    assert info.value.status_code == 502
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "server_error" and body["message"]
+
+
+def test_chat_stream_failure_after_first_byte_ends_with_error_event(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="test-model", messages=[{"role": "user", "content": "[fault:drop] [tokens:20]"}], stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk)
+    assert received, "some chunks arrive before the failure"
+
+
+def test_chat_client_disconnect_cancels_upstream(gateway: GatewayProcess, api_key: str, engine: EngineProcess) -> None:
+    before = httpx.get(engine.url + "/control/stats").json()["cancelled"]
+    body = {
+        "model": "test-model",
+        "stream": True,
+        "messages": [{"role": "user", "content": "[tokens:200] [chunk_delay:0.05]"}],
+    }
+    with httpx.stream(
+        "POST", gateway.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}
+    ) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
+
+
+def test_chat_models_list_and_get(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["test-model", "test-reasoner", "test-reasoner-vllm"]
+    model = client.models.retrieve("test-model")
+    assert model.id == "test-model" and model.object == "model"
+    extra = model.model_extra or {}
+    assert extra["context_length"] == 4096 and extra["pricing"]["output"] == "2.0"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")

@@ -1,0 +1,1 @@
+"""Test harnesses: real processes (gateway, test engine) and small clients for them."""
