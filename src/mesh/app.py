@@ -10,9 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from mesh.accounts.principal import Principal
+from mesh.admin.routes import admin_routes
 from mesh.api.chat import chat_completions
 from mesh.api.models import get_model, list_models
 from mesh.api.responses import JSON, error_response
+from mesh.billing.routes import customer_routes
+from mesh.billing.services import Services
 from mesh.config import Settings
 from mesh.errors import NotFound
 from mesh.gateway import Gateway
@@ -33,12 +37,34 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     return error_response(err, openai_errors.render_error)
 
 
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.gateway.services
+    return services
+
+
+async def _principal(request: Request) -> Principal:
+    """Key authentication for the customer billing routes, exactly as for inference."""
+    gateway: Gateway = request.app.state.gateway
+    principal: Principal = await gateway.services.authenticator.authenticate(_raw_key(request))
+    return principal
+
+
+def _raw_key(request: Request) -> str | None:
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+    return request.headers.get("x-api-key")
+
+
 def routes() -> list[BaseRoute]:
     return [
         Route("/health", _health, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        *customer_routes(_services, _principal),
+        *admin_routes(_services),
     ]
 
 

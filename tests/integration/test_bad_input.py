@@ -109,7 +109,7 @@ def test_body_too_large_is_413(gateway: GatewayProcess, api_key: str) -> None:
         ({}, "missing"),
         ({"Authorization": "Bearer sk-mesh-not-a-real-key"}, "unknown"),
         ({"Authorization": "Basic abc"}, "wrong scheme"),
-        ({"Authorization": "Bearer "}, "empty"),
+        ({"Authorization": "Bearer"}, "empty"),
     ],
 )
 def test_bad_credentials_are_401(gateway: GatewayProcess, headers: dict[str, str], why: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -16,8 +17,9 @@ from testengine.harness import EngineProcess
 
 
 @pytest.fixture
-def client(gateway: GatewayProcess, api_key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0)
+def client(gateway: GatewayProcess, api_key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0) as c:
+        yield c
 
 
 def engine_requests(engine: EngineProcess) -> list[dict[str, Any]]:

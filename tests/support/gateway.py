@@ -44,13 +44,13 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **self.env}
         env.pop("MESH_CONFIG", None)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh", "--config", str(self.config_path), "serve", "--port", str(self.port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mesh", "--config", str(self.config_path), "serve", "--port", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

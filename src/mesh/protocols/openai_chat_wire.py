@@ -14,7 +14,8 @@ TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_.:-]{1,128}$"
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # strict: a JSON string is not a boolean or a number (OpenAI rejects "stream": "yes").
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class TextPartIn(_In):
@@ -174,7 +175,7 @@ class StreamOptionsIn(_In):
 class ChatRequestIn(BaseModel):
     """``POST /v1/chat/completions`` body."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     model: str = Field(min_length=1)
     messages: list[MessageIn] = Field(min_length=1)

@@ -25,16 +25,28 @@ def loads_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def param_path(loc: tuple[int | str, ...]) -> str:
-    """``("messages", 0, "content")`` -> ``messages[0].content``; drops pydantic's union tags."""
+def param_path(loc: tuple[int | str, ...], data: Any = None) -> str:
+    """``("messages", 0, "content")`` -> ``messages[0].content``.
+
+    Drops the parts pydantic adds for unions: type tags (``str``, ``list[…]``) and the
+    discriminator value of a tagged union (``messages.0.user.content``), recognised by
+    walking ``data`` alongside the location.
+    """
     out = ""
-    for part in loc:
+    node = data
+    last = len(loc) - 1
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.startswith(("function-", "union[", "tagged-union[")) or "[" in part or part in _TAGS:
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
             continue
-        else:
-            out += f".{part}" if out else part
+        tag = isinstance(node, dict) and part not in node and part in (node.get("role"), node.get("type"))
+        if tag and i < last:
+            continue  # a tagged-union discriminator value
+        if part.startswith(("function-", "union[", "tagged-union[")) or "[" in part or part in _TAGS:
+            continue
+        out += f".{part}" if out else part
+        node = node.get(part) if isinstance(node, dict) else None
     return out
 
 
@@ -46,14 +58,14 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _to_invalid(exc) from None
+        raise _to_invalid(exc, data) from None
 
 
-def _to_invalid(exc: ValidationError) -> InvalidRequest:
+def _to_invalid(exc: ValidationError, data: Any) -> InvalidRequest:
     errors = exc.errors(include_url=False)
     # Prefer the most specific error (the longest location) among union alternatives.
     err = max(errors, key=lambda e: len(e["loc"]))
-    param = param_path(tuple(err["loc"]))
+    param = param_path(tuple(err["loc"]), data)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         text = f"Missing required parameter: '{param}'."

@@ -1,0 +1,28 @@
+"""Who is calling: the result of authenticating an API key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from mesh.billing.money import MicroCredits
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated API key and its account.
+
+    ``allowed_models`` is ``None`` when the key may use every model. ``spend_limit`` (in
+    micro-credits, ``None`` for no limit) is informational here: admission enforces it
+    against the key's row, not this possibly cached copy.
+    """
+
+    account_id: str
+    key_id: str
+    allowed_models: frozenset[str] | None = None
+    expires_at: datetime | None = None
+    spend_limit: MicroCredits | None = None
+
+    def may_use(self, model: str) -> bool:
+        """Whether this key may call ``model``."""
+        return self.allowed_models is None or model in self.allowed_models

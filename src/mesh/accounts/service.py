@@ -1,0 +1,212 @@
+"""Accounts and API keys: creation, lookup and listing. Revocation lives in ``auth``.
+
+A created key is returned in full exactly once (:class:`CreatedKey`); the database keeps
+only its hash and its 12-character prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import func, insert, select
+
+from mesh.accounts.keys import generate_key, hash_key, key_prefix, new_id
+from mesh.billing.money import MicroCredits
+from mesh.errors import InvalidRequest, NotFound
+from mesh.store import Database, utcnow
+from mesh.store.tables import accounts, api_keys
+
+MAX_NAME_LENGTH = 200
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+ZERO = MicroCredits(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    name: str
+    balance: MicroCredits
+    held: MicroCredits
+    created_at: datetime
+
+    @property
+    def available(self) -> MicroCredits:
+        return MicroCredits(self.balance - self.held)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """A key as listings show it: never the key itself."""
+
+    id: str
+    account_id: str
+    name: str
+    prefix: str
+    allowed_models: tuple[str, ...] | None
+    expires_at: datetime | None
+    spend_limit: MicroCredits | None
+    spent: MicroCredits
+    held: MicroCredits
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    """A new key: ``key`` is the only copy of the secret, to be shown once."""
+
+    info: ApiKeyInfo
+    key: str = field(repr=False)
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        id=row.id,
+        name=row.name,
+        balance=MicroCredits(row.balance),
+        held=MicroCredits(row.held),
+        created_at=row.created_at,
+    )
+
+
+def key_info(row: Any) -> ApiKeyInfo:
+    """Build an :class:`ApiKeyInfo` from an ``api_keys`` row."""
+    models = row.allowed_models
+    return ApiKeyInfo(
+        id=row.id,
+        account_id=row.account_id,
+        name=row.name,
+        prefix=row.prefix,
+        allowed_models=None if models is None else tuple(models),
+        expires_at=row.expires_at,
+        spend_limit=None if row.spend_limit is None else MicroCredits(row.spend_limit),
+        spent=MicroCredits(row.spent),
+        held=MicroCredits(row.held),
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+        created_at=row.created_at,
+    )
+
+
+def _clean_name(name: str, *, required: bool) -> str:
+    name = name.strip()
+    if required and not name:
+        raise InvalidRequest("name must not be empty", param="name")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"name is longer than {MAX_NAME_LENGTH} characters", param="name")
+    return name
+
+
+def _clean_models(models: Iterable[str] | None) -> list[str] | None:
+    if models is None:
+        return None
+    cleaned = sorted({m.strip() for m in models if m.strip()})
+    if not cleaned:
+        raise InvalidRequest(
+            "allowed_models must name at least one model (or be null for every model)",
+            param="allowed_models",
+        )
+    return cleaned
+
+
+class Accounts:
+    """Create, read and list accounts and their API keys."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, name: str) -> Account:
+        """Create an account with a zero balance. Raises ``InvalidRequest`` for a bad name."""
+        account = Account(new_id("acct"), _clean_name(name, required=True), ZERO, ZERO, utcnow())
+        async with self.db.write() as conn:
+            await conn.execute(
+                insert(accounts).values(
+                    id=account.id, name=account.name, balance=0, held=0, created_at=account.created_at
+                )
+            )
+        return account
+
+    async def get(self, account_id: str) -> Account:
+        """The account, or ``NotFound`` (code ``account_not_found``)."""
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
+        if row is None:
+            raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
+        return _account(row)
+
+    async def list_accounts(self, *, limit: int = DEFAULT_PAGE, offset: int = 0) -> list[Account]:
+        """Accounts, oldest first."""
+        limit = max(1, min(limit, MAX_PAGE))
+        q = select(accounts).order_by(accounts.c.created_at, accounts.c.id).limit(limit).offset(max(0, offset))
+        async with self.db.read() as conn:
+            return [_account(r) for r in await conn.execute(q)]
+
+    async def count(self) -> int:
+        async with self.db.read() as conn:
+            return int((await conn.execute(select(func.count()).select_from(accounts))).scalar_one())
+
+    async def create_key(
+        self,
+        account_id: str,
+        *,
+        name: str = "",
+        allowed_models: Iterable[str] | None = None,
+        expires_at: datetime | None = None,
+        spend_limit: MicroCredits | None = None,
+    ) -> CreatedKey:
+        """Mint a key for the account and return it in full, once.
+
+        Raises ``NotFound`` for an unknown account and ``InvalidRequest`` for a bad name,
+        an empty model list, a naive ``expires_at`` or a negative spend limit.
+        """
+        if expires_at is not None and expires_at.tzinfo is None:
+            raise InvalidRequest("expires_at must include a timezone", param="expires_at")
+        if spend_limit is not None and spend_limit < 0:
+            raise InvalidRequest("spend_limit cannot be negative", param="spend_limit")
+        raw = generate_key()
+        row: dict[str, Any] = {
+            "id": new_id("key"),
+            "account_id": account_id,
+            "name": _clean_name(name, required=False),
+            "prefix": key_prefix(raw),
+            "key_hash": hash_key(raw),
+            "allowed_models": _clean_models(allowed_models),
+            "expires_at": expires_at,
+            "spend_limit": spend_limit,
+            "spent": 0,
+            "held": 0,
+            "revoked_at": None,
+            "last_used_at": None,
+            "created_at": utcnow(),
+        }
+        async with self.db.write() as conn:
+            exists = await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))
+            if exists.first() is None:
+                raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
+            await conn.execute(insert(api_keys).values(**row))
+        return CreatedKey(info=key_info(SimpleNamespace(**row)), key=raw)
+
+    async def list_keys(self, account_id: str) -> list[ApiKeyInfo]:
+        """The account's keys, newest first (revoked ones included)."""
+        q = (
+            select(api_keys)
+            .where(api_keys.c.account_id == account_id)
+            .order_by(api_keys.c.created_at.desc(), api_keys.c.id)
+        )
+        async with self.db.read() as conn:
+            return [key_info(r) for r in await conn.execute(q)]
+
+    async def get_key(self, key_id: str) -> ApiKeyInfo:
+        """The key's listing entry, or ``NotFound`` (code ``key_not_found``)."""
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        if row is None:
+            raise NotFound(f"API key {key_id!r} not found", code="key_not_found")
+        return key_info(row)
+

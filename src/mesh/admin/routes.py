@@ -1,0 +1,184 @@
+"""The operator API under ``/admin/v1``, authenticated by ``Authorization: Bearer <admin_key>``.
+
+With no ``admin_key`` configured every call answers 403. All bodies are JSON objects;
+amounts are decimal strings (exact JSON numbers are accepted too) and every amount in a
+response is a string with 6 decimals. Errors use OpenAI's shape.
+
+::
+
+    POST   /admin/v1/accounts                 {name}
+    GET    /admin/v1/accounts                 ?limit=&offset=
+    GET    /admin/v1/accounts/{id}
+    POST   /admin/v1/accounts/{id}/credits    {amount, idempotency_key?, kind?, memo?}
+    GET    /admin/v1/accounts/{id}/ledger     ?limit=
+    POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?}
+    GET    /admin/v1/accounts/{id}/keys
+    DELETE /admin/v1/keys/{id}
+    GET    /admin/v1/usage                    ?account_id=&days=
+    POST   /admin/v1/redeem-codes             {amount, count?}
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mesh.admin.http import ServicesSource, credits_param, guarded, int_query, json_response, read_body, resolve
+from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
+from mesh.billing.services import Services
+from mesh.billing.usage import daily_usage
+from mesh.errors import AuthenticationFailed, PermissionDenied
+
+PREFIX = "/admin/v1"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewAccount(_Body):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class Credits(_Body):
+    amount: Any
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    kind: Literal["grant", "adjustment", "refund", "purchase"] = "grant"
+    memo: str | None = Field(default=None, max_length=500)
+
+
+class NewKey(_Body):
+    name: str = Field(default="", max_length=200)
+    allowed_models: list[str] | None = None
+    expires_at: AwareDatetime | None = None
+    spend_limit: Any = None
+
+
+class NewCodes(_Body):
+    amount: Any
+    count: int = Field(default=1, ge=1, le=1000)
+
+
+def check_admin(request: Request, admin_key: str | None) -> None:
+    """Raise unless the request carries the configured admin key (constant-time compare)."""
+    if not admin_key:
+        raise PermissionDenied(
+            "The admin API is disabled: no admin_key is configured", code="admin_api_disabled"
+        )
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_key.encode()):
+        raise AuthenticationFailed("Invalid admin key", code="invalid_admin_key")
+
+
+Handler = Callable[[Request, Services], Awaitable[Response]]
+
+
+def admin_routes(services: ServicesSource) -> list[Route]:
+    """The admin API's routes, with full ``/admin/v1/…`` paths, for the app to include."""
+
+    def route(path: str, handler: Handler, method: str) -> Route:
+        async def endpoint(request: Request) -> Response:
+            svc = resolve(services, request)
+            check_admin(request, svc.settings.admin_key)
+            return await handler(request, svc)
+
+        endpoint.__name__ = handler.__name__
+        return Route(PREFIX + path, guarded(endpoint), methods=[method])
+
+    return [
+        route("/accounts", create_account, "POST"),
+        route("/accounts", list_accounts, "GET"),
+        route("/accounts/{account_id}", get_account, "GET"),
+        route("/accounts/{account_id}/credits", add_credits, "POST"),
+        route("/accounts/{account_id}/ledger", list_ledger, "GET"),
+        route("/accounts/{account_id}/keys", create_key, "POST"),
+        route("/accounts/{account_id}/keys", list_keys, "GET"),
+        route("/keys/{key_id}", revoke_key, "DELETE"),
+        route("/usage", usage, "GET"),
+        route("/redeem-codes", mint_codes, "POST"),
+    ]
+
+
+async def create_account(request: Request, svc: Services) -> Response:
+    body = await read_body(request, NewAccount)
+    return json_response(account_json(await svc.accounts.create(body.name)), 201)
+
+
+async def list_accounts(request: Request, svc: Services) -> Response:
+    limit = int_query(request, "limit", 100, 1, 1000)
+    offset = int_query(request, "offset", 0, 0, 10**9)
+    found = await svc.accounts.list_accounts(limit=limit, offset=offset)
+    return json_response({"object": "list", "data": [account_json(a) for a in found]})
+
+
+async def get_account(request: Request, svc: Services) -> Response:
+    return json_response(account_json(await svc.accounts.get(request.path_params["account_id"])))
+
+
+async def add_credits(request: Request, svc: Services) -> Response:
+    account_id = request.path_params["account_id"]
+    body = await read_body(request, Credits)
+    amount = credits_param(body.amount, "amount", allow_negative=body.kind == "adjustment")
+    entry = await svc.ledger.grant(account_id, amount, body.idempotency_key, body.kind, body.memo)
+    balance, held = await svc.ledger.balance(account_id)
+    return json_response({"account_id": account_id, "entry": entry_json(entry), **balance_json(balance, held)})
+
+
+async def list_ledger(request: Request, svc: Services) -> Response:
+    account_id = request.path_params["account_id"]
+    await svc.accounts.get(account_id)
+    entries = await svc.ledger.entries(account_id, limit=int_query(request, "limit", 50, 1, 1000))
+    return json_response({"object": "list", "data": [entry_json(e) for e in entries]})
+
+
+async def create_key(request: Request, svc: Services) -> Response:
+    body = await read_body(request, NewKey)
+    limit = None if body.spend_limit is None else credits_param(body.spend_limit, "spend_limit")
+    created = await svc.accounts.create_key(
+        request.path_params["account_id"],
+        name=body.name,
+        allowed_models=body.allowed_models,
+        expires_at=body.expires_at,
+        spend_limit=limit,
+    )
+    return json_response({**key_json(created.info), "key": created.key}, 201)
+
+
+async def list_keys(request: Request, svc: Services) -> Response:
+    account_id = request.path_params["account_id"]
+    await svc.accounts.get(account_id)
+    keys = await svc.accounts.list_keys(account_id)
+    return json_response({"object": "list", "data": [key_json(k) for k in keys]})
+
+
+async def revoke_key(request: Request, svc: Services) -> Response:
+    key_id = request.path_params["key_id"]
+    await svc.authenticator.revoke(key_id)
+    return json_response(key_json(await svc.accounts.get_key(key_id)))
+
+
+async def usage(request: Request, svc: Services) -> Response:
+    account_id = request.query_params.get("account_id") or None
+    days = int_query(request, "days", 30, 1, 3660)
+    rows = await daily_usage(svc.database, account_id=account_id, days=days)
+    return json_response({"object": "list", "days": days, "data": [daily_json(d) for d in rows]})
+
+
+async def mint_codes(request: Request, svc: Services) -> Response:
+    body = await read_body(request, NewCodes)
+    amount = credits_param(body.amount, "amount")
+    minted = await svc.redeem.mint(amount, body.count)
+    return json_response(
+        {
+            "object": "list",
+            "amount": balance_json(amount, 0)["balance"],
+            "codes": [m.code for m in minted],
+        },
+        201,
+    )

@@ -1,0 +1,138 @@
+"""Ledger postings: the one place that changes a balance, always with its ledger row.
+
+:func:`post` runs inside the caller's write transaction, so a balance change and the
+row that records it commit or roll back together. :func:`run_idempotent` wraps a
+transaction keyed by an idempotency key: a retry with the same key returns the row the
+first attempt wrote and changes nothing, even when both attempts race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mesh.billing.money import MicroCredits, format_credits
+from mesh.errors import InsufficientCredits, NotFound
+from mesh.store import Database, utcnow
+from mesh.store.tables import accounts, ledger
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger row. ``amount`` is signed: positive credits the account, negative debits it."""
+
+    id: int
+    account_id: str
+    kind: str
+    amount: MicroCredits
+    balance_after: MicroCredits
+    idempotency_key: str
+    request_id: str | None
+    key_id: str | None
+    memo: str | None
+    created_at: datetime
+
+
+def entry_from_row(row: Any) -> LedgerEntry:
+    return LedgerEntry(
+        id=row.id,
+        account_id=row.account_id,
+        kind=row.kind,
+        amount=MicroCredits(row.amount),
+        balance_after=MicroCredits(row.balance_after),
+        idempotency_key=row.idempotency_key,
+        request_id=row.request_id,
+        key_id=row.key_id,
+        memo=row.memo,
+        created_at=row.created_at,
+    )
+
+
+async def find_entry(conn: AsyncConnection, idempotency_key: str) -> LedgerEntry | None:
+    """The ledger row written under ``idempotency_key``, if any."""
+    row = (await conn.execute(select(ledger).where(ledger.c.idempotency_key == idempotency_key))).first()
+    return None if row is None else entry_from_row(row)
+
+
+async def post(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    amount: int,
+    kind: str,
+    idempotency_key: str,
+    request_id: str | None = None,
+    key_id: str | None = None,
+    memo: str | None = None,
+) -> LedgerEntry:
+    """Add ``amount`` (signed micro-credits) to the balance and append its ledger row.
+
+    The update is conditional: a debit that would take the balance below what is held
+    raises ``InsufficientCredits`` and changes nothing. ``NotFound`` for an unknown account.
+    A reused idempotency key raises ``IntegrityError`` (see :func:`run_idempotent`).
+    """
+    result = await conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account_id, accounts.c.balance + amount >= accounts.c.held)
+        .values(balance=accounts.c.balance + amount)
+        .returning(accounts.c.balance)
+    )
+    balance_after = result.scalar_one_or_none()
+    if balance_after is None:
+        row = (
+            await conn.execute(select(accounts.c.balance, accounts.c.held).where(accounts.c.id == account_id))
+        ).first()
+        if row is None:
+            raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
+        raise InsufficientCredits(
+            f"Insufficient credits: a debit of {format_credits(-amount)} exceeds the "
+            f"{format_credits(row.balance - row.held)} credits available",
+            should_retry=False,
+        )
+    values = {
+        "account_id": account_id,
+        "kind": kind,
+        "amount": amount,
+        "balance_after": balance_after,
+        "idempotency_key": idempotency_key,
+        "request_id": request_id,
+        "key_id": key_id,
+        "memo": memo,
+        "created_at": utcnow(),
+    }
+    new_id = (await conn.execute(insert(ledger).values(**values).returning(ledger.c.id))).scalar_one()
+    return entry_from_row(SimpleNamespace(id=new_id, **values))
+
+
+async def run_idempotent(
+    db: Database,
+    idempotency_key: str,
+    body: Callable[[AsyncConnection], Awaitable[T]],
+    on_existing: Callable[[LedgerEntry], T],
+) -> T:
+    """Run ``body`` in a write transaction unless ``idempotency_key`` is already used.
+
+    If a ledger row with the key exists (before, or because a concurrent transaction
+    committed it first and ours hit the unique index), return ``on_existing(row)`` instead.
+    """
+    try:
+        async with db.write() as conn:
+            existing = await find_entry(conn, idempotency_key)
+            if existing is not None:
+                return on_existing(existing)
+            return await body(conn)
+    except IntegrityError:
+        async with db.read() as conn:
+            existing = await find_entry(conn, idempotency_key)
+        if existing is None:
+            raise
+        return on_existing(existing)

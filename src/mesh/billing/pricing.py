@@ -1,0 +1,89 @@
+"""What a request costs, exactly, in micro-credits.
+
+Prices come from :class:`mesh.config.Pricing`: ``Decimal`` credits per million tokens
+plus a fixed ``request`` fee in credits. A price of P credits per million tokens is P
+micro-credits per token, so a request costs::
+
+    (input - cached) * input + cached * cached_input + output * output + request * 10**6
+
+micro-credits, computed with exact fractions and rounded *up* once, per request, to a
+whole micro-credit. ``output_tokens`` already include reasoning tokens.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from mesh.billing.money import MICROS_PER_CREDIT, MicroCredits
+from mesh.canonical import Usage
+from mesh.config import Pricing
+
+# What max_output_tokens_affordable answers when output is free: any count is affordable.
+UNLIMITED_TOKENS = 2**62
+
+
+def _ceil(x: Fraction) -> int:
+    return -(-x.numerator // x.denominator)
+
+
+def _price(p: Pricing) -> tuple[Fraction, Fraction, Fraction, Fraction]:
+    cached = p.input if p.cached_input is None else p.cached_input
+    return Fraction(p.input), Fraction(cached), Fraction(p.output), Fraction(p.request) * MICROS_PER_CREDIT
+
+
+def _check_tokens(**counts: int) -> None:
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{name} must be an int, not {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"{name} cannot be negative: {n}")
+
+
+def token_cost(
+    pricing: Pricing, *, input_tokens: int = 0, cached_tokens: int = 0, output_tokens: int = 0
+) -> MicroCredits:
+    """The cost of these token counts plus the request fee, rounded up to a micro-credit.
+
+    ``cached_tokens`` is part of ``input_tokens``; it is clamped to ``input_tokens``.
+    """
+    _check_tokens(input_tokens=input_tokens, cached_tokens=cached_tokens, output_tokens=output_tokens)
+    p_in, p_cached, p_out, fee = _price(pricing)
+    cached = min(cached_tokens, input_tokens)
+    exact = (input_tokens - cached) * p_in + cached * p_cached + output_tokens * p_out + fee
+    return MicroCredits(_ceil(exact))
+
+
+def cost(pricing: Pricing, usage: Usage) -> MicroCredits:
+    """The exact cost of a finished request's usage, rounded up once to a whole micro-credit."""
+    return token_cost(
+        pricing,
+        input_tokens=usage.input_tokens,
+        cached_tokens=usage.cached_tokens,
+        output_tokens=usage.output_tokens,
+    )
+
+
+def hold_cost(pricing: Pricing, prompt_tokens: int, max_output_tokens: int) -> MicroCredits:
+    """An upper bound for admission: the prompt priced as uncached (or cached, if dearer)."""
+    _check_tokens(prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens)
+    p_in, p_cached, p_out, fee = _price(pricing)
+    exact = prompt_tokens * max(p_in, p_cached) + max_output_tokens * p_out + fee
+    return MicroCredits(_ceil(exact))
+
+
+def max_output_tokens_affordable(pricing: Pricing, available: int, prompt_tokens: int) -> int:
+    """The most output tokens that ``available`` micro-credits pay for after the prompt.
+
+    The prompt is priced as in :func:`hold_cost`. Returns 0 when the prompt and fee alone
+    already use up (or exceed) ``available``; :data:`UNLIMITED_TOKENS` when output is free
+    and the prompt is affordable.
+    """
+    _check_tokens(prompt_tokens=prompt_tokens)
+    p_in, p_cached, p_out, fee = _price(pricing)
+    left = Fraction(available) - prompt_tokens * max(p_in, p_cached) - fee
+    if left < 0:
+        return 0
+    if p_out == 0:
+        return UNLIMITED_TOKENS
+    # ceil(base + n * p_out) <= available  <=>  base + n * p_out <= available (an integer)
+    return int(left // p_out)

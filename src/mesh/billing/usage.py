@@ -1,0 +1,275 @@
+"""Usage records: written in batches off the request path, rolled up per day and model.
+
+The ledger is the source of truth for money; these rows are the per-request detail and
+the daily summary that dashboards and ``GET /v1/usage`` read. :class:`UsageWriter` owns a
+buffer and one background task that inserts the raw rows and upserts ``usage_daily``
+(``INSERT … ON CONFLICT DO UPDATE``) in one transaction every ``flush_interval`` seconds,
+or sooner once ``batch_size`` records wait. A failed flush keeps its records for the next
+try; past ``max_pending`` new records are dropped (and counted) rather than eat memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mesh.billing.money import MicroCredits
+from mesh.store import Database, utcnow
+from mesh.store.tables import usage_daily, usage_records
+
+DEFAULT_FLUSH_INTERVAL = 0.5
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_MAX_PENDING = 100_000
+ZERO = MicroCredits(0)
+_SUMS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One finished request. ``cost`` is what the ledger charged, in micro-credits."""
+
+    request_id: str
+    account_id: str
+    key_id: str | None
+    model: str
+    status: str
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: MicroCredits = ZERO
+    replica: str | None = None
+    protocol: str | None = None
+    ttft_ms: int | None = None
+    duration_ms: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class DailyUsage:
+    """One account's (or, with ``account_id=None``, everyone's) use of a model on a UTC day."""
+
+    account_id: str | None
+    day: date
+    model: str
+    requests: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost: MicroCredits
+
+
+class UsageWriter:
+    """Batches usage records into the database. Owns one background task between
+    :meth:`start` and :meth:`aclose`; :meth:`flush` writes everything pending now."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.db = db
+        self._interval = flush_interval
+        self._batch_size = batch_size
+        self._max_pending = max_pending
+        self._buffer: list[UsageRecord] = []
+        self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def enqueue(self, record: UsageRecord) -> None:
+        """Queue a record for the next batch. Never blocks and never touches the database."""
+        if len(self._buffer) >= self._max_pending:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("usage buffer full (%d records): %d records dropped", self._max_pending, self.dropped)
+            return
+        self._buffer.append(record)
+        if len(self._buffer) >= self._batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        """Start the background flusher (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="mesh-usage-writer")
+
+    async def flush(self) -> int:
+        """Write every pending record now; returns how many. Raises if the database fails
+        (the records stay queued)."""
+        written = 0
+        async with self._flush_lock:
+            while self._buffer:
+                batch = self._buffer[: self._batch_size]
+                del self._buffer[: len(batch)]
+                try:
+                    await write_batch(self.db, batch)
+                except BaseException:
+                    self._buffer[:0] = batch
+                    raise
+                written += len(batch)
+        return written
+
+    async def aclose(self) -> None:
+        """Stop the background task and flush what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("could not write %d usage records; will retry", len(self._buffer))
+
+
+def _day(ts: datetime) -> date:
+    return ts.astimezone(UTC).date()
+
+
+async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
+    """Insert ``records`` and add them to the daily roll-up, in one transaction."""
+    if not records:
+        return
+    rows = [
+        {
+            "request_id": r.request_id,
+            "account_id": r.account_id,
+            "key_id": r.key_id,
+            "model": r.model,
+            "replica": r.replica,
+            "protocol": r.protocol,
+            "input_tokens": r.input_tokens,
+            "cached_tokens": r.cached_tokens,
+            "output_tokens": r.output_tokens,
+            "reasoning_tokens": r.reasoning_tokens,
+            "cost": int(r.cost),
+            "status": r.status,
+            "ttft_ms": r.ttft_ms,
+            "duration_ms": r.duration_ms,
+            "created_at": r.created_at,
+        }
+        for r in records
+    ]
+    daily: dict[tuple[str, date, str], dict[str, Any]] = {}
+    for r in records:
+        k = (r.account_id, _day(r.created_at), r.model)
+        d = daily.setdefault(k, {"account_id": k[0], "day": k[1], "model": k[2], **dict.fromkeys(_SUMS, 0)})
+        d["requests"] += 1
+        d["input_tokens"] += r.input_tokens
+        d["cached_tokens"] += r.cached_tokens
+        d["output_tokens"] += r.output_tokens
+        d["reasoning_tokens"] += r.reasoning_tokens
+        d["cost"] += int(r.cost)
+    async with db.write() as conn:
+        await conn.execute(insert(usage_records), rows)
+        await _upsert_daily(conn, db, list(daily.values()))
+
+
+async def _upsert_daily(conn: AsyncConnection, db: Database, rows: list[dict[str, Any]]) -> None:
+    # Rows are pre-aggregated per key: PostgreSQL refuses a multi-row upsert that hits one
+    # key twice.
+    ins = postgresql.insert(usage_daily) if db.dialect == "postgresql" else sqlite.insert(usage_daily)
+    stmt = ins.on_conflict_do_update(
+        index_elements=[usage_daily.c.account_id, usage_daily.c.day, usage_daily.c.model],
+        set_={c: usage_daily.c[c] + ins.excluded[c] for c in _SUMS},
+    )
+    await conn.execute(stmt, rows)
+
+
+async def purge(db: Database, retention_days: int, *, now: datetime | None = None) -> int:
+    """Delete raw usage rows older than ``retention_days``; daily roll-ups stay. Returns the count."""
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    async with db.write() as conn:
+        result = await conn.execute(delete(usage_records).where(usage_records.c.created_at < cutoff))
+    return int(result.rowcount)
+
+
+async def daily_usage(
+    db: Database, *, account_id: str | None = None, days: int = 30, now: datetime | None = None
+) -> list[DailyUsage]:
+    """Usage per UTC day and model over the last ``days`` days (today included), oldest first.
+
+    With ``account_id`` only that account's rows; without it, one row per account, day and
+    model (for operators).
+    """
+    since = _day(now or utcnow()) - timedelta(days=max(1, days) - 1)
+    q = select(usage_daily).where(usage_daily.c.day >= since)
+    if account_id is not None:
+        q = q.where(usage_daily.c.account_id == account_id)
+    q = q.order_by(usage_daily.c.day, usage_daily.c.account_id, usage_daily.c.model)
+    async with db.read() as conn:
+        result = await conn.execute(q)
+        return [
+            DailyUsage(
+                account_id=r.account_id,
+                day=r.day,
+                model=r.model,
+                requests=r.requests,
+                input_tokens=r.input_tokens,
+                cached_tokens=r.cached_tokens,
+                output_tokens=r.output_tokens,
+                reasoning_tokens=r.reasoning_tokens,
+                cost=MicroCredits(r.cost),
+            )
+            for r in result
+        ]
+
+
+async def recent_requests(db: Database, account_id: str, *, limit: int = 50) -> list[UsageRecord]:
+    """The account's latest usage records, newest first."""
+    q = (
+        select(usage_records)
+        .where(usage_records.c.account_id == account_id)
+        .order_by(usage_records.c.created_at.desc(), usage_records.c.id.desc())
+        .limit(max(1, min(limit, 1000)))
+    )
+    async with db.read() as conn:
+        result = await conn.execute(q)
+        return [
+            UsageRecord(
+                request_id=r.request_id,
+                account_id=r.account_id,
+                key_id=r.key_id,
+                model=r.model,
+                status=r.status,
+                input_tokens=r.input_tokens,
+                cached_tokens=r.cached_tokens,
+                output_tokens=r.output_tokens,
+                reasoning_tokens=r.reasoning_tokens,
+                cost=MicroCredits(r.cost),
+                replica=r.replica,
+                protocol=r.protocol,
+                ttft_ms=r.ttft_ms,
+                duration_ms=r.duration_ms,
+                created_at=r.created_at,
+            )
+            for r in result
+        ]

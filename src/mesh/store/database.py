@@ -1,0 +1,167 @@
+"""The database handle: one async engine, sessions, write transactions and migrations.
+
+``Database(url)`` accepts ``sqlite:///path``, ``sqlite+aiosqlite:///path``,
+``postgresql://…``, ``postgres://…`` and ``postgresql+asyncpg://…`` and always runs on
+the async drivers (aiosqlite, asyncpg).
+
+SQLite runs in WAL mode with a busy timeout and foreign keys on. Its transactions are
+started by Mesh itself (the driver's implicit BEGIN is turned off): :meth:`Database.write`
+opens ``BEGIN IMMEDIATE`` so that the write lock is taken up front and two concurrent
+read-modify-write transactions can never interleave; within one process, writers also
+queue on an ``asyncio.Lock`` instead of spinning in SQLite's busy handler. On PostgreSQL
+writes rely on row locks and conditional updates under READ COMMITTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_POOL_SIZE = 10
+POSTGRES_MAX_OVERFLOW = 20
+# pg_advisory_xact_lock key held while migrating, so that gateway replicas starting
+# together run the migrations once, one after another.
+MIGRATION_LOCK_KEY = 0x6D657368  # "mesh"
+_IMMEDIATE = "mesh_begin_immediate"
+
+Dialect = Literal["sqlite", "postgresql"]
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Map a database URL onto its async driver; raise ``ValueError`` if it is unsupported."""
+    u = make_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        if not u.database or u.database == ":memory:":
+            raise ValueError("in-memory SQLite is not supported: give a file path (sqlite:///path/to/mesh.db)")
+        return u.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return u.set(drivername="postgresql+asyncpg")
+    raise ValueError(f"unsupported database URL scheme {u.drivername!r}: use sqlite:/// or postgresql://")
+
+
+class Database:
+    """An async engine plus the transaction helpers every store module uses.
+
+    Use :meth:`read` for queries, :meth:`write` for anything that changes rows (it commits
+    on success and rolls back on any exception), :meth:`session` where an ORM-style
+    ``AsyncSession`` is handier, :meth:`migrate` once at start and :meth:`aclose` at the end.
+    """
+
+    def __init__(self, url: str | URL, *, echo: bool = False) -> None:
+        self.url = normalize_url(url)
+        self.dialect: Dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": self.dialect == "postgresql"}
+        if self.dialect == "sqlite":
+            assert self.url.database is not None
+            Path(self.url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_size=POSTGRES_POOL_SIZE, max_overflow=POSTGRES_MAX_OVERFLOW)
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        self._write_lock: asyncio.Lock | None = None
+        if self.dialect == "sqlite":
+            self._write_lock = asyncio.Lock()
+            _install_sqlite_hooks(self.engine)
+
+    def __repr__(self) -> str:
+        return f"Database({self.url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a read transaction (rolled back on exit; do not write through it)."""
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a write transaction: committed on normal exit, rolled back on error.
+
+        SQLite: ``BEGIN IMMEDIATE``, one writer at a time. PostgreSQL: a plain transaction;
+        callers lock rows (``FOR UPDATE``) or use conditional updates.
+        """
+        lock: AbstractAsyncContextManager[Any] = self._write_lock or nullcontext()
+        async with lock, self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                await conn.execution_options(**{_IMMEDIATE: True})
+            async with conn.begin():
+                yield conn
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """An ``AsyncSession`` on its own connection; commit it explicitly to keep changes.
+
+        On SQLite its transaction is a deferred ``BEGIN``: use :meth:`write` for
+        read-modify-write sequences that must not race.
+        """
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    async def migrate(self) -> None:
+        """Run the Alembic migrations up to head. Safe to call from several processes at once."""
+        async with self.write() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            await conn.run_sync(_upgrade_to_head)
+
+    async def current_revision(self) -> str | None:
+        """The schema's Alembic revision, or ``None`` before the first migration."""
+        async with self.read() as conn:
+            return await conn.run_sync(_current_revision)
+
+    async def aclose(self) -> None:
+        """Dispose of the connection pool."""
+        await self.engine.dispose()
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """An Alembic ``Config`` for Mesh's migrations, optionally bound to an open connection."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(connection), "head")
+
+
+def _current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _install_sqlite_hooks(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Mesh emits BEGIN itself (below); the driver's implicit, late BEGIN would let two
+        # read-then-write transactions deadlock on the lock upgrade.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,156 @@
+"""The tables, as SQLAlchemy Core metadata. Migrations in ``migrations/versions`` create them.
+
+Money columns are BIGINT micro-credits (1 credit = 1,000,000). CHECK constraints keep
+``balance >= held >= 0`` on every dialect, so no code path can overdraw an account.
+A test compares this metadata against the migrated schema; change both together.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from mesh.store.types import BigIntPK, UTCDateTime
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+LEDGER_KINDS = ("grant", "purchase", "redeem", "usage", "refund", "adjustment")
+
+metadata = MetaData(naming_convention=NAMING)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("balance", BigInteger, nullable=False, server_default="0"),
+    Column("held", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("balance >= 0", name="balance_non_negative"),
+    CheckConstraint("held >= 0", name="held_non_negative"),
+    CheckConstraint("balance >= held", name="balance_covers_held"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False, server_default=""),
+    Column("prefix", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False),
+    Column("allowed_models", JSON, nullable=True),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("spend_limit", BigInteger, nullable=True),
+    Column("spent", BigInteger, nullable=False, server_default="0"),
+    Column("held", BigInteger, nullable=False, server_default="0"),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("last_used_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("spent >= 0", name="spent_non_negative"),
+    CheckConstraint("held >= 0", name="held_non_negative"),
+    CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),
+    Index("ix_api_keys_key_hash", "key_hash", unique=True),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("idempotency_key", String(200), nullable=False),
+    Column("request_id", String(100), nullable=True),
+    Column("key_id", String(40), nullable=True),
+    Column("memo", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint(
+        "kind IN ('grant', 'purchase', 'redeem', 'usage', 'refund', 'adjustment')", name="kind_known"
+    ),
+    CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
+    Index("ix_ledger_idempotency_key", "idempotency_key", unique=True),
+    Index("ix_ledger_account_id_id", "account_id", "id"),
+)
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("request_id", String(100), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    Index("ix_holds_created_at", "created_at"),
+)
+
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("request_id", String(100), nullable=False),
+    Column("account_id", String(40), nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("model", String(200), nullable=False),
+    Column("replica", String(200), nullable=True),
+    Column("protocol", String(32), nullable=True),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("cost", BigInteger, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("ttft_ms", Integer, nullable=True),
+    Column("duration_ms", Integer, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_usage_records_account_id_created_at", "account_id", "created_at"),
+    Index("ix_usage_records_created_at", "created_at"),
+    Index("ix_usage_records_request_id", "request_id"),
+)
+
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("account_id", String(40), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("model", String(200), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("cost", BigInteger, nullable=False),
+    Index("ix_usage_daily_day", "day"),
+)
+
+redeem_codes = Table(
+    "redeem_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("prefix", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("redeemed_by", String(40), ForeignKey("accounts.id"), nullable=True),
+    Column("redeemed_at", UTCDateTime, nullable=True),
+    CheckConstraint("amount > 0", name="amount_positive"),
+)

@@ -1,0 +1,126 @@
+"""The database handle: URLs, migrations, SQLite settings and the money CHECKs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import insert, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from mesh.store import Database, normalize_url, utcnow
+from mesh.store.tables import accounts, metadata
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("sqlite:///x/mesh.db", "sqlite+aiosqlite"),
+        ("sqlite+aiosqlite:///x/mesh.db", "sqlite+aiosqlite"),
+        ("postgresql://u@h/db", "postgresql+asyncpg"),
+        ("postgres://u@h/db", "postgresql+asyncpg"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+asyncpg"),
+    ],
+)
+def test_normalize_url_uses_async_drivers(url: str, driver: str) -> None:
+    assert normalize_url(url).drivername == driver
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "mysql://u@h/db"])
+def test_normalize_url_rejects_unsupported(url: str) -> None:
+    with pytest.raises(ValueError):
+        normalize_url(url)
+
+
+async def test_database_creates_sqlite_parent_dir(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/a/b/mesh.db")
+    try:
+        await db.migrate()
+        assert (tmp_path / "a" / "b" / "mesh.db").exists()
+    finally:
+        await db.aclose()
+
+
+async def test_database_repr_hides_password() -> None:
+    db = Database("postgresql://mesh:secret@127.0.0.1/x")
+    try:
+        assert "secret" not in repr(db)
+    finally:
+        await db.aclose()
+
+
+async def test_migrate_is_idempotent_and_at_head(db: Database) -> None:
+    await db.migrate()
+    assert await db.current_revision() == "0001"
+
+
+def _diff(conn: Connection) -> list[object]:
+    return list(compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata))
+
+
+async def test_migrations_match_table_metadata(db: Database) -> None:
+    async with db.read() as conn:
+        diff = await conn.run_sync(_diff)
+    assert diff == []
+
+
+async def test_sqlite_runs_wal_with_foreign_keys(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/mesh.db")
+    try:
+        async with db.read() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+            assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() >= 1000
+    finally:
+        await db.aclose()
+
+
+async def _new_account(db: Database, balance: int = 0, held: int = 0) -> str:
+    async with db.write() as conn:
+        await conn.execute(
+            insert(accounts).values(id="acct_x", name="x", balance=balance, held=held, created_at=utcnow())
+        )
+    return "acct_x"
+
+
+@pytest.mark.parametrize(("balance", "held"), [(-1, 0), (5, 6), (5, -1)])
+async def test_checks_keep_balance_at_least_held_at_least_zero(db: Database, balance: int, held: int) -> None:
+    account_id = await _new_account(db, 10, 0)
+    with pytest.raises(IntegrityError):
+        async with db.write() as conn:
+            await conn.execute(
+                update(accounts).where(accounts.c.id == account_id).values(balance=balance, held=held)
+            )
+
+
+async def test_write_rolls_back_on_error(db: Database) -> None:
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            await conn.execute(
+                insert(accounts).values(id="acct_y", name="y", balance=0, held=0, created_at=utcnow())
+            )
+            raise RuntimeError("boom")
+    async with db.read() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM accounts"))).scalar() == 0
+
+
+async def test_foreign_keys_enforced(db: Database) -> None:
+    with pytest.raises(IntegrityError):
+        async with db.write() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, spent, held, created_at)"
+                    " VALUES ('key_1', 'acct_missing', '', 'p', 'h', 0, 0, :t)"
+                ),
+                {"t": utcnow() if db.dialect == "postgresql" else utcnow().replace(tzinfo=None).isoformat()},
+            )
+
+
+async def test_session_reads(db: Database) -> None:
+    await _new_account(db, 7)
+    async with db.session() as session:
+        assert (await session.execute(text("SELECT balance FROM accounts"))).scalar() == 7
