@@ -62,6 +62,9 @@ class OpenAIEngineConfig(_Frozen):
     connect_timeout: float = Field(default=5.0, gt=0)
     first_token_timeout: float = Field(default=120.0, gt=0)
     read_timeout: float = Field(default=300.0, gt=0)  # longest gap between chunks
+    # Ask for cumulative usage on every chunk (vLLM, SGLang) so that a stream the client
+    # abandons is billed from the engine's own count; turn off for engines that reject it.
+    continuous_usage: bool = True
     # Which reasoning field the engine reads on assistant turns (vLLM: reasoning).
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     name: str | None = None  # replica label in usage records and metrics

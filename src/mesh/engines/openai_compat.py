@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from mesh.canonical import CanonicalRequest, Event, Message
+from mesh.canonical import CanonicalRequest, Event, Message, Usage
 from mesh.config import OpenAIEngineConfig
 from mesh.engines.openai_wire import ChunkDecoder, encode_messages, request_body
 from mesh.errors import (
@@ -102,7 +102,9 @@ class OpenAIEngine:
         return self._session
 
     async def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
-        body = orjson.dumps(request_body(request, self.model, self.config.reasoning_field))
+        body = orjson.dumps(
+            request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
+        )
         decoder = ChunkDecoder()
         resp: aiohttp.ClientResponse | None = None
         try:
@@ -133,15 +135,16 @@ class OpenAIEngine:
 
     @staticmethod
     async def _first_events(lines: AsyncIterator[bytes], decoder: ChunkDecoder) -> list[Event]:
-        """Read until the engine produced at least one event (the first-token deadline covers this)."""
+        """Read until the engine produced its first output (the first-token deadline covers this)."""
+        events: list[Event] = []
         async for line in lines:
             if not line.startswith(_DATA):
                 continue
             payload = line[5:].strip()
             if payload == _DONE:
-                return []
-            events = list(decoder.decode(orjson.loads(payload)))
-            if events:
+                return events
+            events.extend(decoder.decode(orjson.loads(payload)))
+            if any(not isinstance(ev, Usage) for ev in events):
                 return events
         raise EngineError("The engine closed the stream before answering.")
 

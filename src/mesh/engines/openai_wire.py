@@ -116,14 +116,20 @@ def _effort(req: CanonicalRequest) -> str | None:
 
 
 def request_body(
-    req: CanonicalRequest, model: str, reasoning_field: ReasoningField = "reasoning_content"
+    req: CanonicalRequest,
+    model: str,
+    reasoning_field: ReasoningField = "reasoning_content",
+    continuous_usage: bool = False,
 ) -> dict[str, Any]:
     """The upstream body. Always streams and always asks for usage (billing needs it)."""
+    stream_options: dict[str, bool] = {"include_usage": True}
+    if continuous_usage:
+        stream_options["continuous_usage_stats"] = True
     body: dict[str, Any] = {
         "model": model,
         "messages": encode_messages(req.messages, reasoning_field),
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": stream_options,
     }
     s = req.sampling
     optional: dict[str, Any] = {
@@ -252,7 +258,9 @@ class ChunkDecoder:
             raise EngineError(f"The engine failed mid-stream: {message}")
         usage = chunk.get("usage")
         if isinstance(usage, dict):
+            # Cumulative: with continuous usage every chunk has one, and the newest wins.
             self.usage = decode_usage(usage)
+            yield self.usage
         for choice in chunk.get("choices") or ():
             idx = int(choice.get("index") or 0)
             delta = choice.get("delta") or choice.get("message") or {}
