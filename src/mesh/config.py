@@ -113,6 +113,18 @@ class ServerConfig(_Frozen):
     public_url: str | None = None  # what the console and quick start show
 
 
+class RoutingConfig(_Frozen):
+    policy: Literal["prefix_affinity", "least_outstanding"] = "prefix_affinity"
+    affinity_min_prefix_chars: int = Field(default=256, ge=1)
+    max_attempts: int = Field(default=3, ge=1, le=10)  # per model, before its fallbacks
+    health_interval: float = Field(default=2.0, gt=0)
+    failure_threshold: int = Field(default=3, ge=1)
+    breaker_cooldown: float = Field(default=5.0, gt=0)
+    queue_timeout: float = Field(default=30.0, gt=0)  # longest wait for a free replica slot
+    max_queue: int = Field(default=1000, ge=0)  # waiting requests per model
+    keepalive_interval: float = Field(default=5.0, gt=0)  # SSE comments while a stream waits
+
+
 class BillingConfig(_Frozen):
     # Output tokens held for a request that names no max_tokens (capped by the context).
     default_hold_output_tokens: int = Field(default=4096, ge=1)
@@ -136,6 +148,7 @@ class Settings(_Frozen):
     admin_key: str | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     models: tuple[ModelConfig, ...] = ()
 

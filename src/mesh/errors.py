@@ -102,11 +102,14 @@ class InternalError(MeshError):
 
 
 class EngineError(MeshError):
-    """An engine failed. ``retryable`` says another replica may succeed."""
+    """An engine failed. ``retryable``: another replica may succeed. ``replica_fault``: the
+    replica itself looks broken (unreachable, reset, timed out), which counts against its
+    circuit breaker; an error the engine answered for one request (HTTP 500) does not."""
 
     status = 502
     kind = "engine"
     retryable = True
+    replica_fault = True
 
 
 class EngineUnavailable(EngineError):
@@ -117,6 +120,7 @@ class EngineUnavailable(EngineError):
 class EngineOverloaded(EngineError):
     status = 503
     kind = "overloaded"
+    replica_fault = False
 
 
 class EngineTimeout(EngineError):
@@ -130,3 +134,4 @@ class EngineRejected(EngineError):
     status = 400
     kind = "invalid_request"
     retryable = False
+    replica_fault = False

@@ -18,18 +18,34 @@ from mesh.canonical import Usage
 from mesh.config import ModelConfig, Settings
 from mesh.engines.factory import build_engine
 from mesh.pipeline import Pipeline, RequestContext
+from mesh.routing.breaker import CircuitBreaker
+from mesh.routing.health import HealthMonitor
+from mesh.routing.policy import make_policy
+from mesh.routing.pool import ModelPool
+from mesh.routing.queue import FairQueue
 from mesh.routing.replica import Replica
-from mesh.routing.router import ModelPool, Router
+from mesh.routing.router import Router
 
 log = logging.getLogger("mesh.gateway")
 
 
 def build_router(settings: Settings) -> Router:
+    rc = settings.routing
+
+    def replica(engine_config: Any, model_id: str) -> Replica:
+        breaker = CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown)
+        return Replica(build_engine(engine_config, model_id), capacity=engine_config.capacity, breaker=breaker)
+
     pools = {
-        m.id: ModelPool(m, [Replica(build_engine(e, m.id), capacity=e.capacity) for e in m.engines])
+        m.id: ModelPool(
+            m,
+            [replica(e, m.id) for e in m.engines],
+            queue=FairQueue(rc.max_queue),
+            queue_timeout=rc.queue_timeout,
+        )
         for m in settings.models
     }
-    return Router(pools)
+    return Router(pools, make_policy(rc.policy, rc.affinity_min_prefix_chars), rc.max_attempts)
 
 
 class Gateway:
@@ -40,11 +56,17 @@ class Gateway:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
         self.pipeline = Pipeline(settings, router, services.authenticator, services.ledger, self.spawn)
+        self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
 
     @classmethod
     async def start(cls, settings: Settings) -> Gateway:
         services = await open_services(settings)
-        return cls(settings, build_router(settings), services)
+        gateway = cls(settings, build_router(settings), services)
+        gateway.health.start()
+        return gateway
+
+    def replicas(self) -> list[Replica]:
+        return [r for pool in self.router.pools.values() for r in pool.replicas]
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background, owned by the gateway and awaited at shutdown."""
@@ -67,6 +89,7 @@ class Gateway:
         return pool is not None and any(r.healthy for r in pool.replicas)
 
     async def aclose(self) -> None:
+        await self.health.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         await self.router.aclose()

@@ -8,6 +8,7 @@ format: protocols turn bodies into canonical requests and events back into bytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -25,7 +26,7 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import AuthenticationFailed, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
 from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
@@ -82,6 +83,9 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     principal: Any = None
     model: ModelConfig | None = None
+    model_id: str = ""  # the model the client asked for
+    models: tuple[str, ...] = ()  # that model, then the fallbacks to try in order
+    route_reason: str | None = None
     request: CanonicalRequest | None = None
     admission: Any = None
     prompt_estimate: int = 0
@@ -153,10 +157,29 @@ class Pipeline:
         if not ctx.principal.may_use(model.id):
             raise PermissionDenied(f"This API key may not use the model '{model.id}'.", param="model")
         ctx.model = model
+        ctx.model_id = model.id
+        ctx.models = self._candidates(ctx, model, request)
+        if "models" in request.extra:
+            request = replace(request, extra={k: v for k, v in request.extra.items() if k != "models"})
         if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
-            request = request.with_max_tokens(model.context_length)
+            # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
+            # room the prompt leaves: engines refuse prompt + max_tokens > context.
+            room = model.context_length - estimate_prompt_tokens(request)
+            request = request.with_max_tokens(max(1, room))
         ctx.request = request
         return request
+
+    def _candidates(self, ctx: RequestContext, model: ModelConfig, request: CanonicalRequest) -> tuple[str, ...]:
+        """The model, its configured fallbacks, then the request's own ``models`` list (as
+        OpenRouter does), keeping only known models this key may use."""
+        asked = request.extra.get("models")
+        if asked is not None and (not isinstance(asked, list) or not all(isinstance(m, str) for m in asked)):
+            raise InvalidRequest("'models' must be a list of model names.", param="models")
+        out: list[str] = []
+        for name in (model.id, *model.fallbacks, *(asked or ())):
+            if name in self._models and name not in out and ctx.principal.may_use(name):
+                out.append(name)
+        return tuple(out)
 
     # 3. admit: hold credit for the prompt and the most output the request may produce ----------
     async def admit(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
@@ -179,19 +202,43 @@ class Pipeline:
         return request
 
     # 4. route: a replica that produced its first event --------------------------------------
-    async def route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
+    async def route(
+        self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
+    ) -> RoutedStream | PendingStream:
+        """Open the request on a replica (failing over, then over fallback models).
+
+        With ``patience``, a request still waiting for a slot after that many seconds comes
+        back as a :class:`PendingStream`, so a streaming response can start and send
+        keep-alives while it waits; its errors then surface from iteration.
+        """
+        if patience is None:
+            return await self._route(ctx, request)
+        task = asyncio.get_running_loop().create_task(self._route(ctx, request))
         try:
-            stream = await self.router.open(request)
+            done, _ = await asyncio.wait({task}, timeout=patience)
+        except BaseException:
+            task.cancel()
+            raise
+        if done:
+            return task.result()
+        return PendingStream(task)
+
+    async def _route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
+        try:
+            stream = await self.router.open(request, ctx.principal.account_id, ctx.models)
         except BaseException as exc:
             ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
             await self._settle_now(ctx)
             raise
+        if stream.choice.model != ctx.model_id:
+            ctx.model = self._models[stream.choice.model]  # a fallback served it: bill its prices
         ctx.replica = stream.replica.name
+        ctx.route_reason = stream.choice.reason
         ctx.first_token_at = time.monotonic()
         return stream
 
     # 5. stream, metering what passes -----------------------------------------------------------
-    async def metered(self, ctx: RequestContext, stream: RoutedStream) -> AsyncIterator[Event]:
+    async def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncIterator[Event]:
         """Pass events through, remembering usage; settle when the stream ends in any way.
 
         A normal end settles before the protocol writes its final event, so the balance is
@@ -245,14 +292,42 @@ class Pipeline:
             # response over a bookkeeping failure, and never charge twice.
             log.exception("settlement failed for %s", ctx.request_id)
 
-    def with_request(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
-        ctx.request = request
-        return request
+    # count tokens (its own route: after resolve, nothing is held or charged) -----------------
+    async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
+        """Prompt tokens by the model's own tokenizer, asked of its least busy healthy replica;
+        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails."""
+        pool = self.router.pools.get(request.model)
+        healthy = [r for r in pool.replicas if r.healthy] if pool else []
+        if healthy:
+            replica = min(healthy, key=lambda r: r.load)
+            try:
+                count = await replica.engine.count_tokens(request.messages, request)
+            except Exception:
+                log.warning("count_tokens failed on %s for %s", replica.name, ctx.request_id, exc_info=True)
+                count = None
+            if count is not None:
+                return count
+        return estimate_prompt_tokens(request)
 
 
-def without_stream(request: CanonicalRequest) -> CanonicalRequest:
-    return replace(request, stream=False)
+class PendingStream:
+    """A stream still waiting for a replica slot: iterating it waits, then relays."""
 
+    def __init__(self, task: asyncio.Task[RoutedStream]) -> None:
+        self.task = task
 
-async def drain(ctx_task: asyncio.Task[Any]) -> None:  # pragma: no cover - helper for shutdown
-    await ctx_task
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        stream = await self.task
+        async for ev in stream:
+            yield ev
+
+    async def aclose(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, MeshError):
+                await self.task
+        elif not self.task.cancelled() and self.task.exception() is None:
+            await self.task.result().aclose()

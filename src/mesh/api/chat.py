@@ -11,9 +11,13 @@ from mesh.api.responses import JSON
 from mesh.canonical import Aggregator
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
+from mesh.http.keepalive import keepalive_while
 from mesh.http.streaming import StreamResponse
-from mesh.pipeline import RequestContext
+from mesh.pipeline import PendingStream, RequestContext
 from mesh.protocols import openai_chat
+
+# A streaming request still queued after this long starts its response and sends keep-alives.
+QUEUE_PATIENCE = 1.0
 
 
 @endpoint("openai.chat", openai_chat.render_error)
@@ -25,7 +29,7 @@ async def chat_completions(request: Request, ctx: RequestContext) -> AnyResponse
     creq, options = openai_chat.parse_request(body)
     creq = p.resolve(ctx, creq)
     creq = await p.admit(ctx, creq)
-    stream = await p.route(ctx, creq)
+    stream = await p.route(ctx, creq, patience=QUEUE_PATIENCE if creq.stream else None)
     assert ctx.model is not None
     meta = openai_chat.StreamMeta(
         id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
@@ -38,7 +42,9 @@ async def chat_completions(request: Request, ctx: RequestContext) -> AnyResponse
     headers = gw.response_headers(ctx)
     events = p.metered(ctx, stream)
     if creq.stream:
-        return StreamResponse(openai_chat.encode_stream(events, meta), headers)
+        waiting = stream.task if isinstance(stream, PendingStream) else None
+        sse = openai_chat.encode_stream(events, meta)
+        return StreamResponse(keepalive_while(waiting, sse, gw.settings.routing.keepalive_interval), headers)
     agg = Aggregator()
     async for ev in events:
         agg.add(ev)

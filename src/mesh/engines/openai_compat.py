@@ -68,7 +68,9 @@ def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
         return EngineRejected(text, code=err_code)
     if status == 503:
         return EngineUnavailable(f"Engine {name} is unavailable (503).")
-    return EngineError(f"Engine {name} answered HTTP {status}.")
+    err = EngineError(f"Engine {name} answered HTTP {status}.")
+    err.replica_fault = status in (502, 504)  # a gateway in front of it failed; a 500 is per request
+    return err
 
 
 class OpenAIEngine:

@@ -1,57 +1,54 @@
 """Routing: pick a replica, open its stream, fail over while nothing has reached the client.
 
-:meth:`Router.open` returns a :class:`RoutedStream` only once the engine produced its
+:meth:`Router.open` returns a :class:`RoutedStream` only once an engine produced its
 first event, so every failure before that point (connection refused, 5xx, overload,
-first-token timeout) can still be retried elsewhere. After it, failures belong to the
+first-token timeout) is retried: on another replica of the model with a short backoff,
+then on the model's fallbacks, in order. After the first event, failures belong to the
 caller (the protocol encoder ends the stream with its error event).
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from mesh.canonical import CanonicalRequest, Event
-from mesh.config import ModelConfig
-from mesh.errors import EngineError, EngineUnavailable
+from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
+from mesh.routing.policy import LeastOutstanding, Policy
+from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
 
 log = logging.getLogger("mesh.routing")
 
 DEFAULT_MAX_ATTEMPTS = 3
+_BACKOFF_BASE = 0.05
+_BACKOFF_MAX = 0.5
 
 
-class LeastOutstanding:
-    """Fewest requests in flight relative to capacity; ties go round-robin."""
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Which replica served a request, of which model, and why (for usage records and metrics)."""
 
-    name = "least_outstanding"
-
-    def __init__(self) -> None:
-        self._tick = itertools.count()
-
-    def pick(self, candidates: Sequence[Replica], request: CanonicalRequest) -> Replica:
-        start = next(self._tick) % len(candidates)
-        rotated = list(candidates[start:]) + list(candidates[:start])
-        return min(rotated, key=lambda r: (r.load, r.in_flight))
-
-
-@dataclass(eq=False)
-class ModelPool:
-    model: ModelConfig
-    replicas: list[Replica]
+    model: str
+    replica: str
+    reason: str
+    attempts: int
 
 
 class RoutedStream:
     """The event stream of one replica, primed with its first event.
 
     Iterate it once; :meth:`aclose` (idempotent) closes the engine stream, which cancels
-    the upstream request if it is still running, and frees the replica slot.
+    the upstream request if it is still running, and frees the replica's slot.
     """
 
-    def __init__(self, replica: Replica, events: AsyncIterator[Event], first: Event) -> None:
+    def __init__(self, pool: ModelPool, replica: Replica, events: AsyncIterator[Event], first: Event,
+                 choice: Choice) -> None:
+        self.pool = pool
         self.replica = replica
+        self.choice = choice
         self._events = events
         self._first: Event | None = first
         self._closed = False
@@ -66,6 +63,11 @@ class RoutedStream:
                 yield first
             async for ev in self._events:
                 yield ev
+        except EngineError as err:
+            if err.replica_fault:
+                self.replica.breaker.record_failure()  # passive health: a stream broke mid-way
+                self.replica.failures += 1
+            raise
         finally:
             await self.aclose()
 
@@ -74,54 +76,96 @@ class RoutedStream:
             return
         self._closed = True
         self.replica.in_flight -= 1
-        aclose = getattr(self._events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        self.pool.release()
+        await _close(self._events)
 
 
 class Router:
-    def __init__(self, pools: dict[str, ModelPool], max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+    def __init__(
+        self, pools: dict[str, ModelPool], policy: Policy | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    ) -> None:
         self.pools = pools
-        self.policy = LeastOutstanding()
+        self.policy: Policy = policy or LeastOutstanding()
         self.max_attempts = max_attempts
 
-    async def open(self, request: CanonicalRequest) -> RoutedStream:
-        """Start ``request`` on a replica of its model. Raises EngineError when none can serve."""
-        pool = self.pools[request.model]
-        tried: set[int] = set()
+    async def open(self, request: CanonicalRequest, account: str, models: Sequence[str] = ()) -> RoutedStream:
+        """Start ``request`` on a replica of the first of ``models`` (default: its own) that can
+        serve it. Waits in the model's queue when every replica is full. Raises EngineError
+        (or EngineOverloaded when the queue deadline passes) when nothing can serve."""
         last: EngineError | None = None
-        for _ in range(self.max_attempts):
-            candidates = [r for r in pool.replicas if r.healthy and id(r) not in tried]
+        for model in models or (request.model,):
+            pool = self.pools.get(model)
+            if pool is None:
+                continue
+            try:
+                return await self._open_in(pool, request, account)
+            except EngineError as err:
+                if not err.retryable:
+                    raise
+                last = err
+                log.warning("model %s could not serve request: %s", model, err.message)
+        if last is not None:
+            raise last
+        raise EngineUnavailable(f"No healthy replica can serve model {request.model!r} right now.", retry_after=1)
+
+    async def _open_in(self, pool: ModelPool, request: CanonicalRequest, account: str) -> RoutedStream:
+        await pool.acquire(account)
+        tried: set[int] = set()
+        faulted: set[int] = set()
+        last: EngineError | None = None
+        for attempt in range(self.max_attempts):
+            candidates = [r for r in pool.replicas if r.healthy and r.has_room and id(r) not in tried]
             if not candidates:
-                break
-            replica = self.policy.pick(candidates, request)
+                # Retry a replica already tried (after backoff) only when none is left and the
+                # failure looked transient (a reset, not an answer the engine gave).
+                if last is None or not last.replica_fault:
+                    break
+                candidates = [r for r in pool.replicas if r.healthy and r.has_room]
+                if not candidates:
+                    break
+            if attempt:
+                await asyncio.sleep(min(_BACKOFF_BASE * 2 ** (attempt - 1), _BACKOFF_MAX))
+            replica, reason = self.policy.pick(candidates, request)
             tried.add(id(replica))
+            if not replica.breaker.acquire():
+                continue
             replica.in_flight += 1
             events = aiter(replica.engine.stream(request))
             try:
                 first = await anext(events)
             except EngineError as err:
                 replica.in_flight -= 1
-                replica.failures += 1
                 await _close(events)
+                if err.replica_fault and not isinstance(err, EngineOverloaded) and id(replica) not in faulted:
+                    faulted.add(id(replica))  # one request counts once against a replica
+                    replica.breaker.record_failure()
+                    replica.failures += 1
+                elif not err.replica_fault:
+                    replica.breaker.record_success()  # it answered: alive, just full or refusing
                 log.warning("replica %s failed before the first token: %s", replica.name, err.message)
                 if not err.retryable:
+                    pool.release()
                     raise
                 last = err
                 continue
             except StopAsyncIteration:
                 replica.in_flight -= 1
+                replica.breaker.record_failure()
                 last = EngineError(f"Engine {replica.name} ended the stream without output.")
                 continue
             except BaseException:
                 replica.in_flight -= 1
+                pool.release()
                 await _close(events)
                 raise
+            replica.breaker.record_success()
             replica.served += 1
-            return RoutedStream(replica, events, first)
+            return RoutedStream(pool, replica, events, first,
+                                Choice(pool.model.id, replica.name, reason, attempt + 1))
+        pool.release()
         if last is not None:
             raise last
-        raise EngineUnavailable(f"No healthy replica can serve model {request.model!r} right now.", retry_after=1)
+        raise EngineUnavailable(f"No healthy replica can serve model {pool.model.id!r} right now.", retry_after=1)
 
     async def aclose(self) -> None:
         for pool in self.pools.values():
