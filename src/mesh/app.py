@@ -11,10 +11,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from mesh.accounts.principal import Principal
+from mesh.admin.fleet import fleet_routes
 from mesh.admin.routes import admin_routes
 from mesh.api.chat import chat_completions
+from mesh.api.messages import count_tokens, messages
 from mesh.api.models import get_model, list_models
 from mesh.api.responses import JSON, error_response
+from mesh.api.responses_api import responses_routes
 from mesh.billing.routes import customer_routes
 from mesh.billing.services import Services
 from mesh.config import Settings
@@ -61,10 +64,14 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/health", _health, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *responses_routes(),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         *customer_routes(_services, _principal),
         *admin_routes(_services),
+        *fleet_routes(lambda r: r.app.state.gateway.router, lambda r: r.app.state.gateway.settings.admin_key),
     ]
 
 

@@ -39,9 +39,9 @@ class LeastOutstanding:
         self._tick = itertools.count()
 
     def pick(self, candidates: Sequence[Replica], request: CanonicalRequest) -> tuple[Replica, str]:
-        start = next(self._tick) % len(candidates)
-        rotated = [*candidates[start:], *candidates[:start]]
-        return min(rotated, key=lambda r: (r.load, r.in_flight)), "least_loaded"
+        best = min(r.load for r in candidates)
+        tied = [r for r in candidates if r.load == best]
+        return tied[next(self._tick) % len(tied)], "least_loaded"
 
 
 def _part_text(p: object) -> str:

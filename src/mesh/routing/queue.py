@@ -37,9 +37,10 @@ class FairQueue:
         self._waiting.setdefault(account, deque()).append(fut)
         self._count += 1
         try:
-            await asyncio.wait_for(asyncio.shield(fut), deadline_s)
+            async with asyncio.timeout(deadline_s):
+                await fut
         except TimeoutError:
-            if fut.done():  # granted just as the deadline passed: take the slot
+            if fut.done() and not fut.cancelled():  # granted just as the deadline passed
                 return
             self._remove(account, fut)
             raise EngineOverloaded(
@@ -49,8 +50,8 @@ class FairQueue:
             if fut.done() and not fut.cancelled():
                 if self.on_abandon is not None:
                     self.on_abandon()  # granted, but our caller is gone: give the slot back
-                raise
-            self._remove(account, fut)
+            else:
+                self._remove(account, fut)
             raise
 
     def grant_next(self) -> bool:
@@ -66,6 +67,7 @@ class FairQueue:
             if not fut.done():
                 fut.set_result(None)
                 return True
+            # A waiter that timed out or was cancelled: not counted here any more.
         return False
 
     def _remove(self, account: str, fut: asyncio.Future[None]) -> None:
