@@ -83,6 +83,7 @@ class EmbeddedEngineConfig(_Frozen):
     type: Literal["embedded"]
     model: Literal["smollm2-135m", "qwen2.5-coder-0.5b"] = "smollm2-135m"
     gguf_path: str | None = None  # an explicit GGUF file overrides the packaged model
+    cache_dir: str = ".mesh/models"  # where the opt-in Qwen parts are joined, once
     threads: int = Field(default=2, ge=1)
     context_length: int = Field(default=8192, ge=256)
     batch_size: int = Field(default=256, ge=8)
@@ -135,6 +136,15 @@ class BillingConfig(_Frozen):
     quickstart_credits: Decimal = Decimal(10)
 
 
+class ResponsesConfig(_Frozen):
+    """Stored responses of the Responses API (``store``, ``previous_response_id``, GET)."""
+
+    # False: nothing is stored, whatever clients ask (privacy); previous_response_id is refused.
+    store: bool = True
+    # Stored responses older than this are deleted.
+    retention_days: int = Field(default=30, ge=1)
+
+
 class LoggingConfig(_Frozen):
     level: str = "INFO"
     json_logs: bool = Field(default=True, alias="json")
@@ -149,6 +159,7 @@ class Settings(_Frozen):
     server: ServerConfig = Field(default_factory=ServerConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     models: tuple[ModelConfig, ...] = ()
 

@@ -13,7 +13,9 @@ def build_engine(config: EngineConfig, public_model: str) -> Engine:
         return OpenAIEngine(config, public_model)
     if isinstance(config, EmbeddedEngineConfig):
         # Imported lazily: llama.cpp loads only where a model is embedded.
+        from pathlib import Path
+
         from mesh.engines.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(config, public_model)
+        return EmbeddedEngine(config, public_model, cache_dir=Path(config.cache_dir))
     raise TypeError(f"unknown engine config {type(config).__name__}")  # pragma: no cover

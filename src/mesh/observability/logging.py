@@ -43,3 +43,5 @@ def configure(config: LoggingConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+    # Migrations narrate every step at INFO; operators need to hear only about problems.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
