@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from mesh.accounts.principal import Principal
 from mesh.admin.fleet import fleet_routes
-from mesh.admin.routes import admin_routes
+from mesh.admin.routes import admin_routes, check_admin
 from mesh.api.chat import chat_completions
 from mesh.api.messages import count_tokens, messages
 from mesh.api.models import get_model, list_models
@@ -21,13 +21,24 @@ from mesh.api.responses_api import responses_routes
 from mesh.billing.routes import customer_routes
 from mesh.billing.services import Services
 from mesh.config import Settings
-from mesh.errors import NotFound
+from mesh.errors import MeshError, NotFound
 from mesh.gateway import Gateway
+from mesh.observability.metrics import CONTENT_TYPE
 from mesh.protocols import openai_errors
 
 
 async def _health(request: Request) -> Response:
     return JSON({"status": "ok"})
+
+
+async def _metrics(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    if not gateway.settings.server.metrics_public:
+        try:
+            check_admin(request, gateway.settings.admin_key)
+        except MeshError as err:
+            return error_response(err, openai_errors.render_error)
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -63,6 +74,7 @@ def _raw_key(request: Request) -> str | None:
 def routes() -> list[BaseRoute]:
     return [
         Route("/health", _health, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *responses_routes(),
         Route("/v1/messages", messages, methods=["POST"]),

@@ -112,6 +112,8 @@ class ServerConfig(_Frozen):
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     public_url: str | None = None  # what the console and quick start show
+    # /metrics names replicas by their internal URLs: by default only the admin key reads it.
+    metrics_public: bool = False
 
 
 class RoutingConfig(_Frozen):

@@ -16,7 +16,9 @@ from mesh.billing.pricing import cost
 from mesh.billing.services import Services, open_services
 from mesh.canonical import Usage
 from mesh.config import ModelConfig, Settings
+from mesh.conversations import ResponseStore
 from mesh.engines.factory import build_engine
+from mesh.observability.metrics import Metrics
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.health import HealthMonitor
@@ -55,14 +57,21 @@ class Gateway:
         self.services = services
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
-        self.pipeline = Pipeline(settings, router, services.authenticator, services.ledger, self.spawn)
+        self.metrics = Metrics(lambda: self.router)
+        self.pipeline = Pipeline(
+            settings, router, services.authenticator, services.ledger, self.spawn, self.metrics
+        )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
+        self.responses = ResponseStore(
+            services.database, enabled=settings.responses.store, retention_days=settings.responses.retention_days
+        )
 
     @classmethod
     async def start(cls, settings: Settings) -> Gateway:
         services = await open_services(settings)
         gateway = cls(settings, build_router(settings), services)
         gateway.health.start()
+        gateway.responses.start()
         return gateway
 
     def replicas(self) -> list[Replica]:
@@ -92,5 +101,6 @@ class Gateway:
         await self.health.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        await self.responses.aclose()
         await self.router.aclose()
         await self.services.aclose()

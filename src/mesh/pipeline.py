@@ -27,6 +27,7 @@ from mesh.canonical import (
 )
 from mesh.config import ModelConfig, Pricing, Settings
 from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.observability.metrics import Metrics
 from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
@@ -125,7 +126,9 @@ class Pipeline:
         authenticator: Authenticator,
         ledger: Ledger,
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.router = router
         self.authenticator = authenticator
@@ -274,9 +277,11 @@ class Pipeline:
             ctx.settled = True
             return
         ctx.settled = True
-        duration_ms = int((time.monotonic() - ctx.started) * 1000)
+        duration = time.monotonic() - ctx.started
+        duration_ms = int(duration * 1000)
+        charged = 0
         try:
-            await self.ledger.settle(
+            charged = await self.ledger.settle(
                 ctx.admission,
                 ctx.usage,
                 status=ctx.status,
@@ -291,6 +296,25 @@ class Pipeline:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the
             # response over a bookkeeping failure, and never charge twice.
             log.exception("settlement failed for %s", ctx.request_id)
+        usage = ctx.usage or Usage()
+        if self.metrics is not None:
+            ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
+            self.metrics.observe(
+                model=ctx.model.id, protocol=ctx.protocol, status=ctx.status, ttft_s=ttft, duration_s=duration,
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens, charged=charged,
+            )
+        # One line per request, never with content: ids, sizes and timings only.
+        log.info(
+            "request",
+            extra={
+                "request_id": ctx.request_id, "account_id": ctx.principal.account_id, "model": ctx.model.id,
+                "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
+                "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                "cached_tokens": usage.cached_tokens, "charged_micro": charged,
+                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms,
+            },
+        )
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from support.gateway import GatewayProcess
+from support.gateway import ADMIN_KEY, GatewayProcess
 from testengine.harness import EngineProcess
 
 
@@ -306,3 +306,14 @@ def test_chat_models_list_and_get(client: openai.OpenAI) -> None:
     assert extra["context_length"] == 4096 and extra["pricing"]["output"] == "2.0"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_metrics_count_requests_and_need_the_admin_key(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "metric me"}])
+    assert httpx.get(gateway.url + "/metrics").status_code == 401
+    time.sleep(0.2)
+    text = httpx.get(gateway.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    assert 'mesh_requests_total{model="test-model",protocol="openai.chat",status="ok"}' in text
+    assert "mesh_time_to_first_token_seconds_bucket" in text
+    assert 'mesh_replica_healthy{model="test-model"' in text
+    assert 'mesh_tokens_total{kind="output",model="test-model"}' in text

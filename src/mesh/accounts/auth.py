@@ -169,11 +169,7 @@ class KeyAuthenticator:
         if not self._touch_pending:
             return 0
         pending, self._touch_pending = self._touch_pending, {}
-        stmt = (
-            update(api_keys)
-            .where(api_keys.c.id == bindparam("kid"))
-            .values(last_used_at=bindparam("used_at"))
-        )
+        stmt = update(api_keys).where(api_keys.c.id == bindparam("kid")).values(last_used_at=bindparam("used_at"))
         try:
             async with self.db.write() as conn:
                 await conn.execute(stmt, [{"kid": k, "used_at": t} for k, t in pending.items()])

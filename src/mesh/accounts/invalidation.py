@@ -77,10 +77,13 @@ class RedisInvalidator:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Subscribe and start the background listener. Raises ``RedisError`` if unreachable."""
+        """Subscribe and start the background listener. Raises ``ConnectionError`` if Redis is down."""
         if self._task is not None:
             return
-        self._pubsub = await self._subscribe()
+        try:
+            self._pubsub = await self._subscribe()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot subscribe to key invalidations on Redis: {exc}") from exc
         self._task = asyncio.create_task(self._listen(), name="mesh-key-invalidation")
 
     async def publish(self, key_id: str) -> bool:

@@ -209,4 +209,3 @@ class Accounts:
         if row is None:
             raise NotFound(f"API key {key_id!r} not found", code="key_not_found")
         return key_info(row)
-

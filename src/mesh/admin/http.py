@@ -98,4 +98,3 @@ def int_query(request: Request, name: str, default: int, lo: int, hi: int) -> in
     if not lo <= value <= hi:
         raise InvalidRequest(f"{name} must be between {lo} and {hi}", param=name)
     return value
-

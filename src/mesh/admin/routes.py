@@ -68,9 +68,7 @@ class NewCodes(_Body):
 def check_admin(request: Request, admin_key: str | None) -> None:
     """Raise unless the request carries the configured admin key (constant-time compare)."""
     if not admin_key:
-        raise PermissionDenied(
-            "The admin API is disabled: no admin_key is configured", code="admin_api_disabled"
-        )
+        raise PermissionDenied("The admin API is disabled: no admin_key is configured", code="admin_api_disabled")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_key.encode()):
         raise AuthenticationFailed("Invalid admin key", code="invalid_admin_key")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,22 +26,35 @@ Handler = Callable[[Request, RequestContext], Awaitable[AnyResponse]]
 Endpoint = Callable[[Request], Awaitable[AnyResponse]]
 
 
+def _with_request_id(render: ErrorRenderer, rid: str) -> ErrorRenderer:
+    """Fill in the ``request_id`` a renderer left empty in its body (Anthropic's errors carry one)."""
+
+    def render_with_id(err: MeshError) -> tuple[int, dict[str, Any]]:
+        status, body = render(err)
+        if "request_id" in body and body["request_id"] is None:
+            body = {**body, "request_id": rid}
+        return status, body
+
+    return render_with_id
+
+
 def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
             ctx = RequestContext(request_id=request_id(), protocol=protocol)
             request.state.ctx = ctx
             response: AnyResponse
+            render = _with_request_id(render_error, ctx.request_id)
             try:
                 response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"
-                response = error_response(err, render_error)
+                response = error_response(err, render)
             except Exception:
                 ctx.status = "error"
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
                 internal = InternalError("The server had an error processing your request.")
-                response = error_response(internal, render_error)
+                response = error_response(internal, render)
             response.headers["x-request-id"] = ctx.request_id
             response.headers["request-id"] = ctx.request_id
             return response

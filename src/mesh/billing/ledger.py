@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.principal import Principal
-from mesh.billing.entries import LedgerEntry, entry_from_row, post, run_idempotent
+from mesh.billing.entries import LedgerEntry, entry_from_row, find_entry, post, run_idempotent
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import cost, hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
@@ -153,9 +153,7 @@ class Ledger:
         try:
             return await self._hold(principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens)
         except IntegrityError:
-            raise InvalidRequest(
-                f"request {request_id!r} already holds credit", code="duplicate_request_id"
-            ) from None
+            raise InvalidRequest(f"request {request_id!r} already holds credit", code="duplicate_request_id") from None
 
     async def _hold(
         self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int
@@ -244,6 +242,11 @@ class Ledger:
         key = f"usage:{admission.request_id}"
         first = True
 
+        def existing(entry: LedgerEntry) -> MicroCredits:
+            nonlocal first
+            first = False
+            return MicroCredits(-entry.amount)
+
         async def body(conn: AsyncConnection) -> MicroCredits:
             nonlocal first
             released = (
@@ -252,8 +255,14 @@ class Ledger:
                 )
             ).scalar_one_or_none()
             hold = int(released or 0)
+            if hold == 0 and admission.held > 0:
+                # The hold is gone: settled before (perhaps by a transaction we just waited
+                # for on its row lock), or swept as stale. Only the latter still owes.
+                earlier = await find_entry(conn, key)
+                if earlier is not None:
+                    return existing(earlier)
+                first = due > 0
             if hold == 0 and due == 0:
-                first = admission.held == 0  # else the hold is gone: settled or swept before
                 return MicroCredits(0)
             acct = (
                 await conn.execute(
@@ -290,11 +299,6 @@ class Ledger:
                     .values(held=api_keys.c.held - hold, spent=api_keys.c.spent + charge)
                 )
             return MicroCredits(charge)
-
-        def existing(entry: LedgerEntry) -> MicroCredits:
-            nonlocal first
-            first = False
-            return MicroCredits(-entry.amount)
 
         charged = await run_idempotent(self.db, key, body, existing)
         if first and self.usage is not None:

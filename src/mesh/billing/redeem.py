@@ -14,14 +14,14 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.billing.entries import LedgerEntry, post, run_idempotent
 from mesh.billing.money import MicroCredits
-from mesh.errors import InvalidRequest
+from mesh.errors import InvalidRequest, NotFound
 from mesh.store import Database, utcnow
-from mesh.store.tables import redeem_codes
+from mesh.store.tables import accounts, redeem_codes
 
 ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODE_SCHEME = "MESH"
@@ -108,6 +108,8 @@ class RedeemCodes:
         code_hash = hash_code(canonical)
 
         async def body(conn: AsyncConnection) -> LedgerEntry:
+            if (await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))).first() is None:
+                raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
             claimed = await conn.execute(
                 update(redeem_codes)
                 .where(redeem_codes.c.code_hash == code_hash, redeem_codes.c.redeemed_at.is_(None))

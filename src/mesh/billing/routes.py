@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from mesh.accounts.principal import Principal
 from mesh.admin.http import ServicesSource, guarded, int_query, json_response, read_body, resolve
-from mesh.admin.views import balance_json, daily_json, entry_json
+from mesh.admin.views import balance_json, daily_json
+from mesh.billing.money import format_credits
 from mesh.billing.usage import daily_usage
 
 Authenticate = Callable[[Request], Principal | Awaitable[Principal]]
@@ -57,7 +58,7 @@ def customer_routes(services: ServicesSource, authenticate: Authenticate) -> lis
         entry = await svc.redeem.redeem(who.account_id, body.code)
         balance, held = await svc.ledger.balance(who.account_id)
         return json_response(
-            {"account_id": who.account_id, "credited": entry_json(entry)["amount"], **balance_json(balance, held)}
+            {"account_id": who.account_id, "credited": format_credits(entry.amount), **balance_json(balance, held)}
         )
 
     return [

@@ -53,19 +53,24 @@ def param_path(loc: tuple[int | str, ...], data: Any = None) -> str:
 _TAGS = {"str", "list", "dict", "int", "float", "bool", "none", "literal", "lax-or-strict", "json-or-python"}
 
 
-def validate(model: type[M], data: dict[str, Any]) -> M:
-    """Validate ``data`` into ``model``; the first error becomes an :class:`InvalidRequest`."""
+def validate(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
+    """Validate ``data`` into ``model``; the first error becomes an :class:`InvalidRequest`.
+
+    ``prefix`` is where ``data`` sits in the whole body (``input[3]``), for the error's param.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _to_invalid(exc, data) from None
+        raise _to_invalid(exc, data, prefix) from None
 
 
-def _to_invalid(exc: ValidationError, data: Any) -> InvalidRequest:
+def _to_invalid(exc: ValidationError, data: Any, prefix: str = "") -> InvalidRequest:
     errors = exc.errors(include_url=False)
     # Prefer the most specific error (the longest location) among union alternatives.
     err = max(errors, key=lambda e: len(e["loc"]))
     param = param_path(tuple(err["loc"]), data)
+    if prefix:
+        param = prefix + ("" if not param or param.startswith("[") else ".") + param
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         text = f"Missing required parameter: '{param}'."

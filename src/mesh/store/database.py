@@ -137,6 +137,13 @@ def alembic_config(connection: Connection | None = None) -> Any:
     return cfg
 
 
+def head_revision() -> str | None:
+    """The newest migration's revision id (what :meth:`Database.migrate` upgrades to)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def _upgrade_to_head(connection: Connection) -> None:
     from alembic import command
 

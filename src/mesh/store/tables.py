@@ -84,9 +84,7 @@ ledger = Table(
     Column("key_id", String(40), nullable=True),
     Column("memo", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
-    CheckConstraint(
-        "kind IN ('grant', 'purchase', 'redeem', 'usage', 'refund', 'adjustment')", name="kind_known"
-    ),
+    CheckConstraint("kind IN ('grant', 'purchase', 'redeem', 'usage', 'refund', 'adjustment')", name="kind_known"),
     CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
     Index("ix_ledger_idempotency_key", "idempotency_key", unique=True),
     Index("ix_ledger_account_id_id", "account_id", "id"),

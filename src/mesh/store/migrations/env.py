@@ -13,6 +13,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+import mesh.conversations.tables  # noqa: F401  (registers the stored-responses tables on metadata)
 from mesh.store.tables import metadata
 
 
@@ -43,9 +44,7 @@ def _main() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = context.get_x_argument(as_dictionary=True).get("url") or context.config.get_main_option(
-        "sqlalchemy.url"
-    )
+    url = context.get_x_argument(as_dictionary=True).get("url") or context.config.get_main_option("sqlalchemy.url")
     if not url:
         raise SystemExit("pass the database as: alembic -x url=sqlite:///path/to/mesh.db upgrade head")
     asyncio.run(_run_from_url(url))

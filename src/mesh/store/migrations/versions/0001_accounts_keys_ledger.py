@@ -49,9 +49,7 @@ def upgrade() -> None:
         sa.Column("last_used_at", UTCDateTime(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
-        sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.id"], name=op.f("fk_api_keys_account_id_accounts")
-        ),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_api_keys_account_id_accounts")),
         sa.CheckConstraint("spent >= 0", name=op.f("ck_api_keys_spent_non_negative")),
         sa.CheckConstraint("held >= 0", name=op.f("ck_api_keys_held_non_negative")),
         sa.CheckConstraint(
@@ -117,9 +115,7 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_records")),
     )
-    op.create_index(
-        op.f("ix_usage_records_account_id_created_at"), "usage_records", ["account_id", "created_at"]
-    )
+    op.create_index(op.f("ix_usage_records_account_id_created_at"), "usage_records", ["account_id", "created_at"])
     op.create_index(op.f("ix_usage_records_created_at"), "usage_records", ["created_at"])
     op.create_index(op.f("ix_usage_records_request_id"), "usage_records", ["request_id"])
 
@@ -147,9 +143,7 @@ def upgrade() -> None:
         sa.Column("redeemed_by", sa.String(40), nullable=True),
         sa.Column("redeemed_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("code_hash", name=op.f("pk_redeem_codes")),
-        sa.ForeignKeyConstraint(
-            ["redeemed_by"], ["accounts.id"], name=op.f("fk_redeem_codes_redeemed_by_accounts")
-        ),
+        sa.ForeignKeyConstraint(["redeemed_by"], ["accounts.id"], name=op.f("fk_redeem_codes_redeemed_by_accounts")),
         sa.CheckConstraint("amount > 0", name=op.f("ck_redeem_codes_amount_positive")),
     )
 

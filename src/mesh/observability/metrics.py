@@ -1,0 +1,92 @@
+"""Prometheus metrics: per-request counters and histograms, and fleet gauges read at scrape time.
+
+Request metrics are recorded once per request, when it settles (:meth:`Metrics.observe`),
+never per chunk. Replica and queue gauges cost nothing on the request path: a collector
+reads the router's state when Prometheus scrapes. Each gateway process exposes its own
+numbers; a scraper sums across processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mesh.routing.breaker import BreakerState
+from mesh.routing.router import Router
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BREAKER = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
+
+
+class _FleetCollector(Collector):
+    def __init__(self, router: Callable[[], Router | None]) -> None:
+        self._router = router
+
+    def collect(self) -> Iterator[Any]:
+        router = self._router()
+        per_replica = ["model", "replica"]
+        in_flight = GaugeMetricFamily("mesh_replica_in_flight", "Requests open on a replica", labels=per_replica)
+        healthy = GaugeMetricFamily("mesh_replica_healthy", "1 if the replica takes traffic", labels=per_replica)
+        breaker = GaugeMetricFamily(
+            "mesh_replica_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=per_replica
+        )
+        queue = GaugeMetricFamily("mesh_queue_depth", "Requests waiting for a replica slot", labels=["model"])
+        if router is not None:
+            for model, pool in router.pools.items():
+                queue.add_metric([model], len(pool.queue))
+                for r in pool.replicas:
+                    in_flight.add_metric([model, r.name], r.in_flight)
+                    healthy.add_metric([model, r.name], 1.0 if r.healthy else 0.0)
+                    breaker.add_metric([model, r.name], _BREAKER[r.breaker.state])
+        yield from (in_flight, healthy, breaker, queue)
+
+
+class Metrics:
+    def __init__(self, router: Callable[[], Router | None] = lambda: None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mesh_requests", "Requests by model, protocol and status", ["model", "protocol", "status"], registry=r
+        )
+        self.errors = Counter("mesh_errors", "Errors by protocol and kind", ["protocol", "kind"], registry=r)
+        self.ttft = Histogram(
+            "mesh_time_to_first_token_seconds", "Time to first token", ["model", "protocol"],
+            buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "mesh_request_duration_seconds", "Request duration", ["model", "protocol"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.tokens = Counter("mesh_tokens", "Tokens by model and kind", ["model", "kind"], registry=r)
+        self.credits = Counter("mesh_credits_charged_micro", "Micro-credits charged", ["model"], registry=r)
+        r.register(_FleetCollector(router))
+
+    def observe(
+        self, *, model: str, protocol: str, status: str, ttft_s: float | None, duration_s: float,
+        input_tokens: int, output_tokens: int, cached_tokens: int, charged: int,
+    ) -> None:
+        self.requests.labels(model, protocol, status).inc()
+        if ttft_s is not None:
+            self.ttft.labels(model, protocol).observe(ttft_s)
+        self.duration.labels(model, protocol).observe(duration_s)
+        if input_tokens:
+            self.tokens.labels(model, "input").inc(input_tokens)
+        if output_tokens:
+            self.tokens.labels(model, "output").inc(output_tokens)
+        if cached_tokens:
+            self.tokens.labels(model, "cached").inc(cached_tokens)
+        if charged:
+            self.credits.labels(model).inc(charged)
+
+    def error(self, protocol: str, kind: str) -> None:
+        self.errors.labels(protocol, kind).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
