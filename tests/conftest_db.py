@@ -2,6 +2,8 @@
 
 ``db`` is parametrized over ``sqlite`` (a temp file) and ``postgresql`` (a new database
 ``mesh_test_<random>`` on 127.0.0.1:5432, dropped afterwards); both are migrated to head.
+PostgreSQL is reached as the first role of ``postgres``/``root`` that can log in to the
+``test`` database.
 ``database_url`` is the same, un-migrated, as a URL (for CLI tests). ``redis_url`` points
 at 127.0.0.1:6379.
 
@@ -74,41 +76,91 @@ async def _redis_up() -> bool:
     return bool(_probe["redis"])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A URL of a fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/mesh.db"
-        return
-    user = await _pg_role()
-    if user is None:
-        _unavailable(request, PG_SKIP_REASON)
-        return
-    name = f"mesh_test_{secrets.token_hex(6)}"
-    conn = await _pg_admin(user)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        conn = await _pg_admin(user)
+class _Postgres:
+    """The role that works, and a migrated template database to copy for each test."""
+
+    def __init__(self, user: str, template: str) -> None:
+        self.user = user
+        self.template = template
+
+    def url(self, name: str) -> str:
+        return f"postgresql://{self.user}@{PG_HOST}:{PG_PORT}/{name}"
+
+    async def create(self, *, migrated: bool) -> str:
+        name = f"mesh_test_{secrets.token_hex(6)}"
+        template = f' TEMPLATE "{self.template}"' if migrated else ""
+        conn = await _pg_admin(self.user)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"{template}')
+        finally:
+            await conn.close()
+        return name
+
+    async def drop(self, name: str) -> None:
+        conn = await _pg_admin(self.user)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    """A migrated :class:`Database` on each backend, closed after the test."""
-    database = Database(database_url)
+@pytest.fixture(scope="session")
+async def _postgres() -> AsyncIterator[_Postgres | None]:
+    user = await _pg_role()
+    if user is None:
+        yield None
+        return
+    pg = _Postgres(user, "")
+    pg.template = await pg.create(migrated=False)
+    database = Database(pg.url(pg.template))
     try:
         await database.migrate()
-        yield database
     finally:
         await database.aclose()
+    try:
+        yield pg
+    finally:
+        await pg.drop(pg.template)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, _postgres: _Postgres | None) -> str:
+    """``sqlite`` or ``postgresql``; skips (or, in CI, fails) when PostgreSQL is down."""
+    if request.param == "postgresql" and _postgres is None:
+        _unavailable(request, PG_SKIP_REASON)
+    return str(request.param)
+
+
+async def _fresh(backend: str, pg: _Postgres | None, tmp_path: Path, *, migrated: bool) -> AsyncIterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/mesh.db"
+        return
+    assert pg is not None
+    name = await pg.create(migrated=migrated)
+    try:
+        yield pg.url(name)
+    finally:
+        await pg.drop(name)
+
+
+@pytest.fixture
+async def database_url(backend: str, _postgres: _Postgres | None, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of a fresh, empty (un-migrated) database of each kind."""
+    async for url in _fresh(backend, _postgres, tmp_path, migrated=False):
+        yield url
+
+
+@pytest.fixture
+async def db(backend: str, _postgres: _Postgres | None, tmp_path: Path) -> AsyncIterator[Database]:
+    """A migrated :class:`Database` on each backend (PostgreSQL: a copy of a migrated
+    template, which is faster than migrating), closed after the test."""
+    async for url in _fresh(backend, _postgres, tmp_path, migrated=True):
+        database = Database(url)
+        try:
+            await database.migrate()
+            yield database
+        finally:
+            await database.aclose()
 
 
 @pytest.fixture
@@ -120,8 +172,9 @@ async def redis_url(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for reason, nodeids in _not_run.items():
+    if _not_run:
         terminalreporter.section("services not available", sep="-", yellow=True)
+    for reason, nodeids in _not_run.items():
         terminalreporter.write_line(f"{reason}: {len(nodeids)} tests skipped:")
         for nodeid in nodeids:
             terminalreporter.write_line(f"  {nodeid}")

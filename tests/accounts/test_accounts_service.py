@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -58,6 +59,12 @@ async def test_create_key_returns_secret_once(db: Database) -> None:
     assert stored == hash_key(created.key)
 
 
+def _sqlite_files(database: str) -> str:
+    """The database file and its WAL and shared-memory files, as text."""
+    paths = [Path(database + suffix) for suffix in ("", "-wal", "-shm")]
+    return "".join(p.read_bytes().decode("latin-1") for p in paths if p.exists())
+
+
 async def test_full_key_appears_nowhere_in_the_database(db: Database) -> None:
     accounts = Accounts(db)
     a = await accounts.create("a")
@@ -73,12 +80,7 @@ async def test_full_key_appears_nowhere_in_the_database(db: Database) -> None:
     blob = "\n".join(dump)
     if db.is_sqlite:
         assert db.url.database is not None
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                with open(db.url.database + suffix, "rb") as f:
-                    blob += f.read().decode("latin-1")
-            except FileNotFoundError:
-                pass
+        blob += _sqlite_files(db.url.database)
     for key in keys:
         assert key not in blob
         assert key[12:] not in blob  # not even the secret part

@@ -158,7 +158,7 @@ async def test_revocation_takes_effect_at_once(db: Database) -> None:
 
 
 async def test_last_used_is_written_in_batches(db: Database) -> None:
-    _, key_id, key = await _key(db)
+    _, _, key = await _key(db)
     clock = Clock()
     auth = KeyAuthenticator(db, touch_interval=60, clock=clock)
     for _ in range(20):

@@ -25,9 +25,7 @@ from mesh.store.tables import api_keys, holds, ledger
 PRICING = Pricing(input=Decimal("1"), cached_input=Decimal("0.5"), output=Decimal("2"))
 
 
-async def setup(
-    db: Database, balance: int, *, spend_limit: int | None = None
-) -> tuple[Ledger, Principal, UsageWriter]:
+async def setup(db: Database, balance: int, *, spend_limit: int | None = None) -> tuple[Ledger, Principal, UsageWriter]:
     accounts = Accounts(db)
     account = await accounts.create("a")
     limit = None if spend_limit is None else MicroCredits(spend_limit)
@@ -59,9 +57,7 @@ async def test_grant_is_idempotent(db: Database) -> None:
 
 async def test_concurrent_grants_with_one_key_credit_once(db: Database) -> None:
     book, p, _ = await setup(db, 0)
-    rows = await asyncio.gather(
-        *(book.grant(p.account_id, MicroCredits(7), idempotency_key="same") for _ in range(20))
-    )
+    rows = await asyncio.gather(*(book.grant(p.account_id, MicroCredits(7), idempotency_key="same") for _ in range(20)))
     assert len({r.id for r in rows}) == 1
     assert await book.balance(p.account_id) == (7, 0)
     await check_invariants(db, book, p.account_id)
@@ -142,6 +138,18 @@ async def test_settle_twice_charges_once(db: Database) -> None:
     await check_invariants(db, book, p.account_id)
 
 
+async def test_settle_twice_charges_once_when_nothing_is_left(db: Database) -> None:
+    book, p, writer = await setup(db, 300)
+    adm = await book.admit(p, PRICING, "req_1", 100, 100)  # holds all 300
+    usage = Usage(input_tokens=100, output_tokens=100)
+    results = await asyncio.gather(
+        *(book.settle(adm, usage, status="ok", model="m", pricing=PRICING) for _ in range(5))
+    )
+    assert results == [300] * 5
+    assert writer.pending == 1
+    assert await check_invariants(db, book, p.account_id) == (0, 0)
+
+
 async def test_failed_request_pays_nothing(db: Database) -> None:
     book, p, writer = await setup(db, 10_000)
     adm = await book.admit(p, PRICING, "req_1", 100, 50)
@@ -190,7 +198,9 @@ async def test_free_model_needs_no_credit(db: Database) -> None:
     book, p, _ = await setup(db, 0)
     adm = await book.admit(p, Pricing(), "req_1", 100, 100)
     assert adm.held == 0 and adm.max_output_tokens == 100
-    assert await book.settle(adm, Usage(input_tokens=5, output_tokens=5), status="ok", model="m", pricing=Pricing()) == 0
+    assert (
+        await book.settle(adm, Usage(input_tokens=5, output_tokens=5), status="ok", model="m", pricing=Pricing()) == 0
+    )
 
 
 async def test_duplicate_request_id_is_refused(db: Database) -> None:
@@ -212,8 +222,10 @@ async def test_settle_shortfall_charges_what_balance_has(db: Database) -> None:
     balance, held = await check_invariants(db, book, p.account_id)
     assert (balance, held) == (300, 300)  # the other request's hold is untouched
     assert "shortfall" in ((await book.entries(p.account_id))[0].memo or "")
-    assert await book.settle(other, Usage(input_tokens=100, output_tokens=100), status="ok", model="m",
-                             pricing=PRICING) == 300
+    assert (
+        await book.settle(other, Usage(input_tokens=100, output_tokens=100), status="ok", model="m", pricing=PRICING)
+        == 300
+    )
     assert await check_invariants(db, book, p.account_id) == (0, 0)
 
 
@@ -230,8 +242,9 @@ async def test_release_stale_holds(db: Database) -> None:
     async with db.read() as conn:
         assert (await conn.execute(select(api_keys.c.held))).scalar_one() == 30
     # A late settle of the swept request still pays for what it used, from the balance.
-    assert await book.settle(old, Usage(input_tokens=100, output_tokens=1), status="ok", model="m",
-                             pricing=PRICING) == 102
+    assert (
+        await book.settle(old, Usage(input_tokens=100, output_tokens=1), status="ok", model="m", pricing=PRICING) == 102
+    )
     assert await check_invariants(db, book, p.account_id) == (10_000 - 102, 30)
 
 
@@ -279,3 +292,29 @@ async def test_concurrent_mixed_usage_keeps_invariants(db: Database) -> None:
     balance, held = await check_invariants(db, book, p.account_id)
     assert held == 0
     assert balance == 20_000 - sum(charged) >= 0
+
+
+async def test_concurrent_admits_from_two_engines_never_overspend(db: Database) -> None:
+    """Two engines on one database, as two gateway processes would be: no in-process lock
+    helps here, only BEGIN IMMEDIATE (SQLite) and the conditional updates (PostgreSQL)."""
+    per_request = 120
+    book, p, _ = await setup(db, per_request * 5 + 101)
+    second = Database(db.url)
+    try:
+        books = [book, Ledger(second)]
+
+        async def one(i: int) -> bool:
+            try:
+                adm = await books[i % 2].admit(p, PRICING, f"req_{i}", 100, 10)
+            except InsufficientCredits:
+                return False
+            await books[(i + 1) % 2].settle(
+                adm, Usage(input_tokens=100, output_tokens=10), status="ok", model="m", pricing=PRICING
+            )
+            return True
+
+        results = await asyncio.gather(*(one(i) for i in range(120)))
+    finally:
+        await second.aclose()
+    assert sum(results) == 5
+    assert await check_invariants(db, book, p.account_id) == (101, 0)

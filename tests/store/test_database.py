@@ -11,7 +11,7 @@ from sqlalchemy import insert, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from mesh.store import Database, normalize_url, utcnow
+from mesh.store import Database, head_revision, normalize_url, utcnow
 from mesh.store.tables import accounts, metadata
 
 
@@ -55,7 +55,7 @@ async def test_database_repr_hides_password() -> None:
 
 async def test_migrate_is_idempotent_and_at_head(db: Database) -> None:
     await db.migrate()
-    assert await db.current_revision() == "0001"
+    assert await db.current_revision() == head_revision()
 
 
 def _diff(conn: Connection) -> list[object]:
@@ -74,7 +74,7 @@ async def test_sqlite_runs_wal_with_foreign_keys(tmp_path: Path) -> None:
         async with db.read() as conn:
             assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
-            assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() >= 1000
+            assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() >= 1000
     finally:
         await db.aclose()
 
@@ -92,17 +92,13 @@ async def test_checks_keep_balance_at_least_held_at_least_zero(db: Database, bal
     account_id = await _new_account(db, 10, 0)
     with pytest.raises(IntegrityError):
         async with db.write() as conn:
-            await conn.execute(
-                update(accounts).where(accounts.c.id == account_id).values(balance=balance, held=held)
-            )
+            await conn.execute(update(accounts).where(accounts.c.id == account_id).values(balance=balance, held=held))
 
 
 async def test_write_rolls_back_on_error(db: Database) -> None:
     with pytest.raises(RuntimeError):
         async with db.write() as conn:
-            await conn.execute(
-                insert(accounts).values(id="acct_y", name="y", balance=0, held=0, created_at=utcnow())
-            )
+            await conn.execute(insert(accounts).values(id="acct_y", name="y", balance=0, held=0, created_at=utcnow()))
             raise RuntimeError("boom")
     async with db.read() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM accounts"))).scalar() == 0

@@ -1,0 +1,144 @@
+"""The usage writer: batches, daily roll-ups, purge and queries."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import func, select
+
+from mesh.accounts.auth import KeyAuthenticator
+from mesh.accounts.service import Accounts
+from mesh.billing.ledger import Ledger
+from mesh.billing.money import MicroCredits
+from mesh.billing.usage import UsageRecord, UsageWriter, daily_usage, purge, recent_requests
+from mesh.canonical import Usage
+from mesh.config import Pricing
+from mesh.store import Database
+from mesh.store.tables import usage_records
+
+NOON = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
+
+
+def record(i: int, *, account: str = "acct_a", model: str = "m1", at: datetime = NOON) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"req_{i}",
+        account_id=account,
+        key_id="key_1",
+        model=model,
+        status="ok",
+        input_tokens=10,
+        cached_tokens=2,
+        output_tokens=5,
+        reasoning_tokens=1,
+        cost=MicroCredits(100),
+        created_at=at,
+    )
+
+
+async def count_rows(db: Database) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(select(func.count()).select_from(usage_records))).scalar_one())
+
+
+async def test_flush_writes_records_and_daily_rollups(db: Database) -> None:
+    writer = UsageWriter(db)
+    for i in range(5):
+        writer.enqueue(record(i))
+    writer.enqueue(record(5, model="m2"))
+    writer.enqueue(record(6, at=NOON - timedelta(days=1)))
+    writer.enqueue(record(7, account="acct_b"))
+    assert await count_rows(db) == 0  # nothing touches the database before a flush
+    assert await writer.flush() == 8
+    assert writer.pending == 0 and await count_rows(db) == 8
+    rows = await daily_usage(db, account_id="acct_a", days=7, now=NOON)
+    got = {(r.day.isoformat(), r.model): (r.requests, r.input_tokens, r.output_tokens, r.cost) for r in rows}
+    assert got == {
+        ("2030-05-16", "m1"): (1, 10, 5, 100),
+        ("2030-05-17", "m1"): (5, 50, 25, 500),
+        ("2030-05-17", "m2"): (1, 10, 5, 100),
+    }
+    everyone = await daily_usage(db, days=1, now=NOON)
+    assert {(r.account_id, r.model, r.requests) for r in everyone} == {
+        ("acct_a", "m1", 5),
+        ("acct_a", "m2", 1),
+        ("acct_b", "m1", 1),
+    }
+
+
+async def test_rollups_accumulate_across_batches(db: Database) -> None:
+    writer = UsageWriter(db, batch_size=3)
+    for i in range(10):
+        writer.enqueue(record(i))
+    await writer.flush()
+    for i in range(10, 12):
+        writer.enqueue(record(i))
+    await writer.flush()
+    (row,) = await daily_usage(db, account_id="acct_a", days=1, now=NOON)
+    assert (row.requests, row.cached_tokens, row.reasoning_tokens, row.cost) == (12, 24, 12, 1200)
+
+
+async def test_background_task_flushes_on_interval_and_batch_size(db: Database) -> None:
+    writer = UsageWriter(db, flush_interval=3600, batch_size=4)
+    await writer.start()
+    try:
+        for i in range(4):
+            writer.enqueue(record(i))  # a full batch wakes the writer at once
+        for _ in range(200):
+            if await count_rows(db) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert await count_rows(db) == 4
+        writer.enqueue(record(9))
+    finally:
+        await writer.aclose()  # flushes the rest
+    assert await count_rows(db) == 5
+
+
+async def test_buffer_is_bounded(db: Database) -> None:
+    writer = UsageWriter(db, max_pending=3)
+    for i in range(5):
+        writer.enqueue(record(i))
+    assert writer.pending == 3 and writer.dropped == 2
+
+
+async def test_purge_keeps_rollups(db: Database) -> None:
+    writer = UsageWriter(db)
+    writer.enqueue(record(1, at=NOON - timedelta(days=100)))
+    writer.enqueue(record(2, at=NOON))
+    await writer.flush()
+    assert await purge(db, 90, now=NOON) == 1
+    assert await count_rows(db) == 1
+    rows = await daily_usage(db, account_id="acct_a", days=365, now=NOON)
+    assert len(rows) == 2
+
+
+async def test_settle_feeds_writer_and_recent_requests(db: Database) -> None:
+    accounts = Accounts(db)
+    account = await accounts.create("a")
+    key = await accounts.create_key(account.id)
+    writer = UsageWriter(db)
+    book = Ledger(db, writer)
+    await book.grant(account.id, MicroCredits(1_000_000))
+    principal = await KeyAuthenticator(db).authenticate(key.key)
+    pricing = Pricing(input=Decimal("1"), output=Decimal("1"))
+    for i in range(3):
+        adm = await book.admit(principal, pricing, f"req_{i}", 10, 10)
+        await book.settle(
+            adm,
+            Usage(input_tokens=10, output_tokens=i),
+            status="ok",
+            model="m",
+            pricing=pricing,
+            replica="r",
+            protocol="chat",
+            ttft_ms=5,
+            duration_ms=9,
+        )
+    await writer.aclose()
+    recent = await recent_requests(db, account.id)
+    assert [r.request_id for r in recent] == ["req_2", "req_1", "req_0"]
+    assert recent[0].cost == 12 and recent[0].replica == "r" and recent[0].ttft_ms == 5
+    (today,) = await daily_usage(db, account_id=account.id)
+    assert today.requests == 3 and today.cost == 10 + 11 + 12
