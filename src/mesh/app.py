@@ -18,6 +18,7 @@ from mesh.api.messages import count_tokens, messages
 from mesh.api.models import get_model, list_models
 from mesh.api.responses import JSON, error_response
 from mesh.api.responses_api import responses_routes
+from mesh.api.workers import worker_routes
 from mesh.billing.routes import customer_routes
 from mesh.billing.services import Services
 from mesh.config import Settings
@@ -83,6 +84,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         *customer_routes(_services, _principal),
         *admin_routes(_services),
+        *worker_routes(),
         *fleet_routes(lambda r: r.app.state.gateway.router, lambda r: r.app.state.gateway.settings.admin_key),
     ]
 

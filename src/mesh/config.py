@@ -25,6 +25,7 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 ENV_PREFIX = "MESH_"
+DEFAULT_REDIS_PREFIX = "mesh:"
 
 
 class ConfigError(Exception):
@@ -101,7 +102,8 @@ class ModelConfig(_Frozen):
     context_length: int | None = Field(default=None, ge=1)
     description: str | None = None
     pricing: Pricing = Field(default_factory=Pricing)
-    engines: tuple[EngineConfig, ...] = Field(min_length=1)
+    # Static replicas; a model may have none and get its replicas from workers (mesh worker).
+    engines: tuple[EngineConfig, ...] = ()
     fallbacks: tuple[str, ...] = ()
     reasoning: bool = False
     tools: bool = True
@@ -147,6 +149,25 @@ class ResponsesConfig(_Frozen):
     retention_days: int = Field(default=30, ge=1)
 
 
+class RateLimitConfig(_Frozen):
+    """Default rate limits of one scope; null (or 0) means no limit."""
+
+    rpm: int | None = Field(default=None, ge=0)  # requests per minute
+    tpm: int | None = Field(default=None, ge=0)  # input + output tokens per minute
+    concurrent: int | None = Field(default=None, ge=0)  # requests in flight
+
+
+class LimitsConfig(_Frozen):
+    """Rate limits every key and every account gets unless the operator overrides them
+    (``rate_limits`` of the key or account, via the admin API or ``mesh ... limits``)."""
+
+    key: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    account: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    # With Redis: a concurrency slot whose gateway stopped refreshing it (it crashed) is
+    # freed after this many seconds; live gateways refresh theirs every third of it.
+    concurrency_ttl: float = Field(default=60.0, ge=1.0)
+
+
 class LoggingConfig(_Frozen):
     level: str = "INFO"
     json_logs: bool = Field(default=True, alias="json")
@@ -154,14 +175,42 @@ class LoggingConfig(_Frozen):
     log_content: bool = False
 
 
+class WorkerToken(_Frozen):
+    """A credential for GPU nodes: registers replicas of the listed models, nothing else."""
+
+    name: str = Field(min_length=1)
+    token: str | None = Field(default=None, min_length=16)
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # keep only a hash in the file
+    models: tuple[str, ...] = ("*",)  # "*" = any model
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WorkerToken:
+        if (self.token is None) == (self.token_sha256 is None):
+            raise ValueError("give exactly one of token or token_sha256")
+        return self
+
+
+class WorkersConfig(_Frozen):
+    tokens: tuple[WorkerToken, ...] = ()
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    # A replica whose heartbeats stopped this long ago leaves the pool.
+    dead_after: float = Field(default=15.0, gt=0)
+    sync_interval: float = Field(default=1.0, gt=0)  # how often each gateway process reads the registry
+
+
 class Settings(_Frozen):
     database: str = DEFAULT_DATABASE
     redis: str | None = None
+    # Namespace of every Redis key and channel Mesh uses, so that deployments (or test
+    # runs) can share one Redis.
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
     admin_key: str | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     models: tuple[ModelConfig, ...] = ()
 

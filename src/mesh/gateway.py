@@ -27,6 +27,8 @@ from mesh.routing.pool import ModelPool
 from mesh.routing.queue import FairQueue
 from mesh.routing.replica import Replica
 from mesh.routing.router import Router
+from mesh.workers.registry import MemoryRegistry, RedisRegistry, WorkerRegistry
+from mesh.workers.sync import WorkerSync
 
 log = logging.getLogger("mesh.gateway")
 
@@ -50,6 +52,13 @@ def build_router(settings: Settings) -> Router:
     return Router(pools, make_policy(rc.policy, rc.affinity_min_prefix_chars), rc.max_attempts)
 
 
+def _registry(settings: Settings) -> WorkerRegistry:
+    dead_after = settings.workers.dead_after
+    if settings.redis:
+        return RedisRegistry(settings.redis, dead_after)
+    return MemoryRegistry(dead_after)
+
+
 class Gateway:
     def __init__(self, settings: Settings, router: Router, services: Services) -> None:
         self.settings = settings
@@ -62,6 +71,7 @@ class Gateway:
             settings, router, services.authenticator, services.ledger, self.spawn, self.metrics
         )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
+        self.workers = WorkerSync(settings, router, _registry(settings))
         self.responses = ResponseStore(
             services.database, enabled=settings.responses.store, retention_days=settings.responses.retention_days
         )
@@ -71,6 +81,7 @@ class Gateway:
         services = await open_services(settings)
         gateway = cls(settings, build_router(settings), services)
         gateway.health.start()
+        gateway.workers.start()
         gateway.responses.start()
         return gateway
 
@@ -98,6 +109,7 @@ class Gateway:
         return pool is not None and any(r.healthy for r in pool.replicas)
 
     async def aclose(self) -> None:
+        await self.workers.aclose()
         await self.health.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)

@@ -253,6 +253,10 @@ class Pipeline:
         try:
             async for ev in stream:
                 if isinstance(ev, Usage):
+                    if ev.input_tokens == 0 and ctx.prompt_estimate:
+                        # The engine reported no prompt count (llama.cpp's server in streams):
+                        # bill and show the estimate, the same number on both sides.
+                        ev = replace(ev, input_tokens=ctx.prompt_estimate)
                     usage = ev
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1

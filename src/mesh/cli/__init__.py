@@ -6,6 +6,7 @@ import typer
 
 from mesh.cli import _state
 from mesh.cli.serve import serve
+from mesh.cli.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Mesh: one endpoint for open-weight LLMs.")
 
@@ -18,6 +19,7 @@ def _root(
 
 
 app.command()(serve)
+app.command()(worker)
 
 
 def _register_ops() -> None:

@@ -24,6 +24,7 @@ class Replica:
     served: int = 0
     failures: int = 0
     reported_load: float | None = None
+    up: bool = True  # False while the replica's worker reports its engine unhealthy
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -32,7 +33,7 @@ class Replica:
 
     @property
     def healthy(self) -> bool:
-        return self.breaker.available
+        return self.up and self.breaker.available
 
     @property
     def has_room(self) -> bool:

@@ -1,0 +1,150 @@
+"""The worker API: GPU nodes register engine replicas and heartbeat their load.
+
+::
+
+    POST   /workers/v1/replicas              {model, engine_url, engine_model?, capacity?}
+    POST   /workers/v1/replicas/{id}/heartbeat {healthy, running?, waiting?, kv_cache_usage?}
+    DELETE /workers/v1/replicas/{id}
+
+Authenticated by ``Authorization: Bearer <worker token>`` — worker tokens are their own
+kind of credential (``workers.tokens`` in the config), separate from customer keys and the
+admin key, and each may register only the models it lists. Errors use OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mesh.api.endpoint import AnyResponse, endpoint
+from mesh.api.responses import JSON
+from mesh.config import WorkerToken
+from mesh.errors import AuthenticationFailed, ModelNotFound, NotFound, PermissionDenied
+from mesh.gateway import Gateway
+from mesh.http.body import read_body
+from mesh.http.ids import prefixed
+from mesh.pipeline import RequestContext
+from mesh.protocols import openai_errors
+from mesh.protocols.validation import loads_object, validate
+from mesh.workers.registry import Registration
+
+_MAX_BODY = 64 * 1024
+
+
+class RegisterIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    engine_url: str = Field(min_length=8, max_length=500)
+    engine_model: str | None = Field(default=None, max_length=200)
+    capacity: int | None = Field(default=None, ge=1, le=100_000)
+
+    @field_validator("engine_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("engine_url must be an http(s) URL")
+        return v.rstrip("/")
+
+
+class HeartbeatIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    healthy: bool = True
+    running: int | None = Field(default=None, ge=0)
+    waiting: int | None = Field(default=None, ge=0)
+    kv_cache_usage: float | None = Field(default=None, ge=0, le=1)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def worker_token(gw: Gateway, request: Request) -> WorkerToken:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise AuthenticationFailed("Missing worker token.")
+    digest = _sha256(presented.strip())
+    for tok in gw.settings.workers.tokens:
+        expected = tok.token_sha256 or _sha256(tok.token or "")
+        if hmac.compare_digest(digest, expected):
+            return tok
+    raise AuthenticationFailed("Invalid worker token.")
+
+
+def _load(beat: HeartbeatIn, capacity: int | None) -> float | None:
+    """One number in [0, 1] from the engine's own gauges: a queue means full."""
+    if beat.waiting:
+        return 1.0
+    parts = [beat.kv_cache_usage] if beat.kv_cache_usage is not None else []
+    if capacity and beat.running is not None:
+        parts.append(min(1.0, beat.running / capacity))
+    return max(parts) if parts else None
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    return loads_object(await read_body(request, _MAX_BODY))
+
+
+@endpoint("workers", openai_errors.render_error)
+async def register(request: Request, ctx: RequestContext) -> AnyResponse:
+    gw: Gateway = request.app.state.gateway
+    tok = worker_token(gw, request)
+    body = validate(RegisterIn, await _body(request))
+    if "*" not in tok.models and body.model not in tok.models:
+        raise PermissionDenied(f"This worker token may not serve the model '{body.model}'.", param="model")
+    if body.model not in gw.router.pools:
+        raise ModelNotFound(f"The gateway offers no model '{body.model}'.", param="model")
+    reg = Registration(
+        id=prefixed("wr_"), worker=tok.name, model=body.model, engine_url=body.engine_url,
+        engine_model=body.engine_model, capacity=body.capacity,
+    )
+    await gw.workers.registry.put(reg)
+    await gw.workers.run_once()
+    w = gw.settings.workers
+    return JSON({"id": reg.id, "heartbeat_interval": w.heartbeat_interval, "dead_after": w.dead_after}, status_code=201)
+
+
+async def _owned(gw: Gateway, request: Request) -> tuple[WorkerToken, Registration]:
+    tok = worker_token(gw, request)
+    reg = await gw.workers.registry.get(request.path_params["reg_id"])
+    if reg is None or reg.worker != tok.name:
+        raise NotFound("Unknown replica registration; register again.", code="registration_not_found")
+    return tok, reg
+
+
+@endpoint("workers", openai_errors.render_error)
+async def heartbeat(request: Request, ctx: RequestContext) -> AnyResponse:
+    gw: Gateway = request.app.state.gateway
+    _, reg = await _owned(gw, request)
+    beat = validate(HeartbeatIn, await _body(request))
+    updated = await gw.workers.registry.heartbeat(
+        reg.id, healthy=beat.healthy, load=_load(beat, reg.capacity), running=beat.running, waiting=beat.waiting
+    )
+    if updated is None:
+        raise NotFound("Unknown replica registration; register again.", code="registration_not_found")
+    if updated.healthy != reg.healthy:
+        await gw.workers.run_once()
+    return JSON({"id": reg.id, "ok": True})
+
+
+@endpoint("workers", openai_errors.render_error)
+async def deregister(request: Request, ctx: RequestContext) -> AnyResponse:
+    gw: Gateway = request.app.state.gateway
+    _, reg = await _owned(gw, request)
+    await gw.workers.registry.remove(reg.id)
+    await gw.workers.run_once()
+    return Response(status_code=204)
+
+
+def worker_routes() -> list[Route]:
+    return [
+        Route("/workers/v1/replicas", register, methods=["POST"]),
+        Route("/workers/v1/replicas/{reg_id}/heartbeat", heartbeat, methods=["POST"]),
+        Route("/workers/v1/replicas/{reg_id}", deregister, methods=["DELETE"]),
+    ]

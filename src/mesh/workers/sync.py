@@ -1,0 +1,94 @@
+"""Keeps this gateway process's replica pools in step with the worker registry.
+
+Every ``sync_interval`` seconds (and at once after a registration through this process),
+registered replicas are added to their model's pool, their reported load and health are
+copied onto the replica, and replicas whose registration expired or was withdrawn leave
+the pool (their engine client is closed; requests already streaming finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from mesh.config import OpenAIEngineConfig, Settings
+from mesh.engines.openai_compat import OpenAIEngine
+from mesh.routing.breaker import CircuitBreaker
+from mesh.routing.replica import Replica
+from mesh.routing.router import Router
+from mesh.workers.registry import Registration, WorkerRegistry
+
+log = logging.getLogger("mesh.workers")
+
+LABEL = "registration"
+
+
+class WorkerSync:
+    def __init__(self, settings: Settings, router: Router, registry: WorkerRegistry) -> None:
+        self.settings = settings
+        self.router = router
+        self.registry = registry
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def _replica(self, reg: Registration) -> Replica:
+        rc = self.settings.routing
+        engine = OpenAIEngine(
+            OpenAIEngineConfig(
+                type="openai", base_url=reg.engine_url, model=reg.engine_model, capacity=reg.capacity,
+                name=f"{reg.worker}@{reg.engine_url}",
+            ),
+            reg.model,
+        )
+        return Replica(
+            engine, capacity=reg.capacity, breaker=CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown),
+            labels={LABEL: reg.id, "worker": reg.worker, "source": "worker"},
+        )
+
+    async def run_once(self) -> None:
+        async with self._lock:
+            regs = {r.id: r for r in await self.registry.live()}
+            for model, pool in self.router.pools.items():
+                for replica in list(pool.replicas):
+                    reg_id = replica.labels.get(LABEL)
+                    if reg_id is None:
+                        continue
+                    reg = regs.pop(reg_id, None)
+                    if reg is None or reg.model != model:
+                        pool.remove(replica)
+                        log.info("worker replica %s left model %s", replica.name, model)
+                        if replica.in_flight == 0:
+                            await replica.engine.aclose()
+                        continue
+                    replica.up = reg.healthy
+                    replica.reported_load = reg.load
+            for reg in regs.values():
+                target = self.router.pools.get(reg.model)
+                if target is None:
+                    continue  # the API refuses unknown models; a config change may have removed it
+                replica = self._replica(reg)
+                replica.up = reg.healthy
+                replica.reported_load = reg.load
+                target.add(replica)
+                log.info("worker replica %s joined model %s", replica.name, reg.model)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="mesh-worker-sync")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("worker registry sync failed; will retry")
+            await asyncio.sleep(self.settings.workers.sync_interval)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.registry.aclose()
