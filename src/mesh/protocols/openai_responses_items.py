@@ -23,6 +23,8 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from mesh.canonical import ImagePart, Message, Part, ReasoningPart, TextPart, ToolCallPart, ToolResultPart
 from mesh.errors import InvalidRequest
 from mesh.protocols import openai_responses_wire as w
@@ -129,6 +131,13 @@ def parse_tools(raw: list[Any] | None) -> tuple[w.FunctionToolIn, ...]:
 # ---- the stored shape ---------------------------------------------------------------------------
 
 
+def _stored_part(part: BaseModel) -> dict[str, Any]:
+    out = part.model_dump(exclude_none=True)
+    if out["type"] == "output_text":
+        out["annotations"] = []
+    return out
+
+
 def stored_item(item: w.Item) -> dict[str, Any]:
     """An input item as stored and as ``input_items`` lists it: typed, with an id and status."""
     if isinstance(item, w.HostedItemIn):
@@ -146,7 +155,7 @@ def stored_item(item: w.Item) -> dict[str, Any]:
                 )
                 out["content"] = [part]
             else:
-                out["content"] = [p.model_dump(exclude_none=True) for p in item.content]
+                out["content"] = [_stored_part(p) for p in item.content]
         case w.FunctionCallIn():
             out.update(call_id=item.call_id, name=item.name, arguments=item.arguments)
         case w.FunctionCallOutputIn():
