@@ -27,6 +27,8 @@ from mesh.canonical import (
 )
 from mesh.config import ModelConfig, Pricing, Settings
 from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
+from mesh.limits.policy import Scope
 from mesh.observability.metrics import Metrics
 from mesh.routing.router import RoutedStream, Router
 
@@ -42,6 +44,7 @@ _TOKENS_PER_IMAGE = 1600
 class Principal(Protocol):
     account_id: str
     key_id: str
+    limits: tuple[Scope, ...]
 
     def may_use(self, model: str) -> bool: ...
 
@@ -95,6 +98,8 @@ class RequestContext:
     usage: Usage | None = None
     status: str = "ok"
     settled: bool = False
+    lease: Lease | None = None  # rate limits taken at admission, given back at settlement
+    limit_state: LimitState | None = None  # what the rate-limit headers show
 
     @property
     def ttft_ms(self) -> int | None:
@@ -127,8 +132,10 @@ class Pipeline:
         ledger: Ledger,
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
         metrics: Metrics | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.metrics = metrics
+        self.limiter = limiter
         self.settings = settings
         self.router = router
         self.authenticator = authenticator
@@ -184,11 +191,48 @@ class Pipeline:
                 out.append(name)
         return tuple(out)
 
-    # 3. admit: hold credit for the prompt and the most output the request may produce ----------
+    # 3. admit: rate limits, then hold credit for the prompt and the most output it may produce
     async def admit(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
+        """Take the rate limits (``RateLimited``, 429) and hold credit (``InsufficientCredits``,
+        402); a refused request holds nothing. May lower ``max_tokens`` to what the balance
+        covers."""
         assert ctx.model is not None
         model = ctx.model
         ctx.prompt_estimate = estimate_prompt_tokens(request)
+        await self.limit(ctx)
+        try:
+            request = await self._hold(ctx, request, model)
+        except BaseException:
+            await self._give_back(ctx, 0)
+            raise
+        return request
+
+    async def limit(self, ctx: RequestContext) -> None:
+        """Take one request, the prompt estimate's tokens and a concurrency slot from the
+        key's and the account's limits (nothing for an unlimited principal); raises
+        ``RateLimited`` (429, with ``retry_after``). The state the headers show lands on
+        ``ctx.limit_state`` either way."""
+        scopes = ctx.principal.limits
+        if not scopes or self.limiter is None:
+            return
+        try:
+            ctx.lease = await self.limiter.acquire(scopes, ctx.prompt_estimate)
+        except LimitExceeded as exc:
+            ctx.limit_state = exc.state
+            raise
+        ctx.limit_state = ctx.lease.state
+
+    async def _give_back(self, ctx: RequestContext, tokens: int) -> None:
+        """Settle the rate-limit lease with the tokens really used (once; never raises)."""
+        lease, ctx.lease = ctx.lease, None
+        if lease is None or self.limiter is None:
+            return
+        try:
+            await self.limiter.settle(lease, tokens)
+        except Exception:
+            log.exception("rate-limit settlement failed for %s", ctx.request_id)
+
+    async def _hold(self, ctx: RequestContext, request: CanonicalRequest, model: ModelConfig) -> CanonicalRequest:
         wanted = request.max_tokens
         if wanted is None:
             if model.context_length:
@@ -277,6 +321,9 @@ class Pipeline:
 
     # 6. settle ------------------------------------------------------------------------------
     async def _settle_now(self, ctx: RequestContext) -> None:
+        if ctx.lease is not None:
+            used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
+            await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
             ctx.settled = True
             return

@@ -4,6 +4,8 @@ SDK request shapes) -> gateway process -> test engine."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
@@ -11,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from support.gateway import GatewayProcess
+from support.gateway import Admin, GatewayProcess
 from testengine.harness import EngineProcess
 
 
@@ -425,3 +427,55 @@ def test_stream_failure_after_start_is_an_error_event(client: anthropic.Anthropi
                 received.append(event.type)
     assert received[0] == "message_start" and "content_block_delta" in received
     assert isinstance(info.value.body, dict) and info.value.body["error"]["type"] == "api_error"
+
+
+# ---- slow streams and disconnects ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_ping_gateway(engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway whose keep-alive interval is short enough to watch pings arrive."""
+    from conftest import engine_models
+
+    work = tmp_path_factory.mktemp("gateway-pings")
+    config = {
+        "database": f"sqlite:///{work}/mesh.db",
+        "models": engine_models(engine.base_url),
+        "routing": {"keepalive_interval": 0.2},
+    }
+    with GatewayProcess(config, work) as gw:
+        yield gw
+
+
+def test_slow_stream_gets_pings_and_starts_before_the_first_token(quick_ping_gateway: GatewayProcess) -> None:
+    admin = Admin(quick_ping_gateway.url)
+    try:
+        key = admin.key(admin.account("pings", credits="10"), name="pings")["key"]
+    finally:
+        admin.close()
+    body = {"model": "test-model", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "[delay:2] [chunk_delay:0.5] [tokens:3]"}]}
+    r = httpx.post(quick_ping_gateway.url + "/v1/messages", json=body, headers={"x-api-key": key}, timeout=30)
+    assert r.status_code == 200
+    names = [n for n, _ in sse_events(r.text)]
+    first_block = names.index("content_block_start")
+    assert names[0] == "message_start"
+    assert names[1:first_block].count("ping") >= 2  # queued/thinking: message_start went out, then pings
+    deltas = [i for i, n in enumerate(names) if n == "content_block_delta"]
+    assert "ping" in names[deltas[0]:deltas[-1]]  # and between slow deltas
+    assert names[-2:] == ["message_delta", "message_stop"]
+
+
+def test_client_disconnect_cancels_upstream(gateway: GatewayProcess, api_key: str, engine: EngineProcess) -> None:
+    before = engine.stats()["cancelled"]
+    body = {"model": "test-model", "max_tokens": 500, "stream": True,
+            "messages": [{"role": "user", "content": "[tokens:200] [chunk_delay:0.05]"}]}
+    with httpx.stream("POST", gateway.url + "/v1/messages", json=body, headers={"x-api-key": api_key}) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(8):
+            next(lines)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and engine.stats()["cancelled"] <= before:
+        time.sleep(0.05)
+    assert engine.stats()["cancelled"] > before

@@ -1,6 +1,7 @@
 """Wraps a handler with a request id and protocol-shaped error rendering.
 
-Every response, error or not, carries ``x-request-id`` and ``request-id``. No exception
+Every response, error or not, carries ``x-request-id`` and ``request-id``; an error after
+the rate limits were consulted (a 429 above all) carries their headers too. No exception
 escapes as a traceback: unknown ones are logged and answered as the protocol's 500.
 """
 
@@ -17,6 +18,7 @@ from mesh.api.responses import ErrorRenderer, error_response
 from mesh.errors import InternalError, MeshError
 from mesh.http.ids import request_id
 from mesh.http.streaming import StreamResponse
+from mesh.limits.headers import limits_headers
 from mesh.pipeline import RequestContext
 
 log = logging.getLogger("mesh.api")
@@ -49,7 +51,7 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
                 response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"
-                response = error_response(err, render)
+                response = error_response(err, render, limits_headers(ctx))
             except Exception:
                 ctx.status = "error"
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)

@@ -2,8 +2,8 @@
 
 Authentication takes ``x-api-key`` or ``Authorization: Bearer``; ``anthropic-version`` and
 ``anthropic-beta`` headers and the ``?beta=true`` query (Claude Code) are accepted and
-ignored. Streams get a ``ping`` whenever idle for :data:`anthropic_stream.PING_INTERVAL_SECONDS`
-(queued, or a long first thought), so proxies and clients do not time out.
+ignored. Streams get a ``ping`` whenever idle for ``routing.keepalive_interval`` (queued, or a
+long first thought), so proxies and clients do not time out.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ async def messages(request: Request, ctx: RequestContext) -> AnyResponse:
     headers = gw.response_headers(ctx)
     events = p.metered(ctx, stream)
     if creq.stream:
-        return StreamResponse(anthropic_messages.with_pings(anthropic_messages.encode_stream(events, meta)), headers)
+        sse = anthropic_messages.encode_stream(events, meta)
+        return StreamResponse(anthropic_messages.with_pings(sse, gw.settings.routing.keepalive_interval), headers)
     agg = Aggregator()
     async for ev in events:
         agg.add(ev)

@@ -41,7 +41,7 @@ _BUDGET_MEDIUM = 8192
 
 def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts)
+        return "\n".join(p["text"] for p in parts)  # as vLLM joins text parts
     return parts
 
 
