@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_DATABASE = "sqlite:///./.mesh/mesh.db"
 DEFAULT_HOST = "127.0.0.1"
@@ -198,6 +206,63 @@ class WorkersConfig(_Frozen):
     sync_interval: float = Field(default=1.0, gt=0)  # how often each gateway process reads the registry
 
 
+class CreditPack(_Frozen):
+    """A pack customers buy in the console: ``credits`` for ``price`` (``currency`` units)."""
+
+    id: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
+    credits: Decimal = Field(gt=0, decimal_places=6)
+    price: Decimal = Field(gt=0, decimal_places=2)  # charged in cents: price * 100
+    currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+    name: str | None = None
+
+
+DEFAULT_CREDIT_PACKS = (
+    CreditPack(id="starter", credits=Decimal(5), price=Decimal(5)),
+    CreditPack(id="builder", credits=Decimal(20), price=Decimal(20)),
+    CreditPack(id="scale", credits=Decimal(100), price=Decimal(100)),
+)
+
+
+class PaymentsConfig(_Frozen):
+    # none: buying is off (redeem codes still work); stripe: Stripe Checkout, credited by
+    # its signed webhook; test: a fake checkout page that pays at once (development only).
+    provider: Literal["none", "test", "stripe"] = "none"
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None  # test: derived from the console secret if unset
+    packs: tuple[CreditPack, ...] = DEFAULT_CREDIT_PACKS
+
+    @model_validator(mode="after")
+    def _complete(self) -> PaymentsConfig:
+        if self.provider == "stripe" and not (self.stripe_secret_key and self.stripe_webhook_secret):
+            raise ValueError("the stripe provider needs stripe_secret_key and stripe_webhook_secret")
+        if len({p.id for p in self.packs}) != len(self.packs):
+            raise ValueError("credit pack ids must be unique")
+        return self
+
+
+class ConsoleConfig(_Frozen):
+    """The web console under ``/console``."""
+
+    enabled: bool = True
+    # Signs CSRF tokens of signed-out forms and flash messages, and derives playground keys.
+    # Unset: generated once and kept in the database, shared by every gateway replica.
+    secret: SecretStr | None = None
+    secure_cookies: bool | None = None  # None: Secure when the request came over https
+    session_hours: int = Field(default=14 * 24, ge=1)
+    allow_signup: bool = True
+    admins: tuple[str, ...] = ()  # emails of operators (also: mesh console make-admin EMAIL)
+    signin_attempts_per_email: int = Field(default=5, ge=1)  # failed sign-ins per minute
+    signin_attempts_per_ip: int = Field(default=20, ge=1)
+    payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
+
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("the console secret must be at least 32 characters")
+        return v
+
+
 class Settings(_Frozen):
     database: str = DEFAULT_DATABASE
     redis: str | None = None
@@ -211,7 +276,11 @@ class Settings(_Frozen):
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # Offer every model of the built-in catalog to workers: a GPU node may register, say,
+    # kimi-k2.6 without a config change; such a model is listed only while it has a replica.
+    catalog: bool = True
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from mesh.canonical import Usage
 from mesh.config import ModelConfig, Settings
 from mesh.conversations import ResponseStore
 from mesh.engines.factory import build_engine
+from mesh.limits import build_limiter, limits_headers
 from mesh.observability.metrics import Metrics
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.breaker import CircuitBreaker
@@ -31,6 +32,18 @@ from mesh.workers.registry import MemoryRegistry, RedisRegistry, WorkerRegistry
 from mesh.workers.sync import WorkerSync
 
 log = logging.getLogger("mesh.gateway")
+
+
+def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
+    """The configured models, then (with ``catalog: true``) the catalog's other models with
+    no static engines, waiting for workers to bring replicas."""
+    configured = {m.id for m in settings.models}
+    extra: list[ModelConfig] = []
+    if settings.catalog:
+        from mesh.catalog import load_catalog
+
+        extra = [e.to_model_config([]) for e in load_catalog().models if e.id not in configured]
+    return (*settings.models, *extra)
 
 
 def build_router(settings: Settings) -> Router:
@@ -47,7 +60,7 @@ def build_router(settings: Settings) -> Router:
             queue=FairQueue(rc.max_queue),
             queue_timeout=rc.queue_timeout,
         )
-        for m in settings.models
+        for m in offered_models(settings)
     }
     return Router(pools, make_policy(rc.policy, rc.affinity_min_prefix_chars), rc.max_attempts)
 
@@ -55,7 +68,7 @@ def build_router(settings: Settings) -> Router:
 def _registry(settings: Settings) -> WorkerRegistry:
     dead_after = settings.workers.dead_after
     if settings.redis:
-        return RedisRegistry(settings.redis, dead_after)
+        return RedisRegistry(settings.redis, dead_after, prefix=settings.redis_prefix)
     return MemoryRegistry(dead_after)
 
 
@@ -67,8 +80,9 @@ class Gateway:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
         self.metrics = Metrics(lambda: self.router)
+        self.limiter = build_limiter(settings)
         self.pipeline = Pipeline(
-            settings, router, services.authenticator, services.ledger, self.spawn, self.metrics
+            settings, router, services.authenticator, services.ledger, self.spawn, self.metrics, self.limiter
         )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
         self.workers = WorkerSync(settings, router, _registry(settings))
@@ -80,6 +94,7 @@ class Gateway:
     async def start(cls, settings: Settings) -> Gateway:
         services = await open_services(settings)
         gateway = cls(settings, build_router(settings), services)
+        await gateway.limiter.start()
         gateway.health.start()
         gateway.workers.start()
         gateway.responses.start()
@@ -102,7 +117,8 @@ class Gateway:
         return format_credits(cost(model.pricing, usage))
 
     def response_headers(self, ctx: RequestContext) -> dict[str, str]:
-        return {}
+        """Headers every response of an inference endpoint carries: the rate limits."""
+        return limits_headers(ctx)
 
     def is_available(self, model_id: str) -> bool:
         pool = self.router.pools.get(model_id)
@@ -113,6 +129,7 @@ class Gateway:
         await self.health.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        await self.limiter.aclose()
         await self.responses.aclose()
         await self.router.aclose()
         await self.services.aclose()

@@ -141,7 +141,7 @@ class Pipeline:
         self.authenticator = authenticator
         self.ledger = ledger
         self._spawn = spawn
-        self._models = {m.id: m for m in settings.models}
+        self._models = {m.id: m for m in router.models()}
 
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Any:

@@ -41,7 +41,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayP
         "database": f"sqlite:///{work}/mesh.db",
         "workers": {
             "tokens": [
-                {"name": "node-a", "token": WORKER_TOKEN, "models": ["smol", "probe", "nope"]},
+                {"name": "node-a", "token": WORKER_TOKEN, "models": ["smol", "probe", "nope", "kimi-k2.6"]},
                 {"name": "node-b", "token": OTHER_TOKEN, "models": ["probe"]},
             ],
             "heartbeat_interval": 0.5, "dead_after": 2.5, "sync_interval": 0.3,
@@ -185,3 +185,26 @@ def test_worker_tokens_are_their_own_credential(gateway: tuple[GatewayProcess, s
     assert httpx.post(f"{url}/{reg_id}/heartbeat", json={}, headers=other).status_code == 404
     assert httpx.delete(f"{url}/{reg_id}", headers=other).status_code == 404
     assert httpx.delete(f"{url}/{reg_id}", headers={"Authorization": f"Bearer {WORKER_TOKEN}"}).status_code == 204
+
+
+def test_catalog_model_joins_without_config_and_is_listed_only_while_served(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    gw, key = gateway
+
+    def listed() -> list[str]:
+        r = httpx.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {key}"})
+        return [m["id"] for m in r.json()["data"]]
+
+    assert "kimi-k2.6" not in listed()  # in the catalog, but nobody serves it yet
+    with EngineProcess(models="kimi-k2.6", name="kimi-node") as engine:
+        worker = start_worker(gw, "--engine-url", engine.base_url, "--model", "kimi-k2.6")
+        try:
+            wait_for(lambda: "kimi-k2.6" in listed(), 20, "the catalog model to be listed")
+            with openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0) as client:
+                c = client.chat.completions.create(model="kimi-k2.6", messages=[{"role": "user", "content": "hi"}])
+                assert c.model == "kimi-k2.6" and c.choices[0].message.content == "Hello! You said: hi"
+                assert c.usage is not None and (c.usage.model_extra or {})["cost"] != "0.000000"
+        finally:
+            stop(worker)
+    wait_for(lambda: "kimi-k2.6" not in listed(), 10, "the catalog model to leave the list")

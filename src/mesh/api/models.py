@@ -64,7 +64,12 @@ def _is_anthropic(request: Request) -> bool:
 async def list_models(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
     await gw.pipeline.authenticate(ctx, request.headers.get("authorization"), request.headers.get("x-api-key"))
-    models = [m for m in gw.settings.models if ctx.principal.may_use(m.id)]
+    configured = {m.id for m in gw.settings.models}
+    # Configured models always; catalog models only while a worker serves them.
+    models = [
+        m for m in gw.router.models()
+        if ctx.principal.may_use(m.id) and (m.id in configured or gw.is_available(m.id))
+    ]
     if _is_anthropic(request):
         data = [_anthropic(m) for m in models]
         return JSON(
@@ -79,7 +84,10 @@ async def get_model(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
     await gw.pipeline.authenticate(ctx, request.headers.get("authorization"), request.headers.get("x-api-key"))
     model_id = request.path_params["model_id"]
-    m = gw.settings.model(model_id)
-    if m is None or not ctx.principal.may_use(m.id):
+    pool = gw.router.pools.get(model_id)
+    m = pool.model if pool is not None else None
+    if m is None or not ctx.principal.may_use(m.id) or (
+        gw.settings.model(model_id) is None and not gw.is_available(model_id)
+    ):
         raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")
     return JSON(_anthropic(m) if _is_anthropic(request) else _openai(m, gw.is_available(m.id)))

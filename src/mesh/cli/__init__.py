@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from mesh.cli import _state
+from mesh.cli.models import models
 from mesh.cli.serve import serve
 from mesh.cli.worker import worker
 
@@ -20,6 +21,7 @@ def _root(
 
 app.command()(serve)
 app.command()(worker)
+app.command()(models)
 
 
 def _register_ops() -> None:

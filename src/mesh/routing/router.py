@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from mesh.canonical import CanonicalRequest, Event
+from mesh.config import ModelConfig
 from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
 from mesh.routing.policy import LeastOutstanding, Policy
 from mesh.routing.pool import ModelPool
@@ -87,6 +88,9 @@ class Router:
         self.pools = pools
         self.policy: Policy = policy or LeastOutstanding()
         self.max_attempts = max_attempts
+
+    def models(self) -> list[ModelConfig]:
+        return [pool.model for pool in self.pools.values()]
 
     async def open(self, request: CanonicalRequest, account: str, models: Sequence[str] = ()) -> RoutedStream:
         """Start ``request`` on a replica of the first of ``models`` (default: its own) that can
