@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
@@ -43,6 +43,8 @@ class RegisterIn(BaseModel):
     engine_url: str = Field(min_length=8, max_length=500)
     engine_model: str | None = Field(default=None, max_length=200)
     capacity: int | None = Field(default=None, ge=1, le=100_000)
+    # Which field the engine reads prior reasoning from (recent vLLM: "reasoning").
+    reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
 
     @field_validator("engine_url")
     @classmethod
@@ -102,7 +104,7 @@ async def register(request: Request, ctx: RequestContext) -> AnyResponse:
         raise ModelNotFound(f"The gateway offers no model '{body.model}'.", param="model")
     reg = Registration(
         id=prefixed("wr_"), worker=tok.name, model=body.model, engine_url=body.engine_url,
-        engine_model=body.engine_model, capacity=body.capacity,
+        engine_model=body.engine_model, capacity=body.capacity, reasoning_field=body.reasoning_field,
     )
     await gw.workers.registry.put(reg)
     await gw.workers.run_once()

@@ -8,6 +8,7 @@ import typer
 
 
 def serve(
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file (also MESH_CONFIG)."),
     host: str | None = typer.Option(None, "--host", help="Bind address (default from config: 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port (default from config: 8080)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Gateway processes sharing the port."),
@@ -21,6 +22,8 @@ def serve(
     from mesh.cli import _state
     from mesh.observability.logging import configure
 
+    if config is not None:
+        _state.CONFIG_PATH.set(config)
     settings = _state.settings()
     configure(settings.logging)
     host = host or settings.server.host

@@ -20,6 +20,9 @@ def worker(
     capacity: int | None = typer.Option(None, "--capacity", min=1, help="Max concurrent requests."),
     advertise_url: str | None = typer.Option(None, "--advertise-url", help="Engine URL as the gateway sees it."),
     startup_timeout: float = typer.Option(900.0, "--startup-timeout", help="Seconds to wait for the engine."),
+    reasoning_field: str = typer.Option(
+        "reasoning_content", "--reasoning-field", help="Field the engine reads prior reasoning from (vLLM: reasoning)."
+    ),
 ) -> None:
     """Run next to an engine: launch it (optional), register it, heartbeat its load."""
     from mesh.config import LoggingConfig
@@ -36,6 +39,7 @@ def worker(
         AgentConfig(
             gateway=gateway, token=token, engine_url=engine_url, model=model, engine_model=engine_model,
             launch=launch, capacity=capacity, advertise_url=advertise_url, startup_timeout=startup_timeout,
+            reasoning_field=reasoning_field,
         )
     )
 

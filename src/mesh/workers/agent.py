@@ -36,6 +36,7 @@ class AgentConfig:
     launch: str | None = None
     capacity: int | None = None
     advertise_url: str | None = None  # where the gateway reaches the engine (default engine_url)
+    reasoning_field: str = "reasoning_content"  # recent vLLM reads "reasoning"
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
 
 
@@ -140,6 +141,7 @@ class WorkerAgent:
             "engine_url": self.config.advertise_url or self.config.engine_url,
             "engine_model": engine_model,
             "capacity": self.config.capacity,
+            "reasoning_field": self.config.reasoning_field,
         }
         status, data = await self._call("POST", "/workers/v1/replicas", body)
         if status == 201 and isinstance(data, dict):

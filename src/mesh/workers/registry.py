@@ -22,6 +22,7 @@ class Registration:
     engine_url: str
     engine_model: str | None = None
     capacity: int | None = None
+    reasoning_field: str = "reasoning_content"
     healthy: bool = True
     load: float | None = None
     running: int | None = None

@@ -38,6 +38,7 @@ class WorkerSync:
             OpenAIEngineConfig(
                 type="openai", base_url=reg.engine_url, model=reg.engine_model, capacity=reg.capacity,
                 name=f"{reg.worker}@{reg.engine_url}",
+                reasoning_field="reasoning" if reg.reasoning_field == "reasoning" else "reasoning_content",
             ),
             reg.model,
         )
