@@ -193,9 +193,9 @@ class Pipeline:
 
     # 3. admit: rate limits, then hold credit for the prompt and the most output it may produce
     async def admit(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
-        """Take the rate limits (``RateLimited``, 429) and hold credit (``InsufficientCredits``,
-        402); a refused request holds nothing. May lower ``max_tokens`` to what the balance
-        covers."""
+        """Take the rate limits (``RateLimited``, 429), then hold credit (``InsufficientCredits``,
+        402; the request still counts against requests per minute, but its tokens and
+        concurrency slot are given back). May lower ``max_tokens`` to what the balance covers."""
         assert ctx.model is not None
         model = ctx.model
         ctx.prompt_estimate = estimate_prompt_tokens(request)

@@ -114,6 +114,7 @@ async def test_accounts_and_credits(client: httpx.AsyncClient) -> None:
         "balance": "12.000000",
         "held": "0.000000",
         "available": "12.000000",
+        "rate_limits": {"rpm": None, "tpm": None, "concurrent": None},
         "created_at": None,
     }
     listed = (await client.get("/admin/v1/accounts")).json()["data"]

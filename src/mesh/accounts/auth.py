@@ -7,6 +7,11 @@ key share one lookup. ``revoke(key_id)`` marks the key revoked, drops it from th
 process's cache at once and tells other processes through the invalidator (Redis pub/sub
 when configured). ``last_used_at`` is written in batches by a background task, at most
 once per :data:`TOUCH_INTERVAL` per key.
+
+The principal carries the key's and its account's effective rate limits, read with the
+key in the same query; :meth:`KeyAuthenticator.key_changed` and
+:meth:`KeyAuthenticator.account_changed` drop the cached copies everywhere when the
+operator changes them.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from mesh.accounts.invalidation import (
 from mesh.accounts.keys import hash_key, well_formed
 from mesh.accounts.principal import Principal
 from mesh.billing.money import MicroCredits
+from mesh.config import LimitsConfig
 from mesh.errors import AuthenticationFailed, NotFound
+from mesh.limits.policy import principal_scopes
 from mesh.store import Database, utcnow
-from mesh.store.tables import api_keys
+from mesh.store.tables import accounts, api_keys
 
 CACHE_TTL = 30.0
 NEGATIVE_TTL = 5.0
@@ -72,8 +79,10 @@ class KeyAuthenticator:
         negative_ttl: float = NEGATIVE_TTL,
         touch_interval: float = TOUCH_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.db = db
+        self._limits = limits or LimitsConfig()
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._touch_interval = touch_interval
@@ -164,6 +173,20 @@ class KeyAuthenticator:
         await self.invalidator.publish(key_id)
         return changed
 
+    async def key_changed(self, key_id: str) -> None:
+        """The key's row changed (its limits, say): drop it here now and tell the others."""
+        self.invalidate(key_id)
+        await self.invalidator.publish(key_id)
+
+    async def account_changed(self, account_id: str) -> int:
+        """The account changed (its limits): drop all of its keys here and everywhere.
+        Returns how many keys were dropped."""
+        async with self.db.read() as conn:
+            ids = list((await conn.execute(select(api_keys.c.id).where(api_keys.c.account_id == account_id))).scalars())
+        for key_id in ids:
+            await self.key_changed(key_id)
+        return len(ids)
+
     async def flush_last_used(self) -> int:
         """Write the pending ``last_used_at`` stamps in one transaction; returns how many."""
         if not self._touch_pending:
@@ -204,7 +227,12 @@ class KeyAuthenticator:
     async def _load(self, key_hash: str) -> _Entry:
         generation = self._generation
         async with self.db.read() as conn:
-            row = (await conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash))).first()
+            query = (
+                select(api_keys, accounts.c.rate_limits.label("account_rate_limits"))
+                .join(accounts, accounts.c.id == api_keys.c.account_id)
+                .where(api_keys.c.key_hash == key_hash)
+            )
+            row = (await conn.execute(query)).first()
         now = self._clock()
         if row is None:
             entry = _Entry(None, INVALID, now + self._negative_ttl)
@@ -218,6 +246,10 @@ class KeyAuthenticator:
                 allowed_models=None if models is None else frozenset(models),
                 expires_at=row.expires_at,
                 spend_limit=None if row.spend_limit is None else MicroCredits(row.spend_limit),
+                limits=principal_scopes(
+                    row.id, row.account_id, row.rate_limits, row.account_rate_limits,
+                    self._limits.key, self._limits.account,
+                ),
             )
             entry = _Entry(principal, None, now + self._ttl)
         # An invalidation that arrived while we read may concern this very key: then the row

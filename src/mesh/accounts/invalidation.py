@@ -21,7 +21,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-INVALIDATION_CHANNEL = "mesh:keys:invalidate"
+INVALIDATION_SUFFIX = "keys:invalidate"  # after ``settings.redis_prefix``
+INVALIDATION_CHANNEL = "mesh:" + INVALIDATION_SUFFIX
 ALL_KEYS = "*"
 RECONNECT_DELAY = 1.0
 _SUBSCRIBE_TIMEOUT = 5.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mesh.billing.money import MicroCredits
+from mesh.limits.policy import Scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +15,9 @@ class Principal:
 
     ``allowed_models`` is ``None`` when the key may use every model. ``spend_limit`` (in
     micro-credits, ``None`` for no limit) is informational here: admission enforces it
-    against the key's row, not this possibly cached copy.
+    against the key's row, not this possibly cached copy. ``limits`` are the effective rate
+    limits of the key and of its account (overrides, else the configured defaults), only
+    the scopes that have any; empty when the principal is unlimited.
     """
 
     account_id: str
@@ -22,6 +25,7 @@ class Principal:
     allowed_models: frozenset[str] | None = None
     expires_at: datetime | None = None
     spend_limit: MicroCredits | None = None
+    limits: tuple[Scope, ...] = ()
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call ``model``."""

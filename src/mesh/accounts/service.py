@@ -6,17 +6,18 @@ only its hash and its 12-character prefix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select, update
 
 from mesh.accounts.keys import generate_key, hash_key, key_prefix, new_id
 from mesh.billing.money import MicroCredits
 from mesh.errors import InvalidRequest, NotFound
+from mesh.limits.policy import MAX_LIMIT, merge_overrides, overrides_from_json
 from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys
 
@@ -33,6 +34,7 @@ class Account:
     balance: MicroCredits
     held: MicroCredits
     created_at: datetime
+    rate_limits: dict[str, int] | None = None  # the operator's overrides; missing: the default
 
     @property
     def available(self) -> MicroCredits:
@@ -55,6 +57,7 @@ class ApiKeyInfo:
     revoked_at: datetime | None
     last_used_at: datetime | None
     created_at: datetime
+    rate_limits: dict[str, int] | None = None  # the operator's overrides; missing: the default
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ def _account(row: Any) -> Account:
         balance=MicroCredits(row.balance),
         held=MicroCredits(row.held),
         created_at=row.created_at,
+        rate_limits=overrides_from_json(row.rate_limits) or None,
     )
 
 
@@ -91,6 +95,7 @@ def key_info(row: Any) -> ApiKeyInfo:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         created_at=row.created_at,
+        rate_limits=overrides_from_json(getattr(row, "rate_limits", None)) or None,
     )
 
 
@@ -159,11 +164,13 @@ class Accounts:
         allowed_models: Iterable[str] | None = None,
         expires_at: datetime | None = None,
         spend_limit: MicroCredits | None = None,
+        rate_limits: Mapping[str, int | None] | None = None,
     ) -> CreatedKey:
         """Mint a key for the account and return it in full, once.
 
         Raises ``NotFound`` for an unknown account and ``InvalidRequest`` for a bad name,
-        an empty model list, a naive ``expires_at`` or a negative spend limit.
+        an empty model list, a naive ``expires_at``, a negative spend limit or a bad rate
+        limit (``rate_limits``: ``rpm``, ``tpm``, ``concurrent``; 0 lifts the default).
         """
         if expires_at is not None and expires_at.tzinfo is None:
             raise InvalidRequest("expires_at must include a timezone", param="expires_at")
@@ -184,6 +191,7 @@ class Accounts:
             "revoked_at": None,
             "last_used_at": None,
             "created_at": utcnow(),
+            "rate_limits": _limits_patch(None, rate_limits or {}),
         }
         async with self.db.write() as conn:
             exists = await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))
@@ -209,3 +217,41 @@ class Accounts:
         if row is None:
             raise NotFound(f"API key {key_id!r} not found", code="key_not_found")
         return key_info(row)
+
+    async def set_account_limits(self, account_id: str, patch: Mapping[str, int | None] | None) -> Account:
+        """Change the account's rate-limit overrides and return the account.
+
+        ``patch`` maps ``rpm``/``tpm``/``concurrent`` to a limit (0: none, whatever the
+        default) or ``None`` (back to the default); ``None`` drops every override. Raises
+        ``NotFound`` (``account_not_found``) or ``InvalidRequest``. Callers must then tell the
+        key caches (``KeyAuthenticator.account_changed``).
+        """
+        await self._set_limits(accounts, account_id, patch, "account_not_found", "Account")
+        return await self.get(account_id)
+
+    async def set_key_limits(self, key_id: str, patch: Mapping[str, int | None] | None) -> ApiKeyInfo:
+        """The same for one key (``key_not_found``); then ``KeyAuthenticator.key_changed``."""
+        await self._set_limits(api_keys, key_id, patch, "key_not_found", "API key")
+        return await self.get_key(key_id)
+
+    async def _set_limits(
+        self, table: Table, row_id: str, patch: Mapping[str, int | None] | None, code: str, what: str
+    ) -> None:
+        async with self.db.write() as conn:
+            row = (await conn.execute(select(table.c.rate_limits).where(table.c.id == row_id))).first()
+            if row is None:
+                raise NotFound(f"{what} {row_id!r} not found", code=code)
+            merged = None if patch is None else _limits_patch(row.rate_limits, patch)
+            await conn.execute(update(table).where(table.c.id == row_id).values(rate_limits=merged))
+
+
+def _limits_patch(current: object, patch: Mapping[str, int | None]) -> dict[str, int] | None:
+    for name, value in patch.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT):
+            raise InvalidRequest(
+                f"rate_limits.{name} must be a whole number from 0 to {MAX_LIMIT}, or null", param=f"rate_limits.{name}"
+            )
+    try:
+        return merge_overrides(current, patch)
+    except ValueError as exc:
+        raise InvalidRequest(f"rate_limits: {exc}", param="rate_limits") from None

@@ -4,15 +4,22 @@ With no ``admin_key`` configured every call answers 403. All bodies are JSON obj
 amounts are decimal strings (exact JSON numbers are accepted too) and every amount in a
 response is a string with 6 decimals. Errors use OpenAI's shape.
 
+Rate limits (``rpm``, ``tpm``, ``concurrent``) are overrides of the configured defaults: a
+number replaces the default (0: no limit at all), ``null`` returns that one to the
+default, and ``"rate_limits": null`` returns all of them. A change reaches every gateway
+at once (the key caches are invalidated through Redis).
+
 ::
 
     POST   /admin/v1/accounts                 {name}
     GET    /admin/v1/accounts                 ?limit=&offset=
     GET    /admin/v1/accounts/{id}
+    PATCH  /admin/v1/accounts/{id}            {rate_limits: {rpm?, tpm?, concurrent?} | null}
     POST   /admin/v1/accounts/{id}/credits    {amount, idempotency_key?, kind?, memo?}
     GET    /admin/v1/accounts/{id}/ledger     ?limit=
-    POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?}
+    POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?, rate_limits?}
     GET    /admin/v1/accounts/{id}/keys
+    PATCH  /admin/v1/keys/{id}                {rate_limits: {rpm?, tpm?, concurrent?} | null}
     DELETE /admin/v1/keys/{id}
     GET    /admin/v1/usage                    ?account_id=&days=
     POST   /admin/v1/redeem-codes             {amount, count?}
@@ -34,6 +41,7 @@ from mesh.admin.views import account_json, balance_json, daily_json, entry_json,
 from mesh.billing.services import Services
 from mesh.billing.usage import daily_usage
 from mesh.errors import AuthenticationFailed, PermissionDenied
+from mesh.limits.policy import MAX_LIMIT
 
 PREFIX = "/admin/v1"
 
@@ -53,11 +61,26 @@ class Credits(_Body):
     memo: str | None = Field(default=None, max_length=500)
 
 
+class RateLimitsBody(_Body):
+    rpm: int | None = Field(default=None, ge=0, le=MAX_LIMIT, strict=True)
+    tpm: int | None = Field(default=None, ge=0, le=MAX_LIMIT, strict=True)
+    concurrent: int | None = Field(default=None, ge=0, le=MAX_LIMIT, strict=True)
+
+    def patch(self) -> dict[str, int | None]:
+        """Only the fields the body named: an absent field is left as it is."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class LimitsPatch(_Body):
+    rate_limits: RateLimitsBody | None
+
+
 class NewKey(_Body):
     name: str = Field(default="", max_length=200)
     allowed_models: list[str] | None = None
     expires_at: AwareDatetime | None = None
     spend_limit: Any = None
+    rate_limits: RateLimitsBody | None = None
 
 
 class NewCodes(_Body):
@@ -93,10 +116,12 @@ def admin_routes(services: ServicesSource) -> list[Route]:
         route("/accounts", create_account, "POST"),
         route("/accounts", list_accounts, "GET"),
         route("/accounts/{account_id}", get_account, "GET"),
+        route("/accounts/{account_id}", update_account, "PATCH"),
         route("/accounts/{account_id}/credits", add_credits, "POST"),
         route("/accounts/{account_id}/ledger", list_ledger, "GET"),
         route("/accounts/{account_id}/keys", create_key, "POST"),
         route("/accounts/{account_id}/keys", list_keys, "GET"),
+        route("/keys/{key_id}", update_key, "PATCH"),
         route("/keys/{key_id}", revoke_key, "DELETE"),
         route("/usage", usage, "GET"),
         route("/redeem-codes", mint_codes, "POST"),
@@ -117,6 +142,15 @@ async def list_accounts(request: Request, svc: Services) -> Response:
 
 async def get_account(request: Request, svc: Services) -> Response:
     return json_response(account_json(await svc.accounts.get(request.path_params["account_id"])))
+
+
+async def update_account(request: Request, svc: Services) -> Response:
+    body = await read_body(request, LimitsPatch)
+    account_id = request.path_params["account_id"]
+    patch = None if body.rate_limits is None else body.rate_limits.patch()
+    account = await svc.accounts.set_account_limits(account_id, patch)
+    await svc.authenticator.account_changed(account_id)
+    return json_response(account_json(account))
 
 
 async def add_credits(request: Request, svc: Services) -> Response:
@@ -144,6 +178,7 @@ async def create_key(request: Request, svc: Services) -> Response:
         allowed_models=body.allowed_models,
         expires_at=body.expires_at,
         spend_limit=limit,
+        rate_limits=None if body.rate_limits is None else body.rate_limits.patch(),
     )
     return json_response({**key_json(created.info), "key": created.key}, 201)
 
@@ -153,6 +188,15 @@ async def list_keys(request: Request, svc: Services) -> Response:
     await svc.accounts.get(account_id)
     keys = await svc.accounts.list_keys(account_id)
     return json_response({"object": "list", "data": [key_json(k) for k in keys]})
+
+
+async def update_key(request: Request, svc: Services) -> Response:
+    body = await read_body(request, LimitsPatch)
+    key_id = request.path_params["key_id"]
+    patch = None if body.rate_limits is None else body.rate_limits.patch()
+    info = await svc.accounts.set_key_limits(key_id, patch)
+    await svc.authenticator.key_changed(key_id)
+    return json_response(key_json(info))
 
 
 async def revoke_key(request: Request, svc: Services) -> Response:

@@ -10,6 +10,7 @@ from mesh.accounts.service import Account, ApiKeyInfo
 from mesh.billing.entries import LedgerEntry
 from mesh.billing.money import format_credits
 from mesh.billing.usage import DailyUsage, UsageRecord
+from mesh.limits.policy import FIELDS
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -28,12 +29,19 @@ def balance_json(balance: int, held: int) -> dict[str, str]:
     }
 
 
+def limits_json(overrides: dict[str, int] | None) -> dict[str, int | None]:
+    """Rate-limit overrides: a number (0: no limit) or null for "the configured default"."""
+    given = overrides or {}
+    return {name: given.get(name) for name in FIELDS}
+
+
 def account_json(a: Account) -> dict[str, Any]:
     return {
         "id": a.id,
         "object": "account",
         "name": a.name,
         **balance_json(a.balance, a.held),
+        "rate_limits": limits_json(a.rate_limits),
         "created_at": iso(a.created_at),
     }
 
@@ -53,6 +61,7 @@ def key_json(k: ApiKeyInfo) -> dict[str, Any]:
         "revoked": k.revoked_at is not None,
         "revoked_at": iso(k.revoked_at),
         "last_used_at": iso(k.last_used_at),
+        "rate_limits": limits_json(k.rate_limits),
         "created_at": iso(k.created_at),
     }
 

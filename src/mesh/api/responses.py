@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,8 +25,9 @@ def error_response(err: MeshError, render: ErrorRenderer, headers: Mapping[str, 
     status, body = render(err)
     out = dict(headers or {})
     if err.retry_after is not None:
-        out["retry-after"] = str(max(1, round(err.retry_after)))
-        out["retry-after-ms"] = str(int(err.retry_after * 1000))
+        # Rounded up: a client that waits exactly this long must not be refused again.
+        out["retry-after"] = str(max(1, math.ceil(err.retry_after)))
+        out["retry-after-ms"] = str(max(1, math.ceil(err.retry_after * 1000)))
     if err.should_retry is not None:
         out["x-should-retry"] = "true" if err.should_retry else "false"
     return JSON(body, status_code=status, headers=out)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from mesh.accounts.auth import KeyAuthenticator
+from mesh.accounts.invalidation import INVALIDATION_SUFFIX
 from mesh.accounts.service import Accounts
 from mesh.billing.ledger import Ledger
 from mesh.billing.redeem import RedeemCodes
@@ -96,7 +97,12 @@ async def open_services(settings: Settings, *, migrate: bool = True, background:
             database=db,
             accounts=Accounts(db),
             ledger=Ledger(db, usage),
-            authenticator=KeyAuthenticator(db, redis_url=settings.redis),
+            authenticator=KeyAuthenticator(
+                db,
+                redis_url=settings.redis,
+                channel=settings.redis_prefix + INVALIDATION_SUFFIX,
+                limits=settings.limits,
+            ),
             usage=usage,
             redeem=RedeemCodes(db),
         )

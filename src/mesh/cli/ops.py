@@ -1,5 +1,9 @@
 """Operator commands: ``accounts``, ``credits``, ``keys``, ``usage`` and ``redeem``.
 
+Rate limits: ``mesh keys create ACCOUNT_ID --rpm N --tpm N --concurrent N``,
+``mesh accounts limits ACCOUNT_ID --rpm N ...`` and ``mesh keys limits KEY_ID --rpm N ...``
+(``0``: no limit; ``default``: back to the configured default; no option: show them).
+
 Each command loads the settings (``--config`` / ``MESH_CONFIG``), migrates the configured
 database, does its work and exits. ``--json`` prints one JSON object for scripts (amounts
 are strings with 6 decimals); without it a table is printed. Errors go to stderr with
@@ -24,6 +28,7 @@ from mesh.billing.services import Services, open_services
 from mesh.billing.usage import daily_usage
 from mesh.config import Settings
 from mesh.errors import MeshError
+from mesh.limits.policy import FIELDS, effective
 from mesh.store import utcnow
 
 T = TypeVar("T")
@@ -34,6 +39,11 @@ keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API k
 redeem_app = typer.Typer(no_args_is_help=True, help="Mint redeem codes.")
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+_LIMIT_HELP = "0 for no limit, 'default' for the configured default."
+RPM_OPT = typer.Option(None, "--rpm", help="Requests per minute; " + _LIMIT_HELP)
+TPM_OPT = typer.Option(None, "--tpm", help="Tokens (input + output) per minute; " + _LIMIT_HELP)
+CONCURRENT_OPT = typer.Option(None, "--concurrent", help="Requests in flight at once; " + _LIMIT_HELP)
+CLEAR_OPT = typer.Option(False, "--clear", help="Drop every override: back to the configured defaults.")
 
 
 def register(app: typer.Typer) -> None:
@@ -79,6 +89,42 @@ def _credits(text: str, what: str, *, allow_negative: bool = False) -> MicroCred
         raise typer.BadParameter(str(exc), param_hint=what) from None
 
 
+def _limit(text: str | None, what: str) -> int | None:
+    if text is None or text.strip().lower() == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise typer.BadParameter("expected a whole number >= 0 or 'default'", param_hint=what)
+    return value
+
+
+def _limits_patch(
+    rpm: str | None, tpm: str | None, concurrent: str | None, clear: bool
+) -> dict[str, int | None] | None:
+    """The overrides the options ask for; ``None`` for ``--clear``; ``{}`` for nothing."""
+    if clear:
+        return None
+    given = {"rpm": rpm, "tpm": tpm, "concurrent": concurrent}
+    return {name: _limit(text, f"--{name}") for name, text in given.items() if text is not None}
+
+
+def _limits_out(settings: Settings, scope: str, item: dict[str, Any]) -> dict[str, Any]:
+    default = settings.limits.account if scope == "account" else settings.limits.key
+    eff = effective(item["rate_limits"], default)
+    return {**item, "effective_rate_limits": {name: getattr(eff, name) for name in FIELDS}}
+
+
+def _print_limits(out: dict[str, Any]) -> None:
+    overrides, eff = out["rate_limits"], out["effective_rate_limits"]
+    for name in FIELDS:
+        shown = "none" if eff[name] is None else str(eff[name])
+        source = "default" if overrides[name] is None else "override"
+        typer.echo(f"{name:>10}  {shown}  ({source})")
+
+
 def _emit(data: dict[str, Any]) -> None:
     typer.echo(json.dumps(data, indent=2))
 
@@ -118,6 +164,32 @@ def accounts_list(
         ["id", "name", "balance", "held", "created"],
         [[a.id, a.name, format_credits(a.balance), format_credits(a.held), a.created_at.isoformat()] for a in found],
     )
+
+
+@accounts_app.command("limits")
+def accounts_limits(
+    account_id: str = typer.Argument(...),
+    rpm: str | None = RPM_OPT,
+    tpm: str | None = TPM_OPT,
+    concurrent: str | None = CONCURRENT_OPT,
+    clear: bool = CLEAR_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show or set an account's rate limits (shared by all of its keys)."""
+    patch = _limits_patch(rpm, tpm, concurrent, clear)
+
+    async def work(s: Services) -> dict[str, Any]:
+        if patch == {}:
+            return account_json(await s.accounts.get(account_id))
+        account = await s.accounts.set_account_limits(account_id, patch)
+        await s.authenticator.account_changed(account_id)
+        return account_json(account)
+
+    out = _limits_out(_settings(), "account", _run(work))
+    if as_json:
+        _emit(out)
+    else:
+        _print_limits(out)
 
 
 @credits_app.command("grant")
@@ -162,15 +234,24 @@ def keys_create(
     models: str | None = typer.Option(None, "--models", help="Comma-separated model ids the key may use."),
     expires_in_days: int | None = typer.Option(None, "--expires-in-days", min=1),
     spend_limit: str | None = typer.Option(None, "--spend-limit", help="Most credits the key may spend."),
+    rpm: str | None = RPM_OPT,
+    tpm: str | None = TPM_OPT,
+    concurrent: str | None = CONCURRENT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create an API key; the full key is printed once and never stored."""
+    rate_limits = _limits_patch(rpm, tpm, concurrent, False)
     allowed = None if models is None else [m for m in models.split(",") if m.strip()]
     limit = None if spend_limit is None else _credits(spend_limit, "--spend-limit")
     expires = None if expires_in_days is None else utcnow() + timedelta(days=expires_in_days)
     created = _run(
         lambda s: s.accounts.create_key(
-            account_id, name=name, allowed_models=allowed, expires_at=expires, spend_limit=limit
+            account_id,
+            name=name,
+            allowed_models=allowed,
+            expires_at=expires,
+            spend_limit=limit,
+            rate_limits=rate_limits,
         )
     )
     if as_json:
@@ -210,6 +291,32 @@ def keys_list(account_id: str = typer.Argument(...), as_json: bool = JSON_OPT) -
             for k in keys
         ],
     )
+
+
+@keys_app.command("limits")
+def keys_limits(
+    key_id: str = typer.Argument(...),
+    rpm: str | None = RPM_OPT,
+    tpm: str | None = TPM_OPT,
+    concurrent: str | None = CONCURRENT_OPT,
+    clear: bool = CLEAR_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show or set a key's own rate limits (its account's apply as well)."""
+    patch = _limits_patch(rpm, tpm, concurrent, clear)
+
+    async def work(s: Services) -> dict[str, Any]:
+        if patch == {}:
+            return key_json(await s.accounts.get_key(key_id))
+        info = await s.accounts.set_key_limits(key_id, patch)
+        await s.authenticator.key_changed(key_id)
+        return key_json(info)
+
+    out = _limits_out(_settings(), "key", _run(work))
+    if as_json:
+        _emit(out)
+    else:
+        _print_limits(out)
 
 
 @keys_app.command("revoke")

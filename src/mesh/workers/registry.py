@@ -85,14 +85,14 @@ class MemoryRegistry:
 
 
 class RedisRegistry:
-    """``{prefix}:worker:{id}`` holds the registration (JSON, TTL dead_after);
-    ``{prefix}:workers`` is the set of ids, pruned of expired ones on read."""
+    """``{prefix}worker:{id}`` holds the registration (JSON, TTL dead_after);
+    ``{prefix}workers`` is the set of ids, pruned of expired ones on read."""
 
-    def __init__(self, url: str, dead_after: float, prefix: str = "mesh") -> None:
+    def __init__(self, url: str, dead_after: float, prefix: str = "mesh:") -> None:
         self.dead_after = dead_after
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
-        self._set = f"{prefix}:workers"
-        self._prefix = f"{prefix}:worker:"
+        self._set = f"{prefix}workers"
+        self._prefix = f"{prefix}worker:"
 
     async def _write(self, reg: Registration) -> None:
         ttl_ms = max(1, int(self.dead_after * 1000))
