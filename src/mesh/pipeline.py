@@ -319,6 +319,14 @@ class Pipeline:
                 self._spawn(self._settle_now(ctx))
             await stream.aclose()
 
+    async def start(
+        self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
+    ) -> tuple[CanonicalRequest, RoutedStream | PendingStream]:
+        """Steps 2–4 in order (resolve, admit, route) for a parsed request."""
+        request = self.resolve(ctx, request)
+        request = await self.admit(ctx, request)
+        return request, await self.route(ctx, request, patience=patience)
+
     # 6. settle ------------------------------------------------------------------------------
     async def _settle_now(self, ctx: RequestContext) -> None:
         if ctx.lease is not None:

@@ -18,9 +18,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Route
 
+from mesh.api.common import QUEUE_PATIENCE, aggregate
 from mesh.api.endpoint import AnyResponse, endpoint
 from mesh.api.responses import JSON
-from mesh.canonical import Aggregator
 from mesh.conversations import ResponseStore
 from mesh.errors import InvalidRequest, NotFound
 from mesh.gateway import Gateway
@@ -33,8 +33,6 @@ from mesh.protocols import openai_responses
 log = logging.getLogger("mesh.api.responses")
 
 PROTOCOL = "openai.responses"
-# A streaming request still queued after this long starts its response and sends keep-alives.
-QUEUE_PATIENCE = 1.0
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
 STORAGE_OFF = (
@@ -77,9 +75,7 @@ async def create_response(request: Request, ctx: RequestContext) -> AnyResponse:
         history = await store.history(account_id, call.previous_response_id)
     found = await store.find_items(account_id, call.references) if call.references and store.enabled else {}
     creq, input_items = openai_responses.build_request(call, history, found)
-    creq = p.resolve(ctx, creq)
-    creq = await p.admit(ctx, creq)
-    stream = await p.route(ctx, creq, patience=QUEUE_PATIENCE if call.stream else None)
+    creq, stream = await p.start(ctx, creq, patience=QUEUE_PATIENCE if call.stream else None)
     assert ctx.model is not None
     keep = store.enabled and call.store
     meta = openai_responses.response_meta(
@@ -97,10 +93,7 @@ async def create_response(request: Request, ctx: RequestContext) -> AnyResponse:
         waiting = stream.task if isinstance(stream, PendingStream) else None
         sse = openai_responses.encode_stream(events, meta, save)
         return StreamResponse(keepalive_while(waiting, sse, gw.settings.routing.keepalive_interval), headers)
-    agg = Aggregator()
-    async for ev in events:
-        agg.add(ev)
-    result = agg.result()
+    result = await aggregate(events)
     response = openai_responses.render_response(result, meta)
     if save is not None:
         await save(response)
