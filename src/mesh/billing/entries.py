@@ -98,6 +98,25 @@ async def post(
             f"{format_credits(row.balance - row.held)} credits available",
             should_retry=False,
         )
+    return await append_entry(
+        conn, account_id=account_id, amount=amount, kind=kind, balance_after=int(balance_after),
+        idempotency_key=idempotency_key, request_id=request_id, key_id=key_id, memo=memo,
+    )
+
+
+async def append_entry(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    amount: int,
+    kind: str,
+    balance_after: int,
+    idempotency_key: str,
+    request_id: str | None = None,
+    key_id: str | None = None,
+    memo: str | None = None,
+) -> LedgerEntry:
+    """Append a ledger row for a balance change the caller already made in ``conn``."""
     values = {
         "account_id": account_id,
         "kind": kind,
@@ -118,17 +137,22 @@ async def run_idempotent(
     idempotency_key: str,
     body: Callable[[AsyncConnection], Awaitable[T]],
     on_existing: Callable[[LedgerEntry], T],
+    *,
+    precheck: bool = True,
 ) -> T:
     """Run ``body`` in a write transaction unless ``idempotency_key`` is already used.
 
     If a ledger row with the key exists (before, or because a concurrent transaction
     committed it first and ours hit the unique index), return ``on_existing(row)`` instead.
+    ``precheck=False`` skips the lookup before ``body`` for callers whose body detects a
+    repeat by itself (settlement: its hold row is gone), saving a query on the hot path.
     """
     try:
         async with db.write() as conn:
-            existing = await find_entry(conn, idempotency_key)
-            if existing is not None:
-                return on_existing(existing)
+            if precheck:
+                existing = await find_entry(conn, idempotency_key)
+                if existing is not None:
+                    return on_existing(existing)
             return await body(conn)
     except IntegrityError:
         async with db.read() as conn:

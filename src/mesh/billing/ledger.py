@@ -21,12 +21,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.principal import Principal
-from mesh.billing.entries import LedgerEntry, entry_from_row, find_entry, post, run_idempotent
+from mesh.billing.entries import LedgerEntry, append_entry, entry_from_row, find_entry, post, run_idempotent
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import cost, hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
@@ -37,6 +37,46 @@ from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys, holds, ledger
 
 CREDIT_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment"})
+
+
+class _Retry(Exception):
+    """Internal: abandon the fast path's transaction and take the careful one."""
+
+
+# Hot-path statements, built once: constructing SQLAlchemy expressions per request was a
+# measured fifth of a request's CPU (bench/results, py-spy).
+_HOLD_ACCOUNT = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("a"), accounts.c.balance - accounts.c.held >= bindparam("h"))
+    .values(held=accounts.c.held + bindparam("h"))
+)
+_HOLD_KEY = (
+    update(api_keys)
+    .where(
+        api_keys.c.id == bindparam("k"),
+        api_keys.c.spend_limit.is_(None)
+        | (api_keys.c.spend_limit - api_keys.c.spent - api_keys.c.held >= bindparam("h")),
+    )
+    .values(held=api_keys.c.held + bindparam("h"))
+)
+_INSERT_HOLD = insert(holds).values(
+    request_id=bindparam("r"), account_id=bindparam("a"), key_id=bindparam("k"), amount=bindparam("h"),
+    created_at=bindparam("t"),
+)
+_SETTLE_ACCOUNT = (
+    update(accounts)
+    .where(
+        accounts.c.id == bindparam("a"),
+        accounts.c.balance - bindparam("due") >= accounts.c.held - bindparam("hold"),
+    )
+    .values(held=accounts.c.held - bindparam("hold"), balance=accounts.c.balance - bindparam("due"))
+    .returning(accounts.c.balance)
+)
+_SETTLE_KEY = (
+    update(api_keys)
+    .where(api_keys.c.id == bindparam("k"))
+    .values(held=api_keys.c.held - bindparam("hold"), spent=api_keys.c.spent + bindparam("due"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +198,29 @@ class Ledger:
     async def _hold(
         self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int
     ) -> Admission:
+        # Fast path (the common case, measured as most of a request's CPU): two conditional
+        # updates and the hold row, no reads. When the account or the key's spend limit cannot
+        # cover the full hold, the careful path below works out what can be afforded.
+        amount = hold_cost(pricing, prompt_tokens, max_output_tokens)
+        try:
+            async with self.db.write() as conn:
+                params = {"a": principal.account_id, "k": principal.key_id, "h": amount}
+                if (await conn.execute(_HOLD_ACCOUNT, params)).rowcount == 1:
+                    if (await conn.execute(_HOLD_KEY, params)).rowcount != 1:
+                        raise _Retry  # roll the account's hold back and take the careful path
+                    await conn.execute(
+                        _INSERT_HOLD,
+                        {"r": request_id, "a": principal.account_id, "k": principal.key_id, "h": amount,
+                         "t": utcnow()},
+                    )
+                    return Admission(request_id, principal.account_id, principal.key_id, amount, max_output_tokens)
+        except _Retry:
+            pass
+        return await self._hold_carefully(principal, pricing, request_id, prompt_tokens, max_output_tokens)
+
+    async def _hold_carefully(
+        self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int
+    ) -> Admission:
         async with self.db.write() as conn:
             acct = (
                 await conn.execute(
@@ -264,6 +327,20 @@ class Ledger:
                 first = due > 0
             if hold == 0 and due == 0:
                 return MicroCredits(0)
+            # Fast path: the balance covers the whole cost (one conditional update, no reads).
+            balance_after = (
+                await conn.execute(_SETTLE_ACCOUNT, {"a": admission.account_id, "hold": hold, "due": due})
+            ).scalar_one_or_none()
+            if balance_after is not None:
+                if due:
+                    await append_entry(
+                        conn, account_id=admission.account_id, amount=-due, kind="usage",
+                        balance_after=int(balance_after), idempotency_key=key,
+                        request_id=admission.request_id, key_id=admission.key_id,
+                    )
+                if admission.key_id is not None:
+                    await conn.execute(_SETTLE_KEY, {"k": admission.key_id, "hold": hold, "due": due})
+                return MicroCredits(due)
             acct = (
                 await conn.execute(
                     select(accounts.c.balance, accounts.c.held)
@@ -300,7 +377,7 @@ class Ledger:
                 )
             return MicroCredits(charge)
 
-        charged = await run_idempotent(self.db, key, body, existing)
+        charged = await run_idempotent(self.db, key, body, existing, precheck=False)
         if first and self.usage is not None:
             self.usage.enqueue(
                 UsageRecord(
