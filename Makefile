@@ -28,12 +28,12 @@ run: install
 	$(BIN)/mesh serve --quickstart
 
 test: dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 typecheck: dev
 	$(BIN)/mypy
