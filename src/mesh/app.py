@@ -22,6 +22,7 @@ from mesh.api.workers import worker_routes
 from mesh.billing.routes import customer_routes
 from mesh.billing.services import Services
 from mesh.config import Settings
+from mesh.console.routes import console_routes
 from mesh.errors import MeshError, NotFound
 from mesh.gateway import Gateway
 from mesh.observability.metrics import CONTENT_TYPE
@@ -100,7 +101,7 @@ def create_app(settings: Settings) -> Starlette:
             await gateway.aclose()
 
     return Starlette(
-        routes=routes(),
+        routes=[*routes(), *console_routes(settings)],
         lifespan=lifespan,
         exception_handlers={404: _not_found, 405: _method_not_allowed},
     )

@@ -322,7 +322,7 @@ class Pipeline:
     async def start(
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
     ) -> tuple[CanonicalRequest, RoutedStream | PendingStream]:
-        """Steps 2–4 in order (resolve, admit, route) for a parsed request."""
+        """Steps 2 to 4 in order (resolve, admit, route) for a parsed request."""
         request = self.resolve(ctx, request)
         request = await self.admit(ctx, request)
         return request, await self.route(ctx, request, patience=patience)

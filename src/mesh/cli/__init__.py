@@ -8,6 +8,7 @@ from mesh.cli import _state
 from mesh.cli.models import models
 from mesh.cli.serve import serve
 from mesh.cli.worker import worker
+from mesh.console.cli import console_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Mesh: one endpoint for open-weight LLMs.")
 
@@ -22,6 +23,7 @@ def _root(
 app.command()(serve)
 app.command()(worker)
 app.command()(models)
+app.add_typer(console_app, name="console")
 
 
 def _register_ops() -> None:

@@ -13,6 +13,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+import mesh.console.tables  # registers the console tables on metadata
 import mesh.conversations.tables  # noqa: F401  (registers the stored-responses tables on metadata)
 from mesh.store.tables import metadata
 

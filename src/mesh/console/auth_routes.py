@@ -1,0 +1,119 @@
+"""Sign up, sign in (throttled), sign out, and the settings page (password change)."""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mesh.console.passwords import normalize_email
+from mesh.console.users import SignUpError
+from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
+
+
+def _next_url(raw: str) -> str:
+    """Only a path inside the console, never another site (``//evil`` or ``https://…``)."""
+    if raw.startswith(PREFIX + "/") and not raw.startswith("//") and "\\" not in raw and "://" not in raw:
+        return raw
+    return PREFIX + "/dashboard"
+
+
+def _client(page: Page) -> str:
+    client = page.request.client
+    return client.host if client else "unknown"
+
+
+async def _start_session(page: Page, user_id: str, target: str, flash: str | None = None) -> Response:
+    token = await page.bound.sessions.create(user_id)
+    page.set_cookie(SESSION_COOKIE, token, page.console.config.session_hours * 3600)
+    return page.redirect(target, flash)
+
+
+async def signup_form(page: Page) -> Response:
+    if not page.console.config.allow_signup:
+        return page.render("error.html", status=403, title="Sign-up is closed",
+                           message="Ask the operator of this Mesh installation for an account.")
+    return page.render("signup.html", title="Create your account", errors={}, email="")
+
+
+async def signup(page: Page) -> Response:
+    if not page.console.config.allow_signup:
+        return await signup_form(page)
+    email = page.field("email")
+    password = page.field("password")
+    if password != page.field("password_confirm"):
+        errors = {"password_confirm": "The two passwords differ."}
+        return page.render("signup.html", status=400, title="Create your account", errors=errors, email=email)
+    try:
+        user = await page.bound.users.sign_up(email, password)
+    except SignUpError as err:
+        return page.render("signup.html", status=400, title="Create your account",
+                           errors={err.field: err.message}, email=email)
+    return await _start_session(page, user.id, PREFIX + "/dashboard", "Welcome to Mesh! Your account is ready.")
+
+
+async def signin_form(page: Page) -> Response:
+    nxt = _next_url(page.request.query_params.get("next", ""))
+    return page.render("signin.html", title="Sign in", error=None, email="", next=nxt)
+
+
+async def signin(page: Page) -> Response:
+    email_text = page.field("email")
+    nxt = _next_url(page.field("next"))
+    email = normalize_email(email_text) or email_text.strip().lower()[:254]
+    ip = _client(page)
+    console = page.console
+    wait = max(console.email_limiter.retry_after(email), console.ip_limiter.retry_after(ip))
+    if wait:
+        return page.render("signin.html", status=429, title="Sign in", email=email_text, next=nxt,
+                           error=f"Too many attempts, try again in {wait} s.")
+    user = await page.bound.users.check_password(email_text, page.field("password"))
+    if user is None:
+        console.email_limiter.fail(email)
+        console.ip_limiter.fail(ip)
+        return page.render("signin.html", status=400, title="Sign in", email=email_text, next=nxt,
+                           error="Wrong email or password.")
+    console.email_limiter.reset(email)
+    return await _start_session(page, user.id, nxt)
+
+
+async def signout(page: Page) -> Response:
+    if page.session is not None:
+        await page.bound.sessions.end(page.session.token_hash)
+    page.set_cookie(SESSION_COOKIE, None)
+    return page.redirect(PREFIX + "/signin", "You are signed out.")
+
+
+async def settings_page(page: Page) -> Response:
+    return page.render("settings.html", title="Settings", nav="settings", error=None)
+
+
+async def change_password(page: Page) -> Response:
+    assert page.session is not None
+    if page.field("new_password") != page.field("new_password_confirm"):
+        return page.render("settings.html", status=400, title="Settings", nav="settings",
+                           error="The two new passwords differ.")
+    problem = await page.bound.users.change_password(
+        page.user, page.field("current_password"), page.field("new_password"), page.session.token_hash
+    )
+    if problem:
+        return page.render("settings.html", status=400, title="Settings", nav="settings", error=problem)
+    return page.redirect(PREFIX + "/settings", "Password changed. Other sessions were signed out.")
+
+
+async def home(page: Page) -> Response:
+    return page.redirect(PREFIX + ("/dashboard" if page.session is not None else "/signin"))
+
+
+def auth_routes(console: Console) -> list[Route]:
+    r = console.route
+    return [
+        r("", home, access="any"),
+        r("/", home, access="any"),
+        r("/signup", signup_form, access="anonymous"),
+        r("/signup", signup, methods=("POST",), access="anonymous"),
+        r("/signin", signin_form, access="anonymous"),
+        r("/signin", signin, methods=("POST",), access="anonymous"),
+        r("/signout", signout, methods=("POST",), access="any"),
+        r("/settings", settings_page),
+        r("/settings/password", change_password, methods=("POST",)),
+    ]

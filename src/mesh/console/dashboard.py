@@ -1,0 +1,39 @@
+"""The customer's dashboard: balance, this month's spend, usage charts, recent requests."""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mesh.billing.usage import daily_usage, recent_requests
+from mesh.console.usage_view import usage_view
+from mesh.console.web import Console, Page
+from mesh.store import utcnow
+
+RECENT = 25
+
+
+async def dashboard(page: Page) -> Response:
+    account_id = page.user.account_id
+    db = page.services.database
+    today = utcnow().date()
+    rows = await daily_usage(db, account_id=account_id, days=31)
+    balance, held = await page.services.ledger.balance(account_id)
+    recent = await recent_requests(db, account_id, limit=RECENT)
+    keys = {k.id: k for k in await page.services.accounts.list_keys(account_id)}
+    return page.render(
+        "dashboard.html",
+        title="Dashboard",
+        nav="dashboard",
+        balance=balance,
+        held=held,
+        available=balance - held,
+        usage=usage_view(rows, today),
+        recent=recent,
+        keys=keys,
+        active_keys=sum(1 for k in keys.values() if k.revoked_at is None),
+    )
+
+
+def dashboard_routes(console: Console) -> list[Route]:
+    return [console.route("/dashboard", dashboard)]

@@ -1,0 +1,267 @@
+"""Buying credits: checkout, then crediting by a verified webhook only.
+
+Flow, for both providers::
+
+    POST /console/billing/checkout {pack}  → console_payments row (pending)
+        stripe: a Stripe Checkout Session (official SDK, async) → redirect to Stripe
+        test:   redirect to the fake checkout page /console/billing/checkout/{id}
+    POST /console/webhooks/stripe          ← Stripe, signed with the webhook secret
+        test:   the fake page's "Pay" builds the same event, signs it the same way,
+                and hands it to the same handler (no network)
+    handle_webhook: stripe.Webhook.construct_event checks the signature and its age;
+        checkout.session.completed (paid) → Ledger.grant(kind="purchase",
+        idempotency_key="checkout:<session id>"), so a replayed or duplicated webhook
+        credits once. The amount credited is the one recorded at checkout, never one
+        read from the browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import stripe
+from sqlalchemy import insert, select, update
+
+from mesh.accounts.keys import new_id
+from mesh.billing.ledger import Ledger
+from mesh.billing.money import MicroCredits, parse_credits
+from mesh.config import CreditPack, PaymentsConfig
+from mesh.console.display import credits as show_credits
+from mesh.console.secrets import derive
+from mesh.console.tables import console_payments
+from mesh.store import Database, utcnow
+
+log = logging.getLogger("mesh.console.payments")
+
+PAID_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+FAILED_EVENTS = ("checkout.session.expired", "checkout.session.async_payment_failed")
+TEST_SESSION_PREFIX = "cs_mesh_test_"
+
+
+class PaymentError(Exception):
+    """Checkout could not start; the message is safe to show."""
+
+
+class WebhookRejected(Exception):
+    """The webhook is not authentic (bad signature, too old) or not parseable: answer 400."""
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    id: str
+    account_id: str
+    provider: str
+    provider_ref: str | None
+    pack_id: str
+    credits: MicroCredits
+    amount_minor: int
+    currency: str
+    status: str
+    created_at: datetime
+    completed_at: datetime | None
+
+
+def _payment(row: Any) -> Payment:
+    return Payment(
+        id=row.id,
+        account_id=row.account_id,
+        provider=row.provider,
+        provider_ref=row.provider_ref,
+        pack_id=row.pack_id,
+        credits=MicroCredits(row.credits),
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        status=row.status,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+    )
+
+
+def pack_label(pack: CreditPack) -> str:
+    return pack.name or f"{show_credits(parse_credits(pack.credits))} credits"
+
+
+def sign_payload(payload: bytes, secret: str, timestamp: int | None = None) -> str:
+    """A ``Stripe-Signature`` header for ``payload``, computed exactly as Stripe does."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+class Payments:
+    def __init__(
+        self,
+        db: Database,
+        ledger: Ledger,
+        config: PaymentsConfig,
+        secret: bytes,
+        stripe_http: Callable[[], stripe.HTTPClient] | None = None,
+    ) -> None:
+        self.db = db
+        self.ledger = ledger
+        self.config = config
+        self._secret = secret
+        self._stripe_http = stripe_http or (lambda: stripe.AIOHTTPClient())
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.provider != "none"
+
+    def pack(self, pack_id: str) -> CreditPack | None:
+        return next((p for p in self.config.packs if p.id == pack_id), None)
+
+    def webhook_secret(self) -> str:
+        configured = self.config.stripe_webhook_secret
+        if configured is not None:
+            return configured.get_secret_value()
+        return "whsec_" + derive(self._secret, "test-webhook").hex()
+
+    async def checkout(self, account_id: str, user_id: str, email: str, pack_id: str, site: str) -> str:
+        """Record a pending payment and return where to send the browser to pay."""
+        pack = self.pack(pack_id)
+        if not self.enabled or pack is None:
+            raise PaymentError("That credit pack is not for sale.")
+        payment_id = new_id("pay")
+        amount_minor = int(pack.price * 100)
+        credits = parse_credits(pack.credits)
+        row = {
+            "id": payment_id, "account_id": account_id, "user_id": user_id, "provider": self.config.provider,
+            "provider_ref": None, "pack_id": pack.id, "credits": credits, "amount_minor": amount_minor,
+            "currency": pack.currency, "status": "pending", "created_at": utcnow(), "completed_at": None,
+        }
+        if self.config.provider == "test":
+            row["provider_ref"] = TEST_SESSION_PREFIX + payment_id.removeprefix("pay_")
+            async with self.db.write() as conn:
+                await conn.execute(insert(console_payments).values(**row))
+            return f"/console/billing/checkout/{payment_id}"
+        async with self.db.write() as conn:
+            await conn.execute(insert(console_payments).values(**row))
+        try:
+            session = await self._stripe_session(row, pack, email, site)
+        except PaymentError:
+            await self._set_status(payment_id, "failed", only_pending=True)
+            raise
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(console_payments).where(console_payments.c.id == payment_id).values(provider_ref=session["id"])
+            )
+        url: str = session["url"]
+        return url
+
+    async def _stripe_session(self, row: dict[str, Any], pack: CreditPack, email: str, site: str) -> Any:
+        key = self.config.stripe_secret_key
+        assert key is not None
+        http = self._stripe_http()
+        client = stripe.StripeClient(key.get_secret_value(), http_client=http)
+        params: Any = {
+            "mode": "payment",
+            "line_items": [{
+                "quantity": 1,
+                "price_data": {
+                    "currency": pack.currency,
+                    "unit_amount": row["amount_minor"],
+                    "product_data": {"name": f"Mesh: {pack_label(pack)}"},
+                },
+            }],
+            "success_url": f"{site}/console/billing?paid={row['id']}",
+            "cancel_url": f"{site}/console/billing?cancelled={row['id']}",
+            "client_reference_id": row["account_id"],
+            "customer_email": email,
+            "metadata": {"payment_id": row["id"], "account_id": row["account_id"]},
+        }
+        try:
+            return await client.v1.checkout.sessions.create_async(params)
+        except stripe.StripeError as exc:
+            log.error("Stripe refused the checkout session: %s", exc)
+            raise PaymentError("The payment provider is not reachable right now. Please try again.") from None
+        finally:
+            await http.close_async()  # type: ignore[no-untyped-call]  # stripe leaves it unannotated
+
+    async def get(self, payment_id: str, account_id: str | None = None) -> Payment | None:
+        q = select(console_payments).where(console_payments.c.id == payment_id)
+        if account_id is not None:
+            q = q.where(console_payments.c.account_id == account_id)
+        async with self.db.read() as conn:
+            row = (await conn.execute(q)).first()
+        return None if row is None else _payment(row)
+
+    async def recent(self, account_id: str, limit: int = 10) -> list[Payment]:
+        q = (
+            select(console_payments)
+            .where(console_payments.c.account_id == account_id)
+            .order_by(console_payments.c.created_at.desc())
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            return [_payment(r) for r in await conn.execute(q)]
+
+    async def cancel(self, payment: Payment) -> None:
+        await self._set_status(payment.id, "cancelled", only_pending=True)
+
+    async def _set_status(self, payment_id: str, status: str, *, only_pending: bool = False) -> None:
+        stmt = update(console_payments).where(console_payments.c.id == payment_id)
+        if only_pending:
+            stmt = stmt.where(console_payments.c.status == "pending")
+        async with self.db.write() as conn:
+            await conn.execute(stmt.values(status=status, completed_at=utcnow()))
+
+    def test_event(self, payment: Payment) -> tuple[bytes, str]:
+        """The signed ``checkout.session.completed`` event that Stripe would send for it."""
+        event = {
+            "id": "evt_mesh_test_" + payment.id.removeprefix("pay_"),
+            "object": "event",
+            "type": "checkout.session.completed",
+            "data": {"object": {
+                "id": payment.provider_ref,
+                "object": "checkout.session",
+                "payment_status": "paid",
+                "amount_total": payment.amount_minor,
+                "currency": payment.currency,
+                "client_reference_id": payment.account_id,
+                "metadata": {"payment_id": payment.id, "account_id": payment.account_id},
+            }},
+        }
+        payload = json.dumps(event).encode()
+        return payload, sign_payload(payload, self.webhook_secret())
+
+    async def handle_webhook(self, payload: bytes, signature: str | None) -> str:
+        """Verify and apply one webhook; returns what happened (``credited``, ``duplicate``,
+        ``ignored``, ``cancelled``). Raises :class:`WebhookRejected` if it is not authentic."""
+        try:
+            stripe.Webhook.construct_event(payload, signature or "", self.webhook_secret())
+            event = json.loads(payload)  # the verified bytes, read as plain JSON
+            kind = str(event["type"])
+            obj = event["data"]["object"]
+            if not isinstance(obj, dict):
+                raise ValueError("data.object is not an object")
+        except (stripe.SignatureVerificationError, ValueError, KeyError, TypeError) as exc:
+            raise WebhookRejected(str(exc) or "invalid signature") from None
+        session_id = str(obj.get("id") or "")
+        payment_id = str((obj.get("metadata") or {}).get("payment_id") or "")
+        payment = await self.get(payment_id) if payment_id else None
+        if payment is None or payment.provider_ref != session_id:
+            log.warning("webhook %s for unknown checkout session %s ignored", kind, session_id)
+            return "ignored"
+        if kind in FAILED_EVENTS:
+            await self._set_status(payment.id, "failed" if "failed" in kind else "expired", only_pending=True)
+            return "cancelled"
+        if kind not in PAID_EVENTS or obj.get("payment_status") not in ("paid", "no_payment_required"):
+            return "ignored"
+        if obj.get("amount_total") != payment.amount_minor or obj.get("currency") != payment.currency:
+            log.error("checkout session %s paid %s %s, expected %s %s: not credited", session_id,
+                      obj.get("amount_total"), obj.get("currency"), payment.amount_minor, payment.currency)
+            return "ignored"
+        await self.ledger.grant(
+            payment.account_id, payment.credits, idempotency_key=f"checkout:{session_id}", kind="purchase",
+            memo=f"{payment.provider} checkout {payment.id}",
+        )
+        await self._set_status(payment.id, "paid")
+        return "duplicate" if payment.status == "paid" else "credited"

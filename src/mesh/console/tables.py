@@ -1,0 +1,73 @@
+"""The console's tables, on the shared :data:`mesh.store.tables.metadata`.
+
+``console_users``    one row per person who signs in; each belongs to one account.
+``console_sessions`` server-side sessions: the cookie carries a random token, the row
+                     keeps only its SHA-256, the CSRF token and the expiry, so signing
+                     out (or changing the password) ends a session everywhere at once.
+``console_payments`` credit purchases, from checkout to the verified webhook.
+``console_secrets``  the generated console secret when none is configured, shared by
+                     every gateway replica on the database.
+
+Import this module wherever the metadata must be complete (the Alembic environment does).
+Migration ``0004`` creates these tables.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, String, Table, Text, false
+
+from mesh.store.tables import metadata
+from mesh.store.types import UTCDateTime
+
+EMAIL_LENGTH = 254
+
+console_users = Table(
+    "console_users",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("email", String(EMAIL_LENGTH), nullable=False),
+    Column("password_hash", String(200), nullable=False),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("is_admin", Boolean, nullable=False, server_default=false()),
+    Column("playground_key_id", String(40), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("password_changed_at", UTCDateTime, nullable=False),
+    Index("ix_console_users_email", "email", unique=True),
+)
+
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(40), ForeignKey("console_users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False, index=True),
+)
+
+console_payments = Table(
+    "console_payments",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("user_id", String(40), nullable=True),
+    Column("provider", String(16), nullable=False),
+    Column("provider_ref", String(255), nullable=True),
+    Column("pack_id", String(40), nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Index("ix_console_payments_account_id_created_at", "account_id", "created_at"),
+    Index("ix_console_payments_provider_ref", "provider_ref", unique=True),
+)
+
+console_secrets = Table(
+    "console_secrets",
+    metadata,
+    Column("name", String(40), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)

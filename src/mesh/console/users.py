@@ -1,0 +1,174 @@
+"""Console users: sign-up (a new account with its first user), look-ups, passwords, admins.
+
+A user belongs to exactly one account, created with it at sign-up in the same
+transaction. Only argon2 hashes of passwords are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from mesh.accounts.keys import new_id
+from mesh.console.passwords import hash_password, needs_rehash, normalize_email, password_problem, verify_password
+from mesh.console.tables import console_sessions, console_users
+from mesh.store import Database, utcnow
+from mesh.store.tables import accounts
+
+
+class SignUpError(Exception):
+    """The sign-up form is wrong; ``field`` names the input, the message says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleUser:
+    id: str
+    email: str
+    account_id: str
+    is_admin: bool
+    playground_key_id: str | None
+    created_at: datetime
+    password_changed_at: datetime
+
+
+def user_from_row(row: Any) -> ConsoleUser:
+    return ConsoleUser(
+        id=row.id,
+        email=row.email,
+        account_id=row.account_id,
+        is_admin=bool(row.is_admin),
+        playground_key_id=row.playground_key_id,
+        created_at=row.created_at,
+        password_changed_at=row.password_changed_at,
+    )
+
+
+class Users:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def sign_up(self, email_text: str, password: str) -> ConsoleUser:
+        """Create an account named after the email and its first user, in one transaction.
+
+        Raises :class:`SignUpError` for a bad email, a weak password or a taken email.
+        """
+        email = normalize_email(email_text)
+        if email is None:
+            raise SignUpError("email", "Enter a valid email address.")
+        problem = password_problem(password)
+        if problem:
+            raise SignUpError("password", problem)
+        if await self.by_email(email) is not None:
+            raise SignUpError("email", "An account with this email already exists. Sign in instead.")
+        password_hash = await hash_password(password)
+        now = utcnow()
+        account_id = new_id("acct")
+        row = {
+            "id": new_id("user"),
+            "email": email,
+            "password_hash": password_hash,
+            "account_id": account_id,
+            "is_admin": False,
+            "playground_key_id": None,
+            "created_at": now,
+            "password_changed_at": now,
+        }
+        try:
+            async with self.db.write() as conn:
+                await conn.execute(
+                    insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
+                )
+                await conn.execute(insert(console_users).values(**row))
+        except IntegrityError:
+            raise SignUpError("email", "An account with this email already exists. Sign in instead.") from None
+        return user_from_row(SimpleNamespace(**row))
+
+    async def by_email(self, email: str) -> ConsoleUser | None:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(console_users).where(console_users.c.email == email))).first()
+        return None if row is None else user_from_row(row)
+
+    async def get(self, user_id: str) -> ConsoleUser | None:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(console_users).where(console_users.c.id == user_id))).first()
+        return None if row is None else user_from_row(row)
+
+    async def check_password(self, email_text: str, password: str) -> ConsoleUser | None:
+        """The user if the email and password match, else ``None`` (in constant-ish time)."""
+        email = normalize_email(email_text)
+        row = None
+        if email is not None:
+            async with self.db.read() as conn:
+                row = (await conn.execute(select(console_users).where(console_users.c.email == email))).first()
+        ok = await verify_password(None if row is None else row.password_hash, password)
+        if not ok or row is None:
+            return None
+        if needs_rehash(row.password_hash):
+            new_hash = await hash_password(password)
+            async with self.db.write() as conn:
+                await conn.execute(
+                    update(console_users).where(console_users.c.id == row.id).values(password_hash=new_hash)
+                )
+        return user_from_row(row)
+
+    async def change_password(self, user: ConsoleUser, current: str, new: str, keep_session: str) -> str | None:
+        """Set a new password; returns a problem to show, or ``None`` on success.
+
+        Every other session of the user ends (``keep_session`` is the token hash to keep).
+        """
+        async with self.db.read() as conn:
+            stored = (
+                await conn.execute(select(console_users.c.password_hash).where(console_users.c.id == user.id))
+            ).scalar_one_or_none()
+        if stored is None or not await verify_password(stored, current):
+            return "The current password is not right."
+        problem = password_problem(new)
+        if problem:
+            return problem
+        new_hash = await hash_password(new)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(console_users)
+                .where(console_users.c.id == user.id)
+                .values(password_hash=new_hash, password_changed_at=utcnow())
+            )
+            await conn.execute(
+                delete(console_sessions).where(
+                    console_sessions.c.user_id == user.id, console_sessions.c.token_hash != keep_session
+                )
+            )
+        return None
+
+    async def set_admin(self, email_text: str, is_admin: bool = True) -> bool:
+        """Grant (or take away) operator rights; ``False`` if no user has that email."""
+        email = normalize_email(email_text)
+        if email is None:
+            return False
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(console_users).where(console_users.c.email == email).values(is_admin=is_admin)
+            )
+        return result.rowcount > 0
+
+    async def for_accounts(self, account_ids: list[str]) -> dict[str, list[str]]:
+        """Account id → the emails of its users (for operator listings)."""
+        if not account_ids:
+            return {}
+        q = select(console_users.c.account_id, console_users.c.email).where(
+            console_users.c.account_id.in_(account_ids)
+        )
+        out: dict[str, list[str]] = {}
+        async with self.db.read() as conn:
+            for r in await conn.execute(q):
+                out.setdefault(r.account_id, []).append(r.email)
+        return out

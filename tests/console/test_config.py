@@ -1,0 +1,68 @@
+"""The ``console`` section of the settings, and the console's secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from mesh.config import ConfigError, Settings, load_settings
+from mesh.console.routes import console_routes
+from mesh.console.secrets import derive, load_secret
+from mesh.store import Database
+
+
+def settings(**console: object) -> Settings:
+    return Settings.model_validate({"console": console})
+
+
+def test_defaults_are_safe() -> None:
+    s = settings()
+    assert s.console.enabled and s.console.payments.provider == "none"
+    assert s.console.secret is None and s.console.secure_cookies is None
+    assert [p.id for p in s.console.payments.packs] == ["starter", "builder", "scale"]
+
+
+@pytest.mark.parametrize(
+    "console",
+    [
+        {"payments": {"provider": "stripe"}},
+        {"payments": {"provider": "stripe", "stripe_secret_key": "sk_test_x"}},
+        {"payments": {"packs": [{"id": "a", "credits": 1, "price": 1}, {"id": "a", "credits": 2, "price": 2}]}},
+        {"payments": {"packs": [{"id": "a", "credits": 1, "price": "1.005"}]}},
+        {"payments": {"packs": [{"id": "a", "credits": 0, "price": 1}]}},
+        {"secret": "too short"},
+        {"secure_cookies": "sometimes"},
+    ],
+)
+def test_bad_console_settings_fail_at_start(tmp_path: Path, console: dict[str, object]) -> None:
+    import yaml
+
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump({"console": console}))
+    with pytest.raises(ConfigError, match="console"):
+        load_settings(path, environ={})
+
+
+def test_secret_from_the_environment_is_not_printed() -> None:
+    s = load_settings(None, environ={"MESH_CONSOLE__SECRET": "x" * 40})
+    assert s.console.secret is not None and s.console.secret.get_secret_value() == "x" * 40
+    assert "xxxx" not in repr(s)
+
+
+def test_disabled_console_has_no_routes() -> None:
+    assert console_routes(settings(enabled=False)) == []
+    assert console_routes(settings())
+
+
+async def test_generated_secret_is_stored_once_and_shared(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/mesh.db")
+    try:
+        await db.migrate()
+        first = await load_secret(db, None)
+        assert len(first) == 64 and await load_secret(db, None) == first
+        assert await load_secret(db, SecretStr("c" * 32)) == b"c" * 32
+    finally:
+        await db.aclose()
+    assert derive(first, "a", "x") != derive(first, "b", "x") != derive(first, "a", "y")
