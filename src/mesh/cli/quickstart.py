@@ -81,6 +81,8 @@ def prepare(settings: Settings, host: str, port: int) -> None:
                 f"  API key:    {key}   (saved in {KEY_FILE}; account {account_id})",
                 f"  Credits:    {format_credits(available)}",
                 f"  Models:     {', '.join(m.id for m in settings.models)}",
+                *([f"  Console:    http://{shown_host}:{port}/console  (sign up to manage credits and keys)"]
+                  if settings.console.enabled else []),
                 "",
                 "Try it:",
                 f"  {curl}",
