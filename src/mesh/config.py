@@ -144,6 +144,11 @@ class BillingConfig(_Frozen):
     # Raw usage rows older than this are dropped; daily roll-ups are kept.
     usage_retention_days: int = Field(default=90, ge=1)
     usage_flush_interval: float = Field(default=0.5, gt=0)
+    # Credit leases (billing/leases.py): admit and settle in memory against a block of held
+    # credit, writing charges every lease_flush_interval seconds. Off: one hold and one
+    # settlement transaction per request.
+    leases: bool = True
+    lease_flush_interval: float = Field(default=0.1, gt=0)
     # New accounts from the quick start get this many credits.
     quickstart_credits: Decimal = Decimal(10)
 

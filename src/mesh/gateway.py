@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from mesh.billing.leases import LeasedLedger
+from mesh.billing.ledger import Ledger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
 from mesh.billing.services import Services, open_services
@@ -81,8 +83,13 @@ class Gateway:
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
         self.metrics = Metrics(lambda: self.router)
         self.limiter = build_limiter(settings)
+        self.ledger: Ledger | LeasedLedger = services.ledger
+        if settings.billing.leases:
+            self.ledger = LeasedLedger(
+                services.ledger, services.database, services.usage, flush_interval=settings.billing.lease_flush_interval
+            )
         self.pipeline = Pipeline(
-            settings, router, services.authenticator, services.ledger, self.spawn, self.metrics, self.limiter
+            settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
         self.workers = WorkerSync(settings, router, _registry(settings))
@@ -99,6 +106,13 @@ class Gateway:
         gateway.workers.start()
         gateway.responses.start()
         return gateway
+
+    async def flush_billing(self) -> None:
+        """Write every pending charge and usage record now and return idle leased credit to
+        its accounts (tests, operators)."""
+        if isinstance(self.ledger, LeasedLedger):
+            await self.ledger.flush(release_all=True)
+        await self.services.usage.flush()
 
     def replicas(self) -> list[Replica]:
         return [r for pool in self.router.pools.values() for r in pool.replicas]
@@ -129,6 +143,8 @@ class Gateway:
         await self.health.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        if isinstance(self.ledger, LeasedLedger):
+            await self.ledger.aclose()  # write the last charges and give leased credit back
         await self.limiter.aclose()
         await self.responses.aclose()
         await self.router.aclose()

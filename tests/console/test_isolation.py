@@ -44,7 +44,7 @@ async def test_customer_sees_only_their_keys_and_usage(console_app: Starlette, c
             reply = await client.post("/v1/chat/completions", json={
                 "model": "test-reasoner", "messages": [{"role": "user", "content": "private words"}]})
             assert reply.status_code == 200
-        await console_app.state.gateway.services.usage.flush()
+        await console_app.state.gateway.flush_billing()
         assert "test-reasoner" in (await victim.get("/console/dashboard")).text
         keys = await customer.get("/console/keys")
         assert "victim key" not in keys.text and raw[:12] not in keys.text

@@ -77,7 +77,7 @@ async def test_last_used_comes_from_usage(console_app: Starlette, customer: Brow
     async with api(console_app, raw) as client:
         assert (await client.post("/v1/chat/completions", json={
             "model": "test-model", "messages": [{"role": "user", "content": "hi"}]})).status_code == 200
-    await console_app.state.gateway.services.usage.flush()
+    await console_app.state.gateway.flush_billing()
     page = await customer.get("/console/keys")
     row = page.text.split("busy", 1)[1].split("</tr>", 1)[0]
     assert "just now" in row

@@ -40,7 +40,7 @@ async def test_playground_streams_with_usage_and_cost(console_app: Starlette, cu
     usage = next(e["usage"] for e in got if e.get("usage"))
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
     assert usage["cost"] not in (None, "0.000000")
-    await console_app.state.gateway.services.usage.flush()
+    await console_app.state.gateway.flush_billing()
     balance, held = await console_app.state.gateway.services.ledger.balance(account_id)
     assert held == 0 and balance < 1_000_000
     keys = await console_app.state.gateway.services.accounts.list_keys(account_id)

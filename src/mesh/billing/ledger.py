@@ -399,16 +399,18 @@ class Ledger:
             )
         return charged
 
-    async def release_stale_holds(self, older_than: timedelta) -> int:
+    async def release_stale_holds(self, older_than: timedelta, *, prefix: str | None = None) -> int:
         """Release holds older than ``older_than`` (left by a crashed process); returns how
-        many. A request settled after its hold was swept is still charged, from the balance."""
+        many. A request settled after its hold was swept is still charged, from the balance.
+        ``prefix`` limits the sweep to hold ids starting with it (credit leases)."""
         cutoff = utcnow() - older_than
+        stale = holds.c.created_at < cutoff
+        if prefix is not None:
+            stale = stale & holds.c.request_id.startswith(prefix, autoescape=True)
         async with self.db.write() as conn:
             rows = (
                 await conn.execute(
-                    delete(holds)
-                    .where(holds.c.created_at < cutoff)
-                    .returning(holds.c.account_id, holds.c.key_id, holds.c.amount)
+                    delete(holds).where(stale).returning(holds.c.account_id, holds.c.key_id, holds.c.amount)
                 )
             ).all()
             per_account: dict[str, int] = {}

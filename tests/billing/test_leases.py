@@ -1,0 +1,111 @@
+"""Credit leases on both databases: in-memory admission and settlement against held credit,
+batched charges, and the same invariants as the per-request ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from billing.test_ledger import PRICING, check_invariants, setup
+from mesh.billing.leases import LEASE_PREFIX, LeaseAdmission, LeasedLedger
+from mesh.billing.ledger import Admission
+from mesh.canonical import Usage
+from mesh.store import Database, utcnow
+from mesh.store.tables import api_keys, holds, ledger
+
+USAGE = Usage(input_tokens=10, output_tokens=5)  # 10 * 1 + 5 * 2 = 20 micro-credits
+
+
+async def cycle(leased: LeasedLedger, principal: object, rid: str) -> int:
+    try:
+        adm = await leased.admit(principal, PRICING, rid, 10, 10)  # type: ignore[arg-type]
+    except Exception as err:
+        return -getattr(err, "status", 1)
+    return int(await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING))
+
+
+async def test_leases_admit_in_memory_and_charge_exactly(db: Database) -> None:
+    book, p, writer = await setup(db, 1_000_000)
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    first = await leased.admit(p, PRICING, "r0", 10, 10)
+    assert isinstance(first, LeaseAdmission)
+    balance, held = await book.balance(p.account_id)
+    assert held > first.held  # the lease holds a block, not just this request
+    async with db.read() as conn:
+        queries_before = (await conn.execute(select(func.count()).select_from(holds))).scalar_one()
+    charged = [await leased.settle(first, USAGE, status="ok", model="m", pricing=PRICING)]
+    for i in range(1, 20):
+        adm = await leased.admit(p, PRICING, f"r{i}", 10, 10)
+        charged.append(await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING))
+    async with db.read() as conn:
+        assert (await conn.execute(select(func.count()).select_from(holds))).scalar_one() == queries_before
+    assert charged == [20] * 20
+    assert await leased.flush() == 20
+    await leased.aclose()  # releases the idle lease
+    balance, held = await check_invariants(db, book, p.account_id)
+    assert (balance, held) == (1_000_000 - 400, 0)
+    async with db.read() as conn:
+        rows = (await conn.execute(select(ledger.c.idempotency_key).where(ledger.c.kind == "usage"))).all()
+        key = (await conn.execute(select(api_keys.c.spent, api_keys.c.held).where(api_keys.c.id == p.key_id))).one()
+    assert sorted(r[0] for r in rows) == sorted(f"usage:r{i}" for i in range(20))
+    assert (key.spent, key.held) == (400, 0)
+    await writer.flush()
+
+
+async def test_lease_settle_twice_charges_once(db: Database) -> None:
+    book, p, writer = await setup(db, 1_000_000)
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    adm = await leased.admit(p, PRICING, "dup", 10, 10)
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 0
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
+
+
+async def test_short_balance_falls_back_to_the_exact_hold(db: Database) -> None:
+    book, p, writer = await setup(db, 100)  # far less than a lease of 32 holds
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    adm = await leased.admit(p, PRICING, "short", 10, 100)
+    assert not isinstance(adm, LeaseAdmission) and isinstance(adm, Admission)
+    assert adm.max_output_tokens < 100  # lowered to what 100 micro-credits pay for
+    await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING)
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (80, 0)
+
+
+async def test_concurrent_requests_over_two_processes_never_overspend(db: Database) -> None:
+    # Enough for a lease or two, not for every request: leases, exact holds and 402s mix.
+    start = 3_000
+    book, p, writer = await setup(db, start)
+    a = LeasedLedger(book, db, writer, flush_interval=0.01)
+    b = LeasedLedger(book, db, writer, flush_interval=0.01)
+    outcomes = await asyncio.gather(*(cycle(a if i % 2 else b, p, f"c{i}") for i in range(300)))
+    await a.aclose()
+    await b.aclose()
+    paid = [o for o in outcomes if o > 0]
+    assert all(o == 20 or o == -402 for o in outcomes), set(outcomes)
+    assert 0 < len(paid) <= start // 20
+    balance, held = await check_invariants(db, book, p.account_id)
+    assert held == 0 and balance == start - sum(paid) >= 0
+    await writer.flush()
+
+
+async def test_a_dead_processes_lease_is_released_by_another(db: Database) -> None:
+    book, p, writer = await setup(db, 1_000_000)
+    dead = LeasedLedger(book, db, writer, flush_interval=3600)
+    await dead.admit(p, PRICING, "orphan", 10, 10)  # leased, never settled, never closed
+    _, held = await book.balance(p.account_id)
+    assert held > 0
+    async with db.write() as conn:  # as if its last touch was long ago
+        long_ago = utcnow() - timedelta(hours=1)
+        await conn.execute(
+            update(holds).where(holds.c.request_id.startswith(LEASE_PREFIX)).values(created_at=long_ago)
+        )
+    alive = LeasedLedger(book, db, writer, flush_interval=3600, stale_after=60)
+    await alive.flush()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000, 0)
+    await alive.aclose()
+    if dead._task is not None:
+        dead._task.cancel()
