@@ -274,8 +274,7 @@ def test_worker_sidecar_uses_flags_the_cli_has(catalog: Catalog) -> None:
     assert "MESH_WORKER_TOKEN" in env  # the token comes from the Secret, not the command line
     assert "--token" not in given
     flags = subcommand_flags("worker")
-    if flags is None:
-        pytest.skip("this build's `mesh` has no `worker` subcommand yet")
+    assert flags is not None, "`mesh worker` exists"
     assert given <= flags, f"unknown to `mesh worker`: {sorted(given - flags)}"
     name, params = parse_mesh_invocation(args)
     assert name == "worker" and params["model"] == values["--model"]

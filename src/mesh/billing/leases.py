@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, update
+from sqlalchemy import bindparam, delete, insert, update
 
 from mesh.accounts.principal import Principal
-from mesh.billing.entries import append_entry
 from mesh.billing.ledger import _HOLD_ACCOUNT, _HOLD_KEY, _INSERT_HOLD, Admission, Ledger, _Retry
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import cost, hold_cost
@@ -44,7 +43,7 @@ from mesh.billing.usage import UsageRecord, UsageWriter
 from mesh.canonical import Usage
 from mesh.config import Pricing
 from mesh.store import Database, utcnow
-from mesh.store.tables import accounts, api_keys, holds
+from mesh.store.tables import accounts, api_keys, holds, ledger
 
 log = logging.getLogger("mesh.billing.leases")
 
@@ -287,6 +286,8 @@ class LeasedLedger:
             await conn.execute(_SPEND_KEY, {"k": lease.key_id, "t": total, "s": total})
             lease.touched = time.monotonic()
             after = balance + total
+            rows = []
+            now = utcnow()
             for admission, charge, due, _ in charges:
                 if not charge:
                     continue
@@ -294,11 +295,12 @@ class LeasedLedger:
                 memo = None if charge == due else (
                     f"shortfall: cost {format_credits(due)}, charged {format_credits(charge)}"
                 )
-                await append_entry(
-                    conn, account_id=lease.account_id, amount=-charge, kind="usage", balance_after=after,
-                    idempotency_key=f"usage:{admission.request_id}", request_id=admission.request_id,
-                    key_id=lease.key_id, memo=memo,
-                )
+                rows.append({
+                    "account_id": lease.account_id, "kind": "usage", "amount": -charge, "balance_after": after,
+                    "idempotency_key": f"usage:{admission.request_id}", "request_id": admission.request_id,
+                    "key_id": lease.key_id, "memo": memo, "created_at": now,
+                })
+            await conn.execute(insert(ledger), rows)  # one executemany for the whole batch
 
     async def _release(self, conn: Any, lease: _Lease) -> None:
         """Give an idle lease's credit back to the account (its charges were just written)."""
