@@ -258,6 +258,7 @@ class ConsoleConfig(_Frozen):
     admins: tuple[str, ...] = ()  # emails of operators (also: mesh console make-admin EMAIL)
     signin_attempts_per_email: int = Field(default=5, ge=1)  # failed sign-ins per minute
     signin_attempts_per_ip: int = Field(default=20, ge=1)
+    signups_per_ip_per_hour: int = Field(default=10, ge=1)  # accounts one address may create
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
 
     @field_validator("secret")

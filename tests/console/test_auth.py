@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import select
 from starlette.applications import Starlette
 
+from mesh.app import create_app
 from mesh.console.tables import console_sessions, console_users
 from mesh.gateway import Gateway
+from testengine.harness import EngineProcess
 
-from .conftest import PASSWORD, Browser
+from .conftest import PASSWORD, Browser, console_settings
 
 PAGES = [
     "/console/dashboard",
@@ -248,3 +251,20 @@ async def test_oversized_or_garbled_forms_are_refused(customer: Browser) -> None
     )
     assert garbled.status_code == 400
     assert "new-key-value" not in garbled.text
+
+
+async def test_signups_are_limited_per_address(engine: EngineProcess, tmp_path: Path) -> None:
+    app = create_app(console_settings(tmp_path, engine.base_url, signups_per_ip_per_hour=2))
+    async with app.router.lifespan_context(app):
+        visitors = [Browser(app, ip="10.9.0.1") for _ in range(3)]
+        elsewhere = Browser(app, ip="10.9.0.2")
+        try:
+            await visitors[0].sign_up()
+            await visitors[1].sign_up()
+            form = {"email": "third@example.com", "password": PASSWORD, "password_confirm": PASSWORD}
+            third = await visitors[2].post("/console/signup", form, token_from="/console/signup")
+            assert third.status_code == 429 and "Too many new accounts" in third.text
+            await elsewhere.sign_up()  # another address is not affected
+        finally:
+            for b in (*visitors, elsewhere):
+                await b.aclose()

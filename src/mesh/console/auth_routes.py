@@ -40,6 +40,11 @@ async def signup(page: Page) -> Response:
         return await signup_form(page)
     email = page.field("email")
     password = page.field("password")
+    ip = _client(page)
+    wait = page.console.signup_limiter.retry_after(ip)
+    if wait:
+        errors = {"email": f"Too many new accounts from your address; try again in {wait} s."}
+        return page.render("signup.html", status=429, title="Create your account", errors=errors, email=email)
     if password != page.field("password_confirm"):
         errors = {"password_confirm": "The two passwords differ."}
         return page.render("signup.html", status=400, title="Create your account", errors=errors, email=email)
@@ -48,6 +53,7 @@ async def signup(page: Page) -> Response:
     except SignUpError as err:
         return page.render("signup.html", status=400, title="Create your account",
                            errors={err.field: err.message}, email=email)
+    page.console.signup_limiter.fail(ip)  # counts accounts created, not typos
     return await _start_session(page, user.id, PREFIX + "/dashboard", "Welcome to Mesh! Your account is ready.")
 
 

@@ -97,6 +97,7 @@ class Console:
         self.env.globals["static_version"] = _static_version()
         self.email_limiter = AttemptLimiter(self.config.signin_attempts_per_email)
         self.ip_limiter = AttemptLimiter(self.config.signin_attempts_per_ip)
+        self.signup_limiter = AttemptLimiter(self.config.signups_per_ip_per_hour, window=3600)
         self._bound: Bound | None = None
         self._lock = asyncio.Lock()
         stripe = self.config.payments.provider == "stripe"
