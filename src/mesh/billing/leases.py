@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, insert, update
 
 from mesh.accounts.principal import Principal
-from mesh.billing.ledger import _HOLD_ACCOUNT, _HOLD_KEY, _INSERT_HOLD, Admission, Ledger, _Retry
+from mesh.billing.ledger import HOLD_ACCOUNT, HOLD_KEY, INSERT_HOLD, Admission, FastPathAbandoned, Ledger
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import cost, hold_cost
 from mesh.billing.usage import UsageRecord, UsageWriter
@@ -159,10 +159,10 @@ class LeasedLedger:
         params = {"a": lease.account_id, "k": lease.key_id, "h": amount}
         try:
             async with self.db.write() as conn:
-                if (await conn.execute(_HOLD_ACCOUNT, params)).rowcount != 1:
+                if (await conn.execute(HOLD_ACCOUNT, params)).rowcount != 1:
                     return False
-                if (await conn.execute(_HOLD_KEY, params)).rowcount != 1:
-                    raise _Retry  # roll back the account's part
+                if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
+                    raise FastPathAbandoned  # roll back the account's part
                 grown = await conn.execute(
                     update(holds)
                     .where(holds.c.request_id == lease.id)
@@ -170,10 +170,10 @@ class LeasedLedger:
                 )
                 if grown.rowcount != 1:
                     await conn.execute(
-                        _INSERT_HOLD,
+                        INSERT_HOLD,
                         {"r": lease.id, "a": lease.account_id, "k": lease.key_id, "h": amount, "t": utcnow()},
                     )
-        except _Retry:
+        except FastPathAbandoned:
             return False
         lease.amount += amount
         lease.touched = time.monotonic()

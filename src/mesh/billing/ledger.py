@@ -39,18 +39,18 @@ from mesh.store.tables import accounts, api_keys, holds, ledger
 CREDIT_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment"})
 
 
-class _Retry(Exception):
-    """Internal: abandon the fast path's transaction and take the careful one."""
+class FastPathAbandoned(Exception):
+    """Abandon a fast-path transaction (rolled back) and take the careful path; shared with leases."""
 
 
 # Hot-path statements, built once: constructing SQLAlchemy expressions per request was a
 # measured fifth of a request's CPU (bench/results, py-spy).
-_HOLD_ACCOUNT = (
+HOLD_ACCOUNT = (
     update(accounts)
     .where(accounts.c.id == bindparam("a"), accounts.c.balance - accounts.c.held >= bindparam("h"))
     .values(held=accounts.c.held + bindparam("h"))
 )
-_HOLD_KEY = (
+HOLD_KEY = (
     update(api_keys)
     .where(
         api_keys.c.id == bindparam("k"),
@@ -59,11 +59,11 @@ _HOLD_KEY = (
     )
     .values(held=api_keys.c.held + bindparam("h"))
 )
-_INSERT_HOLD = insert(holds).values(
+INSERT_HOLD = insert(holds).values(
     request_id=bindparam("r"), account_id=bindparam("a"), key_id=bindparam("k"), amount=bindparam("h"),
     created_at=bindparam("t"),
 )
-_SETTLE_ACCOUNT = (
+SETTLE_ACCOUNT = (
     update(accounts)
     .where(
         accounts.c.id == bindparam("a"),
@@ -72,7 +72,7 @@ _SETTLE_ACCOUNT = (
     .values(held=accounts.c.held - bindparam("hold"), balance=accounts.c.balance - bindparam("due"))
     .returning(accounts.c.balance)
 )
-_SETTLE_KEY = (
+SETTLE_KEY = (
     update(api_keys)
     .where(api_keys.c.id == bindparam("k"))
     .values(held=api_keys.c.held - bindparam("hold"), spent=api_keys.c.spent + bindparam("due"))
@@ -205,16 +205,16 @@ class Ledger:
         try:
             async with self.db.write() as conn:
                 params = {"a": principal.account_id, "k": principal.key_id, "h": amount}
-                if (await conn.execute(_HOLD_ACCOUNT, params)).rowcount == 1:
-                    if (await conn.execute(_HOLD_KEY, params)).rowcount != 1:
-                        raise _Retry  # roll the account's hold back and take the careful path
+                if (await conn.execute(HOLD_ACCOUNT, params)).rowcount == 1:
+                    if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
+                        raise FastPathAbandoned  # roll the account's hold back and take the careful path
                     await conn.execute(
-                        _INSERT_HOLD,
+                        INSERT_HOLD,
                         {"r": request_id, "a": principal.account_id, "k": principal.key_id, "h": amount,
                          "t": utcnow()},
                     )
                     return Admission(request_id, principal.account_id, principal.key_id, amount, max_output_tokens)
-        except _Retry:
+        except FastPathAbandoned:
             pass
         return await self._hold_carefully(principal, pricing, request_id, prompt_tokens, max_output_tokens)
 
@@ -329,7 +329,7 @@ class Ledger:
                 return MicroCredits(0)
             # Fast path: the balance covers the whole cost (one conditional update, no reads).
             balance_after = (
-                await conn.execute(_SETTLE_ACCOUNT, {"a": admission.account_id, "hold": hold, "due": due})
+                await conn.execute(SETTLE_ACCOUNT, {"a": admission.account_id, "hold": hold, "due": due})
             ).scalar_one_or_none()
             if balance_after is not None:
                 if due:
@@ -339,7 +339,7 @@ class Ledger:
                         request_id=admission.request_id, key_id=admission.key_id,
                     )
                 if admission.key_id is not None:
-                    await conn.execute(_SETTLE_KEY, {"k": admission.key_id, "hold": hold, "due": due})
+                    await conn.execute(SETTLE_KEY, {"k": admission.key_id, "hold": hold, "due": due})
                 return MicroCredits(due)
             acct = (
                 await conn.execute(

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from mesh.protocols.validation import check_metadata
+
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_.:-]{1,128}$"
 EFFORTS = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
@@ -284,10 +286,4 @@ class ResponsesRequestIn(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None:
-            if len(v) > 16:
-                raise ValueError("metadata can hold at most 16 pairs")
-            for k, val in v.items():
-                if len(k) > 64 or len(val) > 512:
-                    raise ValueError("metadata keys are at most 64 characters and values at most 512")
-        return v
+        return check_metadata(v)

@@ -79,3 +79,15 @@ def _to_invalid(exc: ValidationError, data: Any, prefix: str = "") -> InvalidReq
     else:
         text = f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}."
     return InvalidRequest(text, param=param or None, code="invalid_value" if err["type"] != "missing" else None)
+
+
+def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's metadata rules (Chat and Responses): at most 16 pairs, keys of at most 64
+    characters, values of at most 512."""
+    if v is not None:
+        if len(v) > 16:
+            raise ValueError("metadata can hold at most 16 pairs")
+        for k, val in v.items():
+            if len(k) > 64 or len(val) > 512:
+                raise ValueError("metadata keys are at most 64 characters and values at most 512")
+    return v
