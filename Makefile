@@ -1,28 +1,41 @@
-# Everything runs from the repo's own virtual environment (.venv).
+# Everything installs from the lock (uv.lock) into the repo's own .venv; nothing else.
+# uv itself is bootstrapped, pinned by hash, into .tools/.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := .tools/bin/uv
+# uv uses this interpreter and never downloads one.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 # llama.cpp builds from source on the first install (about 11 minutes on 2 cores);
-# pip's wheel cache makes every later install take seconds.
+# uv's cache makes every later install take seconds.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test install dev lint typecheck bench clean
+.PHONY: run test install dev lint typecheck bench lock check-user-path clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+$(UV):
+	@bash scripts/check-prereqs.sh "$(PYTHON)"
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --disable-pip-version-check -q --require-hashes -r scripts/uv-requirements.txt
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q -e .
+# Runtime dependencies only: what `mesh serve` needs, exactly as locked.
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	@bash scripts/check-prereqs.sh "$(PYTHON)"
+	$(UV) sync --frozen --no-dev
+	rm -f $(VENV)/.dev-installed
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
-	touch $@
+# Runtime plus the dev group (test tools, SDKs, linters), exactly as locked.
+$(VENV)/.dev-installed: pyproject.toml uv.lock | $(UV)
+	@bash scripts/check-prereqs.sh "$(PYTHON)"
+	$(UV) sync --frozen
+	@bash scripts/ensure-test-deps.sh $(BIN)
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
-	@bash scripts/ensure-test-deps.sh $(BIN)
 
 run: install
 	$(BIN)/mesh serve --quickstart
@@ -41,5 +54,13 @@ typecheck: dev
 bench: dev
 	$(BIN)/python -m bench.run
 
+# Refresh the lock on purpose; commit the upgrade on its own after `make test` passes.
+lock: | $(UV)
+	$(UV) lock --upgrade
+
+# What a new user's `make run` does, in a fresh runtime-only environment (CI runs it).
+check-user-path: dev
+	bash scripts/check-user-path.sh
+
 clean:
-	rm -rf $(VENV) .mesh .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .mesh .pytest_cache .mypy_cache .ruff_cache

@@ -54,12 +54,15 @@ def test_dockerfile_builds_mesh_from_the_repo_on_python_311_slim() -> None:
     froms = [rest for op, rest in ins if op == "FROM"]
     assert froms and all(f.startswith("python:3.11-slim") for f in froms), froms
     copies = [rest for op, rest in ins if op == "COPY"]
-    assert "pyproject.toml README.md ./" in copies
+    assert "pyproject.toml uv.lock README.md ./" in copies
     assert "src ./src" in copies
     runs = " ".join(rest for op, rest in ins if op == "RUN")
-    assert "pip install ." in runs  # installs this checkout, not a registry release
+    # Installs this checkout from the lock only, with uv itself pinned by hash.
+    assert "uv sync --frozen --no-dev --no-editable" in runs
+    assert "--require-hashes -r scripts/uv-requirements.txt" in runs
+    assert "pip install ." not in runs
     # Every path the build copies exists (the build context is the repository root).
-    for path in ("pyproject.toml", "README.md", "src/mesh/catalog.yaml"):
+    for path in ("pyproject.toml", "uv.lock", "README.md", "scripts/uv-requirements.txt", "src/mesh/catalog.yaml"):
         assert (REPO / path).exists(), path
 
 

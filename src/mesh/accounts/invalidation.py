@@ -114,13 +114,13 @@ class RedisInvalidator:
                     if msg is not None and msg["type"] == "subscribe":
                         return pubsub
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            await pubsub.aclose()
             raise
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py: unannotated
+                await self._pubsub.aclose()
             self._pubsub = None
 
     async def _listen(self) -> None:
