@@ -105,9 +105,12 @@ def test_worker_launches_llama_cpp_server_registers_serves_and_leaves(
 ) -> None:
     gw, key = gateway
     port = free_port()
+    # llama-cpp-python's server interrupts a running generation whenever another request
+    # (even the gateway's GET /v1/models health probe) arrives, unless told not to: under a
+    # loaded machine that cut answers to zero tokens. Operators must pass the same flag.
     launch = (
         f"{sys.executable} -m llama_cpp.server --model {smollm2_gguf()} --host 127.0.0.1 --port {port} "
-        "--n_threads 1 --model_alias smol"
+        "--n_threads 1 --model_alias smol --interrupt_requests false"
     )
     args = ["--engine-url", f"http://127.0.0.1:{port}/v1", "--model", "smol", "--launch", launch, "--capacity", "2"]
     assert not available(gw, key, "smol")
