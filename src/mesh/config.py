@@ -34,6 +34,9 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 ENV_PREFIX = "MESH_"
 DEFAULT_REDIS_PREFIX = "mesh:"
+# Sampling knobs and the chat template's keyword arguments (enable_thinking): nothing that
+# loads code, reorders the engine's queue or compiles a grammar.
+DEFAULT_ENGINE_EXTENSIONS = ("min_p", "repetition_penalty", "chat_template_kwargs")
 
 
 class ConfigError(Exception):
@@ -115,6 +118,22 @@ class ModelConfig(_Frozen):
     fallbacks: tuple[str, ...] = ()
     reasoning: bool = False
     tools: bool = True
+    # Engine request extensions (vLLM/SGLang fields beyond the OpenAI schema) clients may
+    # send for this model; any other known extension is refused with a 400, unknown fields
+    # are dropped (protocols/extensions.py).
+    engine_extensions: tuple[str, ...] = DEFAULT_ENGINE_EXTENSIONS
+    # Whether GPU nodes (mesh worker) may add replicas to a model this file serves.
+    allow_workers: bool | None = None  # None: workers.allow_static
+
+    @field_validator("engine_extensions")
+    @classmethod
+    def _known_extensions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from mesh.protocols.extensions import KNOWN_EXTENSIONS
+
+        unknown = sorted(set(v) - KNOWN_EXTENSIONS)
+        if unknown:
+            raise ValueError(f"unknown engine extensions: {', '.join(unknown)}")
+        return v
 
 
 class ServerConfig(_Frozen):

@@ -30,6 +30,7 @@ from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNo
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.limits.policy import Scope
 from mesh.observability.metrics import Metrics
+from mesh.protocols.extensions import allow_extensions
 from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
@@ -169,8 +170,8 @@ class Pipeline:
         ctx.model = model
         ctx.model_id = model.id
         ctx.models = self._candidates(ctx, model, request)
-        if "models" in request.extra:
-            request = replace(request, extra={k: v for k, v in request.extra.items() if k != "models"})
+        # Only the engine extensions the operator enabled for this model reach its engines.
+        request = allow_extensions(request, model.engine_extensions)
         if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
             # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
             # room the prompt leaves: engines refuse prompt + max_tokens > context.
