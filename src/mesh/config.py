@@ -214,6 +214,22 @@ class WorkerToken(_Frozen):
     token: str | None = Field(default=None, min_length=16)
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # keep only a hash in the file
     models: tuple[str, ...] = ("*",)  # "*" = any model
+    # Where its engines may be: networks ("10.0.0.0/8") or host names. Empty: only the
+    # worker's own source address (or a name resolving to it).
+    allow: tuple[str, ...] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for entry in v:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not a network") from None
+        return v
 
     @model_validator(mode="after")
     def _one_secret(self) -> WorkerToken:
@@ -228,6 +244,12 @@ class WorkersConfig(_Frozen):
     # A replica whose heartbeats stopped this long ago leaves the pool.
     dead_after: float = Field(default=15.0, gt=0)
     sync_interval: float = Field(default=1.0, gt=0)  # how often each gateway process reads the registry
+    # Whether workers may add replicas to models the config file serves with its own engines
+    # (models[].allow_workers overrides per model). Models listed without engines, and
+    # catalog models, are there for workers and always open to them.
+    allow_static: bool = False
+    # A worker replica that reported impossible usage stays out for this long.
+    quarantine_seconds: float = Field(default=3600.0, gt=0)
 
 
 class CreditPack(_Frozen):

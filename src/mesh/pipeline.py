@@ -107,6 +107,10 @@ class RequestContext:
         return None if self.first_token_at is None else int((self.first_token_at - self.started) * 1000)
 
 
+# (model, replica name, request as sent, prompt estimate, reported usage, context length)
+UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], None]
+
+
 def estimate_prompt_tokens(request: CanonicalRequest) -> int:
     size = 0
     images = 0
@@ -143,6 +147,7 @@ class Pipeline:
         self.ledger = ledger
         self._spawn = spawn
         self._models = {m.id: m for m in router.models()}
+        self.usage_guard: UsageGuard | None = None
 
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Any:
@@ -307,6 +312,10 @@ class Pipeline:
                     produced += 1
                 yield ev
             ctx.usage = usage
+            if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
+                # Usage a worker's engine could not have produced takes its replica out of rotation.
+                self.usage_guard(ctx.model.id, ctx.replica, ctx.request, ctx.prompt_estimate, usage,
+                                 ctx.model.context_length)
             await self._settle_now(ctx)
         except MeshError:
             ctx.status = "error"
