@@ -31,6 +31,7 @@ DEFAULT_DATABASE = "sqlite:///./.mesh/mesh.db"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 ENV_PREFIX = "MESH_"
 DEFAULT_REDIS_PREFIX = "mesh:"
@@ -143,6 +144,17 @@ class ServerConfig(_Frozen):
     public_url: str | None = None  # what the console and quick start show
     # /metrics names replicas by their internal URLs: by default only the admin key reads it.
     metrics_public: bool = False
+    # Connection limits at the edge (http/server.py), per gateway process.
+    max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)  # request line + headers: 431 past it
+    header_timeout: float = Field(default=10.0, gt=0)  # from a request's first byte to the end of its headers
+    keepalive_timeout: float = Field(default=5.0, gt=0)  # idle time between requests on one connection
+    max_connections: int = Field(default=2048, ge=1)  # open connections; more are answered 503 and closed
+    # A client that reads nothing of its response for this long is dropped; its engine
+    # request is cancelled and billed for what was generated.
+    write_timeout: float = Field(default=30.0, gt=0)
+    # Addresses whose X-Forwarded-For / X-Forwarded-Proto are believed (your reverse proxy);
+    # "*" trusts everyone, which is only right when nothing can reach Mesh but the proxy.
+    forwarded_allow_ips: str = "127.0.0.1"
 
 
 class RoutingConfig(_Frozen):

@@ -1,4 +1,4 @@
-"""``mesh serve``: run the gateway with uvicorn (uvloop + httptools)."""
+"""``mesh serve``: run the gateway with uvicorn (uvloop + httptools) and Mesh's edge limits."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ def serve(
     ),
 ) -> None:
     """Serve the API (OpenAI Chat, Responses, Anthropic Messages), the console and the admin API."""
-    import uvicorn
-
     from mesh.cli import _state
+    from mesh.http.server import EdgeLimits, run
     from mesh.observability.logging import configure
 
     if config is not None:
@@ -36,15 +35,11 @@ def serve(
     if config_path:
         # Worker processes load the same file through the factory below.
         os.environ["MESH_CONFIG"] = os.path.abspath(config_path)
-    uvicorn.run(
-        "mesh.app:app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=30,
+    srv = settings.server
+    edge = EdgeLimits(
+        max_header_bytes=srv.max_header_bytes, header_timeout=srv.header_timeout,
+        keepalive_timeout=srv.keepalive_timeout, max_connections=srv.max_connections,
+        write_timeout=srv.write_timeout,
     )
+    run("mesh.app:app_from_environment", host=host, port=port, workers=workers, edge=edge,
+        forwarded_allow_ips=srv.forwarded_allow_ips)
