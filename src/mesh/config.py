@@ -287,6 +287,9 @@ class PaymentsConfig(_Frozen):
     provider: Literal["none", "test", "stripe"] = "none"
     stripe_secret_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None  # test: derived from the console secret if unset
+    # The test provider on a non-loopback address lets anyone mint credits: mesh serve
+    # refuses it unless this says the operator means it.
+    allow_test_provider: bool = False
     packs: tuple[CreditPack, ...] = DEFAULT_CREDIT_PACKS
 
     @model_validator(mode="after")
@@ -302,10 +305,13 @@ class ConsoleConfig(_Frozen):
     """The web console under ``/console``."""
 
     enabled: bool = True
-    # Signs CSRF tokens of signed-out forms and flash messages, and derives playground keys.
-    # Unset: generated once and kept in the database, shared by every gateway replica.
+    # Signs CSRF tokens of signed-out forms, flash messages and the test provider's webhook.
+    # Never stored in the database. Unset: read from secret_file, which is generated when
+    # missing (fine for one host; several gateway hosts must share one secret).
     secret: SecretStr | None = None
-    secure_cookies: bool | None = None  # None: Secure when the request came over https
+    secret_file: str = ".mesh/console-secret"
+    # None: Secure when public_url (else the request) is https.
+    secure_cookies: bool | None = None
     session_hours: int = Field(default=14 * 24, ge=1)
     allow_signup: bool = True
     admins: tuple[str, ...] = ()  # emails of operators (also: mesh console make-admin EMAIL)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import typer
+
+log = logging.getLogger("mesh.serve")
 
 
 def serve(
@@ -18,6 +21,7 @@ def serve(
 ) -> None:
     """Serve the API (OpenAI Chat, Responses, Anthropic Messages), the console and the admin API."""
     from mesh.cli import _state
+    from mesh.cli.serve_checks import Refused, check
     from mesh.http.server import EdgeLimits, run
     from mesh.observability.logging import configure
 
@@ -27,6 +31,13 @@ def serve(
     configure(settings.logging)
     host = host or settings.server.host
     port = port if port is not None else settings.server.port
+    try:
+        warnings = check(settings, host, workers)
+    except Refused as exc:
+        typer.echo(f"mesh serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for warning in warnings:
+        log.warning("%s", warning)
     if quickstart:
         from mesh.cli.quickstart import prepare
 
