@@ -138,8 +138,13 @@ class Console:
         return user.is_admin or user.email in {a.strip().lower() for a in self.config.admins}
 
     def secure(self, request: Request) -> bool:
+        """Whether cookies carry ``Secure``: as configured, else as ``server.public_url``
+        says (behind a TLS-terminating proxy the request itself may look like http)."""
         if self.config.secure_cookies is not None:
             return self.config.secure_cookies
+        public_url = self.settings.server.public_url
+        if public_url:
+            return public_url.lower().startswith("https://")
         return request.url.scheme == "https"
 
     def route(self, path: str, handler: Handler, *,
