@@ -26,7 +26,8 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.limits.policy import Scope
 from mesh.observability.metrics import Metrics
@@ -152,15 +153,7 @@ class Pipeline:
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Any:
         """Bearer token or ``x-api-key``; raises AuthenticationFailed (401)."""
-        raw: str | None = None
-        if authorization:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer <key>'.")
-            raw = token.strip()
-        elif api_key:
-            raw = api_key.strip()
-        ctx.principal = await self.authenticator.authenticate(raw)
+        ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
         return ctx.principal
 
     # 2. resolve the model (after the protocol parsed the body) -------------------------------

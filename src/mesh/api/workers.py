@@ -31,6 +31,7 @@ from mesh.config import WorkerToken
 from mesh.errors import AuthenticationFailed, ModelNotFound, NotFound, PermissionDenied
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
+from mesh.http.credentials import presented_credential
 from mesh.http.ids import prefixed
 from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
@@ -65,11 +66,10 @@ def _sha256(text: str) -> str:
 
 
 def worker_token(gw: Gateway, request: Request) -> WorkerToken:
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
+    presented = presented_credential(request.headers.get("authorization"))
+    if presented is None:
         raise AuthenticationFailed("Missing worker token.")
-    digest = _sha256(presented.strip())
+    digest = _sha256(presented)
     for tok in gw.settings.workers.tokens:
         expected = tok.token_sha256 or _sha256(tok.token or "")
         if hmac.compare_digest(digest, expected):
