@@ -215,8 +215,9 @@ class LimitsConfig(_Frozen):
 class LoggingConfig(_Frozen):
     level: str = "INFO"
     json_logs: bool = Field(default=True, alias="json")
-    # Prompts and completions are never logged unless the operator turns this on.
-    log_content: bool = False
+    # Mesh never logs prompts or completions. Accepted as false only, so that old files
+    # that spell it out still load and none believes it can be turned on.
+    log_content: Literal[False] = False
 
 
 class WorkerToken(_Frozen):

@@ -67,3 +67,12 @@ def test_generated_secret_is_a_private_file_never_the_database(tmp_path: Path) -
     with pytest.raises(SecretError, match="at least 32"):
         load_secret(config)
     assert derive(first, "a", "x") != derive(first, "b", "x") != derive(first, "a", "y")
+
+
+def test_content_logging_cannot_be_turned_on(tmp_path: Path) -> None:
+    """Mesh never logs prompts or completions; the old switch is accepted only as false."""
+    assert Settings.model_validate({"logging": {"log_content": False}}).logging.log_content is False
+    path = tmp_path / "mesh.yaml"
+    path.write_text("logging:\n  log_content: true\n")
+    with pytest.raises(ConfigError, match="logging.log_content"):
+        load_settings(path, environ={})
