@@ -74,5 +74,5 @@ def test_content_logging_cannot_be_turned_on(tmp_path: Path) -> None:
     assert Settings.model_validate({"logging": {"log_content": False}}).logging.log_content is False
     path = tmp_path / "mesh.yaml"
     path.write_text("logging:\n  log_content: true\n")
-    with pytest.raises(ConfigError, match="logging.log_content"):
+    with pytest.raises(ConfigError, match=r"logging\.log_content"):
         load_settings(path, environ={})
