@@ -25,6 +25,7 @@ from mesh.config import Settings
 from mesh.console.routes import console_routes
 from mesh.errors import MeshError, NotFound
 from mesh.gateway import Gateway
+from mesh.http.credentials import presented_credential
 from mesh.observability.metrics import CONTENT_TYPE
 from mesh.protocols import openai_errors
 
@@ -61,16 +62,9 @@ def _services(request: Request) -> Services:
 async def _principal(request: Request) -> Principal:
     """Key authentication for the customer billing routes, exactly as for inference."""
     gateway: Gateway = request.app.state.gateway
-    principal: Principal = await gateway.services.authenticator.authenticate(_raw_key(request))
+    raw = presented_credential(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    principal: Principal = await gateway.services.authenticator.authenticate(raw)
     return principal
-
-
-def _raw_key(request: Request) -> str | None:
-    authorization = request.headers.get("authorization")
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
-    return request.headers.get("x-api-key")
 
 
 def routes() -> list[BaseRoute]:

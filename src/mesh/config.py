@@ -31,9 +31,13 @@ DEFAULT_DATABASE = "sqlite:///./.mesh/mesh.db"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 ENV_PREFIX = "MESH_"
 DEFAULT_REDIS_PREFIX = "mesh:"
+# Sampling knobs and the chat template's keyword arguments (enable_thinking): nothing that
+# loads code, reorders the engine's queue or compiles a grammar.
+DEFAULT_ENGINE_EXTENSIONS = ("min_p", "repetition_penalty", "chat_template_kwargs")
 
 
 class ConfigError(Exception):
@@ -115,6 +119,22 @@ class ModelConfig(_Frozen):
     fallbacks: tuple[str, ...] = ()
     reasoning: bool = False
     tools: bool = True
+    # Engine request extensions (vLLM/SGLang fields beyond the OpenAI schema) clients may
+    # send for this model; any other known extension is refused with a 400, unknown fields
+    # are dropped (protocols/extensions.py).
+    engine_extensions: tuple[str, ...] = DEFAULT_ENGINE_EXTENSIONS
+    # Whether GPU nodes (mesh worker) may add replicas to a model this file serves.
+    allow_workers: bool | None = None  # None: workers.allow_static
+
+    @field_validator("engine_extensions")
+    @classmethod
+    def _known_extensions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from mesh.protocols.extensions import KNOWN_EXTENSIONS
+
+        unknown = sorted(set(v) - KNOWN_EXTENSIONS)
+        if unknown:
+            raise ValueError(f"unknown engine extensions: {', '.join(unknown)}")
+        return v
 
 
 class ServerConfig(_Frozen):
@@ -124,6 +144,17 @@ class ServerConfig(_Frozen):
     public_url: str | None = None  # what the console and quick start show
     # /metrics names replicas by their internal URLs: by default only the admin key reads it.
     metrics_public: bool = False
+    # Connection limits at the edge (http/server.py), per gateway process.
+    max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)  # request line + headers: 431 past it
+    header_timeout: float = Field(default=10.0, gt=0)  # from a request's first byte to the end of its headers
+    keepalive_timeout: float = Field(default=5.0, gt=0)  # idle time between requests on one connection
+    max_connections: int = Field(default=2048, ge=1)  # open connections; more are answered 503 and closed
+    # A client that reads nothing of its response for this long is dropped; its engine
+    # request is cancelled and billed for what was generated.
+    write_timeout: float = Field(default=30.0, gt=0)
+    # Addresses whose X-Forwarded-For / X-Forwarded-Proto are believed (your reverse proxy);
+    # "*" trusts everyone, which is only right when nothing can reach Mesh but the proxy.
+    forwarded_allow_ips: str = "127.0.0.1"
 
 
 class RoutingConfig(_Frozen):
@@ -184,8 +215,9 @@ class LimitsConfig(_Frozen):
 class LoggingConfig(_Frozen):
     level: str = "INFO"
     json_logs: bool = Field(default=True, alias="json")
-    # Prompts and completions are never logged unless the operator turns this on.
-    log_content: bool = False
+    # Mesh never logs prompts or completions. Accepted as false only, so that old files
+    # that spell it out still load and none believes it can be turned on.
+    log_content: Literal[False] = False
 
 
 class WorkerToken(_Frozen):
@@ -195,6 +227,22 @@ class WorkerToken(_Frozen):
     token: str | None = Field(default=None, min_length=16)
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # keep only a hash in the file
     models: tuple[str, ...] = ("*",)  # "*" = any model
+    # Where its engines may be: networks ("10.0.0.0/8") or host names. Empty: only the
+    # worker's own source address (or a name resolving to it).
+    allow: tuple[str, ...] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for entry in v:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not a network") from None
+        return v
 
     @model_validator(mode="after")
     def _one_secret(self) -> WorkerToken:
@@ -209,6 +257,12 @@ class WorkersConfig(_Frozen):
     # A replica whose heartbeats stopped this long ago leaves the pool.
     dead_after: float = Field(default=15.0, gt=0)
     sync_interval: float = Field(default=1.0, gt=0)  # how often each gateway process reads the registry
+    # Whether workers may add replicas to models the config file serves with its own engines
+    # (models[].allow_workers overrides per model). Models listed without engines, and
+    # catalog models, are there for workers and always open to them.
+    allow_static: bool = False
+    # A worker replica that reported impossible usage stays out for this long.
+    quarantine_seconds: float = Field(default=3600.0, gt=0)
 
 
 class CreditPack(_Frozen):
@@ -234,6 +288,9 @@ class PaymentsConfig(_Frozen):
     provider: Literal["none", "test", "stripe"] = "none"
     stripe_secret_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None  # test: derived from the console secret if unset
+    # The test provider on a non-loopback address lets anyone mint credits: mesh serve
+    # refuses it unless this says the operator means it.
+    allow_test_provider: bool = False
     packs: tuple[CreditPack, ...] = DEFAULT_CREDIT_PACKS
 
     @model_validator(mode="after")
@@ -249,10 +306,13 @@ class ConsoleConfig(_Frozen):
     """The web console under ``/console``."""
 
     enabled: bool = True
-    # Signs CSRF tokens of signed-out forms and flash messages, and derives playground keys.
-    # Unset: generated once and kept in the database, shared by every gateway replica.
+    # Signs CSRF tokens of signed-out forms, flash messages and the test provider's webhook.
+    # Never stored in the database. Unset: read from secret_file, which is generated when
+    # missing (fine for one host; several gateway hosts must share one secret).
     secret: SecretStr | None = None
-    secure_cookies: bool | None = None  # None: Secure when the request came over https
+    secret_file: str = ".mesh/console-secret"
+    # None: Secure when public_url (else the request) is https.
+    secure_cookies: bool | None = None
     session_hours: int = Field(default=14 * 24, ge=1)
     allow_signup: bool = True
     admins: tuple[str, ...] = ()  # emails of operators (also: mesh console make-admin EMAIL)

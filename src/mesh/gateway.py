@@ -93,6 +93,7 @@ class Gateway:
         )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
         self.workers = WorkerSync(settings, router, _registry(settings))
+        self.pipeline.usage_guard = self.workers.check_usage
         self.responses = ResponseStore(
             services.database, enabled=settings.responses.store, retention_days=settings.responses.retention_days
         )

@@ -26,10 +26,12 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.limits.policy import Scope
 from mesh.observability.metrics import Metrics
+from mesh.protocols.extensions import allow_extensions
 from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
@@ -106,6 +108,10 @@ class RequestContext:
         return None if self.first_token_at is None else int((self.first_token_at - self.started) * 1000)
 
 
+# (model, replica name, request as sent, prompt estimate, reported usage, context length)
+UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], None]
+
+
 def estimate_prompt_tokens(request: CanonicalRequest) -> int:
     size = 0
     images = 0
@@ -142,19 +148,12 @@ class Pipeline:
         self.ledger = ledger
         self._spawn = spawn
         self._models = {m.id: m for m in router.models()}
+        self.usage_guard: UsageGuard | None = None
 
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Any:
         """Bearer token or ``x-api-key``; raises AuthenticationFailed (401)."""
-        raw: str | None = None
-        if authorization:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer <key>'.")
-            raw = token.strip()
-        elif api_key:
-            raw = api_key.strip()
-        ctx.principal = await self.authenticator.authenticate(raw)
+        ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
         return ctx.principal
 
     # 2. resolve the model (after the protocol parsed the body) -------------------------------
@@ -169,8 +168,8 @@ class Pipeline:
         ctx.model = model
         ctx.model_id = model.id
         ctx.models = self._candidates(ctx, model, request)
-        if "models" in request.extra:
-            request = replace(request, extra={k: v for k, v in request.extra.items() if k != "models"})
+        # Only the engine extensions the operator enabled for this model reach its engines.
+        request = allow_extensions(request, model.engine_extensions)
         if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
             # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
             # room the prompt leaves: engines refuse prompt + max_tokens > context.
@@ -306,6 +305,10 @@ class Pipeline:
                     produced += 1
                 yield ev
             ctx.usage = usage
+            if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
+                # Usage a worker's engine could not have produced takes its replica out of rotation.
+                self.usage_guard(ctx.model.id, ctx.replica, ctx.request, ctx.prompt_estimate, usage,
+                                 ctx.model.context_length)
             await self._settle_now(ctx)
         except MeshError:
             ctx.status = "error"

@@ -79,9 +79,13 @@ class Browser:
         return await self.client.post(path, data=form)
 
     async def sign_up(self, email: str | None = None, password: str = PASSWORD) -> httpx.Response:
+        """Sign up, then sign in (sign-up answers alike for free and taken emails, so it
+        never starts a session); returns the sign-in's answer."""
         self.email = email or f"user-{secrets.token_hex(6)}@example.com"
         r = await self.post("/console/signup", {"email": self.email, "password": password,
                                                 "password_confirm": password}, token_from="/console/signup")
+        assert r.status_code == 303 and r.headers["location"] == "/console/signin", r.text
+        r = await self.sign_in(self.email, password)
         assert r.status_code == 303, r.text
         return r
 

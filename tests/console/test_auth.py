@@ -91,16 +91,27 @@ async def test_signup_shows_form_errors(browser: Browser, email: str, password: 
     assert "mesh_session" not in browser.client.cookies
 
 
-async def test_signup_refuses_a_taken_email(console_app: Starlette, browser: Browser) -> None:
+async def test_signup_does_not_reveal_registered_emails(console_app: Starlette, browser: Browser) -> None:
     await browser.sign_up()
-    other = Browser(console_app)
+    answers = []
+    for email in (browser.email.upper(), f"fresh-{secrets.token_hex(4)}@example.com"):
+        visitor = Browser(console_app)
+        try:
+            r = await visitor.post("/console/signup", {"email": email, "password": PASSWORD + "-other",
+                                                       "password_confirm": PASSWORD + "-other"})
+            flash = (await visitor.get("/console/signin")).text
+            answers.append((r.status_code, r.headers["location"], "mesh_session" in visitor.client.cookies,
+                            "Your account is ready" in flash))
+        finally:
+            await visitor.aclose()
+    assert answers[0] == answers[1] == (303, "/console/signin", False, True)
+    # The taken email's owner is untouched: the old password still works, the new one does not.
+    again = Browser(console_app)
     try:
-        r = await other.post("/console/signup", {"email": browser.email.upper(), "password": PASSWORD,
-                                                 "password_confirm": PASSWORD})
-        assert r.status_code == 400
-        assert "already exists" in r.text
+        assert (await again.sign_in(browser.email, PASSWORD + "-other")).status_code == 400
+        assert (await again.sign_in(browser.email)).status_code == 303
     finally:
-        await other.aclose()
+        await again.aclose()
 
 
 async def test_session_cookie_is_httponly_lax_and_scoped(browser: Browser) -> None:
@@ -116,12 +127,12 @@ async def test_session_cookie_is_httponly_lax_and_scoped(browser: Browser) -> No
 async def test_session_cookie_is_secure_over_https(console_app: Starlette) -> None:
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=console_app), base_url="https://testserver")
     try:
-        page = await client.get("/console/signup")
-        token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
         email = f"tls-{secrets.token_hex(4)}@example.com"
-        r = await client.post("/console/signup", data={"email": email, "password": PASSWORD,
-                                                       "password_confirm": PASSWORD, "csrf_token": token})
-        assert r.status_code == 303
+        for path, form in (("/console/signup", {"password_confirm": PASSWORD}), ("/console/signin", {})):
+            page = await client.get(path)
+            token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+            r = await client.post(path, data={"email": email, "password": PASSWORD, "csrf_token": token, **form})
+            assert r.status_code == 303
         cookie = next(v for v in r.headers.get_list("set-cookie") if v.startswith("mesh_session="))
         assert "secure" in cookie.lower()
     finally:
@@ -180,17 +191,25 @@ async def test_signin_is_throttled_per_email(console_app: Starlette, customer: B
         await other_ip.aclose()
 
 
-async def test_signin_is_throttled_per_ip(console_app: Starlette, customer: Browser) -> None:
+async def test_a_throttled_address_still_signs_in_with_the_right_password(
+    console_app: Starlette, customer: Browser
+) -> None:
+    """20 failures from one address (a NAT: an attacker behind it) do not lock out the
+    people behind the same address; the attacker's further guesses are throttled."""
     attacker = Browser(console_app, ip="10.3.0.1")
+    neighbour = Browser(console_app, ip="10.3.0.1")
     try:
         for i in range(20):
             r = await attacker.sign_in(f"nobody-{i}@example.com", "guess")
             assert r.status_code == 400
-        r = await attacker.sign_in(customer.email)
-        assert r.status_code == 429
-        assert "Too many attempts" in r.text
+        r = await attacker.sign_in(customer.email, "guess")
+        assert r.status_code == 429 and "Too many attempts" in r.text
+        r = await neighbour.sign_in(customer.email)
+        assert r.status_code == 303 and r.headers["location"] == "/console/dashboard"
+        assert "mesh_session" in neighbour.client.cookies
     finally:
         await attacker.aclose()
+        await neighbour.aclose()
 
 
 async def test_signout_ends_the_session_for_good(console_app: Starlette, customer: Browser) -> None:
@@ -268,3 +287,27 @@ async def test_signups_are_limited_per_address(engine: EngineProcess, tmp_path: 
         finally:
             for b in (*visitors, elsewhere):
                 await b.aclose()
+
+
+async def test_static_files_carry_nosniff_and_a_csp(browser: Browser) -> None:
+    for name in ("console.css", "playground.js"):
+        r = await browser.get(f"/console/static/{name}")
+        assert r.status_code == 200, name
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+async def test_secure_cookie_follows_public_url(engine: EngineProcess, tmp_path: Path) -> None:
+    """Behind a TLS-terminating ingress the request looks like http; public_url says https."""
+    settings = console_settings(tmp_path, engine.base_url)
+    settings = settings.model_copy(update={"server": settings.server.model_copy(
+        update={"public_url": "https://mesh.example.com"})})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        b = Browser(app)  # plain http, as the proxy forwards it
+        try:
+            r = await b.get("/console/signin")
+        finally:
+            await b.aclose()
+    cookies = r.headers.get_list("set-cookie")
+    assert cookies and all("; secure" in c.lower() for c in cookies)

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from mesh.config import ConfigError, Settings, load_settings
+from mesh.config import ConfigError, ConsoleConfig, Settings, load_settings
 from mesh.console.routes import console_routes
-from mesh.console.secrets import derive, load_secret
-from mesh.store import Database
+from mesh.console.secrets import SecretError, derive, load_secret
 
 
 def settings(**console: object) -> Settings:
@@ -56,13 +55,24 @@ def test_disabled_console_has_no_routes() -> None:
     assert console_routes(settings())
 
 
-async def test_generated_secret_is_stored_once_and_shared(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path}/mesh.db")
-    try:
-        await db.migrate()
-        first = await load_secret(db, None)
-        assert len(first) == 64 and await load_secret(db, None) == first
-        assert await load_secret(db, SecretStr("c" * 32)) == b"c" * 32
-    finally:
-        await db.aclose()
+def test_generated_secret_is_a_private_file_never_the_database(tmp_path: Path) -> None:
+    path = tmp_path / ".mesh" / "console-secret"
+    config = ConsoleConfig(secret_file=str(path))
+    first = load_secret(config)
+    assert len(first) == 64 and load_secret(config) == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().strip().encode() == first
+    assert load_secret(ConsoleConfig(secret=SecretStr("c" * 32), secret_file=str(path))) == b"c" * 32
+    path.write_text("short\n")
+    with pytest.raises(SecretError, match="at least 32"):
+        load_secret(config)
     assert derive(first, "a", "x") != derive(first, "b", "x") != derive(first, "a", "y")
+
+
+def test_content_logging_cannot_be_turned_on(tmp_path: Path) -> None:
+    """Mesh never logs prompts or completions; the old switch is accepted only as false."""
+    assert Settings.model_validate({"logging": {"log_content": False}}).logging.log_content is False
+    path = tmp_path / "mesh.yaml"
+    path.write_text("logging:\n  log_content: true\n")
+    with pytest.raises(ConfigError, match=r"logging\.log_content"):
+        load_settings(path, environ={})

@@ -102,3 +102,43 @@ async def test_playground_page_lists_models(customer: Browser) -> None:
     assert page.status_code == 200
     assert '<option value="test-reasoner" selected>' in page.text
     assert "/console/static/playground.js" in page.text
+
+
+async def test_playground_key_is_not_derivable_from_a_database_dump(console_app: Starlette, customer: Browser) -> None:
+    """An attacker with every row of every table (and the old HMAC(secret, key id) recipe)
+    gets no key that answers."""
+    import base64
+    import hashlib
+    import hmac
+
+    from sqlalchemy import MetaData, select
+
+    from mesh.accounts.keys import KEY_SCHEME, PREFIX_LENGTH
+    from mesh.errors import AuthenticationFailed
+
+    account_id = await account_of(customer)
+    await grant(console_app, account_id, "1")
+    assert (await chat(customer)).status_code == 200
+    gateway = console_app.state.gateway
+    [key] = [k for k in await gateway.services.accounts.list_keys(account_id) if k.name == PLAYGROUND_KEY_NAME]
+    db = gateway.services.database
+    dump: list[str] = []
+    async with db.read() as conn:
+        meta = MetaData()
+        await conn.run_sync(meta.reflect)
+        for table in meta.sorted_tables:
+            for row in (await conn.execute(select(table))).all():
+                dump.extend(str(v) for v in row if v is not None)
+    assert not any(v.startswith(KEY_SCHEME) and len(v) > PREFIX_LENGTH for v in dump)  # prefixes only
+    candidates = set(dump)
+    for value in list(candidates):  # the old recipe: HMAC(a stored secret, the key id)
+        mac = hmac.new(value.encode(), f"playground-key\x00{key.id}".encode(), hashlib.sha256).digest()
+        candidates.add(KEY_SCHEME + base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
+    for candidate in candidates:
+        if candidate.startswith(KEY_SCHEME):
+            try:
+                await gateway.services.authenticator.authenticate(candidate)
+            except AuthenticationFailed:
+                continue
+            raise AssertionError("a key taken from the database dump answered")
+    assert console_app.state.gateway is gateway and key.revoked_at is None  # the real key still works

@@ -165,7 +165,7 @@ def test_gateway_deployment() -> None:
     # The admin key and database URL come from the Secret, never from the ConfigMap.
     assert c["envFrom"] == [{"secretRef": {"name": "mesh-gateway"}}]
     (secret,) = [d for d in docs_of_kind("Secret") if d["metadata"]["name"] == "mesh-gateway"]
-    assert set(secret["stringData"]) == {"MESH_ADMIN_KEY", "MESH_DATABASE"}
+    assert set(secret["stringData"]) == {"MESH_ADMIN_KEY", "MESH_DATABASE", "MESH_CONSOLE__SECRET"}
     assert secret["stringData"]["MESH_DATABASE"].startswith("postgresql+asyncpg://")
     config = _config_map_yaml()
     assert "admin_key" not in config and "database" not in config

@@ -23,10 +23,12 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.config = {"admin_key": ADMIN_KEY, "logging": {"level": "WARNING"}, **config}
         self.workdir = workdir
         self.env = env or {}
+        self.args = args  # more `mesh serve` options, e.g. ("--workers", "2")
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_path = workdir / f"mesh-{self.port}.yaml"
@@ -46,7 +48,8 @@ class GatewayProcess:
         env.pop("MESH_CONFIG", None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "--config", str(self.config_path), "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "mesh", "--config", str(self.config_path), "serve", "--port", str(self.port),
+                 *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

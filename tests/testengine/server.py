@@ -46,6 +46,7 @@ class EngineOptions:
     name: str = "testengine"
     chunk_delay_ms: float = 0.0
     max_model_len: int = 4096
+    usage_factor: int = 1  # > 1: a lying engine that reports this many times the real usage
 
     @classmethod
     def coerce(cls, options: Any = None) -> EngineOptions:
@@ -188,6 +189,10 @@ async def _chat(request: web.Request, tracker: Tracker) -> web.StreamResponse:
     model, budget = behaviour.validate(body, opts.models, opts.max_model_len)
     tracker.model = model
     plan = behaviour.plan_request(body, model, budget)
+    if opts.usage_factor != 1:
+        plan.prompt_tokens *= opts.usage_factor
+        for choice in plan.choices:
+            choice.completion_tokens *= opts.usage_factor
     d = plan.directives
     fault = st.take_fault()
     mode = fault.mode if fault else (d.fault if d.fault and valid_fault(d.fault) else None)
@@ -319,6 +324,7 @@ def parse_args(argv: list[str] | None = None) -> EngineOptions:
     p.add_argument("--name", default="testengine", help="replica name (stats, X-Testengine-Replica)")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--usage-factor", type=int, default=1, help="report this many times the real usage (a liar)")
     return EngineOptions.coerce(p.parse_args(argv))
 
 

@@ -41,6 +41,7 @@ from mesh.admin.views import account_json, balance_json, daily_json, entry_json,
 from mesh.billing.services import Services
 from mesh.billing.usage import daily_usage
 from mesh.errors import AuthenticationFailed, PermissionDenied
+from mesh.http.credentials import presented_credential
 from mesh.limits.policy import MAX_LIMIT
 
 PREFIX = "/admin/v1"
@@ -92,8 +93,8 @@ def check_admin(request: Request, admin_key: str | None) -> None:
     """Raise unless the request carries the configured admin key (constant-time compare)."""
     if not admin_key:
         raise PermissionDenied("The admin API is disabled: no admin_key is configured", code="admin_api_disabled")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_key.encode()):
+    token = presented_credential(request.headers.get("authorization")) or ""
+    if not hmac.compare_digest(token.encode(), admin_key.encode()):
         raise AuthenticationFailed("Invalid admin key", code="invalid_admin_key")
 
 

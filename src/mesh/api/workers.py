@@ -8,7 +8,10 @@
 
 Authenticated by ``Authorization: Bearer <worker token>`` — worker tokens are their own
 kind of credential (``workers.tokens`` in the config), separate from customer keys and the
-admin key, and each may register only the models it lists. Errors use OpenAI's shape.
+admin key, and each may register only the models it lists, only engines on its own
+address or its ``allow`` list (``workers/admission.py``), and models the config serves
+with its own engines only where the operator opened them (``workers.allow_static``).
+Errors use OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import hashlib
 import hmac
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -28,10 +31,12 @@ from mesh.config import WorkerToken
 from mesh.errors import AuthenticationFailed, ModelNotFound, NotFound, PermissionDenied
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
+from mesh.http.credentials import presented_credential
 from mesh.http.ids import prefixed
 from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
 from mesh.protocols.validation import loads_object, validate
+from mesh.workers.admission import check_engine_host, normalise_engine_url
 from mesh.workers.registry import Registration
 
 _MAX_BODY = 64 * 1024
@@ -46,12 +51,6 @@ class RegisterIn(BaseModel):
     # Which field the engine reads prior reasoning from (recent vLLM: "reasoning").
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
 
-    @field_validator("engine_url")
-    @classmethod
-    def _http(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("engine_url must be an http(s) URL")
-        return v.rstrip("/")
 
 
 class HeartbeatIn(BaseModel):
@@ -67,11 +66,10 @@ def _sha256(text: str) -> str:
 
 
 def worker_token(gw: Gateway, request: Request) -> WorkerToken:
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
+    presented = presented_credential(request.headers.get("authorization"))
+    if presented is None:
         raise AuthenticationFailed("Missing worker token.")
-    digest = _sha256(presented.strip())
+    digest = _sha256(presented)
     for tok in gw.settings.workers.tokens:
         expected = tok.token_sha256 or _sha256(tok.token or "")
         if hmac.compare_digest(digest, expected):
@@ -97,14 +95,29 @@ async def _body(request: Request) -> dict[str, Any]:
 async def register(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
     tok = worker_token(gw, request)
+    source = request.client.host if request.client else None
+    await gw.workers.registry.note_source(tok.name, source)
     body = validate(RegisterIn, await _body(request))
     if "*" not in tok.models and body.model not in tok.models:
         raise PermissionDenied(f"This worker token may not serve the model '{body.model}'.", param="model")
     if body.model not in gw.router.pools:
         raise ModelNotFound(f"The gateway offers no model '{body.model}'.", param="model")
+    static = gw.settings.model(body.model)
+    if static is not None and static.engines:
+        open_to_workers = static.allow_workers if static.allow_workers is not None else gw.settings.workers.allow_static
+        if not open_to_workers:
+            raise PermissionDenied(
+                f"The model '{body.model}' is served by the gateway's own engines and is closed to workers.",
+                param="model", code="model_closed_to_workers",
+            )
+    engine_url = normalise_engine_url(body.engine_url)
+    await check_engine_host(engine_url, source, tok.allow)
+    why = await gw.workers.registry.quarantined(tok.name, engine_url)
+    if why is not None:
+        raise PermissionDenied(f"This engine is out of rotation: {why}.", param="engine_url", code="quarantined")
     reg = Registration(
-        id=prefixed("wr_"), worker=tok.name, model=body.model, engine_url=body.engine_url,
-        engine_model=body.engine_model, capacity=body.capacity, reasoning_field=body.reasoning_field,
+        id=prefixed("wr_"), worker=tok.name, model=body.model, engine_url=engine_url,
+        engine_model=body.engine_model, capacity=body.capacity, reasoning_field=body.reasoning_field, source=source,
     )
     await gw.workers.registry.put(reg)
     await gw.workers.run_once()
@@ -114,6 +127,7 @@ async def register(request: Request, ctx: RequestContext) -> AnyResponse:
 
 async def _owned(gw: Gateway, request: Request) -> tuple[WorkerToken, Registration]:
     tok = worker_token(gw, request)
+    await gw.workers.registry.note_source(tok.name, request.client.host if request.client else None)
     reg = await gw.workers.registry.get(request.path_params["reg_id"])
     if reg is None or reg.worker != tok.name:
         raise NotFound("Unknown replica registration; register again.", code="registration_not_found")

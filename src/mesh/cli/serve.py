@@ -1,10 +1,13 @@
-"""``mesh serve``: run the gateway with uvicorn (uvloop + httptools)."""
+"""``mesh serve``: run the gateway with uvicorn (uvloop + httptools) and Mesh's edge limits."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import typer
+
+log = logging.getLogger("mesh.serve")
 
 
 def serve(
@@ -17,9 +20,9 @@ def serve(
     ),
 ) -> None:
     """Serve the API (OpenAI Chat, Responses, Anthropic Messages), the console and the admin API."""
-    import uvicorn
-
     from mesh.cli import _state
+    from mesh.cli.serve_checks import Refused, check
+    from mesh.http.server import EdgeLimits, run
     from mesh.observability.logging import configure
 
     if config is not None:
@@ -28,6 +31,13 @@ def serve(
     configure(settings.logging)
     host = host or settings.server.host
     port = port if port is not None else settings.server.port
+    try:
+        warnings = check(settings, host, workers)
+    except Refused as exc:
+        typer.echo(f"mesh serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for warning in warnings:
+        log.warning("%s", warning)
     if quickstart:
         from mesh.cli.quickstart import prepare
 
@@ -36,15 +46,11 @@ def serve(
     if config_path:
         # Worker processes load the same file through the factory below.
         os.environ["MESH_CONFIG"] = os.path.abspath(config_path)
-    uvicorn.run(
-        "mesh.app:app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=30,
+    srv = settings.server
+    edge = EdgeLimits(
+        max_header_bytes=srv.max_header_bytes, header_timeout=srv.header_timeout,
+        keepalive_timeout=srv.keepalive_timeout, max_connections=srv.max_connections,
+        write_timeout=srv.write_timeout,
     )
+    run("mesh.app:app_from_environment", host=host, port=port, workers=workers, edge=edge,
+        forwarded_allow_ips=srv.forwarded_allow_ips)

@@ -9,6 +9,8 @@ from mesh.console.passwords import normalize_email
 from mesh.console.users import SignUpError
 from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
 
+SIGNUP_DONE = "Your account is ready: sign in with your email and password."
+
 
 def _next_url(raw: str) -> str:
     """Only a path inside the console, never another site (``//evil`` or ``https://…``)."""
@@ -49,12 +51,15 @@ async def signup(page: Page) -> Response:
         errors = {"password_confirm": "The two passwords differ."}
         return page.render("signup.html", status=400, title="Create your account", errors=errors, email=email)
     try:
-        user = await page.bound.users.sign_up(email, password)
+        await page.bound.users.sign_up(email, password)
     except SignUpError as err:
         return page.render("signup.html", status=400, title="Create your account",
                            errors={err.field: err.message}, email=email)
-    page.console.signup_limiter.fail(ip)  # counts accounts created, not typos
-    return await _start_session(page, user.id, PREFIX + "/dashboard", "Welcome to Mesh! Your account is ready.")
+    # Counts every well-formed attempt, a taken email too: probing emails costs the budget.
+    page.console.signup_limiter.fail(ip)
+    # The same answer whether the email was free or taken (its owner signs in as usual):
+    # sign-up never says which emails are registered.
+    return page.redirect(PREFIX + "/signin", SIGNUP_DONE)
 
 
 async def signin_form(page: Page) -> Response:
@@ -68,18 +73,28 @@ async def signin(page: Page) -> Response:
     email = normalize_email(email_text) or email_text.strip().lower()[:254]
     ip = _client(page)
     console = page.console
-    wait = max(console.email_limiter.retry_after(email), console.ip_limiter.retry_after(ip))
+    wait = console.email_limiter.retry_after(email)
     if wait:
-        return page.render("signin.html", status=429, title="Sign in", email=email_text, next=nxt,
-                           error=f"Too many attempts, try again in {wait} s.")
+        return _too_many(page, email_text, nxt, wait)
+    # An address over its limit is not refused outright: many people may share it (a NAT,
+    # an office, a proxy whose headers are not trusted), and the right password still
+    # signs in. Its wrong guesses get the throttled answer; each email keeps its own limit.
+    ip_wait = console.ip_limiter.retry_after(ip)
     user = await page.bound.users.check_password(email_text, page.field("password"))
     if user is None:
         console.email_limiter.fail(email)
         console.ip_limiter.fail(ip)
+        if ip_wait:
+            return _too_many(page, email_text, nxt, ip_wait)
         return page.render("signin.html", status=400, title="Sign in", email=email_text, next=nxt,
                            error="Wrong email or password.")
     console.email_limiter.reset(email)
     return await _start_session(page, user.id, nxt)
+
+
+def _too_many(page: Page, email_text: str, nxt: str, wait: int) -> Response:
+    return page.render("signin.html", status=429, title="Sign in", email=email_text, next=nxt,
+                       error=f"Too many attempts, try again in {wait} s.")
 
 
 async def signout(page: Page) -> Response:

@@ -7,15 +7,15 @@ user's dedicated *playground key*, with ``stream`` and ``stream_options.include_
 on. So the playground takes exactly the public API's path (key cache, rate limits, credit
 hold, routing, settlement) and its requests show up in usage like any other.
 
-The playground key is an ordinary API key named "Playground" in the user's account (it
-shows in the key list, its spend is visible, revoking it is allowed: the next turn mints
-a new one). Its secret is never stored or sent anywhere: it is derived on demand as
-HMAC(console secret, key id), and only its hash is in ``api_keys`` as for every key.
+The playground key is an ordinary random API key named "Playground" in the user's account
+(it shows in the key list, its spend is visible, revoking it is allowed: the next turn
+mints a new one). Only its hash is in ``api_keys``, as for every key; its raw value stays
+in the memory of the gateway process that minted it, never in the database or the browser.
 """
 
 from __future__ import annotations
 
-import base64
+from datetime import timedelta
 from typing import Literal
 
 import orjson
@@ -26,16 +26,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
-from mesh.accounts.keys import KEY_SCHEME, hash_key, key_prefix, new_id
+from mesh.accounts.keys import generate_key, hash_key, key_prefix, new_id
 from mesh.api.chat import chat_completions
-from mesh.console.secrets import derive
 from mesh.console.tables import console_users
 from mesh.console.users import ConsoleUser
-from mesh.console.web import AnyResponse, Bound, Console, Page
+from mesh.console.web import AnyResponse, Bound, Console, HeldKey, Page
 from mesh.store import utcnow
 from mesh.store.tables import api_keys
 
 PLAYGROUND_KEY_NAME = "Playground"
+PLAYGROUND_KEY_TTL = timedelta(hours=24)
+PLAYGROUND_KEY_RENEW = timedelta(hours=1)  # mint a new key when the held one has less left
+PLAYGROUND_KEYS_HELD = 10_000  # users whose keys one process remembers (least recent dropped)
 MAX_CHAT_BYTES = 512 * 1024
 
 
@@ -53,45 +55,37 @@ class ChatIn(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
-def playground_secret(secret: bytes, key_id: str) -> str:
-    """The playground key for ``key_id``: a well-formed Mesh key derived from the secret."""
-    body = base64.urlsafe_b64encode(derive(secret, "playground-key", key_id)).rstrip(b"=").decode()
-    return KEY_SCHEME + body
-
-
 async def playground_key(bound: Bound, user: ConsoleUser) -> str:
-    """The user's playground key, minted when there is none that still works."""
+    """The user's playground key in this process, minted when there is none that still works.
+
+    A random key like any other, stored only as its hash; its raw value lives in this
+    process's memory alone, so nothing in the database (or a dump of it) yields it. Each
+    gateway process mints its own, expiring after :data:`PLAYGROUND_KEY_TTL`.
+    """
     db = bound.services.database
     now = utcnow()
+    held = bound.playground_keys.get(user.id)
+    if held is not None and held.expires_at - now > PLAYGROUND_KEY_RENEW:
+        async with db.read() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == held.key_id))).first()
+        if row is not None and row.account_id == user.account_id and row.revoked_at is None:
+            bound.playground_keys.move_to_end(user.id)
+            return held.raw
+    raw, key_id, expires_at = generate_key(), new_id("key"), now + PLAYGROUND_KEY_TTL
     async with db.write() as conn:
-        key_id = (
-            await conn.execute(
-                select(console_users.c.playground_key_id).where(console_users.c.id == user.id).with_for_update()
-            )
-        ).scalar_one_or_none()
-        if key_id:
-            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
-            raw = playground_secret(bound.secret, key_id)
-            if (
-                row is not None
-                and row.account_id == user.account_id
-                and row.revoked_at is None
-                and (row.expires_at is None or row.expires_at > now)
-                and row.key_hash == hash_key(raw)
-            ):
-                return raw
-        key_id = new_id("key")
-        raw = playground_secret(bound.secret, key_id)
         await conn.execute(
             insert(api_keys).values(
                 id=key_id, account_id=user.account_id, name=PLAYGROUND_KEY_NAME, prefix=key_prefix(raw),
-                key_hash=hash_key(raw), allowed_models=None, expires_at=None, spend_limit=None, spent=0, held=0,
-                revoked_at=None, last_used_at=None, created_at=now,
+                key_hash=hash_key(raw), allowed_models=None, expires_at=expires_at, spend_limit=None, spent=0,
+                held=0, revoked_at=None, last_used_at=None, created_at=now,
             )
         )
         await conn.execute(
             update(console_users).where(console_users.c.id == user.id).values(playground_key_id=key_id)
         )
+    bound.playground_keys[user.id] = HeldKey(key_id, raw, expires_at)
+    while len(bound.playground_keys) > PLAYGROUND_KEYS_HELD:
+        bound.playground_keys.popitem(last=False)
     return raw
 
 

@@ -1,7 +1,9 @@
 """Sign-in throttling: failed attempts per email and per client address, in process.
 
 A sliding window of one minute per key. Once a key has ``limit`` failures in the window,
-attempts are refused (even with the right password) until the oldest failure ages out.
+it is throttled until the oldest failure ages out: an email's sign-ins are refused (even
+with the right password); an address's wrong guesses are (its right passwords still sign
+in, as many people may share one address; console/auth_routes.py).
 In-process state is enough here: with N gateway replicas an attacker gets N times the
 budget, which still turns an online guessing attack into a crawl.
 """

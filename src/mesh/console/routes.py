@@ -15,6 +15,7 @@ from mesh.console.keys import keys_routes
 from mesh.console.operator import operator_routes
 from mesh.console.operator_fleet import fleet_routes
 from mesh.console.playground import playground_routes
+from mesh.console.static_headers import StaticHeaders
 from mesh.console.web import PREFIX, STATIC, Console, Page
 
 
@@ -28,7 +29,7 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
         return []
     console = Console(settings)
     return [
-        Mount(PREFIX + "/static", StaticFiles(directory=STATIC), name="console-static"),
+        Mount(PREFIX + "/static", StaticHeaders(StaticFiles(directory=STATIC)), name="console-static"),
         *auth_routes(console),
         *dashboard_routes(console),
         *billing_routes(console),

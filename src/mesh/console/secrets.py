@@ -1,47 +1,56 @@
 """The console secret and what is derived from it.
 
-The secret signs the CSRF tokens of signed-out forms and the flash-message cookie, and
-derives each user's playground key (see :mod:`mesh.console.playground`). It is the
-configured ``console.secret`` or, when none is configured, 32 random bytes generated on
-first use and kept in ``console_secrets`` so that every gateway replica on the database
-shares it. Rotating it invalidates those tokens and makes the playground mint new keys.
+The secret signs the CSRF tokens of signed-out forms, the flash-message cookie and (unless
+its own secret is configured) the test payment provider's webhook. It is never kept in
+the database, so that read access to the database yields nothing that signs: it is the
+configured ``console.secret`` (also ``MESH_CONSOLE__SECRET``), or the contents of
+``console.secret_file``, which is generated (32 random bytes, hex, mode 0600) when it
+does not exist yet, as the quick start needs. Several gateway hosts must share one
+secret: production configs set it (deploy/ reads it from a file or the environment).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import secrets
+from pathlib import Path
 
-from pydantic import SecretStr
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from mesh.config import ConsoleConfig
 
-from mesh.console.tables import console_secrets
-from mesh.store import Database, utcnow
+log = logging.getLogger("mesh.console")
 
-SECRET_NAME = "console"
+MIN_SECRET_CHARS = 32
 
 
-async def load_secret(db: Database, configured: SecretStr | None) -> bytes:
-    """The configured secret, or the one stored in the database (created on first call)."""
-    if configured is not None:
-        return configured.get_secret_value().encode()
-    async with db.read() as conn:
-        found = (await conn.execute(select(console_secrets.c.value).where(console_secrets.c.name == SECRET_NAME)))
-        value = found.scalar_one_or_none()
-    if value is None:
+class SecretError(Exception):
+    """The console secret cannot be read; the message says where it was looked for."""
+
+
+def load_secret(config: ConsoleConfig) -> bytes:
+    """The configured secret, else the secret file's (created if missing). Raises :class:`SecretError`."""
+    if config.secret is not None:
+        return config.secret.get_secret_value().encode()
+    path = Path(config.secret_file)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            async with db.write() as conn:
-                await conn.execute(
-                    insert(console_secrets).values(name=SECRET_NAME, value=secrets.token_hex(32), created_at=utcnow())
-                )
-        except IntegrityError:
-            pass  # another replica created it first: read theirs
-        async with db.read() as conn:
-            found = await conn.execute(select(console_secrets.c.value).where(console_secrets.c.name == SECRET_NAME))
-            value = found.scalar_one()
-    return str(value).encode()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another gateway process created it first: read theirs
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            log.warning("generated a console secret in %s; set console.secret or secret_file for production", path)
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise SecretError(f"cannot read the console secret file {path}: {exc.strerror or exc}") from None
+    if len(value) < MIN_SECRET_CHARS:
+        raise SecretError(f"the console secret in {path} must be at least {MIN_SECRET_CHARS} characters")
+    return value.encode()
 
 
 def derive(secret: bytes, purpose: str, data: str = "") -> bytes:

@@ -57,10 +57,12 @@ class Users:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def sign_up(self, email_text: str, password: str) -> ConsoleUser:
+    async def sign_up(self, email_text: str, password: str) -> ConsoleUser | None:
         """Create an account named after the email and its first user, in one transaction.
 
-        Raises :class:`SignUpError` for a bad email, a weak password or a taken email.
+        Returns None when the email is taken, after the same work (a password hash) as a
+        sign-up, so that neither the answer nor its timing says the email is registered.
+        Raises :class:`SignUpError` for a bad email or a weak password.
         """
         email = normalize_email(email_text)
         if email is None:
@@ -68,9 +70,9 @@ class Users:
         problem = password_problem(password)
         if problem:
             raise SignUpError("password", problem)
-        if await self.by_email(email) is not None:
-            raise SignUpError("email", "An account with this email already exists. Sign in instead.")
         password_hash = await hash_password(password)
+        if await self.by_email(email) is not None:
+            return None
         now = utcnow()
         account_id = new_id("acct")
         row = {
@@ -90,7 +92,7 @@ class Users:
                 )
                 await conn.execute(insert(console_users).values(**row))
         except IntegrityError:
-            raise SignUpError("email", "An account with this email already exists. Sign in instead.") from None
+            return None  # taken a moment ago, by a concurrent sign-up
         return user_from_row(SimpleNamespace(**row))
 
     async def by_email(self, email: str) -> ConsoleUser | None:

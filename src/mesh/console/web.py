@@ -21,9 +21,10 @@ import hmac
 import json
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -70,6 +71,15 @@ def _static_version() -> str:
     return digest.hexdigest()[:10]
 
 
+@dataclass(frozen=True, slots=True)
+class HeldKey:
+    """An API key whose raw value this process holds in memory (the playground's)."""
+
+    key_id: str
+    raw: str
+    expires_at: datetime
+
+
 @dataclass
 class Bound:
     """The console's services on one running gateway."""
@@ -79,6 +89,8 @@ class Bound:
     users: Users
     sessions: Sessions
     secret: bytes
+    # user id -> the playground key this process minted (console/playground.py)
+    playground_keys: OrderedDict[str, HeldKey] = field(default_factory=OrderedDict)
 
 
 class Console:
@@ -98,6 +110,8 @@ class Console:
         self.email_limiter = AttemptLimiter(self.config.signin_attempts_per_email)
         self.ip_limiter = AttemptLimiter(self.config.signin_attempts_per_ip)
         self.signup_limiter = AttemptLimiter(self.config.signups_per_ip_per_hour, window=3600)
+        # Read once at start (a missing or short secret stops the gateway there).
+        self.secret = load_secret(self.config) if self.config.enabled else b""
         self._bound: Bound | None = None
         self._lock = asyncio.Lock()
         stripe = self.config.payments.provider == "stripe"
@@ -116,7 +130,7 @@ class Console:
                     services=gateway.services,
                     users=Users(db),
                     sessions=Sessions(db, timedelta(hours=self.config.session_hours)),
-                    secret=await load_secret(db, self.config.secret),
+                    secret=self.secret,
                 )
             return self._bound
 
@@ -124,8 +138,13 @@ class Console:
         return user.is_admin or user.email in {a.strip().lower() for a in self.config.admins}
 
     def secure(self, request: Request) -> bool:
+        """Whether cookies carry ``Secure``: as configured, else as ``server.public_url``
+        says (behind a TLS-terminating proxy the request itself may look like http)."""
         if self.config.secure_cookies is not None:
             return self.config.secure_cookies
+        public_url = self.settings.server.public_url
+        if public_url:
+            return public_url.lower().startswith("https://")
         return request.url.scheme == "https"
 
     def route(self, path: str, handler: Handler, *,

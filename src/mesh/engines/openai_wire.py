@@ -193,9 +193,12 @@ def request_body(
     if req.continue_final:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
+    # ``extra`` holds only the extensions the model enables (protocols/extensions.py); never
+    # let one overwrite a field Mesh set, nor a template kwarg carry a template.
     for key, value in req.extra.items():
         if key == "chat_template_kwargs" and isinstance(value, dict):
-            body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **value}
+            kwargs = {k: v for k, v in value.items() if k != "chat_template"}
+            body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **kwargs}
         elif key not in body:
             body[key] = value
     return body

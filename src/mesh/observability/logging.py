@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line, with the request id where there is one.
 
-Prompts, completions and keys are never passed to a logger by Mesh's own code; the
-operator's ``logging.log_content`` switch is read where content could be logged.
+Prompts, completions and keys are never passed to a logger by Mesh's own code, and no
+setting turns content logging on (``logging.log_content`` accepts only false).
 """
 
 from __future__ import annotations

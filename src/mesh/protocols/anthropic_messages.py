@@ -17,9 +17,10 @@ Mapping choices (see docs/architecture.md and PROTOCOLS.md §4):
 * ``thinking`` blocks become :class:`ReasoningPart`\\ s (their signature is kept, never
   checked); replies carry thinking with an invented signature (``StreamMeta.signature``).
 * Server tools (a ``type`` other than ``custom``) are dropped; so are unknown top-level
-  fields (``context_management``, ``container``, ``mcp_servers``, …): nothing an engine
-  could use. ``thinking.type`` enabled/disabled sets ``ReasoningConfig.enabled``; adaptive
-  leaves the model's default; ``output_config.effort`` is the effort.
+  fields (``context_management``, ``container``, ``mcp_servers``, …) except the engine
+  extensions of ``protocols/extensions.py``, which the pipeline checks per model.
+  ``thinking.type`` enabled/disabled sets ``ReasoningConfig.enabled``; adaptive leaves the
+  model's default; ``output_config.effort`` is the effort.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from mesh.protocols.anthropic_errors import render_error
 from mesh.protocols.anthropic_render import StreamMeta, new_signature, render_response
 from mesh.protocols.anthropic_stream import encode_stream, with_pings
 from mesh.protocols.anthropic_wire import invalid
+from mesh.protocols.extensions import keep_known
 from mesh.protocols.validation import loads_object
 
 __all__ = [
@@ -96,8 +98,9 @@ def parse_count_request(body: bytes) -> CanonicalRequest:
 
 
 def _canonical(req: w.MessagesRequestIn) -> tuple[CanonicalRequest, MessagesOptions]:
-    if req.model_extra:
-        log.debug("ignoring unknown fields: %s", sorted(req.model_extra))
+    extra, dropped = keep_known(req.model_extra or {})
+    if dropped:
+        log.debug("ignoring unknown fields: %s", dropped)
     tools = _tools(req.tools)
     tool_choice, parallel = _tool_choice(req.tool_choice, tools)
     reasoning, omit = _reasoning(req)
@@ -122,6 +125,7 @@ def _canonical(req: w.MessagesRequestIn) -> tuple[CanonicalRequest, MessagesOpti
         reasoning=reasoning,
         user=req.metadata.user_id if req.metadata else None,
         continue_final=continue_final,
+        extra=extra,
     )
     return canonical, MessagesOptions(omit_thinking=omit)
 

@@ -41,6 +41,7 @@ from mesh.canonical import (
 )
 from mesh.errors import InternalError, InvalidRequest, MeshError
 from mesh.protocols import openai_chat_wire as w
+from mesh.protocols.extensions import keep_known
 from mesh.protocols.openai_errors import render_error, stream_error_event
 from mesh.protocols.validation import loads_object, validate
 
@@ -78,10 +79,10 @@ def parse_request(body: bytes) -> tuple[CanonicalRequest, ChatOptions]:
         Tool(t.function.name, t.function.description, t.function.parameters, t.function.strict)
         for t in req.tools or ()
     )
-    extra = dict(req.model_extra or {})
-    if extra:
-        log.debug("passing through unknown fields: %s", sorted(extra))
-    top_k = extra.pop(_TOP_K, None)
+    extra, dropped = keep_known(req.model_extra or {})
+    if dropped:
+        log.debug("ignoring unknown fields: %s", dropped)
+    top_k = (req.model_extra or {}).get(_TOP_K)
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
         raise InvalidRequest("Invalid value for 'top_k': expected an integer.", param="top_k")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())

@@ -1,7 +1,8 @@
 """Pydantic models of the Chat Completions request, as openai-python's types define it.
 
-Unknown top-level fields are kept (``extra="allow"``) and passed to engines that accept
-them; unknown fields inside messages and parts are ignored.
+Unknown top-level fields are kept (``extra="allow"``); the protocol keeps only the known
+engine extensions among them (``protocols/extensions.py``), which the pipeline checks
+against the model's allow-list. Unknown fields inside messages and parts are ignored.
 """
 
 from __future__ import annotations

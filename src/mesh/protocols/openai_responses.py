@@ -36,6 +36,7 @@ from mesh.canonical import (
 )
 from mesh.errors import InvalidRequest
 from mesh.protocols import openai_responses_wire as w
+from mesh.protocols.extensions import keep_known
 from mesh.protocols.openai_errors import render_error
 from mesh.protocols.openai_responses_items import (
     parse_item,
@@ -64,10 +65,6 @@ log = logging.getLogger("mesh.protocols.openai_responses")
 
 INCLUDE_ENCRYPTED_REASONING = "reasoning.encrypted_content"
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
-# Unknown top-level fields kept on the canonical request: vLLM/SGLang extras that
-# ``extra_body`` may carry to the engine, and Mesh's ``models`` fallback list (the pipeline
-# reads it). Every other unknown field is ignored.
-ENGINE_EXTRAS = ("min_p", "repetition_penalty", "chat_template_kwargs", "models")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +119,12 @@ def parse_request(body: bytes) -> ResponsesCall:
     items = parse_items(req.input)
     declared = parse_tools(req.tools)
     tools, choice = _tools_and_choice(req.tool_choice, declared)
-    extra = dict(req.model_extra or {})
-    top_k = extra.pop("top_k", None)
+    top_k = (req.model_extra or {}).get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
         raise InvalidRequest("Invalid value for 'top_k': expected an integer.", param="top_k")
-    ignored = sorted(k for k in extra if k not in ENGINE_EXTRAS)
+    kept, ignored = keep_known({k: v for k, v in (req.model_extra or {}).items() if k != "top_k"})
     if ignored:
         log.debug("ignoring unknown fields: %s", ignored)
-    kept = {k: v for k, v in extra.items() if k in ENGINE_EXTRAS}
     return ResponsesCall(req, items, tools, declared, choice, top_k, kept)
 
 

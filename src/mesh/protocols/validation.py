@@ -11,6 +11,10 @@ from mesh.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
 
+# Deepest nesting a body may have. Real tool schemas stay far below; orjson refuses to
+# serialise past 255 levels, so a deeper body would fail later, on the way to the engine.
+MAX_JSON_DEPTH = 64
+
 
 def loads_object(body: bytes) -> dict[str, Any]:
     """Parse a JSON object body or raise :class:`InvalidRequest`."""
@@ -22,7 +26,23 @@ def loads_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _too_deep(data, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
     return data
+
+
+def _too_deep(data: Any, limit: int) -> bool:
+    """Whether any container sits more than ``limit`` levels down (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
 
 
 def param_path(loc: tuple[int | str, ...], data: Any = None) -> str:

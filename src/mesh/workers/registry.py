@@ -28,6 +28,8 @@ class Registration:
     running: int | None = None
     waiting: int | None = None
     last_seen: float = 0.0
+    source: str | None = None  # the address the worker registered from
+    quarantined: str | None = None  # why the replica is out of rotation (usage out of bounds)
 
 
 class WorkerRegistry(Protocol):
@@ -44,13 +46,35 @@ class WorkerRegistry(Protocol):
 
     async def live(self) -> list[Registration]: ...
 
+    async def quarantine(self, reg: Registration, reason: str, ttl: float) -> None:
+        """Take ``reg`` out of rotation and refuse its worker's engine URL for ``ttl`` seconds."""
+        ...
+
+    async def quarantined(self, worker: str, engine_url: str) -> str | None:
+        """Why ``worker`` may not register ``engine_url`` now, or None."""
+        ...
+
+    async def note_source(self, worker: str, source: str | None) -> None:
+        """Remember the address a worker token was last used from."""
+        ...
+
+    async def sources(self) -> dict[str, tuple[str, float]]:
+        """Each worker token's last source address and when (epoch seconds)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def _bad_key(worker: str, engine_url: str) -> str:
+    return f"{worker}|{engine_url}"
 
 
 class MemoryRegistry:
     def __init__(self, dead_after: float) -> None:
         self.dead_after = dead_after
         self._regs: dict[str, Registration] = {}
+        self._bad: dict[str, tuple[str, float]] = {}  # worker|url -> (reason, until)
+        self._sources: dict[str, tuple[str, float]] = {}
 
     def _alive(self, reg: Registration) -> bool:
         return time.time() - reg.last_seen < self.dead_after
@@ -80,6 +104,21 @@ class MemoryRegistry:
             del self._regs[reg_id]
         return list(self._regs.values())
 
+    async def quarantine(self, reg: Registration, reason: str, ttl: float) -> None:
+        self._bad[_bad_key(reg.worker, reg.engine_url)] = (reason, time.time() + ttl)
+        if reg.id in self._regs:
+            self._regs[reg.id] = replace(self._regs[reg.id], quarantined=reason)
+
+    async def quarantined(self, worker: str, engine_url: str) -> str | None:
+        found = self._bad.get(_bad_key(worker, engine_url))
+        return found[0] if found and found[1] > time.time() else None
+
+    async def note_source(self, worker: str, source: str | None) -> None:
+        self._sources[worker] = (source or "unknown", time.time())
+
+    async def sources(self) -> dict[str, tuple[str, float]]:
+        return dict(self._sources)
+
     async def aclose(self) -> None:
         return None
 
@@ -93,6 +132,8 @@ class RedisRegistry:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
         self._set = f"{prefix}workers"
         self._prefix = f"{prefix}worker:"
+        self._bad = f"{prefix}worker-bad:"
+        self._sources = f"{prefix}worker-sources"
 
     async def _write(self, reg: Registration) -> None:
         ttl_ms = max(1, int(self.dead_after * 1000))
@@ -133,6 +174,27 @@ class RedisRegistry:
         if gone:
             await self._redis.srem(self._set, *gone)
         return [_decode(raw) for raw in raws if raw is not None]
+
+    async def quarantine(self, reg: Registration, reason: str, ttl: float) -> None:
+        await self._redis.set(self._bad + _bad_key(reg.worker, reg.engine_url), reason, px=max(1, int(ttl * 1000)))
+        current = await self.get(reg.id)
+        if current is not None:
+            await self._write(replace(current, quarantined=reason))
+
+    async def quarantined(self, worker: str, engine_url: str) -> str | None:
+        raw = await self._redis.get(self._bad + _bad_key(worker, engine_url))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def note_source(self, worker: str, source: str | None) -> None:
+        await self._redis.hset(self._sources, worker, orjson.dumps([source or "unknown", time.time()]))
+
+    async def sources(self) -> dict[str, tuple[str, float]]:
+        raw = await self._redis.hgetall(self._sources)
+        out: dict[str, tuple[str, float]] = {}
+        for k, v in raw.items():
+            addr, at = orjson.loads(v)
+            out[k.decode() if isinstance(k, bytes) else str(k)] = (str(addr), float(at))
+        return out
 
     async def aclose(self) -> None:
         await self._redis.aclose()

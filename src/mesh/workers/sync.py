@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
+from mesh.canonical import CanonicalRequest, Usage
 from mesh.config import OpenAIEngineConfig, Settings
 from mesh.engines.openai_compat import OpenAIEngine
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.replica import Replica
 from mesh.routing.router import Router
+from mesh.workers.bounds import out_of_bounds
 from mesh.workers.registry import Registration, WorkerRegistry
 
 log = logging.getLogger("mesh.workers")
@@ -31,6 +35,7 @@ class WorkerSync:
         self.registry = registry
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[None]] = set()
 
     def _replica(self, reg: Registration) -> Replica:
         rc = self.settings.routing
@@ -62,17 +67,43 @@ class WorkerSync:
                         if replica.in_flight == 0:
                             await replica.engine.aclose()
                         continue
-                    replica.up = reg.healthy
+                    replica.up = reg.healthy and reg.quarantined is None
                     replica.reported_load = reg.load
             for reg in regs.values():
                 target = self.router.pools.get(reg.model)
                 if target is None:
                     continue  # the API refuses unknown models; a config change may have removed it
                 replica = self._replica(reg)
-                replica.up = reg.healthy
+                replica.up = reg.healthy and reg.quarantined is None
                 replica.reported_load = reg.load
                 target.add(replica)
                 log.info("worker replica %s joined model %s", replica.name, reg.model)
+
+    def check_usage(self, model: str, replica_name: str | None, request: CanonicalRequest, prompt_estimate: int,
+                    usage: Usage, context_length: int | None) -> None:
+        """Take a worker replica out of rotation (on every gateway process, through the
+        registry) when the usage its engine reported cannot be true for the request."""
+        pool = self.router.pools.get(model)
+        replica = next((r for r in pool.replicas if r.name == replica_name), None) if pool else None
+        reg_id = replica.labels.get(LABEL) if replica is not None else None
+        if replica is None or reg_id is None:
+            return  # a static replica: the operator's own engine
+        reason = out_of_bounds(request, prompt_estimate, usage, context_length)
+        if reason is None:
+            return
+        replica.up = False
+        log.warning("worker replica %s of model %s taken out of rotation: %s", replica.name, model, reason)
+        self._spawn(self._quarantine(reg_id, reason))
+
+    async def _quarantine(self, reg_id: str, reason: str) -> None:
+        reg = await self.registry.get(reg_id)
+        if reg is not None:
+            await self.registry.quarantine(reg, reason, self.settings.workers.quarantine_seconds)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def start(self) -> None:
         if self._task is None:
@@ -87,6 +118,8 @@ class WorkerSync:
             await asyncio.sleep(self.settings.workers.sync_interval)
 
     async def aclose(self) -> None:
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

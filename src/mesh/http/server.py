@@ -1,0 +1,189 @@
+"""The HTTP server at the edge: uvicorn's httptools protocol plus the limits it lacks.
+
+uvicorn (0.55, httptools) has no header size limit (``h11_max_incomplete_event_size``
+binds only its h11 protocol), no timer on a connection that has not finished its
+headers (so idle and slowloris connections stay open for ever), answers a connection
+cap only per request with 503, and waits for ever on a client that stops reading. This
+subclass adds, per process (``server.*`` in the config):
+
+* ``max_header_bytes``: request line and headers larger than this get a 431 and the
+  connection is closed, counted as bytes arrive (an unfinished 20 MB header never
+  accumulates);
+* ``header_timeout``: a connection that has not completed a request's headers this long
+  after it opened or after the request's first byte is closed (idle and slowloris);
+* ``keepalive_timeout``: uvicorn's idle timer between requests;
+* ``max_connections``: a connection beyond this is answered 503 and closed at once;
+* ``write_timeout``: a response the client has not read for this long is abandoned: the
+  connection is aborted, which the application sees as a disconnect (the engine request
+  is cancelled and billed for what was generated, ``http/streaming.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn import Config, Server
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
+
+log = logging.getLogger("mesh.http")
+
+_END_OF_HEADERS = b"\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    max_header_bytes: int = 32 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    max_connections: int = 2048
+    write_timeout: float = 30.0
+
+
+def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
+    body = orjson.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    )
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class MeshConfig(Config):
+    """uvicorn's config plus Mesh's :class:`EdgeLimits` (pickled to worker processes with it)."""
+
+    def __init__(self, app: Any, *, edge: EdgeLimits, **kwargs: Any) -> None:
+        super().__init__(app, http=MeshHttpProtocol, timeout_keep_alive=int(edge.keepalive_timeout) or 1, **kwargs)
+        self.edge = edge
+
+
+class MeshHttpProtocol(HttpToolsProtocol):
+    def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.edge: EdgeLimits = getattr(config, "edge", EdgeLimits())
+        self.timeout_keep_alive = self.edge.keepalive_timeout  # type: ignore[assignment]  # a float works
+        self._header_bytes = 0
+        self._headers_done = False
+        self._tail = b""  # the last bytes seen, for an end of headers split across reads
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    # -- connection ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.edge.max_connections:
+            log.warning("connection refused: %d open, the cap is %d", len(self.connections) - 1,
+                        self.edge.max_connections)
+            transport.write(_raw_response(503, "Service Unavailable", "too_many_connections",
+                                          "The server has too many open connections; retry shortly."))
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel(self._header_timer)
+        self._cancel(self._write_timer)
+        self._header_timer = self._write_timer = None
+        super().connection_lost(exc)
+
+    # -- headers: size and time ----------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if not self._headers_done:
+            if self._header_timer is None:
+                self._arm_header_timer()
+            window = self._tail + data
+            end = window.find(_END_OF_HEADERS)
+            counted = len(data) if end < 0 else max(0, end + len(_END_OF_HEADERS) - len(self._tail))
+            self._header_bytes += counted
+            self._tail = window[-3:]
+            if self._header_bytes > self.edge.max_header_bytes:
+                self._refuse_headers()
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        self._cancel(self._header_timer)
+        self._header_timer = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The next request on this connection starts counting from zero.
+        self._headers_done = False
+        self._header_bytes = 0
+        self._tail = b""
+
+    def _refuse_headers(self) -> None:
+        log.warning("request headers over %d bytes refused (431)", self.edge.max_header_bytes)
+        self._cancel(self._header_timer)
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(
+                431, "Request Header Fields Too Large", "request_header_fields_too_large",
+                f"The request line and headers exceed {self.edge.max_header_bytes} bytes."))
+            self.transport.close()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel(self._header_timer)
+        self._header_timer = self.loop.call_later(self.edge.header_timeout, self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A response is still being written (a pipelined request is arriving): not idle.
+            self._arm_header_timer()
+            return
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # uvicorn's keep-alive timer now watches the idle connection.
+        self._cancel(self._header_timer)
+        self._header_timer = None
+
+    # -- clients that stop reading -------------------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.edge.write_timeout, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel(self._write_timer)
+        self._write_timer = None
+
+    def _write_timeout(self) -> None:
+        self._write_timer = None
+        if not self.transport.is_closing():
+            log.warning("client read nothing for %.0fs; dropping the connection", self.edge.write_timeout)
+            self.transport.abort()
+
+    @staticmethod
+    def _cancel(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+
+
+def run(app: str, *, host: str, port: int, workers: int, edge: EdgeLimits, forwarded_allow_ips: str) -> None:
+    """Serve ``app`` (an import string of a factory) as ``uvicorn.run`` would, with the limits."""
+    config = MeshConfig(
+        app, edge=edge, factory=True, host=host, port=port, workers=workers, loop="uvloop", access_log=False,
+        log_config=None, timeout_graceful_shutdown=30, forwarded_allow_ips=forwarded_allow_ips,
+    )
+    server = Server(config=config)
+    if workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
+    if not server.started and workers == 1:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE
