@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from sqlalchemy import text
+
 from mesh.billing.leases import LeasedLedger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
@@ -33,6 +35,8 @@ from mesh.workers.registry import MemoryRegistry, RedisRegistry, WorkerRegistry
 from mesh.workers.sync import WorkerSync
 
 log = logging.getLogger("mesh.gateway")
+
+READY_TIMEOUT = 2.0  # seconds the readiness check waits for the database
 
 
 def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
@@ -88,6 +92,7 @@ class Gateway:
             services.ledger, services.database, services.usage, flush_interval=settings.billing.lease_flush_interval,
             checkpoint_interval=settings.billing.checkpoint_interval, leases=settings.billing.leases,
         )
+        self.metrics.watch_billing(self.ledger)
         self.pipeline = Pipeline(
             settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
@@ -112,6 +117,17 @@ class Gateway:
         its accounts (tests, operators)."""
         await self.ledger.flush(release_all=True)
         await self.services.usage.flush()
+
+    async def readiness(self) -> dict[str, bool]:
+        """What ``/health/ready`` reports: the database answers (within a couple of
+        seconds) and billing writes are not failing."""
+        database = True
+        try:
+            async with asyncio.timeout(READY_TIMEOUT), self.services.database.read() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            database = False
+        return {"database": database, "billing": self.ledger.ready}
 
     def replicas(self) -> list[Replica]:
         return [r for pool in self.router.pools.values() for r in pool.replicas]
