@@ -34,6 +34,9 @@ from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
 
+# A stream whose engine reports no usage until the end checkpoints every this many deltas.
+_CHECKPOINT_DELTAS = 16
+
 class Authenticator(Protocol):
     async def authenticate(self, raw_key: str | None) -> Principal: ...
 
@@ -298,6 +301,9 @@ class Pipeline:
                         self.ledger.checkpoint(ctx.admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1
+                    if usage is None and ctx.admission is not None and produced % _CHECKPOINT_DELTAS == 0:
+                        # No usage from the engine yet: at least one token per delta so far.
+                        self.ledger.checkpoint(ctx.admission, Usage(output_tokens=produced))
                 yield ev
             ctx.usage = usage
             await self._settle_now(ctx)

@@ -14,7 +14,7 @@ from mesh.engines.embedded_model import resolve_gguf
 TEXTS = {
     "digits separated by spaces": " ".join(str(i % 10) for i in range(2000)),
     "digits": "".join(str(i * 7919 % 10) for i in range(2000)),
-    "chinese": "我们今天去公园散步，天气很好。" * 100,
+    "chinese": "我们今天去公园散步\uff0c天气很好\u3002" * 100,
     "japanese": "こんにちは世界、今日はいい天気ですね。" * 100,
     "korean": "안녕하세요 세계 오늘 날씨가 좋네요. " * 100,
     "punctuation": "!@#$%^&*()_+-=[]{};':\",./<>?`~|\\" * 60,
