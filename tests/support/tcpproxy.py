@@ -45,6 +45,7 @@ class TcpProxy:
         self.down()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
     def up(self) -> None:
         async def listen() -> None:
