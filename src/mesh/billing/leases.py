@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -80,7 +81,7 @@ class _Open:
     usage: Usage | None = None  # latest cumulative usage reported while streaming
     checkpointed: int = 0  # what checkpoints have queued so far
     checkpoints: int = 0
-    last_checkpoint: float = field(default_factory=time.monotonic)
+    last_checkpoint: float = 0.0  # set from the ledger's clock at admission
     charged: int = 0  # written to the ledger so far
     record: UsageRecord | None = None  # set at settlement, enqueued once its charge is written
 
@@ -109,8 +110,8 @@ class _Hold:
     closing: bool = False  # release what is left once the pending charges are written
     closed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_used: float = field(default_factory=time.monotonic)
-    touched: float = field(default_factory=time.monotonic)
+    last_used: float = 0.0  # times from the ledger's clock
+    touched: float = 0.0
 
     @property
     def free(self) -> int:
@@ -132,6 +133,7 @@ class LeasedLedger:
         stale_after: float = 60.0,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         leases: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.db = db
@@ -141,6 +143,7 @@ class LeasedLedger:
         self.stale_after = stale_after
         self.checkpoint_interval = checkpoint_interval
         self.leases = leases
+        self._clock = clock
         self.process = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.failed_rows = 0  # charges dropped after failing on their own (metric)
         self._leases: dict[str, _Hold] = {}
@@ -152,6 +155,10 @@ class LeasedLedger:
         self._last_sweep = 0.0
         self._serial = 0
         self._unavailable_since: float | None = None
+
+    def _hold(self, hold_id: str, account_id: str, key_id: str | None, *, held: int = 0) -> _Hold:
+        now = self._clock()
+        return _Hold(hold_id, account_id, key_id, held=held, last_used=now, touched=now)
 
     # -- state for readiness and metrics --------------------------------------------------------
     @property
@@ -185,15 +192,15 @@ class LeasedLedger:
             )
             if leased is not None:
                 admission, lease = leased
-                self._open[request_id] = _Open(admission, pricing, lease, need)
+                self._open[request_id] = _Open(admission, pricing, lease, need, last_checkpoint=self._clock())
                 return admission
         admission = await self.ledger.admit(
             principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices
         )
         hold = None
         if admission.hold_id is not None:
-            hold = _Hold(admission.hold_id, admission.account_id, admission.key_id, held=admission.held)
-        self._open[request_id] = _Open(admission, pricing, hold, 0)
+            hold = self._hold(admission.hold_id, admission.account_id, admission.key_id, held=admission.held)
+        self._open[request_id] = _Open(admission, pricing, hold, 0, last_checkpoint=self._clock())
         return admission
 
     async def _lease_admit(
@@ -204,7 +211,7 @@ class LeasedLedger:
             lease = self._leases.get(principal.key_id)
             if lease is None:
                 self._serial += 1  # each lease its own hold row, so a new one never meets a closed one
-                lease = self._leases[principal.key_id] = _Hold(
+                lease = self._leases[principal.key_id] = self._hold(
                     f"{LEASE_PREFIX}{self.process}:{self._serial}", principal.account_id, principal.key_id
                 )
             if lease.free < need:
@@ -215,7 +222,7 @@ class LeasedLedger:
                         return None  # not enough for a lease: the exact hold decides
             lease.reserved += need
             lease.users += 1
-            lease.last_used = time.monotonic()
+            lease.last_used = self._clock()
             admission = LeaseAdmission(
                 request_id, principal.account_id, principal.key_id, MicroCredits(need), max_output_tokens, choices,
                 prompt_tokens, lease.id, lease_id=lease.id,
@@ -233,7 +240,7 @@ class LeasedLedger:
                 )
         except settlement.Uncovered:
             return False
-        lease.touched = time.monotonic()
+        lease.touched = self._clock()
         self.start()
         return True
 
@@ -265,7 +272,7 @@ class LeasedLedger:
         else:
             new = await self.ledger.rehold(admission, pricing)
             if open_.hold is None and new.hold_id is not None:
-                open_.hold = _Hold(new.hold_id, new.account_id, new.key_id)
+                open_.hold = self._hold(new.hold_id, new.account_id, new.key_id)
             if open_.hold is not None:
                 open_.hold.held = new.held
         open_.admission = new
@@ -310,14 +317,14 @@ class LeasedLedger:
             if rest.due == 0:
                 self._enqueue(open_, 0)
                 return MicroCredits(0)
-            hold = open_.hold = _Hold(admission.request_id, admission.account_id, admission.key_id)
+            hold = open_.hold = self._hold(admission.request_id, admission.account_id, admission.key_id)
         if hold.id.startswith(LEASE_PREFIX):
             hold.reserved -= open_.reserved
             hold.users -= 1
             from_hold = min(rest.due, max(0, hold.free))
             hold.charged += from_hold
             hold.pending.append(_Pending(rest, from_hold, open_, final=True))
-            hold.last_used = time.monotonic()
+            hold.last_used = self._clock()
             self._keep_flushing(hold)
             return MicroCredits(due)
         hold.pending.append(_Pending(rest, rest.due, open_, final=True))
@@ -347,7 +354,7 @@ class LeasedLedger:
         released. Returns the number of charges written. Never raises for one hold's
         failure: a hold that cannot be written now stays queued."""
         async with self._flush_lock:
-            now = time.monotonic()
+            now = self._clock()
             self._queue_checkpoints(now, force=release_all)
             for lease in list(self._leases.values()):
                 if lease.users == 0 and (release_all or now - lease.last_used > self.idle_after):
@@ -465,7 +472,7 @@ class LeasedLedger:
                 self._enqueue(p.request, p.request.charged)
         hold.held = done.hold_left
         hold.charged = sum(p.from_hold for p in hold.pending)
-        hold.touched = time.monotonic()
+        hold.touched = self._clock()
         if hold.held == 0 and hold.id.startswith(LEASE_PREFIX) and hold.users == 0 and not hold.pending:
             # Used up: its row is gone. Close it so the next request opens a new one.
             hold.closed = True
@@ -479,7 +486,7 @@ class LeasedLedger:
 
     def _unavailable(self, hold: _Hold) -> None:
         if self._unavailable_since is None:
-            self._unavailable_since = time.monotonic()
+            self._unavailable_since = self._clock()
             log.warning("database unreachable: %d charges queued in memory until it answers", self.queued)
 
     async def _sweep(self, now: float) -> None:
