@@ -216,7 +216,7 @@ class LeasedLedger:
                 )
             if lease.free < need:
                 async with lease.lock:
-                    if lease.closed:
+                    if lease.closed or lease.closing:
                         continue  # closed while we waited: open a new one
                     if lease.free < need and not await self._grow(lease, need * LEASE_REQUESTS - lease.free):
                         return None  # not enough for a lease: the exact hold decides
