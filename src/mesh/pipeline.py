@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from mesh.accounts.principal import Principal
-from mesh.billing.estimate import estimate_prompt_tokens
+from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
@@ -161,7 +161,7 @@ class Pipeline:
         if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
             # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
             # room the prompt leaves: engines refuse prompt + max_tokens > context.
-            room = model.context_length - estimate_prompt_tokens(request)
+            room = model.context_length - typical_prompt_tokens(request)
             request = request.with_max_tokens(max(1, room))
         ctx.request = request
         return request

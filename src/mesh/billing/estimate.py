@@ -7,8 +7,9 @@ tokenizer: Korean 1.13 bytes a token, CJK 1.55, emoji 1.33, digits and hex 1.0).
 runs of ASCII letters compress much (English averages 4.5 bytes a token; random
 mixed-case letters about 1.4). So the estimate counts one token per byte for everything
 except ASCII letters, which count 0.6 each plus one per run of letters (a lone letter
-between digits, as in hex, is a token of its own). English comes out about 3.9 times its
-real count, every other script tested 1-2.5 times, none under it
+between digits, as in hex, is a token of its own), and a space that opens a word, which
+is free. English comes out about 3 times its real count, every other script tested 1-2.5
+times, none under it
 (tests/billing/test_estimate.py).
 """
 
@@ -17,8 +18,9 @@ from __future__ import annotations
 from mesh.canonical import CanonicalRequest, ImagePart, TextPart
 
 _LETTERS = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1))
-# Every byte to "." except ASCII letters to "a": letter runs become countable with bytes.count.
-_RUNS = bytes(ord("a") if bytes([b]) in _LETTERS else ord(".") for b in range(256))
+# Every byte to "." except ASCII letters to "a" and the space to " ": letter runs, and
+# spaces that open a word (one token with it: " word"), become countable with bytes.count.
+_SHAPE = bytes(ord("a") if bytes([b]) in _LETTERS else b if b == ord(" ") else ord(".") for b in range(256))
 _TOKENS_PER_MESSAGE = 16  # role markers and separators of a chat template
 _TOKENS_PER_IMAGE = 1600
 _OVERHEAD = 16
@@ -29,11 +31,30 @@ def estimate_text_tokens(text: str) -> int:
     docstring for how far above)."""
     raw = text.encode()
     letters = len(raw) - len(raw.translate(None, _LETTERS))  # C-speed passes, no Python loop
-    shape = raw.translate(_RUNS)
-    runs = shape.count(b".a") + shape.startswith(b"a")
+    shape = raw.translate(_SHAPE)
+    runs = shape.count(b".a") + shape.count(b" a") + shape.startswith(b"a")
+    word_spaces = shape.count(b" a")
     # A run of L letters: 0.6 L + 1 tokens covers random letters (3.8 tokens for 5) and
-    # single letters between digits (hex, base64) alike.
-    return len(raw) - letters + (letters * 3 + 4) // 5 + runs
+    # single letters between digits (hex, base64) alike; the space before a word is free.
+    return len(raw) - letters - word_spaces + (letters * 3 + 4) // 5 + runs
+
+
+def typical_prompt_tokens(request: CanonicalRequest) -> int:
+    """A middle-of-the-road estimate (two bytes a token) where leaning high has a cost of
+    its own: the room a prompt leaves in the context for ``max_tokens``."""
+    size = 0
+    for m in request.messages:
+        size += _TOKENS_PER_MESSAGE
+        for p in m.parts:
+            if isinstance(p, ImagePart):
+                size += 2 * _TOKENS_PER_IMAGE
+            elif isinstance(p, TextPart):
+                size += len(p.text.encode())
+            else:
+                size += len(repr(p).encode())
+    for t in request.tools:
+        size += len(t.name) + len(t.description or "") + len(repr(t.parameters or {}))
+    return size // 2 + _OVERHEAD
 
 
 def estimate_prompt_tokens(request: CanonicalRequest) -> int:
