@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from support.gateway import Admin, GatewayProcess, free_port
+from support.gateway import ADMIN_KEY, Admin, GatewayProcess, free_port
 from support.postgres import temporary_database
 from support.tcpproxy import TcpProxy
 from testengine.harness import EngineProcess
@@ -76,6 +76,16 @@ def chat(gw: GatewayProcess, key: str, body: dict[str, Any], timeout: float = 60
 
 def cost(usage: dict[str, Any]) -> int:
     return int(usage["prompt_tokens"]) * PRICE_IN + int(usage["completion_tokens"]) * PRICE_OUT
+
+
+def billing_metrics(gw: GatewayProcess) -> dict[str, float]:
+    r = httpx.get(gw.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    r.raise_for_status()
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in r.text.splitlines())
+        if name.startswith("mesh_billing_")
+    }
 
 
 def micro(text: str) -> int:
@@ -134,6 +144,32 @@ def test_requests_that_use_up_a_lease_leave_other_accounts_charged_exactly(
     assert settled(admin, other) == (10_000_000 - sum(costs.values()), 0)
     assert charged_by_request(admin, other) == costs
     assert settled(admin, heavy) == (10_000_000 - paid, 0)
+
+
+def test_concurrent_n16_requests_never_stop_another_accounts_billing(priced: tuple[GatewayProcess, Admin]) -> None:
+    gw, admin = priced
+    heavy, other = admin.account("n16-race", credits="2"), admin.account("next", credits="10")
+    heavy_key, other_key = admin.key(heavy)["key"], admin.key(other)["key"]
+
+    async def fire(key: str, n: int, body: dict[str, Any]) -> dict[str, int]:
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
+            async def one(i: int) -> tuple[str, int]:
+                r = await client.post(gw.base_url + "/chat/completions", json={
+                    **body, "messages": [{"role": "user", "content": f"[tokens:30] race {i}"}]})
+                return r.headers["x-request-id"], cost(r.json()["usage"]) if r.status_code == 200 else -r.status_code
+
+            return dict(await asyncio.gather(*(one(i) for i in range(n))))
+
+    heavy_costs = asyncio.run(fire(heavy_key, 40, {"model": "paid", "n": 16, "max_tokens": 20}))
+    assert set(c for c in heavy_costs.values() if c < 0) <= {-402}
+    served = {rid: c for rid, c in heavy_costs.items() if c >= 0}
+    assert served
+    other_costs = asyncio.run(fire(other_key, 40, {"model": "paid", "max_tokens": 20}))
+    assert all(c > 0 for c in other_costs.values())
+    assert settled(admin, other) == (10_000_000 - sum(other_costs.values()), 0)
+    assert charged_by_request(admin, other) == other_costs
+    assert settled(admin, heavy) == (2_000_000 - sum(served.values()), 0)
+    assert charged_by_request(admin, heavy) == {rid: c for rid, c in served.items() if c}
 
 
 def test_n_choices_on_a_small_balance_are_held_and_charged_in_full(priced: tuple[GatewayProcess, Admin]) -> None:
@@ -234,6 +270,8 @@ def test_postgres_refusing_connections_fails_closed_and_settles_after(
         assert httpx.get(gw.url + "/health/ready", timeout=10).status_code == 503  # but not ready
         worker.join(30)
         assert streamed["status"] == 200 and "usage" in streamed  # finished during the outage
+        metrics = billing_metrics(gw)
+        assert metrics["mesh_billing_ready"] == 0 and metrics["mesh_billing_queued_charges"] >= 1
         time.sleep(max(0.0, 20 - (time.monotonic() - outage_started)))
     finally:
         proxy.up()
@@ -242,6 +280,8 @@ def test_postgres_refusing_connections_fails_closed_and_settles_after(
         assert time.monotonic() < deadline, "never ready again"
         time.sleep(0.2)
     # The stream that ended during the outage is charged now, without a restart.
+    assert billing_metrics(gw) == {"mesh_billing_ready": 1, "mesh_billing_queued_charges": 0,
+                                   "mesh_billing_failed_charges_total": 0}
     assert settled(admin, small) == (50_000 - cost(streamed["usage"]), 0)
     assert charged_by_request(admin, small) == {streamed["id"]: cost(streamed["usage"])}
     r = chat(gw, fresh_key, {"model": "paid", "messages": [{"role": "user", "content": "back"}]})
