@@ -1,4 +1,4 @@
-"""The credit ledger: grants, balances, and the request path's hold → settle pair.
+"""The credit ledger: grants, balances, and exact per-request holds.
 
 Invariants, on SQLite and PostgreSQL alike:
 
@@ -9,10 +9,12 @@ Invariants, on SQLite and PostgreSQL alike:
 * every ledger row has a unique idempotency key; retrying an operation with the same key
   returns the first row and changes nothing.
 
-:meth:`Ledger.admit` reserves credit before dispatch with a conditional
-``UPDATE … SET held = held + :h WHERE balance - held >= :h``; a hold moves no money and
-writes no ledger row. :meth:`Ledger.settle` releases the hold and charges the real cost
-in one transaction (idempotency key ``usage:<request_id>``), then queues the usage record.
+Grants and other credits are posted by :mod:`mesh.billing.entries`. Everything that holds,
+charges or releases credit for requests goes through :mod:`mesh.billing.settlement`:
+:meth:`Ledger.admit` takes an exact hold (lowering ``max_output_tokens`` or refusing with
+402 when the balance is short), :meth:`Ledger.rehold` tops it up for a dearer model, and
+:meth:`Ledger.settle` captures the real cost and releases the rest in one transaction
+(idempotency key ``usage:<request_id>``), then queues the usage record.
 """
 
 from __future__ import annotations
