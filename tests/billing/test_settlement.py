@@ -22,7 +22,7 @@ from mesh.canonical import Usage
 from mesh.config import Pricing
 from mesh.errors import DatabaseUnavailable, InsufficientCredits
 from mesh.store import Database
-from mesh.store.tables import holds, ledger
+from mesh.store.tables import accounts, api_keys, holds, ledger
 
 
 class FakeClock:
@@ -50,6 +50,20 @@ async def hold_rows(db: Database) -> dict[str, int]:
         return {r.request_id: r.amount for r in await conn.execute(select(holds.c.request_id, holds.c.amount))}
 
 
+async def assert_held_is_its_rows(db: Database) -> None:
+    """Every account's and key's ``held`` is the sum of its hold rows: no credit held
+    without a row behind it, where no cleanup could find it."""
+    async with db.read() as conn:
+        per_account = dict((await conn.execute(
+            select(holds.c.account_id, func.sum(holds.c.amount)).group_by(holds.c.account_id))).all())
+        per_key = dict((await conn.execute(
+            select(holds.c.key_id, func.sum(holds.c.amount)).group_by(holds.c.key_id))).all())
+        for account_id, held in (await conn.execute(select(accounts.c.id, accounts.c.held))).all():
+            assert held == per_account.get(account_id, 0), account_id
+        for key_id, held in (await conn.execute(select(api_keys.c.id, api_keys.c.held))).all():
+            assert held == per_key.get(key_id, 0), key_id
+
+
 async def usage_keys(db: Database) -> list[str]:
     async with db.read() as conn:
         q = select(ledger.c.idempotency_key).where(ledger.c.kind == "usage").order_by(ledger.c.idempotency_key)
@@ -75,6 +89,7 @@ async def test_a_lease_whose_charges_use_it_up_is_closed_and_others_are_still_ch
     rows = await hold_rows(db)
     assert first.lease_id not in rows  # deleted, not updated to zero
     assert await usage_keys(db) == ["usage:a1", "usage:b0"]
+    await assert_held_is_its_rows(db)
     assert await check_invariants(db, book, p.account_id) == (1_000_000 - lease_amount, 0)
     # The key's next request opens a new lease, and is charged too.
     again = await ledger_.admit(p, PRICING, "a2", 10, 10)
@@ -143,6 +158,7 @@ async def test_a_lost_reply_on_a_lease_flush_is_rewritten_once(db: Database) -> 
     await ledger_.flush()
     assert await usage_keys(db) == ["usage:r1"]
     assert lease.held == held_before - 20
+    await assert_held_is_its_rows(db)
     await ledger_.flush(release_all=True)
     assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
 
@@ -155,6 +171,7 @@ async def test_a_lease_grown_without_hearing_back_is_released_in_full(db: Databa
     async with db.write() as conn:  # a grow that committed while the gateway saw an error
         await settlement.hold(conn, hold_id=adm.lease_id, account_id=p.account_id, key_id=p.key_id,
                               amount=60_480, grow=True)
+    await assert_held_is_its_rows(db)
     await ledger_.settle(adm, Usage(input_tokens=10, output_tokens=5), status="ok", model="m", pricing=PRICING)
     await ledger_.flush(release_all=True)
     assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
@@ -247,6 +264,7 @@ async def test_an_exact_settlement_during_an_outage_is_written_when_the_database
         assert not ledger_.ready and ledger_.queued == 1
         await ledger_.flush()
         assert ledger_.queued == 1  # still down: kept
+        await assert_held_is_its_rows(db)
     finally:
         db.write = real_write  # type: ignore[method-assign]
     await ledger_.flush()
