@@ -34,6 +34,15 @@ async def _health(request: Request) -> Response:
     return JSON({"status": "ok"})
 
 
+async def _ready(request: Request) -> Response:
+    """Readiness for a load balancer: 503 while the database cannot be reached or billing
+    writes are failing (``/health`` stays 200: the process itself is alive)."""
+    gateway: Gateway = request.app.state.gateway
+    checks = await gateway.readiness()
+    ready = all(checks.values())
+    return JSON({"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+
+
 async def _metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     if not gateway.settings.server.metrics_public:
@@ -70,6 +79,7 @@ async def _principal(request: Request) -> Principal:
 def routes() -> list[BaseRoute]:
     return [
         Route("/health", _health, methods=["GET"]),
+        Route("/health/ready", _ready, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *responses_routes(),

@@ -180,6 +180,9 @@ class BillingConfig(_Frozen):
     # settlement transaction per request.
     leases: bool = True
     lease_flush_interval: float = Field(default=0.1, gt=0)
+    # A long stream's usage so far is charged this often, so a process that dies loses at
+    # most this (plus lease_flush_interval) of each stream's tokens.
+    checkpoint_interval: float = Field(default=2.0, gt=0)
     # New accounts from the quick start get this many credits.
     quickstart_credits: Decimal = Decimal(10)
 

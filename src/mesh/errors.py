@@ -13,6 +13,7 @@
     ├── RequestTooLarge            413 request_too_large
     ├── RateLimited                429 rate_limit
     ├── InternalError              500 internal
+    ├── DatabaseUnavailable        503 unavailable       (the database cannot be reached)
     └── EngineError                502 engine            (an engine failed)
         ├── EngineUnavailable      503 unavailable       (nothing could serve)
         ├── EngineOverloaded       503 overloaded        (engine 429 / all replicas full)
@@ -99,6 +100,21 @@ class RateLimited(MeshError):
 class InternalError(MeshError):
     status = 500
     kind = "internal"
+
+
+class DatabaseUnavailable(MeshError):
+    """The database could not be reached (connection refused, reset or timed out). Requests
+    fail closed with this: retryable, with ``retry-after``, rendered 503 (Anthropic: 529)."""
+
+    status = 503
+    kind = "unavailable"
+
+    def __init__(self, message: str = "The service is temporarily unavailable; please retry shortly.") -> None:
+        super().__init__(message, retry_after=DATABASE_RETRY_AFTER, should_retry=True)
+
+
+# Seconds a client is asked to wait after DatabaseUnavailable.
+DATABASE_RETRY_AFTER = 5.0
 
 
 class EngineError(MeshError):

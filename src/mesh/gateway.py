@@ -11,8 +11,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from sqlalchemy import text
+
 from mesh.billing.leases import LeasedLedger
-from mesh.billing.ledger import Ledger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
 from mesh.billing.services import Services, open_services
@@ -34,6 +35,8 @@ from mesh.workers.registry import MemoryRegistry, RedisRegistry, WorkerRegistry
 from mesh.workers.sync import WorkerSync
 
 log = logging.getLogger("mesh.gateway")
+
+READY_TIMEOUT = 2.0  # seconds the readiness check waits for the database
 
 
 def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
@@ -83,11 +86,13 @@ class Gateway:
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
         self.metrics = Metrics(lambda: self.router)
         self.limiter = build_limiter(settings)
-        self.ledger: Ledger | LeasedLedger = services.ledger
-        if settings.billing.leases:
-            self.ledger = LeasedLedger(
-                services.ledger, services.database, services.usage, flush_interval=settings.billing.lease_flush_interval
-            )
+        # Every admission and settlement goes through one LeasedLedger; with leases off it
+        # takes an exact hold per request (and still queues what an outage keeps it from writing).
+        self.ledger = LeasedLedger(
+            services.ledger, services.database, services.usage, flush_interval=settings.billing.lease_flush_interval,
+            checkpoint_interval=settings.billing.checkpoint_interval, leases=settings.billing.leases,
+        )
+        self.metrics.watch_billing(self.ledger)
         self.pipeline = Pipeline(
             settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
@@ -111,9 +116,19 @@ class Gateway:
     async def flush_billing(self) -> None:
         """Write every pending charge and usage record now and return idle leased credit to
         its accounts (tests, operators)."""
-        if isinstance(self.ledger, LeasedLedger):
-            await self.ledger.flush(release_all=True)
+        await self.ledger.flush(release_all=True)
         await self.services.usage.flush()
+
+    async def readiness(self) -> dict[str, bool]:
+        """What ``/health/ready`` reports: the database answers (within a couple of
+        seconds) and billing writes are not failing."""
+        database = True
+        try:
+            async with asyncio.timeout(READY_TIMEOUT), self.services.database.read() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            database = False
+        return {"database": database, "billing": self.ledger.ready}
 
     def replicas(self) -> list[Replica]:
         return [r for pool in self.router.pools.values() for r in pool.replicas]
@@ -144,8 +159,7 @@ class Gateway:
         await self.health.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
-        if isinstance(self.ledger, LeasedLedger):
-            await self.ledger.aclose()  # write the last charges and give leased credit back
+        await self.ledger.aclose()  # write the last charges and give leased credit back
         await self.limiter.aclose()
         await self.responses.aclose()
         await self.router.aclose()

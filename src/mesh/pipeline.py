@@ -15,59 +15,56 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from mesh.accounts.principal import Principal
+from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
+from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
     Event,
-    ImagePart,
     ReasoningDelta,
     TextDelta,
-    TextPart,
     ToolArgsDelta,
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
 from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
-from mesh.limits.policy import Scope
 from mesh.observability.metrics import Metrics
 from mesh.protocols.extensions import allow_extensions
 from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
 
-# A rough upper bound of prompt tokens from text size, used for the credit hold only: BPE
-# tokenizers average 3-4 bytes per token on English and about 1.5 on CJK.
-_BYTES_PER_TOKEN = 2
-_TOKENS_PER_MESSAGE = 8
-_TOKENS_PER_IMAGE = 1600
-
-
-class Principal(Protocol):
-    account_id: str
-    key_id: str
-    limits: tuple[Scope, ...]
-
-    def may_use(self, model: str) -> bool: ...
-
-
-class Admission(Protocol):
-    held: int
-    max_output_tokens: int
-
+# A stream whose engine reports no usage until the end checkpoints every this many deltas.
+_CHECKPOINT_DELTAS = 16
 
 class Authenticator(Protocol):
-    async def authenticate(self, raw_key: str | None) -> Any: ...
+    async def authenticate(self, raw_key: str | None) -> Principal: ...
 
 
 class Ledger(Protocol):
+    """Credit for requests (``mesh.billing.leases.LeasedLedger``): hold before dispatch,
+    re-hold when a dearer fallback serves, checkpoint long streams, settle once."""
+
     async def admit(
-        self, principal: Any, pricing: Pricing, request_id: str, prompt_tokens_estimate: int, max_output_tokens: int
-    ) -> Any: ...
+        self,
+        principal: Principal,
+        pricing: Pricing,
+        request_id: str,
+        prompt_tokens_estimate: int,
+        max_output_tokens: int,
+        *,
+        choices: int = 1,
+    ) -> Admission: ...
+
+    async def rehold(self, admission: Admission, pricing: Pricing) -> Admission: ...
+
+    def checkpoint(self, admission: Admission, usage: Usage) -> None: ...
 
     async def settle(
         self,
-        admission: Any,
+        admission: Admission,
         usage: Usage | None,
         *,
         status: str,
@@ -87,13 +84,13 @@ class RequestContext:
     request_id: str
     protocol: str
     started: float = field(default_factory=time.monotonic)
-    principal: Any = None
+    principal: Principal | None = None
     model: ModelConfig | None = None
     model_id: str = ""  # the model the client asked for
     models: tuple[str, ...] = ()  # that model, then the fallbacks to try in order
     route_reason: str | None = None
     request: CanonicalRequest | None = None
-    admission: Any = None
+    admission: Admission | None = None
     prompt_estimate: int = 0
     replica: str | None = None
     first_token_at: float | None = None
@@ -107,26 +104,16 @@ class RequestContext:
     def ttft_ms(self) -> int | None:
         return None if self.first_token_at is None else int((self.first_token_at - self.started) * 1000)
 
+    @property
+    def who(self) -> Principal:
+        """The authenticated caller; every step after ``authenticate`` has one."""
+        if self.principal is None:
+            raise AuthenticationFailed("Not authenticated.")
+        return self.principal
+
 
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
 UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], None]
-
-
-def estimate_prompt_tokens(request: CanonicalRequest) -> int:
-    size = 0
-    images = 0
-    for m in request.messages:
-        size += _TOKENS_PER_MESSAGE * _BYTES_PER_TOKEN
-        for p in m.parts:
-            if isinstance(p, ImagePart):
-                images += 1
-            elif isinstance(p, TextPart):
-                size += len(p.text.encode())
-            else:
-                size += len(repr(p).encode())
-    for t in request.tools:
-        size += len(t.name) + len(t.description or "") + len(repr(t.parameters or {}))
-    return size // _BYTES_PER_TOKEN + images * _TOKENS_PER_IMAGE + 16
 
 
 class Pipeline:
@@ -151,7 +138,7 @@ class Pipeline:
         self.usage_guard: UsageGuard | None = None
 
     # 1. authenticate ----------------------------------------------------------------------
-    async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Any:
+    async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Principal:
         """Bearer token or ``x-api-key``; raises AuthenticationFailed (401)."""
         ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
         return ctx.principal
@@ -163,7 +150,7 @@ class Pipeline:
             raise ModelNotFound(
                 f"The model '{request.model}' does not exist or you do not have access to it.", param="model"
             )
-        if not ctx.principal.may_use(model.id):
+        if not ctx.who.may_use(model.id):
             raise PermissionDenied(f"This API key may not use the model '{model.id}'.", param="model")
         ctx.model = model
         ctx.model_id = model.id
@@ -173,7 +160,7 @@ class Pipeline:
         if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
             # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
             # room the prompt leaves: engines refuse prompt + max_tokens > context.
-            room = model.context_length - estimate_prompt_tokens(request)
+            room = model.context_length - typical_prompt_tokens(request)
             request = request.with_max_tokens(max(1, room))
         ctx.request = request
         return request
@@ -186,7 +173,7 @@ class Pipeline:
             raise InvalidRequest("'models' must be a list of model names.", param="models")
         out: list[str] = []
         for name in (model.id, *model.fallbacks, *(asked or ())):
-            if name in self._models and name not in out and ctx.principal.may_use(name):
+            if name in self._models and name not in out and ctx.who.may_use(name):
                 out.append(name)
         return tuple(out)
 
@@ -211,7 +198,7 @@ class Pipeline:
         key's and the account's limits (nothing for an unlimited principal); raises
         ``RateLimited`` (429, with ``retry_after``). The state the headers show lands on
         ``ctx.limit_state`` either way."""
-        scopes = ctx.principal.limits
+        scopes = ctx.who.limits
         if not scopes or self.limiter is None:
             return
         try:
@@ -239,7 +226,7 @@ class Pipeline:
             else:
                 wanted = self.settings.billing.default_hold_output_tokens
         ctx.admission = await self.ledger.admit(
-            ctx.principal, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted
+            ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n
         )
         allowed = int(ctx.admission.max_output_tokens)
         if allowed < wanted or (request.max_tokens is None and not model.context_length):
@@ -271,13 +258,21 @@ class Pipeline:
 
     async def _route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
         try:
-            stream = await self.router.open(request, ctx.principal.account_id, ctx.models)
+            stream = await self.router.open(request, ctx.who.account_id, ctx.models)
         except BaseException as exc:
             ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
             await self._settle_now(ctx)
             raise
         if stream.choice.model != ctx.model_id:
             ctx.model = self._models[stream.choice.model]  # a fallback served it: bill its prices
+            if ctx.admission is not None:
+                try:  # and hold for them: a dearer model than the one held for is re-held or refused
+                    ctx.admission = await self.ledger.rehold(ctx.admission, ctx.model.pricing)
+                except BaseException as exc:
+                    await stream.aclose()
+                    ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
+                    await self._settle_now(ctx)
+                    raise
         ctx.replica = stream.replica.name
         ctx.route_reason = stream.choice.reason
         ctx.first_token_at = time.monotonic()
@@ -301,8 +296,13 @@ class Pipeline:
                         # bill and show the estimate, the same number on both sides.
                         ev = replace(ev, input_tokens=ctx.prompt_estimate)
                     usage = ev
+                    if ctx.admission is not None:
+                        self.ledger.checkpoint(ctx.admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1
+                    if usage is None and ctx.admission is not None and produced % _CHECKPOINT_DELTAS == 0:
+                        # No usage from the engine yet: at least one token per delta so far.
+                        self.ledger.checkpoint(ctx.admission, Usage(output_tokens=produced))
                 yield ev
             ctx.usage = usage
             if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
@@ -370,7 +370,7 @@ class Pipeline:
         log.info(
             "request",
             extra={
-                "request_id": ctx.request_id, "account_id": ctx.principal.account_id, "model": ctx.model.id,
+                "request_id": ctx.request_id, "account_id": ctx.who.account_id, "model": ctx.model.id,
                 "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
                 "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                 "cached_tokens": usage.cached_tokens, "charged_micro": charged,

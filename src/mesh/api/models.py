@@ -68,7 +68,7 @@ async def list_models(request: Request, ctx: RequestContext) -> AnyResponse:
     # Configured models always; catalog models only while a worker serves them.
     models = [
         m for m in gw.router.models()
-        if ctx.principal.may_use(m.id) and (m.id in configured or gw.is_available(m.id))
+        if ctx.who.may_use(m.id) and (m.id in configured or gw.is_available(m.id))
     ]
     if _is_anthropic(request):
         data = [_anthropic(m) for m in models]
@@ -86,7 +86,7 @@ async def get_model(request: Request, ctx: RequestContext) -> AnyResponse:
     model_id = request.path_params["model_id"]
     pool = gw.router.pools.get(model_id)
     m = pool.model if pool is not None else None
-    if m is None or not ctx.principal.may_use(m.id) or (
+    if m is None or not ctx.who.may_use(m.id) or (
         gw.settings.model(model_id) is None and not gw.is_available(model_id)
     ):
         raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")

@@ -1,4 +1,5 @@
-"""Ledger postings: the one place that changes a balance, always with its ledger row.
+"""Ledger postings of credit (grants, purchases, redemptions, refunds, adjustments), always
+with their ledger row. Request charges go through :mod:`mesh.billing.settlement`.
 
 :func:`post` runs inside the caller's write transaction, so a balance change and the
 row that records it commit or roll back together. :func:`run_idempotent` wraps a

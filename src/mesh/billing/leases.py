@@ -1,24 +1,32 @@
-"""Credit leases: the request path's billing without a database round trip per request.
+"""Credit leases and the settlement queue: the request path's billing, off the database.
 
 Measured first (bench/, py-spy): holding and settling credit in the database was three
 quarters of a request's CPU. So each gateway process *leases* a block of an API key's
-credit — an ordinary hold row (``lease:<process>:<key>``) that raises the account's and
-the key's ``held`` exactly as a request's hold does — and then admits requests against it
-in memory. Settlement charges the lease in memory; a flusher writes the charges every
-``flush_interval`` seconds in one transaction (balance, held, one ledger row per request
-with its ``usage:<request id>`` idempotency key, the key's spend), then hands the usage
-records to the usage writer. An idle lease goes back to the account.
+credit — a hold (``lease:<process>:<n>``) taken through :mod:`mesh.billing.settlement`
+like any other — and admits requests against it in memory. Settlement queues a charge
+on the lease; a flusher writes each lease's charges every ``flush_interval`` seconds in
+its own transaction through :func:`settlement.capture`, then hands the usage records to
+the usage writer. An idle lease goes back to the account; a lease whose charges use it
+up is closed (its row deleted) and the next request opens a new one.
 
-What stays true: a balance can never go below zero (every charge is covered by held
-credit; leases are conditional updates like holds), the ledger sums to the balance (each
-flush changes both in one transaction), a request is charged once. What it costs: if a
-process dies, the charges of its last ``flush_interval`` are not recorded (the customer is
-never overcharged; the operator loses at most that slice of revenue) and its leases are
-released by any other process after ``stale_after`` seconds.
+:class:`LeasedLedger` is what the pipeline talks to (see :class:`mesh.pipeline.Ledger`).
+When a lease cannot be had (a short balance, a spend limit near its end) or leases are
+off, admission takes an exact per-request hold (:meth:`Ledger.admit`), settled at once.
 
-When a lease cannot be had (the balance is short, or a spend limit is near), admission
-falls back to the exact per-request hold of :class:`mesh.billing.ledger.Ledger`, which
-also lowers ``max_tokens`` to what the balance can pay for.
+Failures, and what they cost:
+
+* one lease's batch fails on a row (a bug, a constraint): the batch is split and only the
+  failing charge is dropped, logged and counted (``failed_rows``); other leases and other
+  accounts are unaffected, as each lease is written in its own transaction;
+* the database is unreachable (or a COMMIT reply is lost): charges, checkpoints and exact
+  settlements stay queued in memory and are written when it answers again — a re-run of
+  a batch that did commit is a no-op (see :mod:`mesh.billing.settlement`);
+  :attr:`LeasedLedger.ready` is False meanwhile;
+* the process dies: streams still open have had their usage written every
+  ``checkpoint_interval`` seconds (``usage:<request>:<n>`` rows), so what is lost is at
+  most ``checkpoint_interval + flush_interval`` seconds of each stream's tokens plus the
+  charges of the last ``flush_interval``; its leases are released by any other process
+  after ``stale_after`` seconds.
 """
 
 from __future__ import annotations
@@ -29,65 +37,30 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, update
+from sqlalchemy.exc import IntegrityError
 
 from mesh.accounts.principal import Principal
-from mesh.billing.ledger import HOLD_ACCOUNT, HOLD_KEY, INSERT_HOLD, Admission, FastPathAbandoned, Ledger
+from mesh.billing import settlement
+from mesh.billing.ledger import Admission, Ledger, usage_record
 from mesh.billing.money import MicroCredits, format_credits
-from mesh.billing.pricing import cost, hold_cost
+from mesh.billing.pricing import hold_cost
+from mesh.billing.settlement import Settlement
 from mesh.billing.usage import UsageRecord, UsageWriter
 from mesh.canonical import Usage
 from mesh.config import Pricing
-from mesh.store import Database, utcnow
-from mesh.store.tables import accounts, api_keys, holds, ledger
+from mesh.errors import DatabaseUnavailable, InsufficientCredits
+from mesh.store import Database
 
 log = logging.getLogger("mesh.billing.leases")
 
 LEASE_PREFIX = "lease:"
 # A lease covers this many holds of the request that asked for it.
 LEASE_REQUESTS = 32
-
-_SPEND = (
-    update(accounts)
-    .where(accounts.c.id == bindparam("a"))
-    .values(balance=accounts.c.balance - bindparam("t"), held=accounts.c.held - bindparam("t"))
-    .returning(accounts.c.balance)
-)
-_SPEND_KEY = (
-    update(api_keys)
-    .where(api_keys.c.id == bindparam("k"))
-    .values(held=api_keys.c.held - bindparam("t"), spent=api_keys.c.spent + bindparam("s"))
-)
-_SHRINK_LEASE = (
-    update(holds)
-    .where(holds.c.request_id == bindparam("r"))
-    .values(amount=holds.c.amount - bindparam("t"), created_at=bindparam("now"))
-)
-_RELEASE_ACCOUNT = (
-    update(accounts).where(accounts.c.id == bindparam("a")).values(held=accounts.c.held - bindparam("t"))
-)
-_RELEASE_KEY = update(api_keys).where(api_keys.c.id == bindparam("k")).values(held=api_keys.c.held - bindparam("t"))
-
-
-@dataclass(eq=False)
-class _Lease:
-    id: str
-    account_id: str
-    key_id: str
-    amount: int = 0  # credit this lease holds in the database, minus charges already taken
-    reserved: int = 0  # the part admitted requests are holding
-    pending: list[tuple[Admission, int, int, UsageRecord]] = field(default_factory=list)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_used: float = field(default_factory=time.monotonic)
-    touched: float = field(default_factory=time.monotonic)
-
-    @property
-    def free(self) -> int:
-        return self.amount - self.reserved
+DEFAULT_CHECKPOINT_INTERVAL = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +70,57 @@ class LeaseAdmission(Admission):
     lease_id: str = ""
 
 
+@dataclass(eq=False)
+class _Open:
+    """One admitted request until it settles."""
+
+    admission: Admission
+    pricing: Pricing
+    hold: _Hold | None  # None: nothing held (a free model)
+    reserved: int  # the part of a lease this request still reserves
+    usage: Usage | None = None  # latest cumulative usage reported while streaming
+    checkpointed: int = 0  # what checkpoints have queued so far
+    checkpoints: int = 0
+    last_checkpoint: float = 0.0  # set from the ledger's clock at admission
+    charged: int = 0  # written to the ledger so far
+    record: UsageRecord | None = None  # set at settlement, enqueued once its charge is written
+
+
+@dataclass(eq=False)
+class _Pending:
+    settlement: Settlement
+    from_hold: int  # the part the hold is expected to cover (in-memory accounting only)
+    request: _Open
+    final: bool
+
+
+@dataclass(eq=False)
+class _Hold:
+    """A lease, or an exact hold with queued charges. ``held`` is what its row held at the
+    last write we know of; the database's row is the truth and each write resyncs it."""
+
+    id: str
+    account_id: str
+    key_id: str | None
+    held: int = 0
+    charged: int = 0  # queued charges expected to come out of the hold
+    reserved: int = 0  # the part admitted requests are reserving (leases)
+    users: int = 0  # requests admitted on it and not settled yet (leases)
+    pending: list[_Pending] = field(default_factory=list)
+    closing: bool = False  # release what is left once the pending charges are written
+    closed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = 0.0  # times from the ledger's clock
+    touched: float = 0.0
+
+    @property
+    def free(self) -> int:
+        return self.held - self.charged - self.reserved
+
+
 class LeasedLedger:
-    """The :class:`Ledger` interface the pipeline uses (``admit``/``settle``), served from leases."""
+    """Admission, settlement, checkpoints and re-holds for the pipeline, over leases and
+    exact holds alike; everything it writes goes through :mod:`mesh.billing.settlement`."""
 
     def __init__(
         self,
@@ -109,6 +131,9 @@ class LeasedLedger:
         flush_interval: float = 0.1,
         idle_after: float = 2.0,
         stale_after: float = 60.0,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        leases: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.db = db
@@ -116,73 +141,154 @@ class LeasedLedger:
         self.flush_interval = flush_interval
         self.idle_after = idle_after
         self.stale_after = stale_after
+        self.checkpoint_interval = checkpoint_interval
+        self.leases = leases
+        self._clock = clock
         self.process = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._leases: dict[str, _Lease] = {}
-        self._open: dict[str, _Lease] = {}  # admitted request id -> the lease holding it
+        self.failed_rows = 0  # charges dropped after failing on their own (metric)
+        self._leases: dict[str, _Hold] = {}
+        self._exact: dict[str, _Hold] = {}  # exact holds with queued charges, by request id
+        self._closing: list[_Hold] = []  # holds to release once written
+        self._open: dict[str, _Open] = {}
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._last_sweep = 0.0
         self._serial = 0
+        self._unavailable_since: float | None = None
+
+    def _hold(self, hold_id: str, account_id: str, key_id: str | None, *, held: int = 0) -> _Hold:
+        now = self._clock()
+        return _Hold(hold_id, account_id, key_id, held=held, last_used=now, touched=now)
+
+    # -- state for readiness and metrics --------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """False while writes fail because the database cannot be reached."""
+        return self._unavailable_since is None
+
+    @property
+    def queued(self) -> int:
+        """Charges waiting to be written (the in-memory backlog)."""
+        holds = [*self._leases.values(), *self._exact.values(), *self._closing]
+        return sum(len(h.pending) for h in holds)
 
     # -- the request path ---------------------------------------------------------------------
     async def admit(
-        self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens_estimate: int,
+        self,
+        principal: Principal,
+        pricing: Pricing,
+        request_id: str,
+        prompt_tokens_estimate: int,
         max_output_tokens: int,
+        *,
+        choices: int = 1,
     ) -> Admission:
-        need = hold_cost(pricing, prompt_tokens_estimate, max(1, max_output_tokens))
-        if need == 0 or principal.key_id is None:
-            return await self.ledger.admit(principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens)
-        lease = self._leases.get(principal.key_id)
-        if lease is None:
-            self._serial += 1  # each lease its own hold row, so a new one never meets a closing one
-            lease = self._leases[principal.key_id] = _Lease(
-                f"{LEASE_PREFIX}{self.process}:{self._serial}", principal.account_id, principal.key_id
+        """Hold credit for a request: from the key's lease when it has (or can grow) room,
+        else an exact hold (which may lower ``max_output_tokens`` or raise 402)."""
+        need = hold_cost(pricing, prompt_tokens_estimate, max(1, max_output_tokens) * max(1, choices))
+        if self.leases and need > 0 and principal.key_id is not None:
+            leased = await self._lease_admit(
+                principal, need, request_id, prompt_tokens_estimate, max_output_tokens, choices
             )
-        if lease.free < need:
-            async with lease.lock:
-                if lease.free < need and not await self._grow(lease, need * LEASE_REQUESTS - lease.free):
-                    # Not enough for a lease: the exact per-request hold decides (and may lower
-                    # max_tokens or refuse with 402).
-                    return await self.ledger.admit(
-                        principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens
-                    )
-        lease.reserved += need
-        lease.last_used = time.monotonic()
-        admission = LeaseAdmission(
-            request_id, principal.account_id, principal.key_id, MicroCredits(need), max_output_tokens, lease.id
+            if leased is not None:
+                admission, lease = leased
+                self._open[request_id] = _Open(admission, pricing, lease, need, last_checkpoint=self._clock())
+                return admission
+        admission = await self.ledger.admit(
+            principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices
         )
-        self._open[request_id] = lease
+        hold = None
+        if admission.hold_id is not None:
+            hold = self._hold(admission.hold_id, admission.account_id, admission.key_id, held=admission.held)
+        self._open[request_id] = _Open(admission, pricing, hold, 0, last_checkpoint=self._clock())
         return admission
 
-    async def _grow(self, lease: _Lease, amount: int) -> bool:
-        """Hold ``amount`` more for the lease (all of it or nothing)."""
-        params = {"a": lease.account_id, "k": lease.key_id, "h": amount}
+    async def _lease_admit(
+        self, principal: Principal, need: int, request_id: str, prompt_tokens: int, max_output_tokens: int,
+        choices: int,
+    ) -> tuple[Admission, _Hold] | None:
+        while True:
+            lease = self._leases.get(principal.key_id)
+            if lease is None:
+                self._serial += 1  # each lease its own hold row, so a new one never meets a closed one
+                lease = self._leases[principal.key_id] = self._hold(
+                    f"{LEASE_PREFIX}{self.process}:{self._serial}", principal.account_id, principal.key_id
+                )
+            if lease.free < need:
+                async with lease.lock:
+                    if lease.closed or lease.closing:
+                        continue  # closed while we waited: open a new one
+                    if lease.free < need and not await self._grow(lease, need * LEASE_REQUESTS - lease.free):
+                        return None  # not enough for a lease: the exact hold decides
+            lease.reserved += need
+            lease.users += 1
+            lease.last_used = self._clock()
+            admission = LeaseAdmission(
+                request_id, principal.account_id, principal.key_id, MicroCredits(need), max_output_tokens, choices,
+                prompt_tokens, lease.id, lease_id=lease.id,
+            )
+            return admission, lease
+
+    async def _grow(self, lease: _Hold, amount: int) -> bool:
+        """Hold ``amount`` more for the lease (all of it or nothing). Under the lease's lock.
+        The lease learns what its row holds from the row: after a lost reply, the next write
+        corrects it, and a release always gives back what the row says."""
         try:
             async with self.db.write() as conn:
-                if (await conn.execute(HOLD_ACCOUNT, params)).rowcount != 1:
-                    return False
-                if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
-                    raise FastPathAbandoned  # roll back the account's part
-                grown = await conn.execute(
-                    update(holds)
-                    .where(holds.c.request_id == lease.id)
-                    .values(amount=holds.c.amount + amount, created_at=utcnow())
+                lease.held = await settlement.hold(
+                    conn, hold_id=lease.id, account_id=lease.account_id, key_id=lease.key_id, amount=amount, grow=True
                 )
-                if grown.rowcount != 1:
-                    await conn.execute(
-                        INSERT_HOLD,
-                        {"r": lease.id, "a": lease.account_id, "k": lease.key_id, "h": amount, "t": utcnow()},
-                    )
-        except FastPathAbandoned:
+        except settlement.Uncovered:
             return False
-        lease.amount += amount
-        lease.touched = time.monotonic()
+        lease.touched = self._clock()
         self.start()
         return True
 
+    async def rehold(self, admission: Admission, pricing: Pricing) -> Admission:
+        """Make the hold cover ``pricing`` (a dearer fallback model serves the request): hold
+        the difference or raise ``InsufficientCredits`` (402). Returns the admission to use
+        from now on (unchanged when it already covers the price)."""
+        open_ = self._open.get(admission.request_id)
+        need = hold_cost(pricing, admission.prompt_tokens, admission.output_limit)
+        if open_ is None:
+            raise RuntimeError(f"rehold of {admission.request_id}, which is not open")
+        open_.pricing = pricing
+        if need <= admission.held:
+            return admission
+        extra = need - admission.held
+        lease = open_.hold
+        if isinstance(admission, LeaseAdmission) and lease is not None:
+            if lease.free < extra:
+                async with lease.lock:
+                    if lease.closed or (lease.free < extra and not await self._grow(lease, extra - lease.free)):
+                        raise InsufficientCredits(
+                            f"Insufficient credits: the model that can serve this request needs "
+                            f"{format_credits(need)} credits held",
+                            should_retry=False,
+                        )
+            lease.reserved += extra
+            open_.reserved += extra
+            new: Admission = replace(admission, held=MicroCredits(need))
+        else:
+            new = await self.ledger.rehold(admission, pricing)
+            if open_.hold is None and new.hold_id is not None:
+                open_.hold = self._hold(new.hold_id, new.account_id, new.key_id)
+            if open_.hold is not None:
+                open_.hold.held = new.held
+        open_.admission = new
+        return new
+
+    def checkpoint(self, admission: Admission, usage: Usage) -> None:
+        """Note a stream's cumulative usage so far (no I/O). Every ``checkpoint_interval``
+        the flusher charges what it adds, so a process that dies loses seconds of a long
+        stream, not all of it."""
+        open_ = self._open.get(admission.request_id)
+        if open_ is not None:
+            open_.usage = usage
+
     async def settle(
         self,
-        admission: Any,
+        admission: Admission,
         usage: Usage | None,
         *,
         status: str,
@@ -193,28 +299,41 @@ class LeasedLedger:
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
     ) -> MicroCredits:
-        if not isinstance(admission, LeaseAdmission):
-            return await self.ledger.settle(
-                admission, usage, status=status, model=model, pricing=pricing, replica=replica,
-                protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
-            )
-        lease = self._open.pop(admission.request_id, None)
-        if lease is None:
+        """Charge the request's real cost (minus what its checkpoints charged) and release
+        its hold; once per request (later calls return 0). A lease's charge is written by
+        the flusher; an exact hold's now, or, if the database is unreachable, as soon as it
+        answers. Returns the cost (the charge, unless the balance falls short)."""
+        open_ = self._open.pop(admission.request_id, None)
+        if open_ is None:
             return MicroCredits(0)  # settled before: a request is charged once
-        usage = usage or Usage()
-        due = 0 if usage.input_tokens == 0 and usage.output_tokens == 0 else cost(pricing, usage)
-        lease.reserved -= admission.held
-        charge = max(0, min(due, lease.free))  # never more than the lease holds
-        lease.amount -= charge
-        lease.last_used = time.monotonic()
-        record = UsageRecord(
-            request_id=admission.request_id, account_id=admission.account_id, key_id=admission.key_id,
-            model=model, status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
-            output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
-            cost=MicroCredits(charge), replica=replica, protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
+        due, usage = settlement.priced(pricing, usage, admission.output_limit)
+        open_.record = usage_record(
+            admission, usage, MicroCredits(0), status=status, model=model, replica=replica, protocol=protocol,
+            ttft_ms=ttft_ms, duration_ms=duration_ms,
         )
-        lease.pending.append((admission, charge, due, record))
-        return MicroCredits(charge)
+        rest = Settlement(f"usage:{admission.request_id}", admission.request_id, max(0, due - open_.checkpointed))
+        hold = open_.hold
+        if hold is None:  # nothing held: a free request
+            if rest.due == 0:
+                self._enqueue(open_, 0)
+                return MicroCredits(0)
+            hold = open_.hold = self._hold(admission.request_id, admission.account_id, admission.key_id)
+        if hold.id.startswith(LEASE_PREFIX):
+            hold.reserved -= open_.reserved
+            hold.users -= 1
+            from_hold = min(rest.due, max(0, hold.free))
+            hold.charged += from_hold
+            hold.pending.append(_Pending(rest, from_hold, open_, final=True))
+            hold.last_used = self._clock()
+            self._keep_flushing(hold)
+            return MicroCredits(due)
+        hold.pending.append(_Pending(rest, rest.due, open_, final=True))
+        hold.closing = True
+        self._exact.pop(hold.id, None)
+        if not await self._write(hold):
+            self._closing.append(hold)
+            self.start()
+        return MicroCredits(open_.charged if not hold.pending else due)
 
     # -- the flusher ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -230,95 +349,159 @@ class LeasedLedger:
                 log.exception("flushing credit leases failed; will retry")
 
     async def flush(self, *, release_all: bool = False) -> int:
-        """Write pending charges; release idle leases (all, with ``release_all``). Returns the
-        number of charges written."""
+        """Queue due checkpoints, write every hold's pending charges (one transaction per
+        hold), release idle leases (all, with ``release_all``) and retry holds waiting to be
+        released. Returns the number of charges written. Never raises for one hold's
+        failure: a hold that cannot be written now stays queued."""
         async with self._flush_lock:
-            now = time.monotonic()
-            work = [lease for lease in self._leases.values() if lease.pending]
-            idle = [
-                lease for lease in self._leases.values()
-                if lease.reserved == 0 and (release_all or now - lease.last_used > self.idle_after)
+            now = self._clock()
+            self._queue_checkpoints(now, force=release_all)
+            for lease in list(self._leases.values()):
+                if lease.users == 0 and (release_all or now - lease.last_used > self.idle_after):
+                    # Closed to new requests before any await: they open a fresh lease.
+                    del self._leases[lease.key_id or ""]
+                    lease.closing = True
+                    self._closing.append(lease)
+            work = [
+                h for h in (*self._leases.values(), *self._exact.values())
+                if h.pending or (h.held and now - h.touched > self.stale_after / 4)
             ]
-            for lease in idle:
-                # Closed before any await: new requests open a fresh lease, never this one.
-                del self._leases[lease.key_id]
-                if lease.pending and lease not in work:
-                    work.append(lease)
-            stale_touch = [
-                lease for lease in self._leases.values() if lease.amount and now - lease.touched > self.stale_after / 4
-            ]
-            if not work and not idle and not stale_touch:
-                return await self._sweep(now)
-            batches = [(lease, lease.pending) for lease in work]
-            for lease in work:
-                lease.pending = []
-            try:
-                async with self.db.write() as conn:
-                    for lease, charges in batches:
-                        await self._write(conn, lease, charges)
-                    for lease in idle:
-                        await self._release(conn, lease)
-                    for lease in stale_touch:
-                        if lease not in idle:
-                            await conn.execute(_SHRINK_LEASE, {"r": lease.id, "t": 0, "now": utcnow()})
-                            lease.touched = now
-            except BaseException:
-                for lease, charges in batches:  # keep them for the next attempt
-                    lease.pending[:0] = charges
-                for lease in idle:  # and the leases, still open
-                    self._leases.setdefault(lease.key_id, lease)
-                raise
-            written = sum(len(charges) for _, charges in batches)
-            if self.usage is not None:
-                for _, charges in batches:
-                    for _, _, _, record in charges:
-                        self.usage.enqueue(record)
+            written = 0
+            for hold in (*work, *self._closing):
+                before = len(hold.pending)
+                if await self._write(hold):
+                    written += before - len(hold.pending)
+            self._closing = [h for h in self._closing if not h.closed]
+            for rid in [rid for rid, h in self._exact.items() if not h.pending]:
+                del self._exact[rid]
+            if self._unavailable_since is not None and not self.queued:
+                self._unavailable_since = None  # nothing left to write: the outage cost nothing more
             await self._sweep(now)
             return written
 
-    async def _write(
-        self, conn: Any, lease: _Lease, charges: list[tuple[Admission, int, int, UsageRecord]]
-    ) -> None:
-        total = sum(charge for _, charge, _, _ in charges)
-        if total:
-            balance = int((await conn.execute(_SPEND, {"a": lease.account_id, "t": total})).scalar_one())
-            await conn.execute(_SHRINK_LEASE, {"r": lease.id, "t": total, "now": utcnow()})
-            await conn.execute(_SPEND_KEY, {"k": lease.key_id, "t": total, "s": total})
-            lease.touched = time.monotonic()
-            after = balance + total
-            rows = []
-            now = utcnow()
-            for admission, charge, due, _ in charges:
-                if not charge:
-                    continue
-                after -= charge
-                memo = None if charge == due else (
-                    f"shortfall: cost {format_credits(due)}, charged {format_credits(charge)}"
-                )
-                rows.append({
-                    "account_id": lease.account_id, "kind": "usage", "amount": -charge, "balance_after": after,
-                    "idempotency_key": f"usage:{admission.request_id}", "request_id": admission.request_id,
-                    "key_id": lease.key_id, "memo": memo, "created_at": now,
-                })
-            await conn.execute(insert(ledger), rows)  # one executemany for the whole batch
+    def _queue_checkpoints(self, now: float, *, force: bool) -> None:
+        for open_ in self._open.values():
+            if open_.usage is None or open_.hold is None:
+                continue
+            if not force and now - open_.last_checkpoint < self.checkpoint_interval:
+                continue
+            due, _ = settlement.priced(open_.pricing, open_.usage, open_.admission.output_limit)
+            delta = due - open_.checkpointed
+            if delta <= 0:
+                continue
+            open_.last_checkpoint = now
+            open_.checkpointed = due
+            open_.checkpoints += 1
+            rid = open_.admission.request_id
+            hold = open_.hold
+            from_hold = min(delta, open_.reserved) if hold.id.startswith(LEASE_PREFIX) else delta
+            open_.reserved -= from_hold if hold.id.startswith(LEASE_PREFIX) else 0
+            if hold.id.startswith(LEASE_PREFIX):
+                hold.reserved -= from_hold
+            hold.charged += from_hold
+            hold.pending.append(_Pending(Settlement(f"usage:{rid}:{open_.checkpoints}", rid, delta), from_hold,
+                                         open_, final=False))
+            if hold.id.startswith(LEASE_PREFIX):
+                self._keep_flushing(hold)
+            else:
+                self._exact.setdefault(hold.id, hold)
 
-    async def _release(self, conn: Any, lease: _Lease) -> None:
-        """Give an idle lease's credit back to the account (its charges were just written)."""
-        if lease.amount:
-            await conn.execute(_RELEASE_ACCOUNT, {"a": lease.account_id, "t": lease.amount})
-            await conn.execute(_RELEASE_KEY, {"k": lease.key_id, "t": lease.amount})
-        await conn.execute(delete(holds).where(holds.c.request_id == lease.id))
-        lease.amount = 0
+    def _keep_flushing(self, lease: _Hold) -> None:
+        """A lease that was closed (used up, or idle) while a request on it still had
+        charges to write: write them (from the balance: its row is gone) and close it again."""
+        if self._leases.get(lease.key_id or "") is not lease and lease not in self._closing:
+            lease.closing = True
+            lease.closed = False
+            self._closing.append(lease)
 
-    async def _sweep(self, now: float) -> int:
+    async def _write(self, hold: _Hold) -> bool:
+        """Write the hold's pending charges (and, if closing, release it) in one
+        transaction. False when the database could not be reached: all stays queued."""
+        async with hold.lock:
+            batch = list(hold.pending)
+            try:
+                done = await self._capture(hold, batch, close=hold.closing)
+            except DatabaseUnavailable:
+                self._unavailable(hold)
+                return False
+            except Exception:
+                if not batch:
+                    log.exception("touching or releasing hold %s failed", hold.id)
+                    return False
+                # One bad row must not block the rest: write the charges one by one.
+                log.exception("writing %d charges on hold %s failed; isolating the bad one", len(batch), hold.id)
+                for one in batch:
+                    try:
+                        self._apply(hold, [one], await self._capture(hold, [one], close=False))
+                    except DatabaseUnavailable:
+                        self._unavailable(hold)
+                        return False
+                    except Exception:
+                        self.failed_rows += 1
+                        log.exception("dropping charge %s (%d micro-credits) on hold %s: it cannot be written",
+                                      one.settlement.key, one.settlement.due, hold.id)
+                        hold.pending.remove(one)
+                        hold.charged -= one.from_hold
+                        if one.final:
+                            self._enqueue(one.request, one.request.charged)
+                return True
+            self._apply(hold, batch, done)
+            if hold.closing:
+                hold.closed = True
+            self._unavailable_since = None
+            return True
+
+    async def _capture(self, hold: _Hold, batch: list[_Pending], *, close: bool) -> settlement.Captured:
+        for attempt in range(3):
+            try:
+                async with self.db.write() as conn:
+                    return await settlement.capture(
+                        conn, hold_id=hold.id, account_id=hold.account_id, key_id=hold.key_id,
+                        settlements=[p.settlement for p in batch], close=close,
+                    )
+            except (settlement.LedgerRace, IntegrityError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _apply(self, hold: _Hold, batch: list[_Pending], done: settlement.Captured) -> None:
+        for p in batch:
+            hold.pending.remove(p)
+            p.request.charged += done.charged.get(p.settlement.key, 0)
+            if p.final:
+                self._enqueue(p.request, p.request.charged)
+        hold.held = done.hold_left
+        hold.charged = sum(p.from_hold for p in hold.pending)
+        hold.touched = self._clock()
+        if hold.held == 0 and hold.id.startswith(LEASE_PREFIX) and hold.users == 0 and not hold.pending:
+            # Used up: its row is gone. Close it so the next request opens a new one.
+            hold.closed = True
+            if self._leases.get(hold.key_id or "") is hold:
+                del self._leases[hold.key_id or ""]
+
+    def _enqueue(self, open_: _Open, charged: int) -> None:
+        if self.usage is not None and open_.record is not None:
+            self.usage.enqueue(replace(open_.record, cost=MicroCredits(charged)))
+            open_.record = None
+
+    def _unavailable(self, hold: _Hold) -> None:
+        if self._unavailable_since is None:
+            self._unavailable_since = self._clock()
+            log.warning("database unreachable: %d charges queued in memory until it answers", self.queued)
+
+    async def _sweep(self, now: float) -> None:
         """Every so often, release leases of processes that died (not touched for a while)."""
         if now - self._last_sweep < self.stale_after / 2:
-            return 0
+            return
         self._last_sweep = now
-        released = await self.ledger.release_stale_holds(timedelta(seconds=self.stale_after), prefix=LEASE_PREFIX)
+        try:
+            released = await self.ledger.release_stale_holds(
+                timedelta(seconds=self.stale_after), prefix=LEASE_PREFIX
+            )
+        except DatabaseUnavailable:
+            return
         if released:
             log.warning("released %d credit leases left by stopped gateway processes", released)
-        return 0
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -328,4 +511,5 @@ class LeasedLedger:
             self._task = None
         with contextlib.suppress(Exception):
             await self.flush(release_all=True)
-
+        if self.queued:
+            log.error("%d charges could not be written before shutdown", self.queued)

@@ -1,4 +1,4 @@
-"""The credit ledger: grants, balances, and the request path's hold → settle pair.
+"""The credit ledger: grants, balances, and exact per-request holds.
 
 Invariants, on SQLite and PostgreSQL alike:
 
@@ -9,26 +9,30 @@ Invariants, on SQLite and PostgreSQL alike:
 * every ledger row has a unique idempotency key; retrying an operation with the same key
   returns the first row and changes nothing.
 
-:meth:`Ledger.admit` reserves credit before dispatch with a conditional
-``UPDATE … SET held = held + :h WHERE balance - held >= :h``; a hold moves no money and
-writes no ledger row. :meth:`Ledger.settle` releases the hold and charges the real cost
-in one transaction (idempotency key ``usage:<request_id>``), then queues the usage record.
+Grants and other credits are posted by :mod:`mesh.billing.entries`. Everything that holds,
+charges or releases credit for requests goes through :mod:`mesh.billing.settlement`:
+:meth:`Ledger.admit` takes an exact hold (lowering ``max_output_tokens`` or refusing with
+402 when the balance is short), :meth:`Ledger.rehold` tops it up for a dearer model, and
+:meth:`Ledger.settle` captures the real cost and releases the rest in one transaction
+(idempotency key ``usage:<request_id>``), then queues the usage record.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.principal import Principal
-from mesh.billing.entries import LedgerEntry, append_entry, entry_from_row, find_entry, post, run_idempotent
+from mesh.billing import settlement
+from mesh.billing.entries import LedgerEntry, entry_from_row, post, run_idempotent
 from mesh.billing.money import MicroCredits, format_credits
-from mesh.billing.pricing import cost, hold_cost, max_output_tokens_affordable
+from mesh.billing.pricing import hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
 from mesh.canonical import Usage
 from mesh.config import Pricing
@@ -39,55 +43,26 @@ from mesh.store.tables import accounts, api_keys, holds, ledger
 CREDIT_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment"})
 
 
-class FastPathAbandoned(Exception):
-    """Abandon a fast-path transaction (rolled back) and take the careful path; shared with leases."""
-
-
-# Hot-path statements, built once: constructing SQLAlchemy expressions per request was a
-# measured fifth of a request's CPU (bench/results, py-spy).
-HOLD_ACCOUNT = (
-    update(accounts)
-    .where(accounts.c.id == bindparam("a"), accounts.c.balance - accounts.c.held >= bindparam("h"))
-    .values(held=accounts.c.held + bindparam("h"))
-)
-HOLD_KEY = (
-    update(api_keys)
-    .where(
-        api_keys.c.id == bindparam("k"),
-        api_keys.c.spend_limit.is_(None)
-        | (api_keys.c.spend_limit - api_keys.c.spent - api_keys.c.held >= bindparam("h")),
-    )
-    .values(held=api_keys.c.held + bindparam("h"))
-)
-INSERT_HOLD = insert(holds).values(
-    request_id=bindparam("r"), account_id=bindparam("a"), key_id=bindparam("k"), amount=bindparam("h"),
-    created_at=bindparam("t"),
-)
-SETTLE_ACCOUNT = (
-    update(accounts)
-    .where(
-        accounts.c.id == bindparam("a"),
-        accounts.c.balance - bindparam("due") >= accounts.c.held - bindparam("hold"),
-    )
-    .values(held=accounts.c.held - bindparam("hold"), balance=accounts.c.balance - bindparam("due"))
-    .returning(accounts.c.balance)
-)
-SETTLE_KEY = (
-    update(api_keys)
-    .where(api_keys.c.id == bindparam("k"))
-    .values(held=api_keys.c.held - bindparam("hold"), spent=api_keys.c.spent + bindparam("due"))
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """Credit held for one request. ``max_output_tokens`` may be lower than asked for."""
+    """Credit held for one request. ``max_output_tokens`` (per choice) may be lower than
+    asked for; the hold covers the prompt estimate and ``max_output_tokens`` for each of
+    ``choices`` choices. ``hold_id`` is the hold row it is held by: its own request id
+    (an exact hold), a lease's id, or None when nothing is held (a free model)."""
 
     request_id: str
     account_id: str
     key_id: str | None
     held: MicroCredits
     max_output_tokens: int
+    choices: int = 1
+    prompt_tokens: int = 0
+    hold_id: str | None = None
+
+    @property
+    def output_limit(self) -> int:
+        """The most output the request can produce: more from an engine is not trusted."""
+        return self.max_output_tokens * self.choices
 
 
 def _check_amount(amount: int) -> None:
@@ -177,49 +152,56 @@ class Ledger:
         request_id: str,
         prompt_tokens_estimate: int,
         max_output_tokens: int,
+        *,
+        choices: int = 1,
     ) -> Admission:
         """Hold credit for a request before it is dispatched.
 
-        The hold covers the prompt (priced uncached), ``max_output_tokens`` of output and the
-        request fee. When the account (and the key's spend limit, if any) cannot pay for all
-        of that but can pay for the prompt and at least one output token, the returned
-        ``max_output_tokens`` is lowered to what it can pay for and that is held. Otherwise
-        raises ``InsufficientCredits`` (402, not retryable). Free requests touch no database.
+        The hold covers the prompt (priced uncached), ``max_output_tokens`` of output for
+        each of ``choices`` choices and the request fee. When the account (and the key's
+        spend limit, if any) cannot pay for all of that but can pay for the prompt and at
+        least one output token per choice, the returned ``max_output_tokens`` is lowered to
+        what it can pay for and that is held. Otherwise raises ``InsufficientCredits``
+        (402, not retryable). Free requests touch no database.
         """
         if max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_tokens")
-        if hold_cost(pricing, prompt_tokens_estimate, max_output_tokens) == 0:
-            return Admission(request_id, principal.account_id, principal.key_id, MicroCredits(0), max_output_tokens)
+        if choices < 1:
+            raise InvalidRequest("n must be at least 1", param="n")
+        if hold_cost(pricing, prompt_tokens_estimate, max_output_tokens * choices) == 0:
+            return Admission(
+                request_id, principal.account_id, principal.key_id, MicroCredits(0), max_output_tokens, choices,
+                prompt_tokens_estimate,
+            )
         try:
-            return await self._hold(principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens)
+            return await self._hold(principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices)
         except IntegrityError:
             raise InvalidRequest(f"request {request_id!r} already holds credit", code="duplicate_request_id") from None
 
     async def _hold(
-        self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int
+        self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int,
+        choices: int,
     ) -> Admission:
         # Fast path (the common case, measured as most of a request's CPU): two conditional
         # updates and the hold row, no reads. When the account or the key's spend limit cannot
         # cover the full hold, the careful path below works out what can be afforded.
-        amount = hold_cost(pricing, prompt_tokens, max_output_tokens)
+        amount = hold_cost(pricing, prompt_tokens, max_output_tokens * choices)
         try:
             async with self.db.write() as conn:
-                params = {"a": principal.account_id, "k": principal.key_id, "h": amount}
-                if (await conn.execute(HOLD_ACCOUNT, params)).rowcount == 1:
-                    if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
-                        raise FastPathAbandoned  # roll the account's hold back and take the careful path
-                    await conn.execute(
-                        INSERT_HOLD,
-                        {"r": request_id, "a": principal.account_id, "k": principal.key_id, "h": amount,
-                         "t": utcnow()},
-                    )
-                    return Admission(request_id, principal.account_id, principal.key_id, amount, max_output_tokens)
-        except FastPathAbandoned:
-            pass
-        return await self._hold_carefully(principal, pricing, request_id, prompt_tokens, max_output_tokens)
+                await settlement.hold(
+                    conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
+                    amount=amount, grow=False,
+                )
+        except settlement.Uncovered:
+            return await self._hold_carefully(principal, pricing, request_id, prompt_tokens, max_output_tokens, choices)
+        return Admission(
+            request_id, principal.account_id, principal.key_id, amount, max_output_tokens, choices, prompt_tokens,
+            request_id,
+        )
 
     async def _hold_carefully(
-        self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int
+        self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int,
+        choices: int,
     ) -> Admission:
         async with self.db.write() as conn:
             acct = (
@@ -238,46 +220,69 @@ class Ledger:
             ).first()
             if acct is None or key is None:
                 raise AuthenticationFailed("Invalid API key")
-            floor = hold_cost(pricing, prompt_tokens, 1)
+            floor = hold_cost(pricing, prompt_tokens, choices)
             available = acct.balance - acct.held
-            if max_output_tokens_affordable(pricing, available, prompt_tokens) < 1:
+            if max_output_tokens_affordable(pricing, available, prompt_tokens) < choices:
                 raise _short(floor, available, "the account has")
             limit = available
             if key.spend_limit is not None:
                 key_left = key.spend_limit - key.spent - key.held
-                if max_output_tokens_affordable(pricing, key_left, prompt_tokens) < 1:
+                if max_output_tokens_affordable(pricing, key_left, prompt_tokens) < choices:
                     raise _short(floor, key_left, "the API key's spend limit leaves")
                 limit = min(limit, key_left)
-            out = min(max_output_tokens, max_output_tokens_affordable(pricing, limit, prompt_tokens))
-            amount = hold_cost(pricing, prompt_tokens, out)
-            held = await conn.execute(
-                update(accounts)
-                .where(accounts.c.id == principal.account_id, accounts.c.balance - accounts.c.held >= amount)
-                .values(held=accounts.c.held + amount)
-            )
-            if held.rowcount != 1:  # only reachable if the row lock above were missing
-                raise _short(floor, available, "the account has")
-            key_held = await conn.execute(
-                update(api_keys)
-                .where(
-                    api_keys.c.id == principal.key_id,
-                    api_keys.c.spend_limit.is_(None)
-                    | (api_keys.c.spend_limit - api_keys.c.spent - api_keys.c.held >= amount),
+            out = min(max_output_tokens, max_output_tokens_affordable(pricing, limit, prompt_tokens) // choices)
+            amount = hold_cost(pricing, prompt_tokens, out * choices)
+            try:
+                await settlement.hold(
+                    conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
+                    amount=amount, grow=False,
                 )
-                .values(held=api_keys.c.held + amount)
-            )
-            if key_held.rowcount != 1:
-                raise _short(floor, limit, "the API key's spend limit leaves")
-            await conn.execute(
-                insert(holds).values(
-                    request_id=request_id,
-                    account_id=principal.account_id,
-                    key_id=principal.key_id,
-                    amount=amount,
-                    created_at=utcnow(),
+            except settlement.Uncovered:  # only reachable if the row locks above were missing
+                raise _short(floor, limit, "the account has") from None
+        return Admission(
+            request_id, principal.account_id, principal.key_id, amount, out, choices, prompt_tokens, request_id
+        )
+
+    async def rehold(self, admission: Admission, pricing: Pricing) -> Admission:
+        """Make ``admission``'s exact hold cover the same request at ``pricing`` (a fallback
+        model dearer than the one it was held for): hold the difference, or raise
+        ``InsufficientCredits`` (402) when the balance or the key's limit cannot. The
+        admission is returned unchanged when it already covers the new price."""
+        need = hold_cost(pricing, admission.prompt_tokens, admission.output_limit)
+        if need <= admission.held:
+            return admission
+        hold_id = admission.hold_id or admission.request_id
+        try:
+            async with self.db.write() as conn:
+                await settlement.hold(
+                    conn, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
+                    amount=need - admission.held, grow=True,
                 )
-            )
-        return Admission(request_id, principal.account_id, principal.key_id, amount, out)
+        except settlement.Uncovered:
+            raise InsufficientCredits(
+                f"Insufficient credits: the model that can serve this request needs {format_credits(need)} "
+                "credits held",
+                should_retry=False,
+            ) from None
+        return replace(admission, held=MicroCredits(need), hold_id=hold_id)
+
+    async def capture(
+        self, admission: Admission, settlements: Sequence[settlement.Settlement], *, close: bool
+    ) -> settlement.Captured:
+        """:func:`settlement.capture` on the admission's hold in its own transaction, run
+        again if it met a concurrent writer of the same ledger rows."""
+        hold_id = admission.hold_id or admission.request_id
+        for attempt in range(3):
+            try:
+                async with self.db.write() as conn:
+                    return await settlement.capture(
+                        conn, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
+                        settlements=settlements, close=close,
+                    )
+            except (settlement.LedgerRace, IntegrityError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def settle(
         self,
@@ -294,139 +299,75 @@ class Ledger:
     ) -> MicroCredits:
         """Release the hold and charge the real cost; returns the micro-credits charged.
 
-        ``usage`` None (or all zeros) means nothing was generated: the cost is 0. A cost
-        beyond the hold plus the account's available credit is charged only up to what the
-        balance has, and the shortfall is noted in the ledger row's memo. Settling the same
-        request again charges nothing more and returns the first charge. The usage record
-        goes to the usage writer after the transaction commits.
+        ``usage`` None (or all zeros) means nothing was generated: the cost is 0. Output
+        beyond what the request could produce is not charged. A cost beyond the hold is
+        charged from the account's free balance while it lasts; only what neither covers is
+        a shortfall, noted in the ledger row's memo. Settling the same request again
+        charges nothing more and returns the first charge. The usage record goes to the
+        usage writer after the transaction commits (once).
         """
-        usage = usage or Usage()
-        due = 0 if usage.input_tokens == 0 and usage.output_tokens == 0 else cost(pricing, usage)
+        due, usage = settlement.priced(pricing, usage, admission.output_limit)
         key = f"usage:{admission.request_id}"
-        first = True
-
-        def existing(entry: LedgerEntry) -> MicroCredits:
-            nonlocal first
-            first = False
-            return MicroCredits(-entry.amount)
-
-        async def body(conn: AsyncConnection) -> MicroCredits:
-            nonlocal first
-            released = (
-                await conn.execute(
-                    delete(holds).where(holds.c.request_id == admission.request_id).returning(holds.c.amount)
-                )
-            ).scalar_one_or_none()
-            hold = int(released or 0)
-            if hold == 0 and admission.held > 0:
-                # The hold is gone: settled before (perhaps by a transaction we just waited
-                # for on its row lock), or swept as stale. Only the latter still owes.
-                earlier = await find_entry(conn, key)
-                if earlier is not None:
-                    return existing(earlier)
-                first = due > 0
-            if hold == 0 and due == 0:
-                return MicroCredits(0)
-            # Fast path: the balance covers the whole cost (one conditional update, no reads).
-            balance_after = (
-                await conn.execute(SETTLE_ACCOUNT, {"a": admission.account_id, "hold": hold, "due": due})
-            ).scalar_one_or_none()
-            if balance_after is not None:
-                if due:
-                    await append_entry(
-                        conn, account_id=admission.account_id, amount=-due, kind="usage",
-                        balance_after=int(balance_after), idempotency_key=key,
-                        request_id=admission.request_id, key_id=admission.key_id,
-                    )
-                if admission.key_id is not None:
-                    await conn.execute(SETTLE_KEY, {"k": admission.key_id, "hold": hold, "due": due})
-                return MicroCredits(due)
-            acct = (
-                await conn.execute(
-                    select(accounts.c.balance, accounts.c.held)
-                    .where(accounts.c.id == admission.account_id)
-                    .with_for_update()
-                )
-            ).first()
-            if acct is None:
-                raise NotFound(f"Account {admission.account_id!r} not found", code="account_not_found")
-            charge = max(0, min(due, acct.balance - (acct.held - hold)))
-            if hold:
-                await conn.execute(
-                    update(accounts).where(accounts.c.id == admission.account_id).values(held=accounts.c.held - hold)
-                )
-            if charge:
-                memo = None
-                if charge < due:
-                    memo = f"shortfall: cost {format_credits(due)}, charged {format_credits(charge)}"
-                await post(
-                    conn,
-                    account_id=admission.account_id,
-                    amount=-charge,
-                    kind="usage",
-                    idempotency_key=key,
-                    request_id=admission.request_id,
-                    key_id=admission.key_id,
-                    memo=memo,
-                )
-            if admission.key_id is not None:
-                await conn.execute(
-                    update(api_keys)
-                    .where(api_keys.c.id == admission.key_id)
-                    .values(held=api_keys.c.held - hold, spent=api_keys.c.spent + charge)
-                )
-            return MicroCredits(charge)
-
-        charged = await run_idempotent(self.db, key, body, existing, precheck=False)
+        if admission.held == 0 and due == 0:
+            charged, first = 0, True
+        else:
+            done = await self.capture(admission, [settlement.Settlement(key, admission.request_id, due)], close=True)
+            charged, first = done.charged.get(key, 0), key in done.written or due == 0
         if first and self.usage is not None:
             self.usage.enqueue(
-                UsageRecord(
-                    request_id=admission.request_id,
-                    account_id=admission.account_id,
-                    key_id=admission.key_id,
-                    model=model,
-                    status=status,
-                    input_tokens=usage.input_tokens,
-                    cached_tokens=usage.cached_tokens,
-                    output_tokens=usage.output_tokens,
-                    reasoning_tokens=usage.reasoning_tokens,
-                    cost=charged,
-                    replica=replica,
-                    protocol=protocol,
-                    ttft_ms=ttft_ms,
-                    duration_ms=duration_ms,
+                usage_record(
+                    admission, usage, MicroCredits(charged), status=status, model=model, replica=replica,
+                    protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
                 )
             )
-        return charged
+        return MicroCredits(charged)
 
     async def release_stale_holds(self, older_than: timedelta, *, prefix: str | None = None) -> int:
         """Release holds older than ``older_than`` (left by a crashed process); returns how
         many. A request settled after its hold was swept is still charged, from the balance.
-        ``prefix`` limits the sweep to hold ids starting with it (credit leases)."""
+        ``prefix`` limits the sweep to hold ids starting with it (credit leases). Each hold
+        goes back in its own transaction, after checking under lock that it is still stale."""
         cutoff = utcnow() - older_than
         stale = holds.c.created_at < cutoff
         if prefix is not None:
             stale = stale & holds.c.request_id.startswith(prefix, autoescape=True)
-        async with self.db.write() as conn:
-            rows = (
-                await conn.execute(
-                    delete(holds).where(stale).returning(holds.c.account_id, holds.c.key_id, holds.c.amount)
-                )
+        async with self.db.read() as conn:
+            found = (
+                await conn.execute(select(holds.c.request_id, holds.c.account_id, holds.c.key_id).where(stale))
             ).all()
-            per_account: dict[str, int] = {}
-            per_key: dict[str, int] = {}
-            for r in rows:
-                per_account[r.account_id] = per_account.get(r.account_id, 0) + r.amount
-                if r.key_id is not None:
-                    per_key[r.key_id] = per_key.get(r.key_id, 0) + r.amount
-            for account_id in sorted(per_account):
-                await conn.execute(
-                    update(accounts)
-                    .where(accounts.c.id == account_id)
-                    .values(held=accounts.c.held - per_account[account_id])
+        released = 0
+        for r in found:
+            async with self.db.write() as conn:
+                # The account's row first, as every writer of held credit locks it.
+                await conn.execute(select(accounts.c.id).where(accounts.c.id == r.account_id).with_for_update())
+                still = (
+                    await conn.execute(select(holds.c.amount).where(holds.c.request_id == r.request_id, stale))
+                ).first()
+                if still is None:
+                    continue  # touched or settled meanwhile
+                await settlement.capture(
+                    conn, hold_id=r.request_id, account_id=r.account_id, key_id=r.key_id, settlements=(), close=True
                 )
-            for key_id in sorted(per_key):
-                await conn.execute(
-                    update(api_keys).where(api_keys.c.id == key_id).values(held=api_keys.c.held - per_key[key_id])
-                )
-        return len(rows)
+                released += 1
+        return released
+
+
+def usage_record(
+    admission: Admission,
+    usage: Usage,
+    charged: MicroCredits,
+    *,
+    status: str,
+    model: str,
+    replica: str | None,
+    protocol: str | None,
+    ttft_ms: int | None,
+    duration_ms: int | None,
+) -> UsageRecord:
+    """The usage row of a settled request."""
+    return UsageRecord(
+        request_id=admission.request_id, account_id=admission.account_id, key_id=admission.key_id, model=model,
+        status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
+        output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens, cost=charged, replica=replica,
+        protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
+    )

@@ -155,9 +155,23 @@ def _day(ts: datetime) -> date:
 
 
 async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
-    """Insert ``records`` and add them to the daily roll-up, in one transaction."""
+    """Insert ``records`` and add them to the daily roll-up, in one transaction. Records of
+    requests already written are skipped, so a retry after a lost COMMIT reply adds nothing."""
     if not records:
         return
+    async with db.write() as conn:
+        ids = [r.request_id for r in records]
+        seen = set(
+            (await conn.execute(select(usage_records.c.request_id).where(usage_records.c.request_id.in_(ids))))
+            .scalars()
+            .all()
+        )
+        records = [r for r in records if r.request_id not in seen]
+        if records:
+            await _write(conn, db, records)
+
+
+async def _write(conn: AsyncConnection, db: Database, records: Sequence[UsageRecord]) -> None:
     rows = [
         {
             "request_id": r.request_id,
@@ -188,9 +202,8 @@ async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
         d["output_tokens"] += r.output_tokens
         d["reasoning_tokens"] += r.reasoning_tokens
         d["cost"] += int(r.cost)
-    async with db.write() as conn:
-        await conn.execute(insert(usage_records), rows)
-        await _upsert_daily(conn, db, list(daily.values()))
+    await conn.execute(insert(usage_records), rows)
+    await _upsert_daily(conn, db, list(daily.values()))
 
 
 async def _upsert_daily(conn: AsyncConnection, db: Database, rows: list[dict[str, Any]]) -> None:

@@ -9,10 +9,10 @@ numbers; a scraper sums across processes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mesh.routing.breaker import BreakerState
@@ -46,6 +46,35 @@ class _FleetCollector(Collector):
                     healthy.add_metric([model, r.name], 1.0 if r.healthy else 0.0)
                     breaker.add_metric([model, r.name], _BREAKER[r.breaker.state])
         yield from (in_flight, healthy, breaker, queue)
+
+
+class BillingState(Protocol):
+    """What the billing collector reads (``mesh.billing.leases.LeasedLedger``)."""
+
+    @property
+    def failed_rows(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class _BillingCollector(Collector):
+    def __init__(self, billing: BillingState) -> None:
+        self._billing = billing
+
+    def collect(self) -> Iterator[Any]:
+        failed = CounterMetricFamily(
+            "mesh_billing_failed_charges", "Charges dropped because they could not be written on their own"
+        )
+        failed.add_metric([], self._billing.failed_rows)
+        queued = GaugeMetricFamily("mesh_billing_queued_charges", "Charges waiting in memory to be written")
+        queued.add_metric([], self._billing.queued)
+        ready = GaugeMetricFamily("mesh_billing_ready", "1 while billing writes succeed")
+        ready.add_metric([], 1.0 if self._billing.ready else 0.0)
+        yield from (failed, queued, ready)
 
 
 class Metrics:
@@ -84,6 +113,10 @@ class Metrics:
             self.tokens.labels(model, "cached").inc(cached_tokens)
         if charged:
             self.credits.labels(model).inc(charged)
+
+    def watch_billing(self, billing: BillingState) -> None:
+        """Expose the settlement queue's state (read at scrape time)."""
+        self.registry.register(_BillingCollector(billing))
 
     def error(self, protocol: str, kind: str) -> None:
         self.errors.labels(protocol, kind).inc()

@@ -15,8 +15,8 @@ writes rely on row locks and conditional updates under READ COMMITTED.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,16 +24,35 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
+from mesh.errors import DatabaseUnavailable
+from mesh.store.errors import is_unavailable
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_POOL_SIZE = 10
 POSTGRES_MAX_OVERFLOW = 20
+# Seconds before an unreachable PostgreSQL turns into DatabaseUnavailable instead of a hang.
+POSTGRES_CONNECT_TIMEOUT = 5.0
+POSTGRES_POOL_TIMEOUT = 10.0
 # pg_advisory_xact_lock key held while migrating, so that gateway replicas starting
 # together run the migrations once, one after another.
 MIGRATION_LOCK_KEY = 0x6D657368  # "mesh"
 _IMMEDIATE = "mesh_begin_immediate"
 
 Dialect = Literal["sqlite", "postgresql"]
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """Connection failures become DatabaseUnavailable; everything else passes through."""
+    try:
+        yield
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise DatabaseUnavailable() from exc
+        raise
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -65,7 +84,12 @@ class Database:
             assert self.url.database is not None
             Path(self.url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs.update(pool_size=POSTGRES_POOL_SIZE, max_overflow=POSTGRES_MAX_OVERFLOW)
+            kwargs.update(
+                pool_size=POSTGRES_POOL_SIZE,
+                max_overflow=POSTGRES_MAX_OVERFLOW,
+                pool_timeout=POSTGRES_POOL_TIMEOUT,
+                connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT},
+            )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self._write_lock: asyncio.Lock | None = None
         if self.dialect == "sqlite":
@@ -82,8 +106,9 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A connection in a read transaction (rolled back on exit; do not write through it)."""
-        async with self.engine.connect() as conn:
-            yield conn
+        with _mapped_errors():
+            async with self.engine.connect() as conn:
+                yield conn
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -93,11 +118,12 @@ class Database:
         callers lock rows (``FOR UPDATE``) or use conditional updates.
         """
         lock: AbstractAsyncContextManager[Any] = self._write_lock or nullcontext()
-        async with lock, self.engine.connect() as conn:
-            if self.dialect == "sqlite":
-                await conn.execution_options(**{_IMMEDIATE: True})
-            async with conn.begin():
-                yield conn
+        with _mapped_errors():
+            async with lock, self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    await conn.execution_options(**{_IMMEDIATE: True})
+                async with conn.begin():
+                    yield conn
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
