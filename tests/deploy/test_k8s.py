@@ -149,9 +149,12 @@ def test_gateway_deployment() -> None:
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     (c,) = spec["containers"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # Traffic only while the database answers and billing writes succeed; alive while it runs.
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert c[probe]["httpGet"]["path"] == "/health"
+        assert c[probe]["httpGet"]["path"] in ("/health", "/health/ready")
         assert c[probe]["httpGet"]["port"] == "http"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
     # `mesh --config FILE serve …` with the real CLI; the file comes from the ConfigMap.
     name, params = parse_mesh_invocation(c["args"])
