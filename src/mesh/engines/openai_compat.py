@@ -18,7 +18,7 @@ import orjson
 
 from mesh.canonical import CanonicalRequest, Event, Message, Usage
 from mesh.config import OpenAIEngineConfig
-from mesh.engines.openai_wire import ChunkDecoder, encode_messages, request_body
+from mesh.engines.openai_wire import ChunkDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
     EngineError,
     EngineOverloaded,
@@ -186,7 +186,11 @@ class OpenAIEngine:
             return False
 
     async def count_tokens(self, messages: Sequence[Message], request: CanonicalRequest) -> int | None:
-        body = {"model": self.model, "messages": encode_messages(tuple(messages), self.config.reasoning_field)}
+        body: dict[str, Any] = {
+            "model": self.model, "messages": encode_messages(tuple(messages), self.config.reasoning_field)
+        }
+        if request.tools:
+            body["tools"] = encode_tools(request.tools)  # vLLM's chat template renders them too
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 async with self._client().post(self._tokenize_url, data=orjson.dumps(body), headers=self._headers) as r:

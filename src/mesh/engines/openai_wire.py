@@ -22,6 +22,7 @@ from mesh.canonical import (
     TextDelta,
     TextPart,
     TokenLogprob,
+    Tool,
     ToolArgsDelta,
     ToolCallPart,
     ToolCallStart,
@@ -109,6 +110,25 @@ def encode_messages(messages: tuple[Message, ...], reasoning_field: ReasoningFie
     return out
 
 
+def encode_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                k: v
+                for k, v in (
+                    ("name", t.name),
+                    ("description", t.description),
+                    ("parameters", t.parameters),
+                    ("strict", t.strict),
+                )
+                if v is not None
+            },
+        }
+        for t in tools
+    ]
+
+
 def _effort(req: CanonicalRequest) -> str | None:
     r = req.reasoning
     if r is None:
@@ -158,22 +178,7 @@ def request_body(
     if s.logprobs:
         body["logprobs"] = True
     if req.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    k: v
-                    for k, v in (
-                        ("name", t.name),
-                        ("description", t.description),
-                        ("parameters", t.parameters),
-                        ("strict", t.strict),
-                    )
-                    if v is not None
-                },
-            }
-            for t in req.tools
-        ]
+        body["tools"] = encode_tools(req.tools)
     if req.tool_choice is not None:
         tc = req.tool_choice
         body["tool_choice"] = (
