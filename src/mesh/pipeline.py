@@ -115,6 +115,7 @@ class RequestContext:
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
+    session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
 
     @property
     def ttft_ms(self) -> int | None:
@@ -204,6 +205,8 @@ class Pipeline:
         ctx.models = self._candidates(ctx, model, request)
         if "models" in request.extra:
             request = replace(request, extra={k: v for k, v in request.extra.items() if k != "models"})
+        if ctx.session_hint:
+            request = replace(request, cache_key=ctx.session_hint)
         if model.context_length and fit_context:
             request = await self._fit_context(ctx, model.context_length, request)
         ctx.request = request

@@ -112,6 +112,7 @@ def parse_request(body: bytes) -> tuple[CanonicalRequest, ChatOptions]:
         else None,
         user=req.safety_identifier or req.user,
         metadata=req.metadata,
+        cache_key=req.prompt_cache_key,
         extra=extra,
     )
     return canonical, ChatOptions(include_usage=bool(req.stream_options and req.stream_options.include_usage))
