@@ -13,7 +13,7 @@ from aiohttp import web
 
 from . import tokens
 
-REQUEST_LOG_SIZE = 100
+REQUEST_LOG_SIZE = 1000
 PREFIX_CACHE_SIZE = 50_000
 FAULT_MODES = ("drop", "hang", "slow_first_token")
 
