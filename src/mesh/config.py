@@ -77,6 +77,10 @@ class OpenAIEngineConfig(_Frozen):
     # Which reasoning field the engine reads on assistant turns (vLLM: reasoning).
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     name: str | None = None  # replica label in usage records and metrics
+    # Reuse connections to the engine: a finished answer is read to its end and its
+    # connection serves the next request. False closes it after every answer (an engine or
+    # proxy that mishandles keep-alive; and the bench's "before").
+    keep_alive: bool = True
 
     @field_validator("base_url")
     @classmethod

@@ -146,7 +146,7 @@ class OpenAIEngine:
                 # Read on to the end of the body (after [DONE] only the chunked terminator is
                 # left), so the engine sees a finished answer and the connection goes back to
                 # the pool instead of being torn down.
-                drained = await _drain(resp)
+                drained = self.config.keep_alive and await _drain(resp)
             yield decoder.final_usage()
         except orjson.JSONDecodeError:
             raise EngineError(f"Engine {self.name} sent malformed JSON.") from None
