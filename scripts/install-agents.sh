@@ -13,5 +13,10 @@ if [ -f "$stamp" ] && [ "$stamp" -nt "$dir/package-lock.json" ]; then
   exit 0
 fi
 echo "installing the coding agents for the tests (npm ci in tests/agents)"
-(cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
-touch "$stamp"
+if (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error); then
+  touch "$stamp"
+else
+  # Not fatal for the rest of make dev: the agent tests report what is missing (and fail
+  # under MESH_TEST_REQUIRE_SERVICES=1, as CI runs them).
+  echo "warning: npm ci in tests/agents failed; the coding-agent tests will not run" >&2
+fi
