@@ -76,6 +76,13 @@ def _run(
     return out
 
 
+def _asked(engine: EngineProcess, words: str) -> dict[str, Any]:
+    """The agent's main request carrying ``words`` (agents also send side requests, without tools)."""
+    found = [r for r in engine.requests() if r.get("tools") and words in json.dumps(r["messages"])]
+    assert found, engine.requests()
+    return found[-1]
+
+
 def _offline(home: Path) -> dict[str, str]:
     """A clean environment: a fresh HOME, nothing of the developer's, no network features."""
     home.mkdir(parents=True, exist_ok=True)
@@ -122,7 +129,7 @@ def test_claude_code_one_shot_answers_within_an_8k_context(
     engine.clear_requests()
     result = _claude_result(_run([*argv, "-p", "[notool] [tokens:6] say hi"], env, project))
     assert result["result"] == "tok0 tok1 tok2 tok3 tok4 tok5"
-    [sent] = [r for r in engine.requests() if "say hi" in json.dumps(r["messages"])]
+    sent = _asked(engine, "say hi")
     assert len(sent["tools"]) >= 5  # Claude Code's own tools went along
     # It asked for 32,000 output tokens of an 8,192 context: the room its prompt leaves.
     prompt = httpx.post(engine.url + "/tokenize", json={"messages": sent["messages"]}).json()["count"]
@@ -148,7 +155,7 @@ def test_claude_code_multi_turn_session(
         _run([*argv, "--resume", first["session_id"], "-p", "[notool] [tokens:3] which word?"], env, project)
     )
     assert second["session_id"] and second["result"] == "tok0 tok1 tok2"
-    [sent] = [r for r in engine.requests() if "which word?" in json.dumps(r["messages"])]
+    sent = _asked(engine, "which word?")
     history = json.dumps(sent["messages"])
     assert "remember the word walrus" in history and "tok0 tok1" in history  # the first turn came back
     assert second["usage"]["cache_read_input_tokens"] > 0  # and its prefix was still cached
@@ -195,7 +202,7 @@ def test_codex_one_shot(codex: tuple[list[str], dict[str, str], Path],
     engine.clear_requests()
     out = _run([*argv, "[notool] [tokens:4] say hi"], env, project)
     assert out.stdout.strip() == "tok0 tok1 tok2 tok3"
-    [sent] = [r for r in engine.requests() if "say hi" in json.dumps(r["messages"])]
+    sent = _asked(engine, "say hi")
     assert any(t["function"]["name"] == "exec_command" for t in sent["tools"])
 
 
@@ -215,7 +222,7 @@ def test_codex_multi_turn_session(codex: tuple[list[str], dict[str, str], Path],
     engine.clear_requests()
     out = _run([*argv, "resume", "--last", "[notool] [tokens:3] which word?"], env, project)
     assert out.stdout.strip() == "tok0 tok1 tok2"
-    [sent] = [r for r in engine.requests() if "which word?" in json.dumps(r["messages"])]
+    sent = _asked(engine, "which word?")
     history = json.dumps(sent["messages"])
     assert "remember the word walrus" in history and "tok0 tok1" in history
 
