@@ -47,7 +47,8 @@ def compare(work: Path, rounds: int, duration: float, warmup: float,
                 acc = engine_cpu.setdefault((point.name, name), [0.0, 0.0])
                 acc[0] += cpu1 - cpu0
                 acc[1] += stats1["served"] - stats0["served"]
-                connections[f"{point.name} {name}"] = stats1["connections"] - stats0["connections"]
+                key = f"{point.name} {name}"  # new engine connections, over every round
+                connections[key] = connections.get(key, 0) + stats1["connections"] - stats0["connections"]
                 r = summarize(s, point)
                 say(f"round {rnd} keep-alive {name:<6} {point.name:<10} {r['rate']:>8,.1f}/s "
                     f"mesh {r['cpu_ms_per_req'] or 0:6.3f} ms/req, engine "
@@ -62,7 +63,7 @@ def compare(work: Path, rounds: int, duration: float, warmup: float,
             mesh_ms = r["cpu_ms_per_req"]
             engine_ms = 1000 * cpu / served if served else None
             row[name] = {"mesh_cpu_ms_per_req": mesh_ms, "engine_cpu_ms_per_req": engine_ms, "rate": r["rate"],
-                         "both_cpu_ms_per_req": (mesh_ms or 0) + (engine_ms or 0)}
+                         "both_cpu_ms_per_req": (mesh_ms or 0) + (engine_ms or 0), "requests": served}
         out["points"][point.name] = row
     for t in [*targets.values(), engine]:
         t.server.stop()
@@ -80,7 +81,8 @@ def describe(result: dict[str, Any]) -> str:
                 parts.append(f"{label} {b[k]:.3f} -> {a[k]:.3f} ms ({100 * (a[k] - b[k]) / b[k]:+.0f}%)")
         conns = result["engine_connections"]
         lines.append(f"  {point:<10} " + ", ".join(parts)
-                     + f"; engine connections {conns.get(point + ' before')} -> {conns.get(point + ' after')}")
+                     + f"; {conns.get(point + ' before')} -> {conns.get(point + ' after')} new engine connections"
+                     + f" for {int(b['requests'])} -> {int(a['requests'])} requests")
     return "\n".join(lines)
 
 
