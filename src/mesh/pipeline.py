@@ -15,19 +15,32 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
+
 from mesh.accounts.principal import Principal
-from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
+from mesh.billing.estimate import estimate_prompt_tokens
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
     Event,
     ReasoningDelta,
+    ReasoningPart,
     TextDelta,
+    TextPart,
     ToolArgsDelta,
+    ToolCallPart,
+    ToolResultPart,
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import (
+    AuthenticationFailed,
+    ContextLengthExceeded,
+    InvalidRequest,
+    MeshError,
+    ModelNotFound,
+    PermissionDenied,
+)
 from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.observability.metrics import Metrics
@@ -38,6 +51,11 @@ log = logging.getLogger("mesh.pipeline")
 
 # A stream whose engine reports no usage until the end checkpoints every this many deltas.
 _CHECKPOINT_DELTAS = 16
+# A rough lower bound, for lowering max_tokens when no tokenizer answers: few tokenizers
+# average more than 4 bytes per token on any text.
+_BYTES_PER_TOKEN_LOW = 4
+
+
 
 class Authenticator(Protocol):
     async def authenticate(self, raw_key: str | None) -> Principal: ...
@@ -99,6 +117,7 @@ class RequestContext:
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
+    session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
 
     @property
     def ttft_ms(self) -> int | None:
@@ -114,6 +133,22 @@ class RequestContext:
 
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
 UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], None]
+
+
+def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
+    """Prompt tokens from text size, leaning low (tokens are rarely longer than 4 bytes)."""
+    size = 0
+    for m in request.messages:
+        for p in m.parts:
+            if isinstance(p, TextPart | ReasoningPart):
+                size += len(p.text.encode())
+            elif isinstance(p, ToolCallPart):
+                size += len(p.arguments.encode()) + len(p.name)
+            elif isinstance(p, ToolResultPart):
+                size += sum(len(c.text.encode()) for c in p.content if isinstance(c, TextPart))
+    for t in request.tools:
+        size += len(t.name) + len(t.description or "") + (len(orjson.dumps(t.parameters)) if t.parameters else 0)
+    return size // _BYTES_PER_TOKEN_LOW
 
 
 class Pipeline:
@@ -144,7 +179,9 @@ class Pipeline:
         return ctx.principal
 
     # 2. resolve the model (after the protocol parsed the body) -------------------------------
-    def resolve(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
+    async def resolve(
+        self, ctx: RequestContext, request: CanonicalRequest, *, fit_context: bool = True
+    ) -> CanonicalRequest:
         model = self._models.get(request.model)
         if model is None:
             raise ModelNotFound(
@@ -157,13 +194,49 @@ class Pipeline:
         ctx.models = self._candidates(ctx, model, request)
         # Only the engine extensions the operator enabled for this model reach its engines.
         request = allow_extensions(request, model.engine_extensions)
-        if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
-            # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
-            # room the prompt leaves: engines refuse prompt + max_tokens > context.
-            room = model.context_length - typical_prompt_tokens(request)
-            request = request.with_max_tokens(max(1, room))
+        if ctx.session_hint:
+            request = replace(request, cache_key=ctx.session_hint)
+        if model.context_length and fit_context:
+            request = await self._fit_context(ctx, model.context_length, request)
         ctx.request = request
         return request
+
+    async def _fit_context(self, ctx: RequestContext, limit: int, request: CanonicalRequest) -> CanonicalRequest:
+        """Lower a ``max_tokens`` the context cannot hold (Claude Code asks 32000 of every
+        model; engines refuse prompt + max_tokens > context) to the room the prompt leaves.
+
+        The prompt is counted by a replica's own tokenizer when the answer matters, else
+        estimated leaning low (so the room is never squeezed to nothing by a guess). A prompt
+        that fills the context alone raises ContextLengthExceeded with the numbers."""
+        low = estimate_prompt_tokens_low(request)
+        wanted = request.max_tokens
+        if low < limit and (wanted is None or wanted + low <= limit):
+            return request
+        counted = await self._count_prompt(ctx, request)
+        prompt = low if counted is None else counted
+        if prompt >= limit:
+            measure = "" if counted is not None else "at least "
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your messages resulted "
+                f"in {measure}{prompt} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        if wanted is not None and wanted > limit - prompt:
+            request = request.with_max_tokens(limit - prompt)
+        return request
+
+    async def _count_prompt(self, ctx: RequestContext, request: CanonicalRequest) -> int | None:
+        """The prompt's length by the tokenizer of the model's least busy healthy replica, or None."""
+        pool = self.router.pools.get(request.model)
+        healthy = [r for r in pool.replicas if r.healthy] if pool else []
+        if not healthy:
+            return None
+        replica = min(healthy, key=lambda r: r.load)
+        try:
+            return await replica.engine.count_tokens(request.messages, request)
+        except Exception:
+            log.warning("count_tokens failed on %s for %s", replica.name, ctx.request_id, exc_info=True)
+            return None
 
     def _candidates(self, ctx: RequestContext, model: ModelConfig, request: CanonicalRequest) -> tuple[str, ...]:
         """The model, its configured fallbacks, then the request's own ``models`` list (as
@@ -326,7 +399,7 @@ class Pipeline:
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
     ) -> tuple[CanonicalRequest, RoutedStream | PendingStream]:
         """Steps 2 to 4 in order (resolve, admit, route) for a parsed request."""
-        request = self.resolve(ctx, request)
+        request = await self.resolve(ctx, request)
         request = await self.admit(ctx, request)
         return request, await self.route(ctx, request, patience=patience)
 

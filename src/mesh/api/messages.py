@@ -50,5 +50,5 @@ async def count_tokens(request: Request, ctx: RequestContext) -> AnyResponse:
     """``{"input_tokens": N}``: the engine's own tokenizer when a replica can count, else
     Mesh's prompt estimate (``Pipeline.count_tokens``). Free: nothing is held or charged."""
     gw, body = await authenticated_body(request, ctx)
-    creq = gw.pipeline.resolve(ctx, anthropic_messages.parse_count_request(body))
+    creq = await gw.pipeline.resolve(ctx, anthropic_messages.parse_count_request(body), fit_context=False)
     return JSON({"input_tokens": await gw.pipeline.count_tokens(ctx, creq)})

@@ -1,6 +1,7 @@
 """Customer-facing billing routes, authenticated by the caller's API key.
 
-``GET /v1/usage?days=30`` — the key's account's usage by UTC day and model.
+``GET /v1/usage?days=30`` — the key's account's usage by UTC day and model, and its
+prefix-cache hit rate per model and per key (``cache``).
 ``POST /v1/redeem {"code": "MESH-…"}`` — credit a redeem code to the key's account.
 
 The app supplies ``authenticate(request) -> Principal`` (sync or async), so these routes
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from mesh.accounts.principal import Principal
 from mesh.admin.http import ServicesSource, guarded, int_query, json_response, read_body, resolve
 from mesh.admin.views import balance_json, daily_json
+from mesh.billing.cache_stats import cache_by_key, cache_by_model
 from mesh.billing.money import format_credits
 from mesh.billing.usage import daily_usage
 
@@ -41,13 +43,17 @@ def customer_routes(services: ServicesSource, authenticate: Authenticate) -> lis
     async def get_usage(request: Request) -> Response:
         who = await principal(request)
         days = int_query(request, "days", 30, 1, 3660)
-        rows = await daily_usage(resolve(services, request).database, account_id=who.account_id, days=days)
+        db = resolve(services, request).database
+        rows = await daily_usage(db, account_id=who.account_id, days=days)
+        by_model = await cache_by_model(db, who.account_id, days=days)
+        by_key = await cache_by_key(db, who.account_id, days=days)
         return json_response(
             {
                 "object": "list",
                 "account_id": who.account_id,
                 "days": days,
                 "data": [daily_json(d, with_account=False) for d in rows],
+                "cache": {"by_model": [c.as_json() for c in by_model], "by_key": [c.as_json() for c in by_key]},
             }
         )
 

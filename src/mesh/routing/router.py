@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from mesh.canonical import CanonicalRequest, Event
 from mesh.config import ModelConfig
 from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
-from mesh.routing.policy import LeastOutstanding, Policy
+from mesh.routing.policy import LeastOutstanding, Policy, PrefixAffinity
 from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
+from mesh.routing.sessions import MemorySessionMap, SessionKeys, SessionMap, session_keys
 
 log = logging.getLogger("mesh.routing")
 
@@ -82,12 +83,23 @@ class RoutedStream:
 
 
 class Router:
+    """``sessions`` is where session affinity is kept (in process unless given); only the
+    ``prefix_affinity`` policy uses it."""
+
     def __init__(
-        self, pools: dict[str, ModelPool], policy: Policy | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+        self,
+        pools: dict[str, ModelPool],
+        policy: Policy | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        sessions: SessionMap | None = None,
     ) -> None:
         self.pools = pools
         self.policy: Policy = policy or LeastOutstanding()
         self.max_attempts = max_attempts
+        self._min_prefix = self.policy.min_prefix_chars if isinstance(self.policy, PrefixAffinity) else None
+        self.sessions: SessionMap | None = None
+        if self._min_prefix is not None:
+            self.sessions = sessions or MemorySessionMap()
 
     def models(self) -> list[ModelConfig]:
         return [pool.model for pool in self.pools.values()]
@@ -113,6 +125,11 @@ class Router:
         raise EngineUnavailable(f"No healthy replica can serve model {request.model!r} right now.", retry_after=1)
 
     async def _open_in(self, pool: ModelPool, request: CanonicalRequest, account: str) -> RoutedStream:
+        keys: SessionKeys | None = None
+        owner: str | None = None
+        if self.sessions is not None and self._min_prefix is not None:
+            keys = session_keys(request, self._min_prefix, pool.model.id)
+            owner = await self.sessions.find(pool.model.id, keys.lookup)
         await pool.acquire(account)
         tried: set[int] = set()
         faulted: set[int] = set()
@@ -129,7 +146,7 @@ class Router:
                     break
             if attempt:
                 await asyncio.sleep(min(_BACKOFF_BASE * 2 ** (attempt - 1), _BACKOFF_MAX))
-            replica, reason = self.policy.pick(candidates, request)
+            replica, reason = self.policy.pick(candidates, request, owner)
             tried.add(id(replica))
             if not replica.breaker.acquire():
                 continue
@@ -164,8 +181,15 @@ class Router:
                 raise
             replica.breaker.record_success()
             replica.served += 1
-            return RoutedStream(pool, replica, events, first,
-                                Choice(pool.model.id, replica.name, reason, attempt + 1))
+            choice = Choice(pool.model.id, replica.name, reason, attempt + 1)
+            stream = RoutedStream(pool, replica, events, first, choice)
+            if keys is not None and self.sessions is not None and keys.remember:
+                try:
+                    await self.sessions.remember(pool.model.id, keys.remember, replica.name)
+                except BaseException:
+                    await stream.aclose()
+                    raise
+            return stream
         pool.release()
         if last is not None:
             raise last
@@ -175,6 +199,8 @@ class Router:
         for pool in self.pools.values():
             for r in pool.replicas:
                 await r.engine.aclose()
+        if self.sessions is not None:
+            await self.sessions.aclose()
 
 
 async def _close(events: AsyncIterator[Event]) -> None:
