@@ -26,7 +26,15 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import (
+    AuthenticationFailed,
+    ContextLengthExceeded,
+    EngineTimeout,
+    InvalidRequest,
+    MeshError,
+    ModelNotFound,
+    PermissionDenied,
+)
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.limits.policy import Scope
 from mesh.observability.metrics import Metrics
@@ -39,6 +47,10 @@ log = logging.getLogger("mesh.pipeline")
 _BYTES_PER_TOKEN = 2
 _TOKENS_PER_MESSAGE = 8
 _TOKENS_PER_IMAGE = 1600
+# No tokenizer packs more text than this into one token on real prompts: a prompt larger
+# than the context at this density cannot fit, and count_tokens refuses it without asking
+# an engine.
+_MOST_BYTES_PER_TOKEN = 16
 
 
 class Principal(Protocol):
@@ -100,6 +112,9 @@ class RequestContext:
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
+    stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
+    metering: bool = False  # metered() started: it closes the stream and settles
+    deadline: float | None = None  # loop time by which the whole request must end
 
     @property
     def ttft_ms(self) -> int | None:
@@ -258,25 +273,33 @@ class Pipeline:
         back as a :class:`PendingStream`, so a streaming response can start and send
         keep-alives while it waits; its errors then surface from iteration.
         """
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.routing.request_timeout
+        if timeout is not None and ctx.deadline is None:
+            ctx.deadline = loop.time() + timeout - (time.monotonic() - ctx.started)
         if patience is None:
             return await self._route(ctx, request)
-        task = asyncio.get_running_loop().create_task(self._route(ctx, request))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=patience)
-        except BaseException:
-            task.cancel()
-            raise
+        task = loop.create_task(self._route(ctx, request))
+        pending = PendingStream(task)
+        ctx.stream = pending  # owned from now on: finish() cancels it if nobody iterates it
+        done, _ = await asyncio.wait({task}, timeout=patience)
         if done:
             return task.result()
-        return PendingStream(task)
+        return pending
 
     async def _route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
         try:
-            stream = await self.router.open(request, ctx.principal.account_id, ctx.models)
+            try:
+                async with asyncio.timeout_at(ctx.deadline):
+                    stream = await self.router.open(request, ctx.principal.account_id, ctx.models)
+            except TimeoutError:
+                raise self._deadline_error() from None
         except BaseException as exc:
             ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
             await self._settle_now(ctx)
             raise
+        if ctx.stream is None:
+            ctx.stream = stream
         if stream.choice.model != ctx.model_id:
             ctx.model = self._models[stream.choice.model]  # a fallback served it: bill its prices
         ctx.replica = stream.replica.name
@@ -284,18 +307,35 @@ class Pipeline:
         ctx.first_token_at = time.monotonic()
         return stream
 
+    def _deadline_error(self) -> EngineTimeout:
+        return EngineTimeout(
+            f"The request did not finish within its deadline of {self.settings.routing.request_timeout:g} s."
+        )
+
     # 5. stream, metering what passes -----------------------------------------------------------
     async def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncIterator[Event]:
         """Pass events through, remembering usage; settle when the stream ends in any way.
 
         A normal end settles before the protocol writes its final event, so the balance is
         current when the client sees the end; a disconnect or failure settles in the
-        background with what was generated.
+        background. A stream that fails after its first token (504 past the request's
+        deadline included) pays for what it delivered: the tokens streamed so far, or
+        nothing when the answer was not streamed (the client got only the error); a client
+        that hangs up pays for what was generated.
         """
         usage: Usage | None = None
         produced = 0
+        ctx.metering = True
+        events = aiter(stream)
         try:
-            async for ev in stream:
+            while True:
+                try:
+                    async with asyncio.timeout_at(ctx.deadline):
+                        ev = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise self._deadline_error() from None
                 if isinstance(ev, Usage):
                     if ev.input_tokens == 0 and ctx.prompt_estimate:
                         # The engine reported no prompt count (llama.cpp's server in streams):
@@ -315,7 +355,9 @@ class Pipeline:
             raise
         finally:
             if not ctx.settled:
-                ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
+                delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
+                if delivered:
+                    ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
                 self._spawn(self._settle_now(ctx))
             await stream.aclose()
 
@@ -327,7 +369,31 @@ class Pipeline:
         request = await self.admit(ctx, request)
         return request, await self.route(ctx, request, patience=patience)
 
-    # 6. settle ------------------------------------------------------------------------------
+    # 6. finish and settle --------------------------------------------------------------------
+    async def finish(self, ctx: RequestContext) -> None:
+        """End ``ctx`` however its response went (idempotent, never raises): a stream that
+        :meth:`metered` never started is closed here (a route still waiting is cancelled,
+        which gives back its queue place, replica slot and breaker probe), then the request
+        is settled if nothing settled it yet. The response calls this when it is done."""
+        stream = ctx.stream
+        if stream is not None and not ctx.metering:
+            ctx.stream = None
+            routed = isinstance(stream, RoutedStream) or (
+                stream.task.done() and not stream.task.cancelled() and stream.task.exception() is None
+            )
+            try:
+                await stream.aclose()
+            except Exception:
+                log.exception("closing the stream of %s failed", ctx.request_id)
+            if routed and not ctx.settled:
+                # An engine started it (its prompt was read) but nothing reached the client.
+                ctx.status = "cancelled"
+                ctx.usage = Usage(input_tokens=ctx.prompt_estimate, output_tokens=0)
+        if not ctx.settled:
+            if ctx.status == "ok":
+                ctx.status = "cancelled"
+            await self._settle_now(ctx)
+
     async def _settle_now(self, ctx: RequestContext) -> None:
         if ctx.lease is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
@@ -378,7 +444,27 @@ class Pipeline:
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
         """Prompt tokens by the model's own tokenizer, asked of its least busy healthy replica;
-        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails."""
+        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails.
+
+        Counts as one request against the key's and account's limits (``RateLimited``, 429;
+        no tokens are charged, and its concurrency slot is given back at once); a prompt too
+        large for the model's context at any density is refused (``ContextLengthExceeded``,
+        400) before an engine sees it."""
+        estimate = estimate_prompt_tokens(request)
+        model = ctx.model
+        if model is not None and model.context_length:
+            if estimate * _BYTES_PER_TOKEN > model.context_length * _MOST_BYTES_PER_TOKEN:
+                raise ContextLengthExceeded(
+                    f"prompt is too long: about {estimate} tokens > {model.context_length} maximum",
+                    param="messages",
+                )
+        await self.limit(ctx)
+        try:
+            return await self._count_tokens(ctx, request)
+        finally:
+            await self._give_back(ctx, 0)
+
+    async def _count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
         pool = self.router.pools.get(request.model)
         healthy = [r for r in pool.replicas if r.healthy] if pool else []
         if healthy:

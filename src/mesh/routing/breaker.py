@@ -3,6 +3,15 @@
 Closed: traffic flows; ``failure_threshold`` consecutive failures open it. Open: no
 traffic for ``cooldown`` seconds. Half-open: one probe (a real request or an active
 health check) at a time; success closes the breaker, failure re-opens it.
+
+Whoever takes the probe (``acquire`` in half-open state) resolves it on every exit: with
+``record_success``/``record_alive``, ``record_failure``, or ``release`` when the request
+ended for a reason that says nothing about the replica (a cancellation, an error of the
+gateway's own). Otherwise the breaker would stay half-open with its probe taken forever.
+
+Real traffic outranks probes: only a request that ran to its end (``record_success``)
+clears the failures counted in closed state; a first token or a passing health check does
+not, so a replica whose streams stall after their first token still reaches the threshold.
 """
 
 from __future__ import annotations
@@ -59,10 +68,28 @@ class CircuitBreaker:
             return True
         return False
 
+    @property
+    def probing(self) -> bool:
+        """Whether the half-open probe is taken (by a request or a health check)."""
+        return self.state is BreakerState.HALF_OPEN and self._probing
+
     def record_success(self) -> None:
         self.state = BreakerState.CLOSED
         self.failures = 0
         self._probing = False
+
+    def record_alive(self) -> None:
+        """The replica answered (a first token, or a refusal of its own): a half-open probe
+        succeeded and closes the breaker; in closed state the failure count stays, for only
+        a finished request proves the replica serves."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.record_success()
+
+    def release(self) -> None:
+        """Give back a half-open probe with no verdict, so the next request or health check
+        may take it. A no-op in any other state."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probing = False
 
     def record_failure(self) -> None:
         self._tick()
