@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.books import check_books
 from support.gateway import Admin, GatewayProcess
 from testengine.harness import EngineProcess
 
@@ -36,6 +37,30 @@ def engine_models(base_url: str, **extra: Any) -> list[dict[str, Any]]:
         }
         for name in ("test-model", "test-reasoner", "test-reasoner-vllm")
     ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "leaves_state(reason): the test legitimately leaves credit held or slots taken; the "
+        "per-test invariant check (support/books.py) is skipped for it",
+    )
+
+
+@pytest.fixture(autouse=True)
+def books_balance(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test, on every gateway process it used: nothing held, nothing in flight,
+    ledger = balance, usage charges = usage ledger rows (``support.books``)."""
+    GatewayProcess.stopped.clear()
+    yield
+    if request.node.get_closest_marker("leaves_state") is None and (
+        GatewayProcess.running or GatewayProcess.stopped
+    ):
+        failures = check_books()
+        GatewayProcess.stopped.clear()
+        if failures:
+            pytest.fail("invariants broken after the test:\n" + "\n".join(failures), pytrace=False)
+    GatewayProcess.stopped.clear()
 
 
 @pytest.fixture(scope="session")

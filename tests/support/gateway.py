@@ -23,6 +23,13 @@ def free_port() -> int:
 
 
 class GatewayProcess:
+    """``running`` lists the processes up now and ``stopped`` those stopped since the last
+    :meth:`forget_stopped` (with what their fleet held just before): the per-test invariant
+    check (``support.books``) reads both."""
+
+    running: list[GatewayProcess] = []
+    stopped: list[tuple[GatewayProcess, list[dict[str, Any]]]] = []
+
     def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.config = {"admin_key": ADMIN_KEY, "logging": {"level": "WARNING"}, **config}
         self.workdir = workdir
@@ -57,6 +64,7 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    GatewayProcess.running.append(self)
                     return self
             except httpx.HTTPError:
                 pass
@@ -67,7 +75,36 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def database(self) -> str:
+        return str(self.config["database"])
+
+    def admin_call(self, method: str, path: str) -> Any:
+        r = httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def in_use(self, settle_for: float = 5.0) -> list[dict[str, Any]]:
+        """Replica slots, queue places and reserved slots still taken on this process, after
+        waiting up to ``settle_for`` seconds for requests that just ended to let go."""
+        deadline = time.monotonic() + settle_for
+        while True:
+            self.admin_call("POST", "/admin/v1/flush")
+            found: list[dict[str, Any]] = self.admin_call("GET", "/admin/v1/audit")["in_flight"]
+            if not found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
+
     def stop(self) -> None:
+        if self in GatewayProcess.running:
+            GatewayProcess.running.remove(self)
+            fleet: list[dict[str, Any]] = []
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    fleet = self.in_use()
+                except httpx.HTTPError as exc:
+                    fleet = [{"audit": f"failed: {exc!r}"}]
+            GatewayProcess.stopped.append((self, fleet))
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

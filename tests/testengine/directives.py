@@ -7,6 +7,7 @@
 ``[fault:500]``     answer HTTP 500 (any 4xx/5xx code works, e.g. ``[fault:429]``, ``[fault:503]``)
 ``[fault:drop]``    streams: 3 chunks then the TCP connection is aborted; non-stream: no response
 ``[fault:hang]``    never answer
+``[stall:N]``       streams: N content chunks, then silence with the connection held open
 ``[parallel]``      with tools: make two tool calls
 ``[args:{...}]``    with tools: use this JSON object as the call arguments
 ==================  ==========================================================================
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _SIMPLE_RE = re.compile(
-    r"\s*\[(?:(tokens):(\d+)|(delay|chunk_delay):(\d+(?:\.\d*)?|\.\d+)|(fault):([A-Za-z_0-9]+)|(parallel))\]"
+    r"\s*\[(?:(tokens):(\d+)|(delay|chunk_delay):(\d+(?:\.\d*)?|\.\d+)|(fault):([A-Za-z_0-9]+)|(parallel)"
+    r"|(stall):(\d+))\]"
 )
 _ARGS_RE = re.compile(r"\s*\[args:")
 _DECODER = json.JSONDecoder()
@@ -33,6 +35,7 @@ class Directives:
     chunk_delay: float | None = None
     fault: str | None = None
     parallel: bool = False
+    stall: int | None = None  # content chunks sent before the stream goes silent
     args: dict[str, Any] | None = None
     text: str = ""  # the user text with every directive removed
 
@@ -78,6 +81,8 @@ def parse(text: str) -> Directives:
             found.fault = m.group(6).lower()
         elif m.group(7):
             found.parallel = True
+        elif m.group(8):
+            found.stall = int(m.group(9))
         return ""
 
     found.text = _SIMPLE_RE.sub(take, stripped).strip()
