@@ -117,6 +117,24 @@ async def test_a_hang_up_while_waiting_for_the_first_token_cancels_the_route_and
     assert_all_given_back(r)
 
 
+async def test_a_hang_up_while_iterating_a_pending_stream_costs_nothing() -> None:
+    r = rig()
+    r.engine.gate = asyncio.Event()
+    ctx, routed = await r.start(patience=0.01)
+    events = r.pipeline.metered(ctx, routed)  # Anthropic streams iterate at once, with pings
+    waiting = asyncio.create_task(anext(events))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # the client went away: the response cancels its body...
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await events.aclose()  # ...and closes it
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    assert [(s["status"], s["charged"]) for s in r.ledger.settled] == [("cancelled", 0)]
+    assert r.engine.cancelled == 1
+    assert_all_given_back(r)
+
+
 async def test_a_hang_up_while_queued_leaves_the_queue_and_settles() -> None:
     r = rig(capacity=1)
     r.engine.gate = asyncio.Event()

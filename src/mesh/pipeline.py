@@ -354,12 +354,14 @@ class Pipeline:
             ctx.status = "cancelled"
             raise
         finally:
-            if not ctx.settled:
-                delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
-                if delivered:
-                    ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
-                self._spawn(self._settle_now(ctx))
-            await stream.aclose()
+            try:
+                await stream.aclose()  # a route still pending is cancelled: it settles, at no cost
+            finally:
+                if not ctx.settled:
+                    delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
+                    if delivered:
+                        ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
+                    self._spawn(self._settle_now(ctx))
 
     async def start(
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
