@@ -80,20 +80,29 @@ class GatewayProcess:
         return str(self.config["database"])
 
     def admin_call(self, method: str, path: str) -> Any:
-        r = httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-        r.raise_for_status()
-        return r.json()
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as c:
+            r = c.request(method, path)
+            r.raise_for_status()
+            return r.json()
+
+    def audit(self, settle_for: float = 5.0) -> dict[str, Any]:
+        """Flush, then ``GET /admin/v1/audit``; while slots are still in use, retry for up
+        to ``settle_for`` seconds (requests that just ended let go in the background)."""
+        deadline = time.monotonic() + settle_for
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as c:
+            while True:
+                c.post("/admin/v1/flush").raise_for_status()
+                r = c.get("/admin/v1/audit")
+                r.raise_for_status()
+                found: dict[str, Any] = r.json()
+                if not found["in_flight"] or time.monotonic() >= deadline:
+                    return found
+                time.sleep(0.1)
 
     def in_use(self, settle_for: float = 5.0) -> list[dict[str, Any]]:
-        """Replica slots, queue places and reserved slots still taken on this process, after
-        waiting up to ``settle_for`` seconds for requests that just ended to let go."""
-        deadline = time.monotonic() + settle_for
-        while True:
-            self.admin_call("POST", "/admin/v1/flush")
-            found: list[dict[str, Any]] = self.admin_call("GET", "/admin/v1/audit")["in_flight"]
-            if not found or time.monotonic() >= deadline:
-                return found
-            time.sleep(0.1)
+        """Replica slots, queue places and reserved slots still taken on this process."""
+        found: list[dict[str, Any]] = self.audit(settle_for)["in_flight"]
+        return found
 
     def stop(self) -> None:
         if self in GatewayProcess.running:
