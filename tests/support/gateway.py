@@ -23,12 +23,11 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """``running`` lists the processes up now and ``stopped`` those stopped since the last
-    :meth:`forget_stopped` (with what their fleet held just before): the per-test invariant
-    check (``support.books``) reads both."""
+    """``running`` lists the processes up now and ``stopped`` those stopped since the
+    invariant check (``support.books``) last looked, with their audit just before the stop."""
 
     running: list[GatewayProcess] = []
-    stopped: list[tuple[GatewayProcess, list[dict[str, Any]]]] = []
+    stopped: list[tuple[GatewayProcess, dict[str, Any]]] = []
 
     def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.config = {"admin_key": ADMIN_KEY, "logging": {"level": "WARNING"}, **config}
@@ -107,13 +106,17 @@ class GatewayProcess:
     def stop(self) -> None:
         if self in GatewayProcess.running:
             GatewayProcess.running.remove(self)
-            fleet: list[dict[str, Any]] = []
-            if self.proc is not None and self.proc.poll() is None:
+            if self.proc is not None and self.proc.poll() is None and self.config.get("admin_key"):
+                # The last look at its books: with every gateway on its database flushed,
+                # nothing is held by leases, so what is held is left behind.
                 try:
-                    fleet = self.in_use()
+                    for peer in GatewayProcess.running:
+                        if peer.database == self.database and peer.proc is not None and peer.proc.poll() is None:
+                            peer.admin_call("POST", "/admin/v1/flush")
+                    found = self.audit()
                 except httpx.HTTPError as exc:
-                    fleet = [{"audit": f"failed: {exc!r}"}]
-            GatewayProcess.stopped.append((self, fleet))
+                    found = {"audit": [{"failed": repr(exc)}]}
+                GatewayProcess.stopped.append((self, found))
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
