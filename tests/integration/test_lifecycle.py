@@ -172,8 +172,6 @@ def test_a_client_that_hangs_up_leaves_no_hold_slot_or_concurrency(lc: dict[str,
     if point == "queued":
         assert replica(admin, "cap3")["in_flight"] == 3
     hang_up(gw, key, body, after={"sent": "sent", "after_first_token": "content"}.get(point, "keepalive"))
-    if point == "queued":
-        assert replica(admin, "cap3")["queued"] in (0, 1)
     for t in blockers:
         t.join()
     after = settled(admin, account, "cap3")
