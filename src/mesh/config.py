@@ -175,6 +175,9 @@ class RoutingConfig(_Frozen):
     queue_timeout: float = Field(default=30.0, gt=0)  # longest wait for a free replica slot
     max_queue: int = Field(default=1000, ge=0)  # waiting requests per model
     keepalive_interval: float = Field(default=5.0, gt=0)  # SSE comments while a stream waits
+    # Longest a request may take from admission to its last byte (queue, first token and
+    # stream together); past it the answer is 504, or the stream's error event. null: none.
+    request_timeout: float | None = Field(default=900.0, gt=0)
 
 
 class BillingConfig(_Frozen):

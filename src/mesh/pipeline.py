@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import orjson
 
 from mesh.accounts.principal import Principal
-from mesh.billing.estimate import estimate_prompt_tokens
+from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
@@ -36,6 +36,7 @@ from mesh.config import ModelConfig, Pricing, Settings
 from mesh.errors import (
     AuthenticationFailed,
     ContextLengthExceeded,
+    EngineTimeout,
     InvalidRequest,
     MeshError,
     ModelNotFound,
@@ -54,6 +55,10 @@ _CHECKPOINT_DELTAS = 16
 # A rough lower bound, for lowering max_tokens when no tokenizer answers: few tokenizers
 # average more than 4 bytes per token on any text.
 _BYTES_PER_TOKEN_LOW = 4
+# No tokenizer packs more text than this into one token on real prompts: a prompt larger
+# than the context at this density cannot fit, and count_tokens refuses it without asking
+# an engine.
+_MOST_BYTES_PER_TOKEN = 16
 
 
 
@@ -118,6 +123,9 @@ class RequestContext:
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
     session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
+    stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
+    metering: bool = False  # metered() started: it closes the stream and settles
+    deadline: float | None = None  # loop time by which the whole request must end
 
     @property
     def ttft_ms(self) -> int | None:
@@ -129,6 +137,14 @@ class RequestContext:
         if self.principal is None:
             raise AuthenticationFailed("Not authenticated.")
         return self.principal
+
+
+def billed_prompt_tokens(ctx: RequestContext) -> int:
+    """Prompt tokens to bill when the engine reported none: a typical-density estimate, not
+    the hold's (which leans high on purpose so the hold covers any script)."""
+    if ctx.request is None:
+        return ctx.prompt_estimate
+    return min(ctx.prompt_estimate, typical_prompt_tokens(ctx.request))
 
 
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
@@ -317,25 +333,33 @@ class Pipeline:
         back as a :class:`PendingStream`, so a streaming response can start and send
         keep-alives while it waits; its errors then surface from iteration.
         """
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.routing.request_timeout
+        if timeout is not None and ctx.deadline is None:
+            ctx.deadline = loop.time() + timeout - (time.monotonic() - ctx.started)
         if patience is None:
             return await self._route(ctx, request)
-        task = asyncio.get_running_loop().create_task(self._route(ctx, request))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=patience)
-        except BaseException:
-            task.cancel()
-            raise
+        task = loop.create_task(self._route(ctx, request))
+        pending = PendingStream(task)
+        ctx.stream = pending  # owned from now on: finish() cancels it if nobody iterates it
+        done, _ = await asyncio.wait({task}, timeout=patience)
         if done:
             return task.result()
-        return PendingStream(task)
+        return pending
 
     async def _route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
         try:
-            stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+            try:
+                async with asyncio.timeout_at(ctx.deadline):
+                    stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+            except TimeoutError:
+                raise self._deadline_error() from None
         except BaseException as exc:
             ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
             await self._settle_now(ctx)
             raise
+        if ctx.stream is None:
+            ctx.stream = stream
         if stream.choice.model != ctx.model_id:
             ctx.model = self._models[stream.choice.model]  # a fallback served it: bill its prices
             if ctx.admission is not None:
@@ -351,31 +375,52 @@ class Pipeline:
         ctx.first_token_at = time.monotonic()
         return stream
 
+    def _deadline_error(self) -> EngineTimeout:
+        return EngineTimeout(
+            f"The request did not finish within its deadline of {self.settings.routing.request_timeout:g} s."
+        )
+
     # 5. stream, metering what passes -----------------------------------------------------------
     async def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncIterator[Event]:
         """Pass events through, remembering usage; settle when the stream ends in any way.
 
         A normal end settles before the protocol writes its final event, so the balance is
         current when the client sees the end; a disconnect or failure settles in the
-        background with what was generated.
+        background. A stream that fails after its first token (504 past the request's
+        deadline included) pays for what it delivered: the tokens streamed so far, or
+        nothing when the answer was not streamed (the client got only the error); a client
+        that hangs up pays for what was generated.
         """
         usage: Usage | None = None
         produced = 0
+        ctx.metering = True
+        # Only a streamed answer is checkpointed: what it streamed was delivered and is owed
+        # even if this process dies; an aggregated answer delivers nothing until its end.
+        admission = ctx.admission if ctx.request is not None and ctx.request.stream else None
+        events = aiter(stream)
         try:
-            async for ev in stream:
+            while True:
+                try:
+                    async with asyncio.timeout_at(ctx.deadline):
+                        ev = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise self._deadline_error() from None
                 if isinstance(ev, Usage):
-                    if ev.input_tokens == 0 and ctx.prompt_estimate:
+                    if ev.input_tokens == 0:
                         # The engine reported no prompt count (llama.cpp's server in streams):
-                        # bill and show the estimate, the same number on both sides.
-                        ev = replace(ev, input_tokens=ctx.prompt_estimate)
+                        # bill and show a typical-density estimate (not the hold's, which leans
+                        # high on purpose), the same number on both sides.
+                        ev = replace(ev, input_tokens=billed_prompt_tokens(ctx))
                     usage = ev
-                    if ctx.admission is not None:
-                        self.ledger.checkpoint(ctx.admission, ev)
+                    if admission is not None:
+                        self.ledger.checkpoint(admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1
-                    if usage is None and ctx.admission is not None and produced % _CHECKPOINT_DELTAS == 0:
+                    if usage is None and admission is not None and produced % _CHECKPOINT_DELTAS == 0:
                         # No usage from the engine yet: at least one token per delta so far.
-                        self.ledger.checkpoint(ctx.admission, Usage(output_tokens=produced))
+                        self.ledger.checkpoint(admission, Usage(output_tokens=produced))
                 yield ev
             ctx.usage = usage
             if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
@@ -390,10 +435,14 @@ class Pipeline:
             ctx.status = "cancelled"
             raise
         finally:
-            if not ctx.settled:
-                ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
-                self._spawn(self._settle_now(ctx))
-            await stream.aclose()
+            try:
+                await stream.aclose()  # a route still pending is cancelled: it settles, at no cost
+            finally:
+                if not ctx.settled:
+                    delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
+                    if delivered:
+                        ctx.usage = usage or Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=produced)
+                    self._spawn(self._settle_now(ctx))
 
     async def start(
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
@@ -403,7 +452,31 @@ class Pipeline:
         request = await self.admit(ctx, request)
         return request, await self.route(ctx, request, patience=patience)
 
-    # 6. settle ------------------------------------------------------------------------------
+    # 6. finish and settle --------------------------------------------------------------------
+    async def finish(self, ctx: RequestContext) -> None:
+        """End ``ctx`` however its response went (idempotent, never raises): a stream that
+        :meth:`metered` never started is closed here (a route still waiting is cancelled,
+        which gives back its queue place, replica slot and breaker probe), then the request
+        is settled if nothing settled it yet. The response calls this when it is done."""
+        stream = ctx.stream
+        if stream is not None and not ctx.metering:
+            ctx.stream = None
+            routed = isinstance(stream, RoutedStream) or (
+                stream.task.done() and not stream.task.cancelled() and stream.task.exception() is None
+            )
+            try:
+                await stream.aclose()
+            except Exception:
+                log.exception("closing the stream of %s failed", ctx.request_id)
+            if routed and not ctx.settled:
+                # An engine started it (its prompt was read) but nothing reached the client.
+                ctx.status = "cancelled"
+                ctx.usage = Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=0)
+        if not ctx.settled:
+            if ctx.status == "ok":
+                ctx.status = "cancelled"
+            await self._settle_now(ctx)
+
     async def _settle_now(self, ctx: RequestContext) -> None:
         if ctx.lease is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
@@ -454,7 +527,28 @@ class Pipeline:
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
         """Prompt tokens by the model's own tokenizer, asked of its least busy healthy replica;
-        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails."""
+        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails.
+
+        Counts as one request against the key's and account's limits (``RateLimited``, 429;
+        no tokens are charged, and its concurrency slot is given back at once); a prompt too
+        large for the model's context at any density is refused (``ContextLengthExceeded``,
+        400) before an engine sees it."""
+        estimate = estimate_prompt_tokens(request)
+        model = ctx.model
+        if model is not None and model.context_length:
+            size = estimate_prompt_tokens_low(request) * _BYTES_PER_TOKEN_LOW  # about the prompt's bytes
+            if size > model.context_length * _MOST_BYTES_PER_TOKEN:
+                raise ContextLengthExceeded(
+                    f"prompt is too long: about {estimate} tokens > {model.context_length} maximum",
+                    param="messages",
+                )
+        await self.limit(ctx)
+        try:
+            return await self._count_tokens(ctx, request)
+        finally:
+            await self._give_back(ctx, 0)
+
+    async def _count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
         pool = self.router.pools.get(request.model)
         healthy = [r for r in pool.replicas if r.healthy] if pool else []
         if healthy:

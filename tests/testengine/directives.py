@@ -7,6 +7,7 @@
 ``[fault:500]``     answer HTTP 500 (any 4xx/5xx code works, e.g. ``[fault:429]``, ``[fault:503]``)
 ``[fault:drop]``    streams: 3 chunks then the TCP connection is aborted; non-stream: no response
 ``[fault:hang]``    never answer
+``[stall:N]``       streams: N content chunks, then silence with the connection held open
 ``[parallel]``      with tools: make two tool calls
 ``[tool:NAME]``     with tools: call the tool NAME (not the first one offered)
 ``[notool]``        with tools: answer with text anyway (an agent's one-shot reply)
@@ -23,7 +24,7 @@ from typing import Any
 
 _SIMPLE_RE = re.compile(
     r"\s*\[(?:(tokens):(\d+)|(delay|chunk_delay):(\d+(?:\.\d*)?|\.\d+)|(fault):([A-Za-z_0-9]+)|(parallel)"
-    r"|(tool):([A-Za-z0-9_.-]+)|(notool))\]"
+    r"|(tool):([A-Za-z0-9_.-]+)|(notool)|(stall):(\d+))\]"
 )
 _ARGS_RE = re.compile(r"\s*\[args:")
 _DECODER = json.JSONDecoder()
@@ -38,6 +39,7 @@ class Directives:
     parallel: bool = False
     tool: str | None = None
     no_tool: bool = False
+    stall: int | None = None  # content chunks sent before the stream goes silent
     args: dict[str, Any] | None = None
     text: str = ""  # the user text with every directive removed
 
@@ -87,6 +89,8 @@ def parse(text: str) -> Directives:
             found.tool = m.group(9)
         elif m.group(10):
             found.no_tool = True
+        elif m.group(11):
+            found.stall = int(m.group(12))
         return ""
 
     found.text = _SIMPLE_RE.sub(take, stripped).strip()

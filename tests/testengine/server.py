@@ -288,6 +288,8 @@ async def _stream(job: Job) -> web.StreamResponse:
                 await _abort(request)
                 return resp
             if kind == "piece":
+                if job.plan.directives.stall is not None and sent >= job.plan.directives.stall:
+                    await pause(request, HANG_SECONDS)  # silent, connection open, until the client goes
                 if job.chunk_delay:
                     await pause(request, job.chunk_delay)
                 sent += 1

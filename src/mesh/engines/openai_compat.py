@@ -25,6 +25,7 @@ from mesh.errors import (
     EngineRejected,
     EngineTimeout,
     EngineUnavailable,
+    InvalidRequest,
     MeshError,
 )
 
@@ -117,9 +118,14 @@ class OpenAIEngine:
         return self._session
 
     async def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
-        body = orjson.dumps(
-            request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
-        )
+        try:
+            body = orjson.dumps(
+                request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
+            )
+        except orjson.JSONEncodeError:
+            # The client's own input (a schema nested past orjson's 254 levels): a 400, not
+            # the engine's fault, and nothing was sent.
+            raise InvalidRequest("The request is nested too deeply to be sent to the engine.") from None
         decoder = ChunkDecoder()
         resp: aiohttp.ClientResponse | None = None
         drained = False  # the whole response was read: the connection may serve the next request

@@ -70,6 +70,8 @@ class RoutedStream:
                 self.replica.breaker.record_failure()  # passive health: a stream broke mid-way
                 self.replica.failures += 1
             raise
+        else:
+            self.replica.breaker.record_success()  # served to the end: clears counted failures
         finally:
             await self.aclose()
 
@@ -131,6 +133,20 @@ class Router:
             keys = session_keys(request, self._min_prefix, pool.model.id)
             owner = await self.sessions.find(pool.model.id, keys.lookup)
         await pool.acquire(account)
+        try:
+            stream = await self._attempts(pool, request, owner)
+        except BaseException:
+            pool.release()  # failed, timed out or cancelled (even in a backoff): the slot goes on
+            raise
+        if keys is not None and self.sessions is not None and keys.remember:
+            try:
+                await self.sessions.remember(pool.model.id, keys.remember, stream.replica.name)
+            except BaseException:
+                await stream.aclose()  # gives the slot back
+                raise
+        return stream
+
+    async def _attempts(self, pool: ModelPool, request: CanonicalRequest, owner: str | None) -> RoutedStream:
         tried: set[int] = set()
         faulted: set[int] = set()
         last: EngineError | None = None
@@ -148,49 +164,46 @@ class Router:
                 await asyncio.sleep(min(_BACKOFF_BASE * 2 ** (attempt - 1), _BACKOFF_MAX))
             replica, reason = self.policy.pick(candidates, request, owner)
             tried.add(id(replica))
-            if not replica.breaker.acquire():
+            breaker = replica.breaker
+            if not breaker.acquire():
                 continue
+            # From here every exit resolves a half-open probe this request may have taken.
             replica.in_flight += 1
             events = aiter(replica.engine.stream(request))
             try:
                 first = await anext(events)
             except EngineError as err:
                 replica.in_flight -= 1
-                await _close(events)
                 if err.replica_fault and not isinstance(err, EngineOverloaded) and id(replica) not in faulted:
                     faulted.add(id(replica))  # one request counts once against a replica
-                    replica.breaker.record_failure()
+                    breaker.record_failure()
                     replica.failures += 1
                 elif not err.replica_fault:
-                    replica.breaker.record_success()  # it answered: alive, just full or refusing
+                    breaker.record_alive()  # it answered: alive, just full or refusing
+                else:
+                    breaker.release()  # counted already by this request: no second verdict
+                await _close(events)
                 log.warning("replica %s failed before the first token: %s", replica.name, err.message)
                 if not err.retryable:
-                    pool.release()
                     raise
                 last = err
                 continue
             except StopAsyncIteration:
                 replica.in_flight -= 1
-                replica.breaker.record_failure()
+                breaker.record_failure()
                 last = EngineError(f"Engine {replica.name} ended the stream without output.")
                 continue
             except BaseException:
+                # Cancelled, or an error of the gateway's own (the request could not be
+                # encoded): nothing learned about the replica, but its probe goes back.
                 replica.in_flight -= 1
-                pool.release()
+                breaker.release()
                 await _close(events)
                 raise
-            replica.breaker.record_success()
+            breaker.record_alive()
             replica.served += 1
-            choice = Choice(pool.model.id, replica.name, reason, attempt + 1)
-            stream = RoutedStream(pool, replica, events, first, choice)
-            if keys is not None and self.sessions is not None and keys.remember:
-                try:
-                    await self.sessions.remember(pool.model.id, keys.remember, replica.name)
-                except BaseException:
-                    await stream.aclose()
-                    raise
-            return stream
-        pool.release()
+            return RoutedStream(pool, replica, events, first,
+                                Choice(pool.model.id, replica.name, reason, attempt + 1))
         if last is not None:
             raise last
         raise EngineUnavailable(f"No healthy replica can serve model {pool.model.id!r} right now.", retry_after=1)
