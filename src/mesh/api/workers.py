@@ -36,7 +36,7 @@ from mesh.http.ids import prefixed
 from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
 from mesh.protocols.validation import loads_object, validate
-from mesh.workers.admission import check_engine_host, normalise_engine_url
+from mesh.workers.admission import check_engine_host, engine_hosts, normalise_engine_url
 from mesh.workers.registry import Registration
 
 _MAX_BODY = 64 * 1024
@@ -112,7 +112,7 @@ async def register(request: Request, ctx: RequestContext) -> AnyResponse:
             )
     engine_url = normalise_engine_url(body.engine_url)
     await check_engine_host(engine_url, source, tok.allow)
-    why = await gw.workers.registry.quarantined(tok.name, engine_url)
+    why = await gw.workers.registry.quarantined(tok.name, await engine_hosts(engine_url))
     if why is not None:
         raise PermissionDenied(f"This engine is out of rotation: {why}.", param="engine_url", code="quarantined")
     reg = Registration(

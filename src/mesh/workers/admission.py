@@ -92,6 +92,18 @@ async def resolve(host: str) -> list[Address]:
     return out
 
 
+async def engine_hosts(url: str) -> list[str]:
+    """What names the engine of ``url``, for quarantine: its host and every address it
+    resolves to (IPv4-mapped IPv6 addresses as IPv4), so no other spelling escapes."""
+    host = (URL(url).host or "").lower()
+    names = [host]
+    for a in await resolve(host):
+        text = str(_plain(a))
+        if text not in names:
+            names.append(text)
+    return names
+
+
 async def check_engine_host(url: str, source: str | None, allow: tuple[str, ...]) -> None:
     """Refuse (:class:`PermissionDenied`, 403) an engine URL whose host is neither the worker's
     source address (nor a name resolving only to it) nor in the token's ``allow`` list."""
@@ -111,8 +123,10 @@ async def check_engine_host(url: str, source: str | None, allow: tuple[str, ...]
     )
 
 
+def _plain(x: Address) -> Address:
+    return x.ipv4_mapped if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped else x
+
+
 def _same(a: Address, b: Address) -> bool:
     """Equal, treating an IPv4-mapped IPv6 address as its IPv4 address."""
-    def plain(x: Address) -> Address:
-        return x.ipv4_mapped if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped else x
-    return plain(a) == plain(b)
+    return _plain(a) == _plain(b)

@@ -20,6 +20,7 @@ from mesh.engines.openai_compat import OpenAIEngine
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.replica import Replica
 from mesh.routing.router import Router
+from mesh.workers.admission import engine_hosts
 from mesh.workers.bounds import out_of_bounds
 from mesh.workers.registry import Registration, WorkerRegistry
 
@@ -98,7 +99,8 @@ class WorkerSync:
     async def _quarantine(self, reg_id: str, reason: str) -> None:
         reg = await self.registry.get(reg_id)
         if reg is not None:
-            await self.registry.quarantine(reg, reason, self.settings.workers.quarantine_seconds)
+            hosts = await engine_hosts(reg.engine_url)
+            await self.registry.quarantine(reg, reason, self.settings.workers.quarantine_seconds, hosts)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
