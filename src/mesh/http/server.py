@@ -11,6 +11,9 @@ subclass adds, per process (``server.*`` in the config):
   accumulates);
 * ``header_timeout``: a connection that has not completed a request's headers this long
   after it opened or after the request's first byte is closed (idle and slowloris);
+* ``body_timeout``: a request whose body has not fully arrived this long after its
+  headers is dropped: a body dripped a byte at a time (or never sent after an early
+  answer such as a 401) would otherwise hold its connection for ever;
 * ``keepalive_timeout``: uvicorn's idle timer between requests;
 * ``max_connections``: a connection beyond this is answered 503 and closed at once;
 * ``write_timeout``: a response the client has not read for this long is abandoned: the
@@ -40,6 +43,7 @@ _END_OF_HEADERS = b"\r\n\r\n"
 class EdgeLimits:
     max_header_bytes: int = 32 * 1024
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
     keepalive_timeout: float = 5.0
     max_connections: int = 2048
     write_timeout: float = 30.0
@@ -73,6 +77,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._headers_done = False
         self._tail = b""  # the last bytes seen, for an end of headers split across reads
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
 
     # -- connection ---------------------------------------------------------------------------
@@ -89,8 +94,9 @@ class MeshHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel(self._header_timer)
+        self._cancel(self._body_timer)
         self._cancel(self._write_timer)
-        self._header_timer = self._write_timer = None
+        self._header_timer = self._body_timer = self._write_timer = None
         super().connection_lost(exc)
 
     # -- headers: size and time ----------------------------------------------------------------
@@ -112,9 +118,13 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._headers_done = True
         self._cancel(self._header_timer)
         self._header_timer = None
+        self._cancel(self._body_timer)
+        self._body_timer = self.loop.call_later(self.edge.body_timeout, self._body_timeout)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._cancel(self._body_timer)
+        self._body_timer = None
         super().on_message_complete()
         # The next request on this connection starts counting from zero.
         self._headers_done = False
@@ -144,6 +154,13 @@ class MeshHttpProtocol(HttpToolsProtocol):
             self._arm_header_timer()
             return
         self.transport.close()
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():
+            # The application, if it still waits for the body, sees a disconnect.
+            log.warning("request body incomplete after %.0fs; dropping the connection", self.edge.body_timeout)
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
