@@ -31,7 +31,7 @@ from mesh.config import WorkerToken
 from mesh.errors import AuthenticationFailed, ModelNotFound, NotFound, PermissionDenied
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
-from mesh.http.credentials import presented_credential
+from mesh.http.credentials import presented_credential, single
 from mesh.http.ids import prefixed
 from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
@@ -66,7 +66,7 @@ def _sha256(text: str) -> str:
 
 
 def worker_token(gw: Gateway, request: Request) -> WorkerToken:
-    presented = presented_credential(request.headers.get("authorization"))
+    presented = presented_credential(single(request.headers, "authorization"))
     if presented is None:
         raise AuthenticationFailed("Missing worker token.")
     digest = _sha256(presented)
