@@ -3,8 +3,11 @@ gateway process.
 
 Found: once a request's headers were complete nothing timed its body, so a body dripped
 a byte a second (or a body still "arriving" after an early 401) held its connection for
-ever: a connection cap of N fell to N such sockets, /health included. Held: many small
-headers count like one big one; a pipelined request's headers are counted too.
+ever: a connection cap of N fell to N such sockets, /health included. And a chunked
+body's trailer was not a header to the size limit: httptools buffers a trailer field
+whole, so one endless trailer grew the process by what was sent (60 MB in 8 s,
+unauthenticated). Held: many small headers count like one big one; a pipelined request's
+headers are counted too.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,6 +46,51 @@ def gw(engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory) -> Itera
         key = admin.key(admin.account("edge", credits="10"))["key"]
         admin.close()
         yield gateway, key
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/chat/completions"])
+def test_an_endless_chunked_trailer_is_cut_off_and_does_not_grow_memory(
+    gw: tuple[GatewayProcess, str], path: str
+) -> None:
+    gateway, key = gw
+    assert gateway.proc is not None
+    before = rss_kb(gateway.proc.pid)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=MARGIN) as sock:
+        try:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         "2\r\n{}\r\n0\r\nX-Trailer: ".encode())
+            chunk = b"a" * 65536
+            while sent < 20 * 1024 * 1024:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            pass  # the server closed on us: that is the point
+    assert sent < 20 * 1024 * 1024, "the server kept reading an unfinished 20 MB trailer"
+    assert rss_kb(gateway.proc.pid) - before < 20_000
+    assert "chunked trailers over" in gateway.log()
+
+
+def test_a_chunked_body_in_small_chunks_still_passes(gw: tuple[GatewayProcess, str]) -> None:
+    gateway, key = gw
+    body = b'{"model": "test-model", "max_tokens": 3, "messages": [{"role": "user", "content": "' + b"x" * 20000 + b'"}]}'
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 4]), body[i:i + 4]) for i in range(0, len(body), 4))
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     .encode() + chunks + b"0\r\nX-Fine: 1\r\n\r\n")
+        answer = b""
+        while part := sock.recv(65536):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
 def drip_is_cut(gateway: GatewayProcess, path: str, key: str | None) -> bool:
