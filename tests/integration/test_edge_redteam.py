@@ -81,7 +81,8 @@ def test_an_endless_chunked_trailer_is_cut_off_and_does_not_grow_memory(
 
 def test_a_chunked_body_in_small_chunks_still_passes(gw: tuple[GatewayProcess, str]) -> None:
     gateway, key = gw
-    body = b'{"model": "test-model", "max_tokens": 3, "messages": [{"role": "user", "content": "' + b"x" * 20000 + b'"}]}'
+    body = (b'{"model": "test-model", "max_tokens": 3, "messages": [{"role": "user", "content": "'
+            + b"x" * 20000 + b'"}]}')
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 4]), body[i:i + 4]) for i in range(0, len(body), 4))
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
         sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
