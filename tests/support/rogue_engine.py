@@ -18,6 +18,8 @@ class Behaviour:
     redirect_methods: tuple[str, ...] = ("GET", "POST")
     redirect_status: int = 307
     usage: dict[str, Any] = field(default_factory=lambda: {"prompt_tokens": 10, "completion_tokens": 1})
+    break_after_usage: bool = False  # then send a broken chunk: the stream fails after reporting usage
+    on_answer: Any = None  # called (no arguments) just before the usage is sent
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
 
 
@@ -60,7 +62,9 @@ class RogueEngine:
                 end = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
                 last = {**chunk, "choices": [], "usage": behaviour.usage}
                 payload = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in (chunk, end, last))
-                payload += b"data: [DONE]\n\n"
+                payload += b"data: {broken\n\n" if behaviour.break_after_usage else b"data: [DONE]\n\n"
+                if behaviour.on_answer is not None:
+                    behaviour.on_answer()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Content-Length", str(len(payload)))
