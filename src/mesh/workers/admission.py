@@ -65,14 +65,15 @@ def _ip(text: str) -> Address | None:
 
 
 def _matches(host: str, addresses: Iterable[Address], allow: Iterable[str]) -> bool:
-    for entry in allow:
-        if "/" in entry or _ip(entry) is not None:
-            network = ipaddress.ip_network(entry, strict=False)
-            if any(a in network for a in addresses):
-                return True
-        elif entry.lower() == host:
-            return True
-    return False
+    """The host is named in ``allow``, or every address it resolves to lies in an allowed
+    network (one allowed address among others would let the engine client connect to the
+    others: a name with two A records, one of them internal)."""
+    entries = tuple(allow)
+    if any(entry.lower() == host for entry in entries if "/" not in entry and _ip(entry) is None):
+        return True
+    networks = [ipaddress.ip_network(e, strict=False) for e in entries if "/" in e or _ip(e) is not None]
+    found = list(addresses)
+    return bool(networks) and bool(found) and all(any(_plain(a) in n for n in networks) for a in found)
 
 
 async def resolve(host: str) -> list[Address]:
