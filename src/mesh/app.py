@@ -26,7 +26,7 @@ from mesh.config import Settings
 from mesh.console.routes import console_routes
 from mesh.errors import MeshError, NotFound
 from mesh.gateway import Gateway
-from mesh.http.credentials import presented_credential
+from mesh.http.credentials import presented_credential, single
 from mesh.observability.metrics import CONTENT_TYPE
 from mesh.protocols import openai_errors
 
@@ -72,7 +72,7 @@ def _services(request: Request) -> Services:
 async def _principal(request: Request) -> Principal:
     """Key authentication for the customer billing routes, exactly as for inference."""
     gateway: Gateway = request.app.state.gateway
-    raw = presented_credential(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    raw = presented_credential(single(request.headers, "authorization"), single(request.headers, "x-api-key"))
     principal: Principal = await gateway.services.authenticator.authenticate(raw)
     return principal
 

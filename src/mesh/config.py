@@ -151,6 +151,7 @@ class ServerConfig(_Frozen):
     # Connection limits at the edge (http/server.py), per gateway process.
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)  # request line + headers: 431 past it
     header_timeout: float = Field(default=10.0, gt=0)  # from a request's first byte to the end of its headers
+    body_timeout: float = Field(default=60.0, gt=0)  # from the end of a request's headers to the end of its body
     keepalive_timeout: float = Field(default=5.0, gt=0)  # idle time between requests on one connection
     max_connections: int = Field(default=2048, ge=1)  # open connections; more are answered 503 and closed
     # A client that reads nothing of its response for this long is dropped; its engine

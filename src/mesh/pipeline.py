@@ -148,7 +148,8 @@ def billed_prompt_tokens(ctx: RequestContext) -> int:
 
 
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
-UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], None]
+# Judges the usage an engine reported; returns what to bill (clamped when it cannot be true).
+UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], Usage]
 
 
 def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
@@ -422,11 +423,7 @@ class Pipeline:
                         # No usage from the engine yet: at least one token per delta so far.
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))
                 yield ev
-            ctx.usage = usage
-            if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
-                # Usage a worker's engine could not have produced takes its replica out of rotation.
-                self.usage_guard(ctx.model.id, ctx.replica, ctx.request, ctx.prompt_estimate, usage,
-                                 ctx.model.context_length)
+            ctx.usage = usage = self._guarded(ctx, usage)
             await self._settle_now(ctx)
         except MeshError:
             ctx.status = "error"
@@ -441,8 +438,19 @@ class Pipeline:
                 if not ctx.settled:
                     delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
                     if delivered:
-                        ctx.usage = usage or Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=produced)
+                        # An engine that reported usage and then failed is judged like any other.
+                        ctx.usage = self._guarded(ctx, usage) or Usage(
+                            input_tokens=billed_prompt_tokens(ctx), output_tokens=produced
+                        )
                     self._spawn(self._settle_now(ctx))
+
+    def _guarded(self, ctx: RequestContext, usage: Usage | None) -> Usage | None:
+        """Usage a worker's engine could not have produced takes its replica out of rotation
+        and is billed only as far as Mesh can bound it."""
+        if usage is None or self.usage_guard is None or ctx.model is None or ctx.request is None:
+            return usage
+        return self.usage_guard(ctx.model.id, ctx.replica, ctx.request, ctx.prompt_estimate, usage,
+                                ctx.model.context_length)
 
     async def start(
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None

@@ -119,3 +119,20 @@ def test_deeply_nested_json_is_a_400_at_parse_time(gw: tuple[GatewayProcess, str
     r = _call(gateway, key, protocol, "test-model", "marker-deep", extra)
     assert r.status_code == 400, r.text
     assert "nests deeper" in r.text
+
+
+@pytest.mark.parametrize("smuggled", [
+    {"continue_final_message": True, "add_generation_prompt": False},
+    {"mm_processor_kwargs": "x"}, {"documents": "x"}, {"tokenize": True},
+], ids=["continue_final_message", "mm_processor_kwargs", "documents", "tokenize"])
+def test_chat_template_kwargs_cannot_carry_an_extension_the_model_does_not_enable(
+    gw: tuple[GatewayProcess, str], engine: EngineProcess, smuggled: dict[str, Any]
+) -> None:
+    # vLLM merges chat_template_kwargs over its own template arguments: a known extension
+    # named inside acts as if sent at the top level, where it would be a 400 (red team).
+    gateway, key = gw
+    marker = "marker-smuggle-" + next(iter(smuggled))
+    r = _call(gateway, key, "chat", "test-model", marker, {"chat_template_kwargs": smuggled})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("chat_template_kwargs.")
+    assert _sent(engine, marker) is None

@@ -41,7 +41,7 @@ from mesh.admin.views import account_json, balance_json, daily_json, entry_json,
 from mesh.billing.services import Services
 from mesh.billing.usage import daily_usage
 from mesh.errors import AuthenticationFailed, PermissionDenied
-from mesh.http.credentials import presented_credential
+from mesh.http.credentials import presented_credential, single
 from mesh.limits.policy import MAX_LIMIT
 
 PREFIX = "/admin/v1"
@@ -93,7 +93,7 @@ def check_admin(request: Request, admin_key: str | None) -> None:
     """Raise unless the request carries the configured admin key (constant-time compare)."""
     if not admin_key:
         raise PermissionDenied("The admin API is disabled: no admin_key is configured", code="admin_api_disabled")
-    token = presented_credential(request.headers.get("authorization")) or ""
+    token = presented_credential(single(request.headers, "authorization")) or ""
     if not hmac.compare_digest(token.encode(), admin_key.encode()):
         raise AuthenticationFailed("Invalid admin key", code="invalid_admin_key")
 

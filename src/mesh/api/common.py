@@ -9,6 +9,7 @@ from starlette.requests import Request
 from mesh.canonical import Aggregator, Event, Result
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
+from mesh.http.credentials import single
 from mesh.pipeline import RequestContext
 
 # A streaming request still queued after this long starts its response and sends
@@ -19,7 +20,7 @@ QUEUE_PATIENCE = 1.0
 async def authenticated_body(request: Request, ctx: RequestContext) -> tuple[Gateway, bytes]:
     """Authenticate (Bearer or x-api-key), then read the body under the size cap."""
     gw: Gateway = request.app.state.gateway
-    await gw.pipeline.authenticate(ctx, request.headers.get("authorization"), request.headers.get("x-api-key"))
+    await gw.pipeline.authenticate(ctx, single(request.headers, "authorization"), single(request.headers, "x-api-key"))
     ctx.session_hint = request.headers.get("x-session-id")
     return gw, await read_body(request, gw.settings.server.max_body_bytes)
 

@@ -16,6 +16,7 @@ from mesh.api.responses import JSON
 from mesh.config import ModelConfig
 from mesh.errors import ModelNotFound
 from mesh.gateway import Gateway
+from mesh.http.credentials import single
 from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
 
@@ -63,7 +64,7 @@ def _is_anthropic(request: Request) -> bool:
 @endpoint("models", openai_errors.render_error)
 async def list_models(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
-    await gw.pipeline.authenticate(ctx, request.headers.get("authorization"), request.headers.get("x-api-key"))
+    await gw.pipeline.authenticate(ctx, single(request.headers, "authorization"), single(request.headers, "x-api-key"))
     configured = {m.id for m in gw.settings.models}
     # Configured models always; catalog models only while a worker serves them.
     models = [
@@ -82,7 +83,7 @@ async def list_models(request: Request, ctx: RequestContext) -> AnyResponse:
 @endpoint("models", openai_errors.render_error)
 async def get_model(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
-    await gw.pipeline.authenticate(ctx, request.headers.get("authorization"), request.headers.get("x-api-key"))
+    await gw.pipeline.authenticate(ctx, single(request.headers, "authorization"), single(request.headers, "x-api-key"))
     model_id = request.path_params["model_id"]
     pool = gw.router.pools.get(model_id)
     m = pool.model if pool is not None else None

@@ -25,6 +25,7 @@ from mesh.conversations import ResponseStore
 from mesh.errors import InvalidRequest, NotFound
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
+from mesh.http.credentials import single
 from mesh.http.keepalive import keepalive_while
 from mesh.http.streaming import StreamResponse
 from mesh.pipeline import PendingStream, RequestContext
@@ -44,7 +45,7 @@ STORAGE_OFF = (
 async def _account(request: Request, ctx: RequestContext) -> str:
     gw: Gateway = request.app.state.gateway
     principal = await gw.pipeline.authenticate(
-        ctx, request.headers.get("authorization"), request.headers.get("x-api-key")
+        ctx, single(request.headers, "authorization"), single(request.headers, "x-api-key")
     )
     return str(principal.account_id)
 

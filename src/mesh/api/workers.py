@@ -31,12 +31,12 @@ from mesh.config import WorkerToken
 from mesh.errors import AuthenticationFailed, ModelNotFound, NotFound, PermissionDenied
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
-from mesh.http.credentials import presented_credential
+from mesh.http.credentials import presented_credential, single
 from mesh.http.ids import prefixed
 from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
 from mesh.protocols.validation import loads_object, validate
-from mesh.workers.admission import check_engine_host, normalise_engine_url
+from mesh.workers.admission import check_engine_host, engine_hosts, normalise_engine_url
 from mesh.workers.registry import Registration
 
 _MAX_BODY = 64 * 1024
@@ -66,7 +66,7 @@ def _sha256(text: str) -> str:
 
 
 def worker_token(gw: Gateway, request: Request) -> WorkerToken:
-    presented = presented_credential(request.headers.get("authorization"))
+    presented = presented_credential(single(request.headers, "authorization"))
     if presented is None:
         raise AuthenticationFailed("Missing worker token.")
     digest = _sha256(presented)
@@ -112,7 +112,7 @@ async def register(request: Request, ctx: RequestContext) -> AnyResponse:
             )
     engine_url = normalise_engine_url(body.engine_url)
     await check_engine_host(engine_url, source, tok.allow)
-    why = await gw.workers.registry.quarantined(tok.name, engine_url)
+    why = await gw.workers.registry.quarantined(tok.name, await engine_hosts(engine_url))
     if why is not None:
         raise PermissionDenied(f"This engine is out of rotation: {why}.", param="engine_url", code="quarantined")
     reg = Registration(

@@ -48,7 +48,7 @@ def serve(
         os.environ["MESH_CONFIG"] = os.path.abspath(config_path)
     srv = settings.server
     edge = EdgeLimits(
-        max_header_bytes=srv.max_header_bytes, header_timeout=srv.header_timeout,
+        max_header_bytes=srv.max_header_bytes, header_timeout=srv.header_timeout, body_timeout=srv.body_timeout,
         keepalive_timeout=srv.keepalive_timeout, max_connections=srv.max_connections,
         write_timeout=srv.write_timeout,
     )

@@ -132,7 +132,9 @@ class OpenAIEngine:
         try:
             with _map_errors(self.name):
                 async with asyncio.timeout(self.config.first_token_timeout):
-                    resp = await self._client().post(self._chat_url, data=body, headers=self._headers)
+                    resp = await self._client().post(
+                        self._chat_url, data=body, headers=self._headers, allow_redirects=False
+                    )
                     if resp.status != 200:
                         payload = await resp.read()
                         drained = True
@@ -183,10 +185,10 @@ class OpenAIEngine:
     async def health(self) -> bool:
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                async with self._client().get(self._health_url) as resp:
+                async with self._client().get(self._health_url, allow_redirects=False) as resp:
                     if resp.status == 200:
                         return True
-                async with self._client().get(self._models_url, headers=self._headers) as resp:
+                async with self._client().get(self._models_url, headers=self._headers, allow_redirects=False) as resp:
                     return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
@@ -199,7 +201,9 @@ class OpenAIEngine:
             body["tools"] = encode_tools(request.tools)  # vLLM's chat template renders them too
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                async with self._client().post(self._tokenize_url, data=orjson.dumps(body), headers=self._headers) as r:
+                async with self._client().post(
+                    self._tokenize_url, data=orjson.dumps(body), headers=self._headers, allow_redirects=False
+                ) as r:
                     if r.status != 200:
                         return None
                     data = orjson.loads(await r.read())

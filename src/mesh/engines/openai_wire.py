@@ -244,11 +244,23 @@ def decode_usage(raw: dict[str, Any]) -> Usage:
     prompt_details = raw.get("prompt_tokens_details") or {}
     completion_details = raw.get("completion_tokens_details") or {}
     return Usage(
-        input_tokens=int(raw.get("prompt_tokens") or 0),
-        output_tokens=int(raw.get("completion_tokens") or 0),
-        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        input_tokens=_count(raw.get("prompt_tokens")),
+        output_tokens=_count(raw.get("completion_tokens")),
+        cached_tokens=_count(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None),
+        reasoning_tokens=_count(
+            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+        ),
     )
+
+
+def _count(value: Any) -> int:
+    """A token count as an engine reported it; anything but a non-negative number counts as 0.
+
+    A worker's engine is not trusted: a negative count would make settlement fail (and leave
+    the customer's hold in place), a string would raise here."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+        return 0
+    return int(min(value, 2**53))
 
 
 class ChunkDecoder:

@@ -11,6 +11,13 @@ subclass adds, per process (``server.*`` in the config):
   accumulates);
 * ``header_timeout``: a connection that has not completed a request's headers this long
   after it opened or after the request's first byte is closed (idle and slowloris);
+* ``body_timeout``: a request whose body has not fully arrived this long after its
+  headers is dropped: a body dripped a byte at a time (or never sent after an early
+  answer such as a 401) would otherwise hold its connection for ever;
+* chunked trailers count against ``max_header_bytes`` too (httptools buffers a trailer
+  field whole, so an endless one grew memory without bound, authenticated or not): the
+  bytes of a chunked body that are neither data nor the chunks' own framing close the
+  connection past the limit;
 * ``keepalive_timeout``: uvicorn's idle timer between requests;
 * ``max_connections``: a connection beyond this is answered 503 and closed at once;
 * ``write_timeout``: a response the client has not read for this long is abandoned: the
@@ -34,12 +41,15 @@ from uvicorn.supervisors import Multiprocess
 log = logging.getLogger("mesh.http")
 
 _END_OF_HEADERS = b"\r\n\r\n"
+# What a chunk's framing may take: its size line (hex, maybe an extension) and two CRLFs.
+_CHUNK_FRAMING = 64
 
 
 @dataclass(frozen=True, slots=True)
 class EdgeLimits:
     max_header_bytes: int = 32 * 1024
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
     keepalive_timeout: float = 5.0
     max_connections: int = 2048
     write_timeout: float = 30.0
@@ -72,7 +82,13 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._headers_done = False
         self._tail = b""  # the last bytes seen, for an end of headers split across reads
+        # The body phase of a request: data delivered, chunks begun, bytes that were neither.
+        self._body_bytes = 0
+        self._chunks = 0
+        self._other_bytes = 0
+        self._messages = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
 
     # -- connection ---------------------------------------------------------------------------
@@ -89,8 +105,9 @@ class MeshHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel(self._header_timer)
+        self._cancel(self._body_timer)
         self._cancel(self._write_timer)
-        self._header_timer = self._write_timer = None
+        self._header_timer = self._body_timer = self._write_timer = None
         super().connection_lost(exc)
 
     # -- headers: size and time ----------------------------------------------------------------
@@ -106,15 +123,37 @@ class MeshHttpProtocol(HttpToolsProtocol):
             if self._header_bytes > self.edge.max_header_bytes:
                 self._refuse_headers()
                 return
+            super().data_received(data)
+            return
+        body_before, messages_before = self._body_bytes, self._messages
         super().data_received(data)
+        if self._headers_done and self._messages == messages_before:  # still the same request's body
+            self._other_bytes += len(data) - (self._body_bytes - body_before)
+            if self._other_bytes > self.edge.max_header_bytes + _CHUNK_FRAMING * self._chunks:
+                log.warning("chunked trailers over %d bytes; dropping the connection", self.edge.max_header_bytes)
+                if not self.transport.is_closing():
+                    self.transport.close()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:  # called by httptools for each chunk, the last (empty) one too
+        self._chunks += 1
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        self._body_bytes = self._chunks = self._other_bytes = 0
         self._cancel(self._header_timer)
         self._header_timer = None
+        self._cancel(self._body_timer)
+        self._body_timer = self.loop.call_later(self.edge.body_timeout, self._body_timeout)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._cancel(self._body_timer)
+        self._body_timer = None
+        self._messages += 1
         super().on_message_complete()
         # The next request on this connection starts counting from zero.
         self._headers_done = False
@@ -144,6 +183,13 @@ class MeshHttpProtocol(HttpToolsProtocol):
             self._arm_header_timer()
             return
         self.transport.close()
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():
+            # The application, if it still waits for the body, sees a disconnect.
+            log.warning("request body incomplete after %.0fs; dropping the connection", self.edge.body_timeout)
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -40,7 +40,9 @@ KNOWN_EXTENSIONS = frozenset({
     "session_params", "rid", "thinking_token_budget",
 })
 
-# Inside chat_template_kwargs: keys that would replace the template itself.
+# Inside chat_template_kwargs: keys that would replace the template itself. (vLLM merges
+# chat_template_kwargs over its own template arguments, so a known extension named there,
+# e.g. continue_final_message, acts as if sent at the top level: it needs enabling too.)
 _TEMPLATE_KEYS = frozenset({"chat_template", "tokenize", "tools", "documents"})
 
 
@@ -68,16 +70,17 @@ def allow_extensions(request: CanonicalRequest, allowed: Iterable[str]) -> Canon
                 param=key, code="unsupported_parameter",
             )
         if key == "chat_template_kwargs":
-            value = _template_kwargs(value)
+            value = _template_kwargs(value, permitted)
         out[key] = value
     return replace(request, extra=out)
 
 
-def _template_kwargs(value: Any) -> dict[str, Any]:
+def _template_kwargs(value: Any, permitted: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidRequest("'chat_template_kwargs' must be an object.", param="chat_template_kwargs")
     for k, v in value.items():
-        if k in _TEMPLATE_KEYS or not isinstance(v, str | int | float | bool | None):
+        smuggled = k in KNOWN_EXTENSIONS and k not in permitted
+        if k in _TEMPLATE_KEYS or smuggled or not isinstance(v, str | int | float | bool | None):
             raise InvalidRequest(
                 f"'chat_template_kwargs.{k}' is not allowed; only plain values the template reads are.",
                 param=f"chat_template_kwargs.{k}",

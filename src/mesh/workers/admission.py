@@ -65,14 +65,15 @@ def _ip(text: str) -> Address | None:
 
 
 def _matches(host: str, addresses: Iterable[Address], allow: Iterable[str]) -> bool:
-    for entry in allow:
-        if "/" in entry or _ip(entry) is not None:
-            network = ipaddress.ip_network(entry, strict=False)
-            if any(a in network for a in addresses):
-                return True
-        elif entry.lower() == host:
-            return True
-    return False
+    """The host is named in ``allow``, or every address it resolves to lies in an allowed
+    network (one allowed address among others would let the engine client connect to the
+    others: a name with two A records, one of them internal)."""
+    entries = tuple(allow)
+    if any(entry.lower() == host for entry in entries if "/" not in entry and _ip(entry) is None):
+        return True
+    networks = [ipaddress.ip_network(e, strict=False) for e in entries if "/" in e or _ip(e) is not None]
+    found = list(addresses)
+    return bool(networks) and bool(found) and all(any(_plain(a) in n for n in networks) for a in found)
 
 
 async def resolve(host: str) -> list[Address]:
@@ -90,6 +91,18 @@ async def resolve(host: str) -> list[Address]:
         if ip is not None and ip not in out:
             out.append(ip)
     return out
+
+
+async def engine_hosts(url: str) -> list[str]:
+    """What names the engine of ``url``, for quarantine: its host and every address it
+    resolves to (IPv4-mapped IPv6 addresses as IPv4), so no other spelling escapes."""
+    host = (URL(url).host or "").lower()
+    names = [host]
+    for a in await resolve(host):
+        text = str(_plain(a))
+        if text not in names:
+            names.append(text)
+    return names
 
 
 async def check_engine_host(url: str, source: str | None, allow: tuple[str, ...]) -> None:
@@ -111,8 +124,10 @@ async def check_engine_host(url: str, source: str | None, allow: tuple[str, ...]
     )
 
 
+def _plain(x: Address) -> Address:
+    return x.ipv4_mapped if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped else x
+
+
 def _same(a: Address, b: Address) -> bool:
     """Equal, treating an IPv4-mapped IPv6 address as its IPv4 address."""
-    def plain(x: Address) -> Address:
-        return x.ipv4_mapped if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped else x
-    return plain(a) == plain(b)
+    return _plain(a) == _plain(b)

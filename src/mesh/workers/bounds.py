@@ -8,6 +8,8 @@ bytes a token), allowing for the chat template's own tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mesh.canonical import CanonicalRequest, Usage
 
 # The real prompt may exceed Mesh's estimate by this factor plus the template's overhead.
@@ -28,3 +30,13 @@ def out_of_bounds(
     if usage.input_tokens > most_prompt:
         return f"reported {usage.input_tokens} prompt tokens for an estimated {prompt_estimate}"
     return None
+
+
+def clamp(request: CanonicalRequest, prompt_estimate: int, usage: Usage, context_length: int | None = None) -> Usage:
+    """What to bill for ``usage`` that is out of bounds: the prompt at Mesh's own estimate (it
+    leans high) and the output at its cap, never more than the engine reported."""
+    cap = request.max_tokens or context_length
+    output = usage.output_tokens if cap is None else min(usage.output_tokens, cap * max(1, request.n))
+    prompt = min(usage.input_tokens, prompt_estimate)
+    return replace(usage, input_tokens=prompt, output_tokens=output, cached_tokens=min(usage.cached_tokens, prompt),
+                   reasoning_tokens=min(usage.reasoning_tokens, output))

@@ -7,6 +7,7 @@ TTL of ``dead_after`` on each registration so a silent worker expires by itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -46,12 +47,14 @@ class WorkerRegistry(Protocol):
 
     async def live(self) -> list[Registration]: ...
 
-    async def quarantine(self, reg: Registration, reason: str, ttl: float) -> None:
-        """Take ``reg`` out of rotation and refuse its worker's engine URL for ``ttl`` seconds."""
+    async def quarantine(self, reg: Registration, reason: str, ttl: float, hosts: Sequence[str]) -> None:
+        """Take ``reg`` out of rotation and refuse its worker any engine on ``hosts`` (the
+        engine's host and its addresses) for ``ttl`` seconds: the engine is the worker's own,
+        so another port or path, or another spelling of the host, is the same engine."""
         ...
 
-    async def quarantined(self, worker: str, engine_url: str) -> str | None:
-        """Why ``worker`` may not register ``engine_url`` now, or None."""
+    async def quarantined(self, worker: str, hosts: Sequence[str]) -> str | None:
+        """Why ``worker`` may not register an engine on any of ``hosts`` now, or None."""
         ...
 
     async def note_source(self, worker: str, source: str | None) -> None:
@@ -65,8 +68,8 @@ class WorkerRegistry(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _bad_key(worker: str, engine_url: str) -> str:
-    return f"{worker}|{engine_url}"
+def _bad_key(worker: str, host: str) -> str:
+    return f"{worker}|{host}"
 
 
 class MemoryRegistry:
@@ -104,14 +107,18 @@ class MemoryRegistry:
             del self._regs[reg_id]
         return list(self._regs.values())
 
-    async def quarantine(self, reg: Registration, reason: str, ttl: float) -> None:
-        self._bad[_bad_key(reg.worker, reg.engine_url)] = (reason, time.time() + ttl)
+    async def quarantine(self, reg: Registration, reason: str, ttl: float, hosts: Sequence[str]) -> None:
+        for host in hosts:
+            self._bad[_bad_key(reg.worker, host)] = (reason, time.time() + ttl)
         if reg.id in self._regs:
             self._regs[reg.id] = replace(self._regs[reg.id], quarantined=reason)
 
-    async def quarantined(self, worker: str, engine_url: str) -> str | None:
-        found = self._bad.get(_bad_key(worker, engine_url))
-        return found[0] if found and found[1] > time.time() else None
+    async def quarantined(self, worker: str, hosts: Sequence[str]) -> str | None:
+        for host in hosts:
+            found = self._bad.get(_bad_key(worker, host))
+            if found and found[1] > time.time():
+                return found[0]
+        return None
 
     async def note_source(self, worker: str, source: str | None) -> None:
         self._sources[worker] = (source or "unknown", time.time())
@@ -175,15 +182,19 @@ class RedisRegistry:
             await self._redis.srem(self._set, *gone)
         return [_decode(raw) for raw in raws if raw is not None]
 
-    async def quarantine(self, reg: Registration, reason: str, ttl: float) -> None:
-        await self._redis.set(self._bad + _bad_key(reg.worker, reg.engine_url), reason, px=max(1, int(ttl * 1000)))
+    async def quarantine(self, reg: Registration, reason: str, ttl: float, hosts: Sequence[str]) -> None:
+        for host in hosts:
+            await self._redis.set(self._bad + _bad_key(reg.worker, host), reason, px=max(1, int(ttl * 1000)))
         current = await self.get(reg.id)
         if current is not None:
             await self._write(replace(current, quarantined=reason))
 
-    async def quarantined(self, worker: str, engine_url: str) -> str | None:
-        raw = await self._redis.get(self._bad + _bad_key(worker, engine_url))
-        return raw.decode() if isinstance(raw, bytes) else raw
+    async def quarantined(self, worker: str, hosts: Sequence[str]) -> str | None:
+        for host in hosts:
+            raw = await self._redis.get(self._bad + _bad_key(worker, host))
+            if raw is not None:
+                return raw.decode() if isinstance(raw, bytes) else str(raw)
+        return None
 
     async def note_source(self, worker: str, source: str | None) -> None:
         await self._redis.hset(self._sources, worker, orjson.dumps([source or "unknown", time.time()]))

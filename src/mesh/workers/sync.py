@@ -20,7 +20,8 @@ from mesh.engines.openai_compat import OpenAIEngine
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.replica import Replica
 from mesh.routing.router import Router
-from mesh.workers.bounds import out_of_bounds
+from mesh.workers.admission import engine_hosts
+from mesh.workers.bounds import clamp, out_of_bounds
 from mesh.workers.registry import Registration, WorkerRegistry
 
 log = logging.getLogger("mesh.workers")
@@ -36,6 +37,9 @@ class WorkerSync:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task[None]] = set()
+        # Worker replicas that left their pool with requests still running, by name: the
+        # usage those requests report is still judged (a worker may leave as its engine lies).
+        self._departed: dict[str, Replica] = {}
 
     def _replica(self, reg: Registration) -> Replica:
         rc = self.settings.routing
@@ -49,11 +53,13 @@ class WorkerSync:
         )
         return Replica(
             engine, capacity=reg.capacity, breaker=CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown),
-            labels={LABEL: reg.id, "worker": reg.worker, "source": "worker"},
+            labels={LABEL: reg.id, "worker": reg.worker, "source": "worker", "engine_url": reg.engine_url},
         )
 
     async def run_once(self) -> None:
         async with self._lock:
+            for name in [n for n, r in self._departed.items() if r.in_flight == 0]:
+                await self._departed.pop(name).engine.aclose()
             regs = {r.id: r for r in await self.registry.live()}
             for model, pool in self.router.pools.items():
                 for replica in list(pool.replicas):
@@ -66,6 +72,8 @@ class WorkerSync:
                         log.info("worker replica %s left model %s", replica.name, model)
                         if replica.in_flight == 0:
                             await replica.engine.aclose()
+                        else:
+                            self._departed[replica.name] = replica
                         continue
                     replica.up = reg.healthy and reg.quarantined is None
                     replica.reported_load = reg.load
@@ -80,25 +88,32 @@ class WorkerSync:
                 log.info("worker replica %s joined model %s", replica.name, reg.model)
 
     def check_usage(self, model: str, replica_name: str | None, request: CanonicalRequest, prompt_estimate: int,
-                    usage: Usage, context_length: int | None) -> None:
+                    usage: Usage, context_length: int | None) -> Usage:
         """Take a worker replica out of rotation (on every gateway process, through the
-        registry) when the usage its engine reported cannot be true for the request."""
+        registry) when the usage its engine reported cannot be true for the request; returns
+        the usage to bill, clamped to what Mesh can bound in that case."""
         pool = self.router.pools.get(model)
         replica = next((r for r in pool.replicas if r.name == replica_name), None) if pool else None
+        if replica is None and replica_name is not None:
+            replica = self._departed.get(replica_name)
         reg_id = replica.labels.get(LABEL) if replica is not None else None
         if replica is None or reg_id is None:
-            return  # a static replica: the operator's own engine
+            return usage  # a static replica: the operator's own engine
         reason = out_of_bounds(request, prompt_estimate, usage, context_length)
         if reason is None:
-            return
+            return usage
         replica.up = False
         log.warning("worker replica %s of model %s taken out of rotation: %s", replica.name, model, reason)
-        self._spawn(self._quarantine(reg_id, reason))
+        gone = Registration(id=reg_id, worker=replica.labels.get("worker", ""), model=model,
+                            engine_url=replica.labels.get("engine_url", ""))
+        self._spawn(self._quarantine(gone, reason))
+        return clamp(request, prompt_estimate, usage, context_length)
 
-    async def _quarantine(self, reg_id: str, reason: str) -> None:
-        reg = await self.registry.get(reg_id)
-        if reg is not None:
-            await self.registry.quarantine(reg, reason, self.settings.workers.quarantine_seconds)
+    async def _quarantine(self, reg: Registration, reason: str) -> None:
+        # From the replica's own labels, not the registry: a worker that deregisters the moment
+        # its engine lies must not escape the quarantine.
+        hosts = await engine_hosts(reg.engine_url)
+        await self.registry.quarantine(reg, reason, self.settings.workers.quarantine_seconds, hosts)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -125,4 +140,7 @@ class WorkerSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for replica in self._departed.values():
+            await replica.engine.aclose()
+        self._departed.clear()
         await self.registry.aclose()
