@@ -436,12 +436,12 @@ class Pipeline:
                 await stream.aclose()  # a route still pending is cancelled: it settles, at no cost
             finally:
                 if not ctx.settled:
+                    # An engine that reported usage and then failed is judged like any other
+                    # (a liar leaves rotation), even when the client is owed nothing.
+                    judged = self._guarded(ctx, usage)
                     delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
                     if delivered:
-                        # An engine that reported usage and then failed is judged like any other.
-                        ctx.usage = self._guarded(ctx, usage) or Usage(
-                            input_tokens=billed_prompt_tokens(ctx), output_tokens=produced
-                        )
+                        ctx.usage = judged or Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=produced)
                     self._spawn(self._settle_now(ctx))
 
     def _guarded(self, ctx: RequestContext, usage: Usage | None) -> Usage | None:
