@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -67,6 +68,10 @@ api_keys = Table(
     Column("last_used_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("rate_limits", JSON, nullable=True),
+    # A budget that resets (mesh.billing.budgets): spend_limit per period; spent is this period's.
+    Column("budget_period", String(16), nullable=True),
+    Column("budget_reset_day", SmallInteger, nullable=True),
+    Column("budget_resets_at", UTCDateTime, nullable=True),
     CheckConstraint("spent >= 0", name="spent_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),

@@ -1,0 +1,33 @@
+"""Spend controls: key budgets that reset each period.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from mesh.store.types import UTCDateTime
+
+revision = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    # budget_period null means "none": spend_limit over the key's life, as before.
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("budget_period", sa.String(16), nullable=True))
+        batch.add_column(sa.Column("budget_reset_day", sa.SmallInteger(), nullable=True))
+        batch.add_column(sa.Column("budget_resets_at", UTCDateTime(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("budget_resets_at")
+        batch.drop_column("budget_reset_day")
+        batch.drop_column("budget_period")
