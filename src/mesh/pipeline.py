@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from mesh.accounts.principal import Principal
+from mesh.billing.attribution import Attribution, attribution
 from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
@@ -74,6 +75,7 @@ class Ledger(Protocol):
         protocol: str | None = None,
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
+        attribution: Attribution | None = None,
     ) -> int: ...
 
 
@@ -99,6 +101,7 @@ class RequestContext:
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
+    tags: tuple[str, ...] = ()  # x-mesh-tags, for the usage record
 
     @property
     def ttft_ms(self) -> int | None:
@@ -353,6 +356,9 @@ class Pipeline:
                 protocol=ctx.protocol,
                 ttft_ms=ctx.ttft_ms,
                 duration_ms=duration_ms,
+                attribution=attribution(
+                    ctx.request.user if ctx.request else None, ctx.request.metadata if ctx.request else None, ctx.tags
+                ),
             )
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.principal import Principal
 from mesh.billing import budgets, settlement
+from mesh.billing.attribution import Attribution
 from mesh.billing.entries import LedgerEntry, entry_from_row, post, run_idempotent
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import hold_cost, max_output_tokens_affordable
@@ -315,6 +316,7 @@ class Ledger:
         protocol: str | None = None,
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
+        attribution: Attribution | None = None,
     ) -> MicroCredits:
         """Release the hold and charge the real cost; returns the micro-credits charged.
 
@@ -336,7 +338,7 @@ class Ledger:
             self.usage.enqueue(
                 usage_record(
                     admission, usage, MicroCredits(charged), status=status, model=model, replica=replica,
-                    protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
+                    protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
                 )
             )
         return MicroCredits(charged)
@@ -382,11 +384,14 @@ def usage_record(
     protocol: str | None,
     ttft_ms: int | None,
     duration_ms: int | None,
+    attribution: Attribution | None = None,
 ) -> UsageRecord:
     """The usage row of a settled request."""
+    who = attribution or Attribution()
     return UsageRecord(
         request_id=admission.request_id, account_id=admission.account_id, key_id=admission.key_id, model=model,
         status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
         output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens, cost=charged, replica=replica,
-        protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
+        protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, end_user=who.end_user, tags=who.tags,
+        metadata=who.metadata,
     )

@@ -128,6 +128,10 @@ usage_records = Table(
     Column("ttft_ms", Integer, nullable=True),
     Column("duration_ms", Integer, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # Attribution (mesh.billing.attribution): the client's end user, x-mesh-tags, metadata.
+    Column("end_user", String(256), nullable=True),
+    Column("tags", JSON, nullable=True),
+    Column("meta", JSON, nullable=True),
     Index("ix_usage_records_account_id_created_at", "account_id", "created_at"),
     Index("ix_usage_records_created_at", "created_at"),
     Index("ix_usage_records_request_id", "request_id"),

@@ -1,4 +1,4 @@
-"""Spend controls: key budgets that reset each period.
+"""Spend controls: key budgets that reset each period; attribution on usage records.
 
 Revision ID: 0007
 Revises: 0006
@@ -24,9 +24,17 @@ def upgrade() -> None:
         batch.add_column(sa.Column("budget_period", sa.String(16), nullable=True))
         batch.add_column(sa.Column("budget_reset_day", sa.SmallInteger(), nullable=True))
         batch.add_column(sa.Column("budget_resets_at", UTCDateTime(), nullable=True))
+    with op.batch_alter_table("usage_records") as batch:
+        batch.add_column(sa.Column("end_user", sa.String(256), nullable=True))
+        batch.add_column(sa.Column("tags", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("meta", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("usage_records") as batch:
+        batch.drop_column("meta")
+        batch.drop_column("tags")
+        batch.drop_column("end_user")
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("budget_resets_at")
         batch.drop_column("budget_reset_day")
