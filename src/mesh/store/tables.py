@@ -46,6 +46,8 @@ accounts = Table(
     Column("held", BigInteger, nullable=False, server_default="0"),
     Column("created_at", UTCDateTime, nullable=False),
     Column("rate_limits", JSON, nullable=True),
+    # Low-balance alert state (billing/alerts.py): null, "armed" (above), "sent" (alerted).
+    Column("balance_alert", String(8), nullable=True),
     CheckConstraint("balance >= 0", name="balance_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("balance >= held", name="balance_covers_held"),

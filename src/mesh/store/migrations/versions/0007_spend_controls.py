@@ -1,4 +1,5 @@
-"""Spend controls: key budgets that reset each period; attribution on usage records.
+"""Spend controls: key budgets that reset each period; attribution on usage records;
+the low-balance alert state of accounts.
 
 Revision ID: 0007
 Revises: 0006
@@ -19,6 +20,8 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("accounts") as batch:
+        batch.add_column(sa.Column("balance_alert", sa.String(8), nullable=True))
     # budget_period null means "none": spend_limit over the key's life, as before.
     with op.batch_alter_table("api_keys") as batch:
         batch.add_column(sa.Column("budget_period", sa.String(16), nullable=True))
@@ -39,3 +42,5 @@ def downgrade() -> None:
         batch.drop_column("budget_resets_at")
         batch.drop_column("budget_reset_day")
         batch.drop_column("budget_period")
+    with op.batch_alter_table("accounts") as batch:
+        batch.drop_column("balance_alert")
