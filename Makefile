@@ -28,10 +28,11 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	touch $@
 
 # Runtime plus the dev group (test tools, SDKs, linters), exactly as locked.
-$(VENV)/.dev-installed: pyproject.toml uv.lock | $(UV)
+$(VENV)/.dev-installed: pyproject.toml uv.lock tests/agents/package-lock.json | $(UV)
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
 	$(UV) sync --frozen
 	@bash scripts/ensure-test-deps.sh $(BIN)
+	@bash scripts/install-agents.sh
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

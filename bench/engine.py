@@ -6,7 +6,8 @@ prints ``READY http://127.0.0.1:PORT`` once it accepts connections. It answers a
 with pre-encoded JSON (cached per shape), honours ``stream``, ``stream_options``
 (``include_usage`` and vLLM's ``continuous_usage_stats``) and two directives in the last
 user message, as the test engine does: ``[tokens:N]`` (N content chunks, default 16) and
-``[delay:S]`` (hold the first token S seconds). ``GET /stats`` reports requests in flight.
+``[delay:S]`` (hold the first token S seconds). ``GET /stats`` reports requests in flight,
+served, and TCP connections seen.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ _cache: dict[tuple[str, int, int, bool, bool], list[bytes]] = {}
 _json_cache: dict[tuple[str, int, int], bytes] = {}
 _in_flight = 0
 _served = 0
+_peers: set[object] = set()  # client (address, port) pairs seen: one per TCP connection
+_END_GAP = 0.0  # seconds between [DONE] and the end of the body (--end-gap-ms)
 
 
 def _usage(prompt: int, done: int) -> dict[str, int]:
@@ -94,6 +97,8 @@ def _completion(model: str, n: int, prompt: int) -> bytes:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     global _in_flight, _served
+    if request.transport is not None:
+        _peers.add(request.transport.get_extra_info("peername"))
     raw = await request.read()
     body = orjson.loads(raw)
     model = str(body.get("model") or "bench-model")
@@ -119,6 +124,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(float(d.group(1)))
         for event in events:
             await resp.write(event)
+        if _END_GAP:
+            await asyncio.sleep(_END_GAP)  # the body's end comes a moment after [DONE]
         await resp.write_eof()
         return resp
     finally:
@@ -135,7 +142,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({"in_flight": _in_flight, "served": _served})
+    return web.json_response({"in_flight": _in_flight, "served": _served, "connections": len(_peers)})
 
 
 async def serve(host: str, port: int) -> None:
@@ -162,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--end-gap-ms", type=float, default=0.0,
+                   help="pause between [DONE] and the end of the body, as an engine finishing its bookkeeping")
     args = p.parse_args(argv)
+    global _END_GAP
+    _END_GAP = args.end_gap_ms / 1000
     uvloop.run(serve(args.host, args.port))
     return 0
 

@@ -5,8 +5,9 @@
 Starts an instant engine (bench/engine.py), the minimal proxy (bench/proxy.py), Mesh with
 everything on over SQLite and over a fresh PostgreSQL database, and LiteLLM's proxy; then
 measures every load point on every target, alternating targets within each round. Then: py-spy
-profiles of Mesh, 1,000 idle streams, 1 vs 2 Mesh workers, and the embedded engine against
-llama-cpp-python. Prints the table and verdicts and writes bench/results/<date>-<host>.json
+profiles of Mesh, 1,000 idle streams, 1 vs 2 Mesh workers, engine connections kept alive
+against closed after every answer, and the embedded engine against llama-cpp-python.
+Prints the table and verdicts and writes bench/results/<date>-<host>.json
 and latest.json. Everything listens on 127.0.0.1 only; every run is bounded in time.
 """
 
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import embedded, litellm_env, profile, report
+from bench import embedded, keepalive, litellm_env, profile, report
 from bench.measure import Point, Sample, run_load, summarize
 from bench.procs import http_json, rss_bytes
 from bench.targets import (
@@ -294,6 +295,13 @@ class Bench:
         self.results["workers"] = {"database": one.label, "point": point.name, "1": s1, "2": s2,
                                    "speedup": s2["rate"] / s1["rate"] if s1["rate"] else None}
 
+    # -- engine keep-alive: before and after issue 15 ----------------------------------------------------
+    def keepalive(self) -> None:
+        a = self.args
+        result = keepalive.compare(self.work, a.rounds, a.duration, a.warmup, self.ours, self.extra, say)
+        self.results["keepalive"] = result
+        print(keepalive.describe(result), flush=True)
+
     def stop(self) -> None:
         for t in [*self.extra, *reversed(self.targets.values())]:
             t.server.stop()
@@ -367,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if "litellm" in bench.targets:
             bench.targets.pop("litellm").server.stop()
         _section(bench, "workers", bench.workers)
+        _section(bench, "keep-alive", bench.keepalive)
     finally:
         bench.stop()
     if not args.no_embedded:
@@ -395,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Embedded ({e['gguf']}, {e['max_tokens']} tokens, greedy, 2 threads): Mesh "
               f"{e['mesh_tokens_per_s']:.1f} tok/s, llama-cpp-python {e['direct_tokens_per_s']:.1f} tok/s "
               f"({100 * e['ratio']:.0f}%), same text: {e['same_text']}")
+    if "keepalive" in r:
+        print(keepalive.describe(r["keepalive"]))
     for name, idle in r.get("idle_streams", {}).items():
         if "rss_mb" in idle:
             print(f"{idle['open']} idle streams through {name}: RSS {idle['rss_mb']:.0f} MB "

@@ -43,9 +43,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_engine(work: Path) -> Target:
-    server = Server("engine", [sys.executable, "-m", "bench.engine"], work / "engine.log", cwd=ROOT)
-    return Target("engine", "engine (direct)", server.start_ready_line())
+def start_engine(work: Path, *args: str, name: str = "engine") -> Target:
+    server = Server(name, [sys.executable, "-m", "bench.engine", *args], work / f"{name}.log", cwd=ROOT)
+    return Target(name, "engine (direct)", server.start_ready_line())
 
 
 def start_proxy(work: Path, upstream: str) -> Target:

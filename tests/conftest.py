@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.books import check_books, check_stopped
 from support.gateway import Admin, GatewayProcess
 from testengine.harness import EngineProcess
 
@@ -36,6 +37,37 @@ def engine_models(base_url: str, **extra: Any) -> list[dict[str, Any]]:
         }
         for name in ("test-model", "test-reasoner", "test-reasoner-vllm")
     ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "leaves_state(reason): the test legitimately leaves credit held or slots taken; the "
+        "per-test invariant check (support/books.py) is skipped for it",
+    )
+
+
+@pytest.fixture(autouse=True)
+def books_balance(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test, on every gateway process it used: nothing held, nothing in flight,
+    ledger = balance, usage charges = usage ledger rows (``support.books``)."""
+    GatewayProcess.stopped.clear()  # stopped by an earlier module's teardown: checked there
+    yield
+    if request.node.get_closest_marker("leaves_state") is not None:
+        GatewayProcess.stopped.clear()
+    elif GatewayProcess.running or GatewayProcess.stopped:
+        failures = check_books()
+        if failures:
+            pytest.fail("invariants broken after the test:\n" + "\n".join(failures), pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def books_balance_at_module_end(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The same for gateways a module's fixtures stop after its last test."""
+    yield
+    failures = check_stopped()
+    if failures and request.node.get_closest_marker("leaves_state") is None:
+        pytest.fail("invariants broken when the module's gateways stopped:\n" + "\n".join(failures), pytrace=False)
 
 
 @pytest.fixture(scope="session")

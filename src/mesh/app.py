@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from mesh.accounts.principal import Principal
+from mesh.admin.audit import audit_routes
 from mesh.admin.fleet import fleet_routes
 from mesh.admin.routes import admin_routes, check_admin
 from mesh.api.chat import chat_completions
@@ -91,6 +92,7 @@ def routes() -> list[BaseRoute]:
         *admin_routes(_services),
         *worker_routes(),
         *fleet_routes(lambda r: r.app.state.gateway.router, lambda r: r.app.state.gateway.settings.admin_key),
+        *audit_routes(lambda r: r.app.state.gateway),
     ]
 
 

@@ -143,7 +143,8 @@ class CanonicalRequest:
     ``max_tokens`` counts output tokens including reasoning. ``extra`` holds unknown
     request fields that engines which accept them receive unchanged (vLLM's ``top_k``,
     ``chat_template_kwargs``, …). ``continue_final`` asks the engine to continue the final
-    assistant message (prefill) instead of starting a new turn.
+    assistant message (prefill) instead of starting a new turn. ``cache_key`` names the
+    conversation for routing (its replica's prefix cache); engines never see it.
     """
 
     model: str
@@ -160,6 +161,7 @@ class CanonicalRequest:
     reasoning: ReasoningConfig | None = None
     user: str | None = None
     metadata: Mapping[str, str] | None = None
+    cache_key: str | None = None  # prompt_cache_key or the x-session-id header
     continue_final: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -81,6 +81,10 @@ class OpenAIEngineConfig(_Frozen):
     # Which reasoning field the engine reads on assistant turns (vLLM: reasoning).
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     name: str | None = None  # replica label in usage records and metrics
+    # Reuse connections to the engine: a finished answer is read to its end and its
+    # connection serves the next request. False closes it after every answer (an engine or
+    # proxy that mishandles keep-alive; and the bench's "before").
+    keep_alive: bool = True
 
     @field_validator("base_url")
     @classmethod
@@ -160,6 +164,10 @@ class ServerConfig(_Frozen):
 class RoutingConfig(_Frozen):
     policy: Literal["prefix_affinity", "least_outstanding"] = "prefix_affinity"
     affinity_min_prefix_chars: int = Field(default=256, ge=1)
+    # A session stays on its replica unless that one's load exceeds the least loaded's by more.
+    affinity_slack: float = Field(default=0.25, ge=0, le=1)
+    affinity_ttl: float = Field(default=1800.0, gt=0)  # seconds a session's replica is remembered
+    affinity_max_entries: int = Field(default=100_000, ge=1)  # per gateway process, without Redis
     max_attempts: int = Field(default=3, ge=1, le=10)  # per model, before its fallbacks
     health_interval: float = Field(default=2.0, gt=0)
     failure_threshold: int = Field(default=3, ge=1)
@@ -167,6 +175,9 @@ class RoutingConfig(_Frozen):
     queue_timeout: float = Field(default=30.0, gt=0)  # longest wait for a free replica slot
     max_queue: int = Field(default=1000, ge=0)  # waiting requests per model
     keepalive_interval: float = Field(default=5.0, gt=0)  # SSE comments while a stream waits
+    # Longest a request may take from admission to its last byte (queue, first token and
+    # stream together); past it the answer is 504, or the stream's error event. null: none.
+    request_timeout: float | None = Field(default=900.0, gt=0)
 
 
 class AlertsConfig(_Frozen):

@@ -32,6 +32,7 @@ from mesh.routing.pool import ModelPool
 from mesh.routing.queue import FairQueue
 from mesh.routing.replica import Replica
 from mesh.routing.router import Router
+from mesh.routing.sessions import MemorySessionMap, RedisSessionMap, SessionMap
 from mesh.workers.registry import MemoryRegistry, RedisRegistry, WorkerRegistry
 from mesh.workers.sync import WorkerSync
 
@@ -68,7 +69,13 @@ def build_router(settings: Settings) -> Router:
         )
         for m in offered_models(settings)
     }
-    return Router(pools, make_policy(rc.policy, rc.affinity_min_prefix_chars), rc.max_attempts)
+    sessions: SessionMap
+    if settings.redis:
+        sessions = RedisSessionMap(settings.redis, settings.redis_prefix, rc.affinity_ttl, rc.affinity_max_entries)
+    else:
+        sessions = MemorySessionMap(rc.affinity_ttl, rc.affinity_max_entries)
+    policy = make_policy(rc.policy, rc.affinity_min_prefix_chars, rc.affinity_slack)
+    return Router(pools, policy, rc.max_attempts, sessions)
 
 
 def _registry(settings: Settings) -> WorkerRegistry:

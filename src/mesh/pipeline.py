@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
+
 from mesh.accounts.principal import Principal
 from mesh.billing.attribution import Attribution, attribution
 from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
@@ -23,12 +25,24 @@ from mesh.canonical import (
     CanonicalRequest,
     Event,
     ReasoningDelta,
+    ReasoningPart,
     TextDelta,
+    TextPart,
     ToolArgsDelta,
+    ToolCallPart,
+    ToolResultPart,
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
-from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNotFound, PermissionDenied
+from mesh.errors import (
+    AuthenticationFailed,
+    ContextLengthExceeded,
+    EngineTimeout,
+    InvalidRequest,
+    MeshError,
+    ModelNotFound,
+    PermissionDenied,
+)
 from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.observability.metrics import Metrics
@@ -39,6 +53,15 @@ log = logging.getLogger("mesh.pipeline")
 
 # A stream whose engine reports no usage until the end checkpoints every this many deltas.
 _CHECKPOINT_DELTAS = 16
+# A rough lower bound, for lowering max_tokens when no tokenizer answers: few tokenizers
+# average more than 4 bytes per token on any text.
+_BYTES_PER_TOKEN_LOW = 4
+# No tokenizer packs more text than this into one token on real prompts: a prompt larger
+# than the context at this density cannot fit, and count_tokens refuses it without asking
+# an engine.
+_MOST_BYTES_PER_TOKEN = 16
+
+
 
 class Authenticator(Protocol):
     async def authenticate(self, raw_key: str | None) -> Principal: ...
@@ -102,6 +125,10 @@ class RequestContext:
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
     tags: tuple[str, ...] = ()  # x-mesh-tags, for the usage record
+    session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
+    stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
+    metering: bool = False  # metered() started: it closes the stream and settles
+    deadline: float | None = None  # loop time by which the whole request must end
 
     @property
     def ttft_ms(self) -> int | None:
@@ -115,8 +142,32 @@ class RequestContext:
         return self.principal
 
 
+def billed_prompt_tokens(ctx: RequestContext) -> int:
+    """Prompt tokens to bill when the engine reported none: a typical-density estimate, not
+    the hold's (which leans high on purpose so the hold covers any script)."""
+    if ctx.request is None:
+        return ctx.prompt_estimate
+    return min(ctx.prompt_estimate, typical_prompt_tokens(ctx.request))
+
+
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
 UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], None]
+
+
+def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
+    """Prompt tokens from text size, leaning low (tokens are rarely longer than 4 bytes)."""
+    size = 0
+    for m in request.messages:
+        for p in m.parts:
+            if isinstance(p, TextPart | ReasoningPart):
+                size += len(p.text.encode())
+            elif isinstance(p, ToolCallPart):
+                size += len(p.arguments.encode()) + len(p.name)
+            elif isinstance(p, ToolResultPart):
+                size += sum(len(c.text.encode()) for c in p.content if isinstance(c, TextPart))
+    for t in request.tools:
+        size += len(t.name) + len(t.description or "") + (len(orjson.dumps(t.parameters)) if t.parameters else 0)
+    return size // _BYTES_PER_TOKEN_LOW
 
 
 class Pipeline:
@@ -147,7 +198,9 @@ class Pipeline:
         return ctx.principal
 
     # 2. resolve the model (after the protocol parsed the body) -------------------------------
-    def resolve(self, ctx: RequestContext, request: CanonicalRequest) -> CanonicalRequest:
+    async def resolve(
+        self, ctx: RequestContext, request: CanonicalRequest, *, fit_context: bool = True
+    ) -> CanonicalRequest:
         model = self._models.get(request.model)
         if model is None:
             raise ModelNotFound(
@@ -160,13 +213,49 @@ class Pipeline:
         ctx.models = self._candidates(ctx, model, request)
         # Only the engine extensions the operator enabled for this model reach its engines.
         request = allow_extensions(request, model.engine_extensions)
-        if model.context_length and request.max_tokens and request.max_tokens > model.context_length:
-            # A cap beyond the whole context (Claude Code asks 32000 of every model) becomes the
-            # room the prompt leaves: engines refuse prompt + max_tokens > context.
-            room = model.context_length - typical_prompt_tokens(request)
-            request = request.with_max_tokens(max(1, room))
+        if ctx.session_hint:
+            request = replace(request, cache_key=ctx.session_hint)
+        if model.context_length and fit_context:
+            request = await self._fit_context(ctx, model.context_length, request)
         ctx.request = request
         return request
+
+    async def _fit_context(self, ctx: RequestContext, limit: int, request: CanonicalRequest) -> CanonicalRequest:
+        """Lower a ``max_tokens`` the context cannot hold (Claude Code asks 32000 of every
+        model; engines refuse prompt + max_tokens > context) to the room the prompt leaves.
+
+        The prompt is counted by a replica's own tokenizer when the answer matters, else
+        estimated leaning low (so the room is never squeezed to nothing by a guess). A prompt
+        that fills the context alone raises ContextLengthExceeded with the numbers."""
+        low = estimate_prompt_tokens_low(request)
+        wanted = request.max_tokens
+        if low < limit and (wanted is None or wanted + low <= limit):
+            return request
+        counted = await self._count_prompt(ctx, request)
+        prompt = low if counted is None else counted
+        if prompt >= limit:
+            measure = "" if counted is not None else "at least "
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your messages resulted "
+                f"in {measure}{prompt} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        if wanted is not None and wanted > limit - prompt:
+            request = request.with_max_tokens(limit - prompt)
+        return request
+
+    async def _count_prompt(self, ctx: RequestContext, request: CanonicalRequest) -> int | None:
+        """The prompt's length by the tokenizer of the model's least busy healthy replica, or None."""
+        pool = self.router.pools.get(request.model)
+        healthy = [r for r in pool.replicas if r.healthy] if pool else []
+        if not healthy:
+            return None
+        replica = min(healthy, key=lambda r: r.load)
+        try:
+            return await replica.engine.count_tokens(request.messages, request)
+        except Exception:
+            log.warning("count_tokens failed on %s for %s", replica.name, ctx.request_id, exc_info=True)
+            return None
 
     def _candidates(self, ctx: RequestContext, model: ModelConfig, request: CanonicalRequest) -> tuple[str, ...]:
         """The model, its configured fallbacks, then the request's own ``models`` list (as
@@ -247,25 +336,33 @@ class Pipeline:
         back as a :class:`PendingStream`, so a streaming response can start and send
         keep-alives while it waits; its errors then surface from iteration.
         """
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.routing.request_timeout
+        if timeout is not None and ctx.deadline is None:
+            ctx.deadline = loop.time() + timeout - (time.monotonic() - ctx.started)
         if patience is None:
             return await self._route(ctx, request)
-        task = asyncio.get_running_loop().create_task(self._route(ctx, request))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=patience)
-        except BaseException:
-            task.cancel()
-            raise
+        task = loop.create_task(self._route(ctx, request))
+        pending = PendingStream(task)
+        ctx.stream = pending  # owned from now on: finish() cancels it if nobody iterates it
+        done, _ = await asyncio.wait({task}, timeout=patience)
         if done:
             return task.result()
-        return PendingStream(task)
+        return pending
 
     async def _route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
         try:
-            stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+            try:
+                async with asyncio.timeout_at(ctx.deadline):
+                    stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+            except TimeoutError:
+                raise self._deadline_error() from None
         except BaseException as exc:
             ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
             await self._settle_now(ctx)
             raise
+        if ctx.stream is None:
+            ctx.stream = stream
         if stream.choice.model != ctx.model_id:
             ctx.model = self._models[stream.choice.model]  # a fallback served it: bill its prices
             if ctx.admission is not None:
@@ -281,31 +378,52 @@ class Pipeline:
         ctx.first_token_at = time.monotonic()
         return stream
 
+    def _deadline_error(self) -> EngineTimeout:
+        return EngineTimeout(
+            f"The request did not finish within its deadline of {self.settings.routing.request_timeout:g} s."
+        )
+
     # 5. stream, metering what passes -----------------------------------------------------------
     async def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncIterator[Event]:
         """Pass events through, remembering usage; settle when the stream ends in any way.
 
         A normal end settles before the protocol writes its final event, so the balance is
         current when the client sees the end; a disconnect or failure settles in the
-        background with what was generated.
+        background. A stream that fails after its first token (504 past the request's
+        deadline included) pays for what it delivered: the tokens streamed so far, or
+        nothing when the answer was not streamed (the client got only the error); a client
+        that hangs up pays for what was generated.
         """
         usage: Usage | None = None
         produced = 0
+        ctx.metering = True
+        # Only a streamed answer is checkpointed: what it streamed was delivered and is owed
+        # even if this process dies; an aggregated answer delivers nothing until its end.
+        admission = ctx.admission if ctx.request is not None and ctx.request.stream else None
+        events = aiter(stream)
         try:
-            async for ev in stream:
+            while True:
+                try:
+                    async with asyncio.timeout_at(ctx.deadline):
+                        ev = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise self._deadline_error() from None
                 if isinstance(ev, Usage):
-                    if ev.input_tokens == 0 and ctx.prompt_estimate:
+                    if ev.input_tokens == 0:
                         # The engine reported no prompt count (llama.cpp's server in streams):
-                        # bill and show the estimate, the same number on both sides.
-                        ev = replace(ev, input_tokens=ctx.prompt_estimate)
+                        # bill and show a typical-density estimate (not the hold's, which leans
+                        # high on purpose), the same number on both sides.
+                        ev = replace(ev, input_tokens=billed_prompt_tokens(ctx))
                     usage = ev
-                    if ctx.admission is not None:
-                        self.ledger.checkpoint(ctx.admission, ev)
+                    if admission is not None:
+                        self.ledger.checkpoint(admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1
-                    if usage is None and ctx.admission is not None and produced % _CHECKPOINT_DELTAS == 0:
+                    if usage is None and admission is not None and produced % _CHECKPOINT_DELTAS == 0:
                         # No usage from the engine yet: at least one token per delta so far.
-                        self.ledger.checkpoint(ctx.admission, Usage(output_tokens=produced))
+                        self.ledger.checkpoint(admission, Usage(output_tokens=produced))
                 yield ev
             ctx.usage = usage
             if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
@@ -320,20 +438,48 @@ class Pipeline:
             ctx.status = "cancelled"
             raise
         finally:
-            if not ctx.settled:
-                ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
-                self._spawn(self._settle_now(ctx))
-            await stream.aclose()
+            try:
+                await stream.aclose()  # a route still pending is cancelled: it settles, at no cost
+            finally:
+                if not ctx.settled:
+                    delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
+                    if delivered:
+                        ctx.usage = usage or Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=produced)
+                    self._spawn(self._settle_now(ctx))
 
     async def start(
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
     ) -> tuple[CanonicalRequest, RoutedStream | PendingStream]:
         """Steps 2 to 4 in order (resolve, admit, route) for a parsed request."""
-        request = self.resolve(ctx, request)
+        request = await self.resolve(ctx, request)
         request = await self.admit(ctx, request)
         return request, await self.route(ctx, request, patience=patience)
 
-    # 6. settle ------------------------------------------------------------------------------
+    # 6. finish and settle --------------------------------------------------------------------
+    async def finish(self, ctx: RequestContext) -> None:
+        """End ``ctx`` however its response went (idempotent, never raises): a stream that
+        :meth:`metered` never started is closed here (a route still waiting is cancelled,
+        which gives back its queue place, replica slot and breaker probe), then the request
+        is settled if nothing settled it yet. The response calls this when it is done."""
+        stream = ctx.stream
+        if stream is not None and not ctx.metering:
+            ctx.stream = None
+            routed = isinstance(stream, RoutedStream) or (
+                stream.task.done() and not stream.task.cancelled() and stream.task.exception() is None
+            )
+            try:
+                await stream.aclose()
+            except Exception:
+                log.exception("closing the stream of %s failed", ctx.request_id)
+            if routed and not ctx.settled:
+                # An engine started it (its prompt was read) but nothing reached the client.
+                ctx.status = "cancelled"
+                ctx.usage = Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=0)
+        if not ctx.settled:
+            if ctx.status == "ok":
+                ctx.status = "cancelled"
+            await self._settle_now(ctx)
+
     async def _settle_now(self, ctx: RequestContext) -> None:
         if ctx.lease is not None:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
@@ -387,7 +533,28 @@ class Pipeline:
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
         """Prompt tokens by the model's own tokenizer, asked of its least busy healthy replica;
-        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails."""
+        :func:`estimate_prompt_tokens` when that engine cannot count (None) or fails.
+
+        Counts as one request against the key's and account's limits (``RateLimited``, 429;
+        no tokens are charged, and its concurrency slot is given back at once); a prompt too
+        large for the model's context at any density is refused (``ContextLengthExceeded``,
+        400) before an engine sees it."""
+        estimate = estimate_prompt_tokens(request)
+        model = ctx.model
+        if model is not None and model.context_length:
+            size = estimate_prompt_tokens_low(request) * _BYTES_PER_TOKEN_LOW  # about the prompt's bytes
+            if size > model.context_length * _MOST_BYTES_PER_TOKEN:
+                raise ContextLengthExceeded(
+                    f"prompt is too long: about {estimate} tokens > {model.context_length} maximum",
+                    param="messages",
+                )
+        await self.limit(ctx)
+        try:
+            return await self._count_tokens(ctx, request)
+        finally:
+            await self._give_back(ctx, 0)
+
+    async def _count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
         pool = self.router.pools.get(request.model)
         healthy = [r for r in pool.replicas if r.healthy] if pool else []
         if healthy:

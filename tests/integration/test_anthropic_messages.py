@@ -18,8 +18,9 @@ from testengine.harness import EngineProcess
 
 
 @pytest.fixture
-def client(gateway: GatewayProcess, api_key: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key=api_key, max_retries=0)
+def client(gateway: GatewayProcess, api_key: str) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=gateway.url, api_key=api_key, max_retries=0) as c:
+        yield c  # closed after the test: a pooled socket left to the GC is a ResourceWarning
 
 
 def last_engine_request(engine: EngineProcess, marker: str) -> dict[str, Any]:

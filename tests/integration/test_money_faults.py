@@ -330,6 +330,10 @@ def test_lost_commit_replies_leave_every_charge_written_once(
 
 # -- kill -9 ------------------------------------------------------------------------------------
 
+@pytest.mark.leaves_state(
+    "kill -9: the dead process's lease stays held until a live process releases it after "
+    "billing.stale_after, and its streams' checkpoint charges have no usage record (docs: Money)"
+)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_kill_9_with_long_streams_in_flight_loses_at_most_the_documented_bound(
     request: pytest.FixtureRequest, engine: EngineProcess, tmp_path: Path, backend: str

@@ -66,22 +66,45 @@ def replica_states(admin: Admin) -> dict[str, str]:
     return {r["name"]: r["breaker"] for r in pooled["replicas"]}
 
 
-def test_prefix_affinity_concentrates_shared_prefixes_and_spreads_the_rest(fleet: dict[str, Any]) -> None:
+def test_prefix_affinity_keeps_each_conversation_on_one_replica_and_spreads_the_rest(fleet: dict[str, Any]) -> None:
     gw, replicas = fleet["gw"], fleet["replicas"]
     system = "You are Mesh's support assistant. Answer briefly, cite the manual, never guess. " * 3
+    histories: list[list[dict[str, Any]]] = [
+        [{"role": "system", "content": system}, {"role": "user", "content": f"conversation {c} begins"}]
+        for c in range(3)
+    ]
+    homes: list[set[str]] = [set() for _ in histories]
     with openai.OpenAI(base_url=gw.base_url, api_key=fleet["key"], max_retries=0) as client:
-        before = served(replicas)
-        for i in range(12):
-            client.chat.completions.create(
-                model="pooled", messages=[{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}]
-            )
-        shared = [a - b for a, b in zip(served(replicas), before, strict=True)]
+        for turn in range(4):
+            for c, history in enumerate(histories):  # interleaved, as concurrent users are
+                before = served(replicas)
+                out = client.chat.completions.create(model="pooled", messages=history)  # type: ignore[arg-type]  # plain dicts
+                after = served(replicas)
+                homes[c] |= {r.name for r, a, b in zip(replicas, after, before, strict=True) if a > b}
+                history += [{"role": "assistant", "content": out.choices[0].message.content or ""},
+                            {"role": "user", "content": f"turn {turn} follow-up"}]
         before = served(replicas)
         for i in range(12):
             client.chat.completions.create(model="pooled", messages=[{"role": "user", "content": f"unrelated {i}"}])
         spread = [a - b for a, b in zip(served(replicas), before, strict=True)]
-    assert sorted(shared) == [0, 0, 12], shared
+    assert all(len(h) == 1 for h in homes), homes  # every turn of a conversation on its replica
+    assert set.union(*homes) == {r.name for r in replicas}, homes  # one conversation on each
     assert spread == [4, 4, 4], spread
+
+
+def test_a_session_header_keeps_unrelated_prompts_together(fleet: dict[str, Any]) -> None:
+    gw, replicas = fleet["gw"], fleet["replicas"]
+    before = served(replicas)
+    for i in range(6):
+        r = httpx.post(
+            gw.base_url + "/chat/completions",
+            headers={"Authorization": f"Bearer {fleet['key']}", "x-session-id": "ticket-4711"},
+            json={"model": "pooled", "messages": [{"role": "user", "content": f"short {i}"}]},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+    moved = [a - b for a, b in zip(served(replicas), before, strict=True)]
+    assert sorted(moved) == [0, 0, 6], moved
 
 
 def _load(gw: GatewayProcess, key: str, stop: threading.Event, outcomes: list[str]) -> None:

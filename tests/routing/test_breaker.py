@@ -53,3 +53,14 @@ def test_breaker_success_resets_consecutive_failures() -> None:
     b.record_failure()
     b.record_failure()
     assert b.state is BreakerState.CLOSED
+
+
+def test_a_passing_health_check_clears_only_the_failures_health_checks_counted() -> None:
+    b = CircuitBreaker(failure_threshold=3)
+    b.record_failure()  # a real request timed out
+    b.record_failure(probe=True)  # one health check failed
+    b.record_probe_passed()  # the next one passed
+    assert b.failures == 1
+    b.record_failure()
+    b.record_failure()
+    assert b.state is BreakerState.OPEN  # three real failures, whatever the probes said

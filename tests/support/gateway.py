@@ -23,6 +23,12 @@ def free_port() -> int:
 
 
 class GatewayProcess:
+    """``running`` lists the processes up now and ``stopped`` those stopped since the
+    invariant check (``support.books``) last looked, with their audit just before the stop."""
+
+    running: list[GatewayProcess] = []
+    stopped: list[tuple[GatewayProcess, dict[str, Any]]] = []
+
     def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = ()) -> None:
         self.config = {"admin_key": ADMIN_KEY, "logging": {"level": "WARNING"}, **config}
@@ -60,6 +66,7 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    GatewayProcess.running.append(self)
                     return self
             except httpx.HTTPError:
                 pass
@@ -70,7 +77,49 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def database(self) -> str:
+        return str(self.config["database"])
+
+    def admin_call(self, method: str, path: str) -> Any:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as c:
+            r = c.request(method, path)
+            r.raise_for_status()
+            return r.json()
+
+    def audit(self, settle_for: float = 5.0) -> dict[str, Any]:
+        """Flush, then ``GET /admin/v1/audit``; while slots are still in use, retry for up
+        to ``settle_for`` seconds (requests that just ended let go in the background)."""
+        deadline = time.monotonic() + settle_for
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as c:
+            while True:
+                c.post("/admin/v1/flush").raise_for_status()
+                r = c.get("/admin/v1/audit")
+                r.raise_for_status()
+                found: dict[str, Any] = r.json()
+                if not found["in_flight"] or time.monotonic() >= deadline:
+                    return found
+                time.sleep(0.1)
+
+    def in_use(self, settle_for: float = 5.0) -> list[dict[str, Any]]:
+        """Replica slots, queue places and reserved slots still taken on this process."""
+        found: list[dict[str, Any]] = self.audit(settle_for)["in_flight"]
+        return found
+
     def stop(self) -> None:
+        if self in GatewayProcess.running:
+            GatewayProcess.running.remove(self)
+            if self.proc is not None and self.proc.poll() is None and self.config.get("admin_key"):
+                # The last look at its books: with every gateway on its database flushed,
+                # nothing is held by leases, so what is held is left behind.
+                try:
+                    for peer in GatewayProcess.running:
+                        if peer.database == self.database and peer.proc is not None and peer.proc.poll() is None:
+                            peer.admin_call("POST", "/admin/v1/flush")
+                    found = self.audit()
+                except httpx.HTTPError as exc:
+                    found = {"audit": [{"failed": repr(exc)}]}
+                GatewayProcess.stopped.append((self, found))
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -191,11 +191,13 @@ def choose_tools(body: dict[str, Any], d: directives.Directives) -> list[tuple[s
     """The (name, arguments JSON) of each tool call to make; empty when answering with text."""
     fns = _functions(body)
     choice = body.get("tool_choice")
-    if not fns or choice == "none":
+    if not fns or choice == "none" or (d.no_tool and choice != "required" and not isinstance(choice, dict)):
         return []
     if isinstance(choice, dict):
         wanted = (choice.get("function") or {}).get("name")
         picked = [f for f in fns if f.get("name") == wanted][:1]
+    elif d.tool is not None:
+        picked = [f for f in fns if f.get("name") == d.tool][:1] or fns[:1]
     elif d.parallel and body.get("parallel_tool_calls") is not False:
         picked = fns[:2] if len(fns) > 1 else [fns[0], fns[0]]
     else:

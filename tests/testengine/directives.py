@@ -7,7 +7,10 @@
 ``[fault:500]``     answer HTTP 500 (any 4xx/5xx code works, e.g. ``[fault:429]``, ``[fault:503]``)
 ``[fault:drop]``    streams: 3 chunks then the TCP connection is aborted; non-stream: no response
 ``[fault:hang]``    never answer
+``[stall:N]``       streams: N content chunks, then silence with the connection held open
 ``[parallel]``      with tools: make two tool calls
+``[tool:NAME]``     with tools: call the tool NAME (not the first one offered)
+``[notool]``        with tools: answer with text anyway (an agent's one-shot reply)
 ``[args:{...}]``    with tools: use this JSON object as the call arguments
 ==================  ==========================================================================
 """
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _SIMPLE_RE = re.compile(
-    r"\s*\[(?:(tokens):(\d+)|(delay|chunk_delay):(\d+(?:\.\d*)?|\.\d+)|(fault):([A-Za-z_0-9]+)|(parallel))\]"
+    r"\s*\[(?:(tokens):(\d+)|(delay|chunk_delay):(\d+(?:\.\d*)?|\.\d+)|(fault):([A-Za-z_0-9]+)|(parallel)"
+    r"|(tool):([A-Za-z0-9_.-]+)|(notool)|(stall):(\d+))\]"
 )
 _ARGS_RE = re.compile(r"\s*\[args:")
 _DECODER = json.JSONDecoder()
@@ -33,6 +37,9 @@ class Directives:
     chunk_delay: float | None = None
     fault: str | None = None
     parallel: bool = False
+    tool: str | None = None
+    no_tool: bool = False
+    stall: int | None = None  # content chunks sent before the stream goes silent
     args: dict[str, Any] | None = None
     text: str = ""  # the user text with every directive removed
 
@@ -78,6 +85,12 @@ def parse(text: str) -> Directives:
             found.fault = m.group(6).lower()
         elif m.group(7):
             found.parallel = True
+        elif m.group(8):
+            found.tool = m.group(9)
+        elif m.group(10):
+            found.no_tool = True
+        elif m.group(11):
+            found.stall = int(m.group(12))
         return ""
 
     found.text = _SIMPLE_RE.sub(take, stripped).strip()

@@ -171,7 +171,7 @@ class EngineProcess:
         return json.loads(raw) if raw else None
 
     def requests(self) -> list[dict[str, Any]]:
-        """Bodies received on /v1/chat/completions (last 100, newest last)."""
+        """Bodies received on /v1/chat/completions (last 1000, newest last)."""
         return list(self.call("GET", "/control/requests"))
 
     def clear_requests(self) -> None:

@@ -36,6 +36,7 @@ REPLICA_HEADER = "X-Testengine-Replica"
 HANG_SECONDS = 3600.0
 DROP_AFTER_CHUNKS = 3
 POLL_SECONDS = 0.05
+CUT_OFF_GRACE = 0.002
 
 
 @dataclass
@@ -159,6 +160,8 @@ class Job:
 async def chat(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     st.requests += 1
+    if request.transport is not None:
+        st.saw_connection(request.transport.get_extra_info("peername"))
     key, tracker = st.begin(None)
     try:
         return await _chat(request, tracker)
@@ -239,6 +242,12 @@ def _finished(job: Job) -> None:
     st.remember([*job.body["messages"], reply])
 
 
+def _cut_off(job: Job) -> None:
+    job.tracker.cancelled = True  # counted here, not as a cancellation
+    job.request.app[STATE].cut_off += 1
+    _finished(job)
+
+
 async def _abort(request: web.Request) -> None:
     await asyncio.sleep(POLL_SECONDS)  # let the chunks already written reach the socket
     if request.transport is not None:
@@ -279,6 +288,8 @@ async def _stream(job: Job) -> web.StreamResponse:
                 await _abort(request)
                 return resp
             if kind == "piece":
+                if job.plan.directives.stall is not None and sent >= job.plan.directives.stall:
+                    await pause(request, HANG_SECONDS)  # silent, connection open, until the client goes
                 if job.chunk_delay:
                     await pause(request, job.chunk_delay)
                 sent += 1
@@ -286,6 +297,16 @@ async def _stream(job: Job) -> web.StreamResponse:
             if gone(request):
                 raise ClientGone
             await resp.write(data)
+        # Like vLLM, the answer is only done once its response has ended: a client that hangs
+        # up right after [DONE] (before the end of the chunked body) cuts a finished answer off.
+        try:
+            await asyncio.sleep(CUT_OFF_GRACE)
+        except asyncio.CancelledError:  # aiohttp cancels the handler when the client hangs up
+            _cut_off(job)
+            raise
+        if gone(request):
+            _cut_off(job)
+            return resp
         await resp.write_eof()
     except (ClientGone, ConnectionError):
         _cancelled(st, job.tracker)

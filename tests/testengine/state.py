@@ -13,7 +13,7 @@ from aiohttp import web
 
 from . import tokens
 
-REQUEST_LOG_SIZE = 100
+REQUEST_LOG_SIZE = 1000
 PREFIX_CACHE_SIZE = 50_000
 FAULT_MODES = ("drop", "hang", "slow_first_token")
 
@@ -73,6 +73,9 @@ class EngineState:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    connections: int = 0  # TCP connections clients opened (keep-alive reuses one)
+    cut_off: int = 0  # answers generated to the end whose client hung up before the body ended
+    peers: set[Any] = field(default_factory=set)
     log: deque[Any] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
     headers: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
     faults: list[Fault] = field(default_factory=list)
@@ -86,7 +89,9 @@ class EngineState:
 
     def reset(self) -> None:
         self.requests = self.completed = self.cancelled = self.failed = 0
+        self.connections = self.cut_off = 0
         for box in (
+            self.peers,
             self.log,
             self.headers,
             self.faults,
@@ -104,6 +109,12 @@ class EngineState:
         self.inflight[key] = tracker = Tracker(model)
         return key, tracker
 
+    def saw_connection(self, peer: Any) -> None:
+        """Count ``peer`` (the client's address and port) once: one TCP connection."""
+        if peer not in self.peers:
+            self.peers.add(peer)
+            self.connections += 1
+
     def end(self, key: int) -> None:
         self.inflight.pop(key, None)
 
@@ -115,6 +126,8 @@ class EngineState:
             "cancelled": self.cancelled,
             "completed": self.completed,
             "failed": self.failed,
+            "connections": self.connections,
+            "cut_off": self.cut_off,
         }
 
     # -- faults ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ async def authenticated_body(request: Request, ctx: RequestContext) -> tuple[Gat
     """Authenticate (Bearer or x-api-key), then read the body under the size cap."""
     gw: Gateway = request.app.state.gateway
     await gw.pipeline.authenticate(ctx, request.headers.get("authorization"), request.headers.get("x-api-key"))
+    ctx.session_hint = request.headers.get("x-session-id")
     return gw, await read_body(request, gw.settings.server.max_body_bytes)
 
 

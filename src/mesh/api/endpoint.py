@@ -41,6 +41,32 @@ def _with_request_id(render: ErrorRenderer, rid: str) -> ErrorRenderer:
     return render_with_id
 
 
+def _finisher(request: Request, ctx: RequestContext) -> Callable[[], Awaitable[None]]:
+    """``Pipeline.finish`` for this request: whatever it opened or held comes back."""
+    gateway = getattr(request.app.state, "gateway", None)
+
+    async def finish() -> None:
+        if gateway is not None:
+            await gateway.pipeline.finish(ctx)
+
+    return finish
+
+
+def _chain(
+    first: Callable[[], Awaitable[None]] | None, then: Callable[[], Awaitable[None]]
+) -> Callable[[], Awaitable[None]]:
+    if first is None:
+        return then
+
+    async def both() -> None:
+        try:
+            await first()
+        finally:
+            await then()
+
+    return both
+
+
 def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
@@ -48,6 +74,7 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
             request.state.ctx = ctx
             response: AnyResponse
             render = _with_request_id(render_error, ctx.request_id)
+            finish = _finisher(request, ctx)
             try:
                 ctx.tags = parse_tags(request.headers.get(TAGS_HEADER))
                 response = await handler(request, ctx)
@@ -59,6 +86,14 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
                 internal = InternalError("The server had an error processing your request.")
                 response = error_response(internal, render)
+            except BaseException:
+                await finish()
+                raise
+            if isinstance(response, StreamResponse):
+                # The stream owns the request's resources until its body is done or abandoned.
+                response.on_close = _chain(response.on_close, finish)
+            else:
+                await finish()
             response.headers["x-request-id"] = ctx.request_id
             response.headers["request-id"] = ctx.request_id
             return response

@@ -48,7 +48,9 @@ async def messages(request: Request, ctx: RequestContext) -> AnyResponse:
 @endpoint("anthropic.count_tokens", anthropic_messages.render_error)
 async def count_tokens(request: Request, ctx: RequestContext) -> AnyResponse:
     """``{"input_tokens": N}``: the engine's own tokenizer when a replica can count, else
-    Mesh's prompt estimate (``Pipeline.count_tokens``). Free: nothing is held or charged."""
+    Mesh's prompt estimate (``Pipeline.count_tokens``). Free (nothing is held or charged)
+    but rate-limited like any request, and refused (400) past what the context can hold."""
     gw, body = await authenticated_body(request, ctx)
-    creq = gw.pipeline.resolve(ctx, anthropic_messages.parse_count_request(body))
-    return JSON({"input_tokens": await gw.pipeline.count_tokens(ctx, creq)})
+    creq = await gw.pipeline.resolve(ctx, anthropic_messages.parse_count_request(body), fit_context=False)
+    count = await gw.pipeline.count_tokens(ctx, creq)
+    return JSON({"input_tokens": count}, headers=gw.response_headers(ctx))

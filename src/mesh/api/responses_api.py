@@ -66,6 +66,7 @@ async def create_response(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
     p, store = gw.pipeline, gw.responses
     account_id = await _account(request, ctx)
+    ctx.session_hint = request.headers.get("x-session-id")
     body = await read_body(request, gw.settings.server.max_body_bytes)
     call = openai_responses.parse_request(body)
     history: list[dict[str, Any]] = []

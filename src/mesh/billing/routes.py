@@ -1,6 +1,7 @@
 """Customer-facing billing routes, authenticated by the caller's API key.
 
-``GET /v1/usage?days=30`` — the key's account's usage by UTC day and model;
+``GET /v1/usage?days=30`` — the key's account's usage by UTC day and model, and its
+prefix-cache hit rate per model and per key (``cache``);
 ``group_by=user|tag|key|model`` sums it by end user, x-mesh-tags tag, key or model instead.
 ``GET /v1/generations/{id}`` — one request of the account, by the id its response carried
 (``chatcmpl-…``, ``msg_…``, ``resp_…``) or its request id (``req_…``): model and replica,
@@ -29,6 +30,7 @@ from mesh.accounts.principal import Principal
 from mesh.accounts.service import ApiKeyInfo
 from mesh.admin.http import ServicesSource, guarded, int_query, json_response, read_body, resolve
 from mesh.admin.views import balance_json, daily_json, iso, money
+from mesh.billing.cache_stats import cache_by_key, cache_by_model
 from mesh.billing.money import format_credits
 from mesh.billing.usage import GROUPS, UsageGroup, UsageRecord, daily_usage, generation, usage_by
 from mesh.errors import InvalidRequest, NotFound
@@ -128,13 +130,17 @@ def customer_routes(services: ServicesSource, authenticate: Authenticate) -> lis
                     "data": [group_json(g) for g in groups],
                 }
             )
-        rows = await daily_usage(resolve(services, request).database, account_id=who.account_id, days=days)
+        db = resolve(services, request).database
+        rows = await daily_usage(db, account_id=who.account_id, days=days)
+        by_model = await cache_by_model(db, who.account_id, days=days)
+        by_key = await cache_by_key(db, who.account_id, days=days)
         return json_response(
             {
                 "object": "list",
                 "account_id": who.account_id,
                 "days": days,
                 "data": [daily_json(d, with_account=False) for d in rows],
+                "cache": {"by_model": [c.as_json() for c in by_model], "by_key": [c.as_json() for c in by_key]},
             }
         )
 

@@ -1,10 +1,12 @@
-"""The customer's dashboard: balance, this month's spend, usage charts, recent requests."""
+"""The customer's dashboard: balance, this month's spend, usage charts, prefix-cache hit
+rates, recent requests."""
 
 from __future__ import annotations
 
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mesh.billing.cache_stats import cache_by_key, cache_by_model
 from mesh.billing.usage import daily_usage, recent_requests
 from mesh.console.usage_view import usage_view
 from mesh.console.web import Console, Page
@@ -21,6 +23,8 @@ async def dashboard(page: Page) -> Response:
     balance, held = await page.services.ledger.balance(account_id)
     recent = await recent_requests(db, account_id, limit=RECENT)
     keys = {k.id: k for k in await page.services.accounts.list_keys(account_id)}
+    cache_models = await cache_by_model(db, account_id, days=30)
+    cache_keys = await cache_by_key(db, account_id, days=30)
     return page.render(
         "dashboard.html",
         title="Dashboard",
@@ -31,6 +35,8 @@ async def dashboard(page: Page) -> Response:
         usage=usage_view(rows, today),
         recent=recent,
         keys=keys,
+        cache_models=cache_models,
+        cache_keys=cache_keys,
         active_keys=sum(1 for k in keys.values() if k.revoked_at is None),
     )
 

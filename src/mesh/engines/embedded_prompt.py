@@ -37,7 +37,7 @@ def _flatten(message: dict[str, Any]) -> dict[str, Any]:
     out = dict(message)
     content = out.get("content")
     if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        content = "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
     text = content or ""
     calls = out.pop("tool_calls", None) or ()
     lines = [f"Tool call ({c['id']}): {c['function']['name']}({c['function']['arguments']})" for c in calls]

@@ -1,8 +1,9 @@
 """An OpenAI-compatible engine server (vLLM, SGLang, llama.cpp server, TGI, Ollama) over HTTP.
 
-One pooled aiohttp session per replica. Upstream is always a stream with usage, whatever
-the client asked; closing the event iterator closes the connection, which makes vLLM and
-SGLang abort the request at once.
+One pooled aiohttp session per replica, with keep-alive: a response read to its end returns
+its connection to the pool. Upstream is always a stream with usage, whatever the client
+asked; closing the event iterator before the end closes the connection, which makes vLLM
+and SGLang abort the request at once.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ import orjson
 
 from mesh.canonical import CanonicalRequest, Event, Message, Usage
 from mesh.config import OpenAIEngineConfig
-from mesh.engines.openai_wire import ChunkDecoder, encode_messages, request_body
+from mesh.engines.openai_wire import ChunkDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
     EngineError,
     EngineOverloaded,
     EngineRejected,
     EngineTimeout,
     EngineUnavailable,
+    InvalidRequest,
     MeshError,
 )
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
+# After [DONE] only the end of the body is left; an engine that does not send it by then
+# loses the connection instead of holding the request up.
+_DRAIN_TIMEOUT = 1.0
 
 
 @contextlib.contextmanager
@@ -73,6 +78,15 @@ def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
     return err
 
 
+async def _drain(resp: aiohttp.ClientResponse) -> bool:
+    """Read what is left of a finished response; False if the engine does not end it soon."""
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError):
+        async with asyncio.timeout(_DRAIN_TIMEOUT):
+            await resp.content.read()
+            return True
+    return False
+
+
 class OpenAIEngine:
     """A replica reached over HTTP. See :class:`mesh.engines.base.Engine`."""
 
@@ -104,17 +118,25 @@ class OpenAIEngine:
         return self._session
 
     async def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
-        body = orjson.dumps(
-            request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
-        )
+        try:
+            body = orjson.dumps(
+                request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
+            )
+        except orjson.JSONEncodeError:
+            # The client's own input (a schema nested past orjson's 254 levels): a 400, not
+            # the engine's fault, and nothing was sent.
+            raise InvalidRequest("The request is nested too deeply to be sent to the engine.") from None
         decoder = ChunkDecoder()
         resp: aiohttp.ClientResponse | None = None
+        drained = False  # the whole response was read: the connection may serve the next request
         try:
             with _map_errors(self.name):
                 async with asyncio.timeout(self.config.first_token_timeout):
                     resp = await self._client().post(self._chat_url, data=body, headers=self._headers)
                     if resp.status != 200:
-                        raise _upstream_error(resp.status, await resp.read(), self.name)
+                        payload = await resp.read()
+                        drained = True
+                        raise _upstream_error(resp.status, payload, self.name)
                     lines = aiter(resp.content)
                     first = await self._first_events(lines, decoder)
                 for ev in first:
@@ -127,13 +149,21 @@ class OpenAIEngine:
                         break
                     for ev in decoder.decode(orjson.loads(payload)):
                         yield ev
+                # Read on to the end of the body (after [DONE] only the chunked terminator is
+                # left), so the engine sees a finished answer and the connection goes back to
+                # the pool instead of being torn down.
+                drained = self.config.keep_alive and await _drain(resp)
             yield decoder.final_usage()
         except orjson.JSONDecodeError:
             raise EngineError(f"Engine {self.name} sent malformed JSON.") from None
         finally:
             if resp is not None:
-                # close(), not release(): drop the connection so the engine aborts generation.
-                resp.close()
+                if drained:
+                    resp.release()
+                else:
+                    # The client went away or the stream failed: drop the connection so the
+                    # engine aborts the generation nobody will read.
+                    resp.close()
 
     @staticmethod
     async def _first_events(lines: AsyncIterator[bytes], decoder: ChunkDecoder) -> list[Event]:
@@ -162,7 +192,11 @@ class OpenAIEngine:
             return False
 
     async def count_tokens(self, messages: Sequence[Message], request: CanonicalRequest) -> int | None:
-        body = {"model": self.model, "messages": encode_messages(tuple(messages), self.config.reasoning_field)}
+        body: dict[str, Any] = {
+            "model": self.model, "messages": encode_messages(tuple(messages), self.config.reasoning_field)
+        }
+        if request.tools:
+            body["tools"] = encode_tools(request.tools)  # vLLM's chat template renders them too
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 async with self._client().post(self._tokenize_url, data=orjson.dumps(body), headers=self._headers) as r:

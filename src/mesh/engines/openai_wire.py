@@ -7,7 +7,7 @@ every engine sees the same messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from mesh.canonical import (
@@ -22,6 +22,7 @@ from mesh.canonical import (
     TextDelta,
     TextPart,
     TokenLogprob,
+    Tool,
     ToolArgsDelta,
     ToolCallPart,
     ToolCallStart,
@@ -40,9 +41,16 @@ _BUDGET_MEDIUM = 8192
 
 
 def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    if all(p["type"] == "text" for p in parts):
-        return "\n".join(p["text"] for p in parts)  # as vLLM joins text parts
+    # Parts go to the engine as the client sent them: its chat template decides how to join
+    # them, so a request through Mesh renders the same prompt as one sent to the engine directly.
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return str(parts[0]["text"])
     return parts
+
+
+def _text_content(parts: Sequence[object]) -> str | list[dict[str, Any]]:
+    texts = [{"type": "text", "text": p.text} for p in parts if isinstance(p, TextPart)]
+    return _content(texts) if texts else ""
 
 
 def _part(p: TextPart | ImagePart) -> dict[str, Any]:
@@ -56,21 +64,21 @@ def _part(p: TextPart | ImagePart) -> dict[str, Any]:
 
 def _tool_result(part: ToolResultPart) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The tool message, plus image parts that must follow in a user message (tools are text-only)."""
-    text = part.text
+    texts = [p for p in part.content if isinstance(p, TextPart)]
     if part.is_error:
-        text = f"Error: {text}"
+        texts = [TextPart("Error: " + (texts[0].text if texts else "")), *texts[1:]]
     images = [_part(p) for p in part.content if isinstance(p, ImagePart)]
-    return {"role": "tool", "tool_call_id": part.call_id, "content": text}, images
+    return {"role": "tool", "tool_call_id": part.call_id, "content": _text_content(texts)}, images
 
 
 def encode_messages(messages: tuple[Message, ...], reasoning_field: ReasoningField) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:
         if m.role == "system":
-            out.append({"role": "system", "content": m.text})
+            out.append({"role": "system", "content": _text_content(m.parts)})
         elif m.role == "assistant":
             msg: dict[str, Any] = {"role": "assistant"}
-            text = "".join(p.text for p in m.parts if isinstance(p, TextPart))
+            text = _text_content(m.parts)
             reasoning = "".join(p.text for p in m.parts if isinstance(p, ReasoningPart))
             calls = [
                 {"id": p.id, "type": "function", "function": {"name": p.name, "arguments": p.arguments}}
@@ -100,6 +108,25 @@ def encode_messages(messages: tuple[Message, ...], reasoning_field: ReasoningFie
                     message["name"] = m.name
                 out.append(message)
     return out
+
+
+def encode_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                k: v
+                for k, v in (
+                    ("name", t.name),
+                    ("description", t.description),
+                    ("parameters", t.parameters),
+                    ("strict", t.strict),
+                )
+                if v is not None
+            },
+        }
+        for t in tools
+    ]
 
 
 def _effort(req: CanonicalRequest) -> str | None:
@@ -151,22 +178,7 @@ def request_body(
     if s.logprobs:
         body["logprobs"] = True
     if req.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    k: v
-                    for k, v in (
-                        ("name", t.name),
-                        ("description", t.description),
-                        ("parameters", t.parameters),
-                        ("strict", t.strict),
-                    )
-                    if v is not None
-                },
-            }
-            for t in req.tools
-        ]
+        body["tools"] = encode_tools(req.tools)
     if req.tool_choice is not None:
         tc = req.tool_choice
         body["tool_choice"] = (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -20,10 +20,21 @@ SSE_HEADERS = {
 
 
 class StreamResponse:
-    def __init__(self, body: AsyncIterator[bytes], headers: Mapping[str, str], status: int = 200) -> None:
+    """``on_close`` runs once the body is done or abandoned, whatever happened (the client
+    hung up before the body's first chunk included): the owner of the request's resources
+    releases them there, since a generator that never started runs no ``finally``."""
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        status: int = 200,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.body = body
         self.status = status
         self.headers: dict[str, str] = {**SSE_HEADERS, **headers}
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -38,9 +49,13 @@ class StreamResponse:
                 await pump
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
-            aclose = getattr(self.body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            try:
+                aclose = getattr(self.body, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()
 
     async def _pump(self, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]

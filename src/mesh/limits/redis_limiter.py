@@ -20,7 +20,10 @@ a gateway that crashed free themselves within ``ttl`` seconds.
 
 When Redis cannot be reached the limiter fails open (the request proceeds unlimited, a
 warning is logged at most every :data:`WARN_INTERVAL` seconds): credit holds still protect
-the money, and an outage of the shared cache should not take the API down.
+the money, and an outage of the shared cache should not take the API down. A settlement
+that could not reach Redis (and an admission whose answer was lost, which may have taken a
+slot) is kept and retried every :data:`RETRY_INTERVAL` seconds, so the slots of requests
+that ended during an outage are free as soon as Redis answers again, not ``ttl`` later.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 60.0
 WARN_INTERVAL = 10.0
 SOCKET_TIMEOUT = 2.0
+RETRY_INTERVAL = 0.5
 
 # Brings a scope's bucket levels to now: the hash's r and t were the levels at ``at``.
 _DRAIN = """
@@ -188,6 +192,9 @@ class RedisLimiter:
         self._refresh = self._client.register_script(_REFRESH)
         self._live: dict[str, Lease] = {}
         self._task: asyncio.Task[None] | None = None
+        # Settlements Redis did not acknowledge: (keys, args) of the settle script, by lease id.
+        self._unsettled: dict[str, tuple[list[str], list[Any]]] = {}
+        self._retry: asyncio.Task[None] | None = None
         self._warned_at = -WARN_INTERVAL
 
     async def start(self) -> None:
@@ -195,11 +202,15 @@ class RedisLimiter:
             self._task = asyncio.create_task(self._refresh_forever(), name="mesh-limits-refresh")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._retry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._retry = None
+        if self._unsettled:
+            with contextlib.suppress(RedisError, OSError):
+                await self.retry_unsettled()  # a last try; the slots' deadlines cover the rest
         await self._client.aclose()
 
     def _keys(self, scopes: Sequence[Scope]) -> list[str]:
@@ -219,6 +230,9 @@ class RedisLimiter:
             out = await self._acquire(keys=self._keys(scopes), args=args)
         except (RedisError, OSError) as exc:
             self._warn("rate limits not enforced: Redis unavailable (%s)", exc)
+            if lease.concurrent:
+                # The script may have run with its answer lost: free the slot it may hold.
+                self._keep(lease.id, self._keys(scopes), [0, lease.id, *self._limit_args(scopes)])
             lease.scopes = ()
             lease.done = True
             return lease
@@ -245,17 +259,49 @@ class RedisLimiter:
             return
         lease.done = True
         self._live.pop(lease.id, None)
-        args: list[Any] = [delta, lease.id]
+        args: list[Any] = [delta, lease.id, *self._limit_args(lease.scopes)]
         needed = delta != 0 and any(s.limits.tpm for s in lease.scopes)
-        for s in lease.scopes:
-            args += (s.limits.rpm or 0, s.limits.tpm or 0, s.limits.concurrent or 0)
         if not (needed or lease.concurrent):
             return
+        keys = self._keys(lease.scopes)
         try:
-            await self._settle(keys=self._keys(lease.scopes), args=args)
+            await self._settle(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            # The slots free themselves when their deadline passes (no longer refreshed).
-            self._warn("could not settle rate limits on Redis (%s)", exc)
+            self._warn("could not settle rate limits on Redis (%s); retrying", exc)
+            self._keep(lease.id, keys, args)
+
+    @staticmethod
+    def _limit_args(scopes: Sequence[Scope]) -> list[Any]:
+        args: list[Any] = []
+        for s in scopes:
+            args += (s.limits.rpm or 0, s.limits.tpm or 0, s.limits.concurrent or 0)
+        return args
+
+    def _keep(self, lease_id: str, keys: list[str], args: list[Any]) -> None:
+        """Remember a settlement Redis did not take, and make sure it is retried."""
+        self._unsettled[lease_id] = (keys, args)
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.get_running_loop().create_task(self._retry_until_done(), name="mesh-limits-retry")
+
+    async def retry_unsettled(self) -> int:
+        """Send the kept settlements again; returns how many Redis took. Raises if Redis is
+        still unreachable. Freeing a slot is idempotent (a ZREM); a token correction whose
+        first answer was lost may apply twice, an error bounded by one request's tokens in
+        a window that drains within a minute."""
+        done = 0
+        for lease_id, (keys, args) in list(self._unsettled.items()):
+            await self._settle(keys=keys, args=args)
+            del self._unsettled[lease_id]
+            done += 1
+        return done
+
+    async def _retry_until_done(self) -> None:
+        while self._unsettled:
+            await asyncio.sleep(RETRY_INTERVAL)
+            try:
+                await self.retry_unsettled()
+            except (RedisError, OSError) as exc:
+                self._warn("could not settle rate limits on Redis (%s); retrying", exc)
 
     def _state(self, scopes: Sequence[Scope], levels: Sequence[float]) -> LimitState:
         requests: list[Window] = []

@@ -75,12 +75,27 @@ class _BillingCollector(Collector):
         ready = GaugeMetricFamily("mesh_billing_ready", "1 while billing writes succeed")
         ready.add_metric([], 1.0 if self._billing.ready else 0.0)
         yield from (failed, queued, ready)
+class _CacheCollector(Collector):
+    """``mesh_prompt_cache_hit_ratio{model}``: cached over all prompt tokens this process saw
+    (0 for engines that report no cached tokens); the token counters give it over any window."""
+
+    def __init__(self, prompts: dict[str, list[int]]) -> None:
+        self._prompts = prompts
+
+    def collect(self) -> Iterator[Any]:
+        ratio = GaugeMetricFamily(
+            "mesh_prompt_cache_hit_ratio", "Cached prompt tokens over all prompt tokens", labels=["model"]
+        )
+        for model, (prompt, cached) in sorted(self._prompts.items()):
+            ratio.add_metric([model], min(1.0, cached / prompt) if prompt else 0.0)
+        yield ratio
 
 
 class Metrics:
     def __init__(self, router: Callable[[], Router | None] = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._prompts: dict[str, list[int]] = {}  # model -> [prompt tokens, cached prompt tokens]
         self.requests = Counter(
             "mesh_requests", "Requests by model, protocol and status", ["model", "protocol", "status"], registry=r
         )
@@ -96,6 +111,7 @@ class Metrics:
         self.tokens = Counter("mesh_tokens", "Tokens by model and kind", ["model", "kind"], registry=r)
         self.credits = Counter("mesh_credits_charged_micro", "Micro-credits charged", ["model"], registry=r)
         r.register(_FleetCollector(router))
+        r.register(_CacheCollector(self._prompts))
 
     def observe(
         self, *, model: str, protocol: str, status: str, ttft_s: float | None, duration_s: float,
@@ -111,6 +127,10 @@ class Metrics:
             self.tokens.labels(model, "output").inc(output_tokens)
         if cached_tokens:
             self.tokens.labels(model, "cached").inc(cached_tokens)
+        if input_tokens:
+            seen = self._prompts.setdefault(model, [0, 0])
+            seen[0] += input_tokens
+            seen[1] += cached_tokens
         if charged:
             self.credits.labels(model).inc(charged)
 

@@ -113,13 +113,17 @@ def parse_request(body: bytes) -> tuple[CanonicalRequest, ChatOptions]:
         else None,
         user=req.safety_identifier or req.user,
         metadata=req.metadata,
+        cache_key=req.prompt_cache_key,
         extra=extra,
     )
     return canonical, ChatOptions(include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
-def _text_of(content: str | list[w.TextPartIn]) -> str:
-    return content if isinstance(content, str) else "".join(p.text for p in content)
+def _text_parts(content: str | list[w.TextPartIn]) -> tuple[TextPart, ...]:
+    """Text parts as sent (the engine's chat template joins them), at least one."""
+    if isinstance(content, str) or not content:
+        return (TextPart(content if isinstance(content, str) else ""),)
+    return tuple(TextPart(p.text) for p in content)
 
 
 def _messages(items: list[w.MessageIn]) -> tuple[Message, ...]:
@@ -134,7 +138,7 @@ def _messages(items: list[w.MessageIn]) -> tuple[Message, ...]:
             )
         match m:
             case w.SystemMessageIn():
-                out.append(Message("system", (TextPart(_text_of(m.content)),), m.name))
+                out.append(Message("system", _text_parts(m.content), m.name))
             case w.UserMessageIn():
                 out.append(Message("user", _user_parts(m.content, i), m.name))
             case w.AssistantMessageIn():
@@ -162,8 +166,7 @@ def _messages(items: list[w.MessageIn]) -> tuple[Message, ...]:
                         param=f"messages[{i}].tool_call_id",
                     )
                 del pending[m.tool_call_id]
-                content = (TextPart(_text_of(m.content)),)
-                out.append(Message("tool", (ToolResultPart(m.tool_call_id, content),)))
+                out.append(Message("tool", (ToolResultPart(m.tool_call_id, _text_parts(m.content)),)))
     return tuple(out)
 
 

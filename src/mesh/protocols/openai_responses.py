@@ -228,6 +228,7 @@ def build_request(
         reasoning=ReasoningConfig(enabled=effort != "none", effort=effort) if effort else None,
         user=req.safety_identifier or req.user,
         metadata=req.metadata,
+        cache_key=req.prompt_cache_key,
         extra=call.extra,
     )
     return canonical, [stored_item(i) for i in own]

@@ -3,6 +3,16 @@
 Closed: traffic flows; ``failure_threshold`` consecutive failures open it. Open: no
 traffic for ``cooldown`` seconds. Half-open: one probe (a real request or an active
 health check) at a time; success closes the breaker, failure re-opens it.
+
+Whoever takes the probe (``acquire`` in half-open state) resolves it on every exit: with
+``record_success``/``record_alive``, ``record_failure``, or ``release`` when the request
+ended for a reason that says nothing about the replica (a cancellation, an error of the
+gateway's own). Otherwise the breaker would stay half-open with its probe taken forever.
+
+Real traffic outranks probes: only a request that ran to its end (``record_success``)
+clears the failures counted in closed state; a first token does not, and a passing health
+check (``record_probe_passed``) takes back only what health checks counted, so a replica
+whose streams stall after their first token still reaches the threshold.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ class BreakerState(StrEnum):
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_opened_at", "_probing", "cooldown", "failure_threshold", "failures", "state")
+    __slots__ = (
+        "_clock", "_opened_at", "_probe_failures", "_probing", "cooldown", "failure_threshold", "failures", "state",
+    )
 
     def __init__(
         self,
@@ -35,6 +47,7 @@ class CircuitBreaker:
         self._clock = clock
         self.state = BreakerState.CLOSED
         self.failures = 0
+        self._probe_failures = 0  # of ``failures``, those only health checks saw
         self._opened_at = 0.0
         self._probing = False
 
@@ -59,14 +72,42 @@ class CircuitBreaker:
             return True
         return False
 
+    @property
+    def probing(self) -> bool:
+        """Whether the half-open probe is taken (by a request or a health check)."""
+        return self.state is BreakerState.HALF_OPEN and self._probing
+
     def record_success(self) -> None:
         self.state = BreakerState.CLOSED
         self.failures = 0
+        self._probe_failures = 0
         self._probing = False
 
-    def record_failure(self) -> None:
+    def record_probe_passed(self) -> None:
+        """A health check passed: it takes back the failures health checks counted, never
+        those of real requests."""
+        self.failures -= self._probe_failures
+        self._probe_failures = 0
+
+    def record_alive(self) -> None:
+        """The replica answered (a first token, or a refusal of its own): a half-open probe
+        succeeded and closes the breaker; in closed state the failure count stays, for only
+        a finished request proves the replica serves."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.record_success()
+
+    def release(self) -> None:
+        """Give back a half-open probe with no verdict, so the next request or health check
+        may take it. A no-op in any other state."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probing = False
+
+    def record_failure(self, *, probe: bool = False) -> None:
+        """One failure; ``probe``: seen by a health check, not by a real request."""
         self._tick()
         self.failures += 1
+        if probe:
+            self._probe_failures += 1
         if self.state is BreakerState.HALF_OPEN or self.failures >= self.failure_threshold:
             self.state = BreakerState.OPEN
             self._opened_at = self._clock()

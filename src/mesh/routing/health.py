@@ -2,7 +2,9 @@
 
 A failed probe counts like a failed request; a successful probe closes an open breaker
 once its cooldown has passed (half-open), so a replica that comes back returns to
-rotation by itself within about ``cooldown + interval`` seconds.
+rotation by itself within about ``cooldown + interval`` seconds. A passing probe clears
+only the failures probes counted, never those of real requests (timeouts of streams that
+stall after their first token): real traffic outranks probes.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ async def probe(replica: Replica) -> bool:
             breaker.record_success()
             log.info("replica %s is healthy again", replica.name)
         elif breaker.state is BreakerState.CLOSED:
-            breaker.failures = 0
+            breaker.record_probe_passed()
     else:
         was = breaker.state
-        breaker.record_failure()
+        breaker.record_failure(probe=True)
         if was is not BreakerState.OPEN and breaker.state is BreakerState.OPEN:
             log.warning("replica %s failed its health checks; out of rotation", replica.name)
     return ok

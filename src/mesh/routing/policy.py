@@ -1,80 +1,58 @@
 """Balancing policies. Each has a ``name`` and one method, ``pick``; they do no I/O.
 
 Health and breaker filtering happen before ``pick`` (the router passes only replicas
-that may take a request now). Scores stay in [0, 1].
+that may take a request now, with room). The router also passes the ``owner``: the
+replica the session map (``routing/sessions.py``) says holds this conversation's prefix,
+or None. Scores stay in [0, 1].
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
-from mesh.canonical import CanonicalRequest, ImagePart, Message, ReasoningPart, TextPart, ToolCallPart, ToolResultPart
+from mesh.canonical import CanonicalRequest
 from mesh.routing.replica import Replica
 
 # A prefix shorter than this is not worth steering for: the engine's prefix cache saves little.
 DEFAULT_MIN_PREFIX_CHARS = 256
-# "Clearly busier": the affine replica's load exceeds the least loaded one's by this much.
+# "Clearly busier": the owner's load exceeds the least loaded replica's by more than this.
 DEFAULT_AFFINITY_SLACK = 0.25
-_AFFINITY_ENTRIES = 10_000
 
 
 class Policy(Protocol):
     name: str
 
-    def pick(self, candidates: Sequence[Replica], request: CanonicalRequest) -> tuple[Replica, str]:
+    def pick(
+        self, candidates: Sequence[Replica], request: CanonicalRequest, owner: str | None = None
+    ) -> tuple[Replica, str]:
         """Choose one of ``candidates`` (never empty); returns it with the reason for the choice."""
         ...
 
 
 class LeastOutstanding:
-    """Fewest requests in flight relative to capacity; ties go round-robin."""
+    """Fewest requests in flight relative to capacity (or the engine's reported load,
+    KV-cache usage included); ties go round-robin."""
 
     name = "least_outstanding"
 
     def __init__(self) -> None:
         self._tick = itertools.count()
 
-    def pick(self, candidates: Sequence[Replica], request: CanonicalRequest) -> tuple[Replica, str]:
+    def pick(
+        self, candidates: Sequence[Replica], request: CanonicalRequest, owner: str | None = None
+    ) -> tuple[Replica, str]:
         best = min(r.load for r in candidates)
         tied = [r for r in candidates if r.load == best]
         return tied[next(self._tick) % len(tied)], "least_loaded"
 
 
-def _part_text(p: object) -> str:
-    match p:
-        case TextPart(text=t) | ReasoningPart(text=t):
-            return t
-        case ImagePart(url=u):
-            return u
-        case ToolCallPart(id=i, name=n, arguments=a):
-            return f"{i}{n}{a}"
-        case ToolResultPart():
-            return p.call_id + p.text
-    return ""
-
-
-def prefix_key(messages: Sequence[Message], min_chars: int) -> str | None:
-    """A digest of everything before the last message (system prompt and history), if long."""
-    if len(messages) < 2:
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    size = 0
-    for m in messages[:-1]:
-        h.update(m.role.encode())
-        for p in m.parts:
-            text = _part_text(p)
-            size += len(text)
-            h.update(text.encode())
-    return h.hexdigest() if size >= min_chars else None
-
-
 class PrefixAffinity:
-    """Least outstanding, but a request whose prefix a replica served before goes back there
-    (its engine has the prefix in KV cache) unless that replica is clearly busier."""
+    """A known session goes back to the replica that holds its prefix (``owner``) unless
+    that replica is clearly busier than the least loaded one; new conversations go to the
+    least loaded replica. So a hot replica sheds new sessions first and keeps the ones it
+    holds until the gap passes ``slack``."""
 
     name = "prefix_affinity"
 
@@ -82,29 +60,22 @@ class PrefixAffinity:
         self.min_prefix_chars = min_prefix_chars
         self.slack = slack
         self._fallback = LeastOutstanding()
-        self._owner: OrderedDict[str, str] = OrderedDict()
 
-    def pick(self, candidates: Sequence[Replica], request: CanonicalRequest) -> tuple[Replica, str]:
-        key = prefix_key(request.messages, self.min_prefix_chars)
-        least, reason = self._fallback.pick(candidates, request)
-        if key is None:
-            return least, reason
-        owner = self._owner.get(key)
-        if owner is not None:
-            for r in candidates:
-                if r.name == owner and r.has_room and r.load - least.load <= self.slack:
-                    self._owner.move_to_end(key)
-                    return r, "prefix_affinity"
-        self._owner[key] = least.name
-        self._owner.move_to_end(key)
-        if len(self._owner) > _AFFINITY_ENTRIES:
-            self._owner.popitem(last=False)
-        return least, reason
+    def pick(
+        self, candidates: Sequence[Replica], request: CanonicalRequest, owner: str | None = None
+    ) -> tuple[Replica, str]:
+        held = next((r for r in candidates if r.name == owner), None) if owner is not None else None
+        if held is not None and held.load - min(r.load for r in candidates) <= self.slack:
+            return held, "prefix_affinity"
+        least, reason = self._fallback.pick(candidates, request)  # new sessions take turns on ties
+        return least, "affinity_shed" if held is not None else reason  # a shed session's new home is remembered
 
 
-def make_policy(name: str, min_prefix_chars: int = DEFAULT_MIN_PREFIX_CHARS) -> Policy:
+def make_policy(
+    name: str, min_prefix_chars: int = DEFAULT_MIN_PREFIX_CHARS, slack: float = DEFAULT_AFFINITY_SLACK
+) -> Policy:
     if name == LeastOutstanding.name:
         return LeastOutstanding()
     if name == PrefixAffinity.name:
-        return PrefixAffinity(min_prefix_chars)
+        return PrefixAffinity(min_prefix_chars, slack)
     raise ValueError(f"unknown routing policy {name!r}")

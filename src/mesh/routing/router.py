@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from mesh.canonical import CanonicalRequest, Event
 from mesh.config import ModelConfig
 from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
-from mesh.routing.policy import LeastOutstanding, Policy
+from mesh.routing.policy import LeastOutstanding, Policy, PrefixAffinity
 from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
+from mesh.routing.sessions import MemorySessionMap, SessionKeys, SessionMap, session_keys
 
 log = logging.getLogger("mesh.routing")
 
@@ -69,6 +70,8 @@ class RoutedStream:
                 self.replica.breaker.record_failure()  # passive health: a stream broke mid-way
                 self.replica.failures += 1
             raise
+        else:
+            self.replica.breaker.record_success()  # served to the end: clears counted failures
         finally:
             await self.aclose()
 
@@ -82,12 +85,23 @@ class RoutedStream:
 
 
 class Router:
+    """``sessions`` is where session affinity is kept (in process unless given); only the
+    ``prefix_affinity`` policy uses it."""
+
     def __init__(
-        self, pools: dict[str, ModelPool], policy: Policy | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+        self,
+        pools: dict[str, ModelPool],
+        policy: Policy | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        sessions: SessionMap | None = None,
     ) -> None:
         self.pools = pools
         self.policy: Policy = policy or LeastOutstanding()
         self.max_attempts = max_attempts
+        self._min_prefix = self.policy.min_prefix_chars if isinstance(self.policy, PrefixAffinity) else None
+        self.sessions: SessionMap | None = None
+        if self._min_prefix is not None:
+            self.sessions = sessions or MemorySessionMap()
 
     def models(self) -> list[ModelConfig]:
         return [pool.model for pool in self.pools.values()]
@@ -113,7 +127,26 @@ class Router:
         raise EngineUnavailable(f"No healthy replica can serve model {request.model!r} right now.", retry_after=1)
 
     async def _open_in(self, pool: ModelPool, request: CanonicalRequest, account: str) -> RoutedStream:
+        keys: SessionKeys | None = None
+        owner: str | None = None
+        if self.sessions is not None and self._min_prefix is not None:
+            keys = session_keys(request, self._min_prefix, pool.model.id)
+            owner = await self.sessions.find(pool.model.id, keys.lookup)
         await pool.acquire(account)
+        try:
+            stream = await self._attempts(pool, request, owner)
+        except BaseException:
+            pool.release()  # failed, timed out or cancelled (even in a backoff): the slot goes on
+            raise
+        if keys is not None and self.sessions is not None and keys.remember:
+            try:
+                await self.sessions.remember(pool.model.id, keys.remember, stream.replica.name)
+            except BaseException:
+                await stream.aclose()  # gives the slot back
+                raise
+        return stream
+
+    async def _attempts(self, pool: ModelPool, request: CanonicalRequest, owner: str | None) -> RoutedStream:
         tried: set[int] = set()
         faulted: set[int] = set()
         last: EngineError | None = None
@@ -129,44 +162,48 @@ class Router:
                     break
             if attempt:
                 await asyncio.sleep(min(_BACKOFF_BASE * 2 ** (attempt - 1), _BACKOFF_MAX))
-            replica, reason = self.policy.pick(candidates, request)
+            replica, reason = self.policy.pick(candidates, request, owner)
             tried.add(id(replica))
-            if not replica.breaker.acquire():
+            breaker = replica.breaker
+            if not breaker.acquire():
                 continue
+            # From here every exit resolves a half-open probe this request may have taken.
             replica.in_flight += 1
             events = aiter(replica.engine.stream(request))
             try:
                 first = await anext(events)
             except EngineError as err:
                 replica.in_flight -= 1
-                await _close(events)
                 if err.replica_fault and not isinstance(err, EngineOverloaded) and id(replica) not in faulted:
                     faulted.add(id(replica))  # one request counts once against a replica
-                    replica.breaker.record_failure()
+                    breaker.record_failure()
                     replica.failures += 1
                 elif not err.replica_fault:
-                    replica.breaker.record_success()  # it answered: alive, just full or refusing
+                    breaker.record_alive()  # it answered: alive, just full or refusing
+                else:
+                    breaker.release()  # counted already by this request: no second verdict
+                await _close(events)
                 log.warning("replica %s failed before the first token: %s", replica.name, err.message)
                 if not err.retryable:
-                    pool.release()
                     raise
                 last = err
                 continue
             except StopAsyncIteration:
                 replica.in_flight -= 1
-                replica.breaker.record_failure()
+                breaker.record_failure()
                 last = EngineError(f"Engine {replica.name} ended the stream without output.")
                 continue
             except BaseException:
+                # Cancelled, or an error of the gateway's own (the request could not be
+                # encoded): nothing learned about the replica, but its probe goes back.
                 replica.in_flight -= 1
-                pool.release()
+                breaker.release()
                 await _close(events)
                 raise
-            replica.breaker.record_success()
+            breaker.record_alive()
             replica.served += 1
             return RoutedStream(pool, replica, events, first,
                                 Choice(pool.model.id, replica.name, reason, attempt + 1))
-        pool.release()
         if last is not None:
             raise last
         raise EngineUnavailable(f"No healthy replica can serve model {pool.model.id!r} right now.", retry_after=1)
@@ -175,6 +212,8 @@ class Router:
         for pool in self.pools.values():
             for r in pool.replicas:
                 await r.engine.aclose()
+        if self.sessions is not None:
+            await self.sessions.aclose()
 
 
 async def _close(events: AsyncIterator[Event]) -> None:

@@ -1,0 +1,74 @@
+"""The Redis limiter through a proxy of our own that stops answering (never the shared
+Redis itself): slots of requests that ended during the stall are free once it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mesh.limits import LimitExceeded, RateLimits, RedisLimiter, Scope
+from mesh.limits.redis_limiter import RETRY_INTERVAL
+from support.redis import unique_prefix
+from support.stallproxy import StallProxy
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[StallProxy]:
+    with StallProxy("127.0.0.1", 6379) as p:
+        yield p
+
+
+def one_slot() -> list[Scope]:
+    return [Scope("key", "key_stall", "acct_stall", RateLimits(concurrent=1))]
+
+
+async def test_a_slot_released_during_a_redis_stall_is_free_as_soon_as_redis_answers(proxy: StallProxy) -> None:
+    limiter = RedisLimiter(f"redis://127.0.0.1:{proxy.port}/0", prefix=unique_prefix(), ttl=60)
+    await limiter.start()
+    try:
+        scopes = one_slot()
+        lease = await limiter.acquire(scopes, 0)
+        with pytest.raises(LimitExceeded):
+            await limiter.acquire(scopes, 0)  # the one slot is taken
+        proxy.stall()
+        await limiter.settle(lease, 0)  # the request ends while Redis does not answer: lost
+        proxy.resume()
+        # Without a retry the slot would stay taken until its 60 s deadline.
+        deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
+        while True:
+            try:
+                again = await limiter.acquire(scopes, 0)
+                break
+            except LimitExceeded:
+                assert time.monotonic() < deadline, "the slot was not given back after the stall"
+                await asyncio.sleep(0.1)
+        await limiter.settle(again, 0)
+    finally:
+        await limiter.aclose()
+
+
+async def test_an_admission_whose_answer_was_lost_frees_the_slot_it_may_have_taken(proxy: StallProxy) -> None:
+    limiter = RedisLimiter(f"redis://127.0.0.1:{proxy.port}/0", prefix=unique_prefix(), ttl=60)
+    await limiter.start()
+    try:
+        scopes = one_slot()
+        await limiter.settle(await limiter.acquire(scopes, 0), 0)  # connected, script loaded
+        proxy.lose_replies()  # Redis takes the slot; the gateway never hears it did
+        failed_open = await limiter.acquire(scopes, 0)  # fails open: unlimited, nothing to settle
+        assert failed_open.done and failed_open.state is None
+        proxy.resume()
+        deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
+        while True:
+            try:
+                lease = await limiter.acquire(scopes, 0)
+                break
+            except LimitExceeded:
+                assert time.monotonic() < deadline, "the slot taken by the lost admission was never freed"
+                await asyncio.sleep(0.1)
+        assert lease.state is not None  # a real slot, counted on Redis
+        await limiter.settle(lease, 0)
+    finally:
+        await limiter.aclose()

@@ -1,0 +1,235 @@
+"""The request lifecycle on in-process fakes: every way a request ends gives back its
+credit hold, rate-limit slot, replica slot and queue place, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from fakes import FakeEngine, FakeLedger, FakePrincipal, limited, request
+from mesh.canonical import CanonicalRequest, Event, TextDelta, Usage
+from mesh.config import ModelConfig, Settings
+from mesh.errors import EngineError, EngineTimeout, RateLimited
+from mesh.limits.memory import MemoryLimiter
+from mesh.pipeline import PendingStream, Pipeline, RequestContext, billed_prompt_tokens
+from mesh.routing.pool import ModelPool
+from mesh.routing.replica import Replica
+from mesh.routing.router import RoutedStream, Router
+
+_ids = itertools.count()
+
+
+@dataclass
+class Rig:
+    pipeline: Pipeline
+    engine: FakeEngine
+    ledger: FakeLedger
+    limiter: MemoryLimiter
+    pool: ModelPool
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def replica(self) -> Replica:
+        return self.pool.replicas[0]
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
+
+    async def start(
+        self, principal: FakePrincipal | None = None, *, stream: bool = True, patience: float | None = None
+    ) -> tuple[RequestContext, RoutedStream | PendingStream]:
+        ctx = RequestContext(request_id=f"req_{next(_ids)}", protocol="test")
+        ctx.principal = principal or FakePrincipal()
+        _, routed = await self.pipeline.start(ctx, request(stream=stream), patience=patience)
+        return ctx, routed
+
+    async def free(self, principal: FakePrincipal) -> bool:
+        """Whether the principal's limits have room for one more request now."""
+        try:
+            lease = await self.limiter.acquire(principal.limits, 0)
+        except RateLimited:
+            return False
+        await self.limiter.release(lease)
+        return True
+
+
+def rig(*, capacity: int | None = None, request_timeout: float | None = None, queue_timeout: float = 5) -> Rig:
+    engine = FakeEngine()
+    ledger = FakeLedger()
+    limiter = MemoryLimiter()
+    model = ModelConfig(id="m", context_length=4096)
+    pool = ModelPool(model, [Replica(engine, capacity=capacity)], queue_timeout=queue_timeout)
+    settings = Settings(catalog=False, routing={"request_timeout": request_timeout})
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    pipeline = Pipeline(settings, Router({"m": pool}), authenticator=None, ledger=ledger,  # type: ignore[arg-type]
+                        spawn=spawn, limiter=limiter)
+    return Rig(pipeline, engine, ledger, limiter, pool, tasks)
+
+
+async def consume(events: Any) -> list[Event]:
+    return [ev async for ev in events]
+
+
+def assert_all_given_back(r: Rig, principal: FakePrincipal | None = None) -> None:
+    assert r.ledger.holds == {}, "a credit hold was left"
+    assert r.replica.in_flight == 0 and len(r.pool.queue) == 0 and r.pool.reserved == 0
+    assert r.engine.open == 0, "an engine stream was left open"
+
+
+async def test_a_request_that_succeeds_settles_once_and_gives_everything_back() -> None:
+    r = rig()
+    principal = limited(concurrent=1)
+    ctx, routed = await r.start(principal)
+    assert not await r.free(principal)  # its one concurrency slot is taken
+    events = await consume(r.pipeline.metered(ctx, routed))
+    await r.pipeline.finish(ctx)
+    assert sum(isinstance(e, TextDelta) for e in events) == 3
+    assert [s["status"] for s in r.ledger.settled] == ["ok"]
+    assert r.ledger.settled[0]["usage"] == Usage(input_tokens=10, output_tokens=3)
+    assert await r.free(principal)
+    assert_all_given_back(r)
+
+
+async def test_a_hang_up_while_waiting_for_the_first_token_cancels_the_route_and_settles() -> None:
+    r = rig()
+    r.engine.gate = asyncio.Event()  # the first token never comes
+    principal = limited(concurrent=1)
+    ctx, routed = await r.start(principal, patience=0.01)
+    assert isinstance(routed, PendingStream) and r.replica.in_flight == 1
+    # The response's body never started (the client left during keep-alives): it only
+    # calls finish(), as StreamResponse's on_close does.
+    await r.pipeline.finish(ctx)
+    assert r.engine.cancelled == 1
+    assert [(s["status"], s["charged"]) for s in r.ledger.settled] == [("cancelled", 0)]
+    assert await r.free(principal)
+    assert_all_given_back(r)
+
+
+async def test_a_hang_up_while_iterating_a_pending_stream_costs_nothing() -> None:
+    r = rig()
+    r.engine.gate = asyncio.Event()
+    ctx, routed = await r.start(patience=0.01)
+    events = r.pipeline.metered(ctx, routed)  # Anthropic streams iterate at once, with pings
+    waiting = asyncio.create_task(anext(events))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # the client went away: the response cancels its body...
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await events.aclose()  # ...and closes it
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    assert [(s["status"], s["charged"]) for s in r.ledger.settled] == [("cancelled", 0)]
+    assert r.engine.cancelled == 1
+    assert_all_given_back(r)
+
+
+async def test_a_hang_up_while_queued_leaves_the_queue_and_settles() -> None:
+    r = rig(capacity=1)
+    r.engine.gate = asyncio.Event()
+    first_ctx, first = await r.start(patience=0.01)
+    ctx, queued = await r.start(patience=0.01)
+    assert isinstance(queued, PendingStream) and len(r.pool.queue) == 1
+    await r.pipeline.finish(ctx)
+    assert len(r.pool.queue) == 0
+    assert r.engine.started == 1  # the queued request never reached the engine
+    r.engine.gate.set()
+    await consume(r.pipeline.metered(first_ctx, first))
+    await r.pipeline.finish(first_ctx)
+    assert sorted(s["status"] for s in r.ledger.settled) == ["cancelled", "ok"]
+    assert_all_given_back(r)
+
+
+async def test_a_hang_up_after_routing_but_before_the_body_started_closes_the_stream() -> None:
+    r = rig()
+    ctx, routed = await r.start(patience=1.0)
+    assert isinstance(routed, RoutedStream) and r.replica.in_flight == 1
+    await r.pipeline.finish(ctx)
+    assert r.engine.cancelled == 1
+    [settled] = r.ledger.settled
+    assert settled["status"] == "cancelled"
+    assert settled["usage"] == Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=0)  # the prompt was read
+    assert_all_given_back(r)
+
+
+async def test_a_hang_up_after_the_first_token_pays_for_what_was_generated_once() -> None:
+    r = rig()
+    r.engine.tokens = 50
+    principal = limited(concurrent=1)
+    ctx, routed = await r.start(principal)
+    events = r.pipeline.metered(ctx, routed)
+    assert isinstance(await anext(events), TextDelta)
+    assert isinstance(await anext(events), TextDelta)
+    await events.aclose()  # what the streaming response does when the client goes
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "cancelled" and settled["usage"].output_tokens == 2
+    assert await r.free(principal)
+    assert_all_given_back(r)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engine_error_after_the_first_token_bills_only_what_was_delivered(stream: bool) -> None:
+    r = rig()
+    r.engine.tokens = 10
+    r.engine.fail_after = (4, EngineError("the engine broke"))
+    ctx, routed = await r.start(stream=stream)
+    with pytest.raises(EngineError):
+        await consume(r.pipeline.metered(ctx, routed))
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "error"
+    if stream:  # four tokens reached the client
+        assert settled["usage"] == Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=4)
+    else:  # the client got only the error
+        assert settled["usage"] is None and settled["charged"] == 0
+    assert_all_given_back(r)
+
+
+async def test_a_request_past_its_deadline_while_streaming_ends_with_a_504() -> None:
+    r = rig(request_timeout=0.2)
+    r.engine.tokens = 5
+    r.engine.stall_after = 2
+    ctx, routed = await r.start(stream=True)
+    with pytest.raises(EngineTimeout) as err:
+        await consume(r.pipeline.metered(ctx, routed))
+    assert err.value.status == 504 and "deadline" in err.value.message
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "error" and settled["usage"].output_tokens == 2
+    assert_all_given_back(r)
+
+
+async def test_a_request_past_its_deadline_before_its_first_token_is_a_504_that_costs_nothing() -> None:
+    r = rig(request_timeout=0.1)
+    r.engine.gate = asyncio.Event()
+    with pytest.raises(EngineTimeout):
+        await r.start(stream=False)
+    assert r.engine.cancelled == 1
+    assert [(s["status"], s["charged"]) for s in r.ledger.settled] == [("error", 0)]
+    assert_all_given_back(r)
+
+
+async def test_count_tokens_takes_a_request_of_the_rate_limit_and_gives_its_slot_back() -> None:
+    r = rig()
+    principal = limited(concurrent=1, rpm=2)
+    ctx = RequestContext(request_id="req_c", protocol="test", principal=principal)
+    creq: CanonicalRequest = await r.pipeline.resolve(ctx, request(stream=False))
+    assert await r.pipeline.count_tokens(ctx, creq) == 7
+    assert await r.free(principal)  # the concurrency slot came back (and took the 2nd request)
+    with pytest.raises(RateLimited):
+        await r.pipeline.count_tokens(RequestContext(request_id="req_d", protocol="test", principal=principal), creq)
