@@ -181,6 +181,23 @@ class RoutingConfig(_Frozen):
     request_timeout: float | None = Field(default=900.0, gt=0)
 
 
+class AlertsConfig(_Frozen):
+    """Low-balance alerts (billing/alerts.py): a signed webhook to the operator's URL once
+    each time an account's balance falls under ``low_balance`` credits."""
+
+    webhook_url: str | None = None
+    # HMAC-SHA256 key of the ``mesh-signature`` header; required with webhook_url.
+    webhook_secret: SecretStr | None = None
+    low_balance: Decimal | None = Field(default=None, ge=0)
+    interval: float = Field(default=10.0, gt=0)  # seconds between checks
+
+    @model_validator(mode="after")
+    def _signed(self) -> AlertsConfig:
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError("billing.alerts.webhook_url needs billing.alerts.webhook_secret (to sign)")
+        return self
+
+
 class BillingConfig(_Frozen):
     # Output tokens held for a request that names no max_tokens (capped by the context).
     default_hold_output_tokens: int = Field(default=4096, ge=1)
@@ -197,6 +214,7 @@ class BillingConfig(_Frozen):
     checkpoint_interval: float = Field(default=2.0, gt=0)
     # New accounts from the quick start get this many credits.
     quickstart_credits: Decimal = Decimal(10)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
 
 class ResponsesConfig(_Frozen):

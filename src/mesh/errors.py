@@ -30,6 +30,7 @@ class MeshError(Exception):
     status: int = 500
     kind: str = "internal"
     code: str | None = None
+    headers: dict[str, str] | None = None  # more response headers (a key budget's state)
 
     def __init__(
         self,
@@ -68,6 +69,17 @@ class InsufficientCredits(MeshError):
     status = 402
     kind = "insufficient_credits"
     code = "insufficient_credits"
+
+
+class KeyBudgetExceeded(InsufficientCredits):
+    """The API key's budget (not the account's balance) cannot cover the request.
+    ``headers`` tell the client what is left of the budget and when it resets."""
+
+    code = "key_budget_exceeded"
+
+    def __init__(self, message: str, *, headers: dict[str, str]) -> None:
+        super().__init__(message, should_retry=False)
+        self.headers = headers
 
 
 class PermissionDenied(MeshError):

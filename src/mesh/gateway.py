@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from mesh.billing.alerts import BalanceAlerts
 from mesh.billing.leases import LeasedLedger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
@@ -100,6 +101,7 @@ class Gateway:
             checkpoint_interval=settings.billing.checkpoint_interval, leases=settings.billing.leases,
         )
         self.metrics.watch_billing(self.ledger)
+        self.alerts = BalanceAlerts(services.database, settings.billing.alerts)
         self.pipeline = Pipeline(
             settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
@@ -118,6 +120,7 @@ class Gateway:
         gateway.health.start()
         gateway.workers.start()
         gateway.responses.start()
+        gateway.alerts.start()
         return gateway
 
     async def flush_billing(self) -> None:
@@ -162,6 +165,7 @@ class Gateway:
         return pool is not None and any(r.healthy for r in pool.replicas)
 
     async def aclose(self) -> None:
+        await self.alerts.aclose()
         await self.workers.aclose()
         await self.health.aclose()
         if self.tasks:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import orjson
 
 from mesh.accounts.principal import Principal
+from mesh.billing.attribution import Attribution, attribution
 from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
@@ -97,6 +98,7 @@ class Ledger(Protocol):
         protocol: str | None = None,
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
+        attribution: Attribution | None = None,
     ) -> int: ...
 
 
@@ -122,6 +124,7 @@ class RequestContext:
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
+    tags: tuple[str, ...] = ()  # x-mesh-tags, for the usage record
     session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
     stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
     metering: bool = False  # metered() started: it closes the stream and settles
@@ -507,6 +510,9 @@ class Pipeline:
                 protocol=ctx.protocol,
                 ttft_ms=ctx.ttft_ms,
                 duration_ms=duration_ms,
+                attribution=attribution(
+                    ctx.request.user if ctx.request else None, ctx.request.metadata if ctx.request else None, ctx.tags
+                ),
             )
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the

@@ -124,3 +124,18 @@ async def test_keys_revoke_publishes_invalidation(database_url: str, redis_url: 
     finally:
         await listener.aclose()
     assert key_id in heard
+
+
+def test_key_budget_command(config: Path) -> None:
+    acct = mesh_json(config, "accounts", "create", "Budgets")["id"]
+    key = mesh_json(config, "keys", "create", acct, "--spend-limit", "3", "--period", "weekly", "--reset-day", "4")
+    assert (key["budget_period"], key["budget_reset_day"], key["spend_limit"]) == ("weekly", 4, "3.000000")
+    shown = mesh_json(config, "keys", "budget", key["id"])
+    assert shown["budget_remaining"] == "3.000000" and shown["budget_resets_at"] == key["budget_resets_at"]
+    changed = mesh_json(config, "keys", "budget", key["id"], "--limit", "7.5", "--period", "monthly")
+    assert (changed["budget_period"], changed["budget_reset_day"], changed["spend_limit"]) == ("monthly", 1, "7.500000")
+    assert changed["budget_resets_at"].split("T")[0].endswith("-01")
+    cleared = mesh_json(config, "keys", "budget", key["id"], "--limit", "none", "--period", "none")
+    assert (cleared["spend_limit"], cleared["budget_period"], cleared["budget_resets_at"]) == (None, "none", None)
+    assert "budget_period" in mesh(config, "keys", "budget", key["id"], "--period", "hourly", code=1)
+    assert "daily" in mesh(config, "keys", "budget", key["id"], "--period", "daily")

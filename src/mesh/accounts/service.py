@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Table, func, insert, select, update
 
 from mesh.accounts.keys import generate_key, hash_key, key_prefix, new_id
+from mesh.billing import budgets
 from mesh.billing.money import MicroCredits
 from mesh.errors import InvalidRequest, NotFound
 from mesh.limits.policy import MAX_LIMIT, merge_overrides, overrides_from_json
@@ -58,6 +59,17 @@ class ApiKeyInfo:
     last_used_at: datetime | None
     created_at: datetime
     rate_limits: dict[str, int] | None = None  # the operator's overrides; missing: the default
+    # The budget's period (mesh.billing.budgets); ``spent`` is this period's spend.
+    budget_period: str = "none"
+    budget_reset_day: int | None = None
+    budget_resets_at: datetime | None = None
+
+    @property
+    def remaining(self) -> MicroCredits | None:
+        """What the budget still allows (held credit counts as spent); None: no budget."""
+        if self.spend_limit is None:
+            return None
+        return MicroCredits(max(0, self.spend_limit - self.spent - self.held))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,13 @@ def _account(row: Any) -> Account:
 def key_info(row: Any) -> ApiKeyInfo:
     """Build an :class:`ApiKeyInfo` from an ``api_keys`` row."""
     models = row.allowed_models
+    period = getattr(row, "budget_period", None) or "none"
+    reset_day = getattr(row, "budget_reset_day", None)
+    resets_at = getattr(row, "budget_resets_at", None)
+    spent = int(row.spent)
+    if resets_at is not None and resets_at <= budgets.now():
+        # The period ended and nothing has rolled it over yet: show the new one.
+        spent, resets_at = 0, budgets.next_reset(period, reset_day, budgets.now())
     return ApiKeyInfo(
         id=row.id,
         account_id=row.account_id,
@@ -90,13 +109,24 @@ def key_info(row: Any) -> ApiKeyInfo:
         allowed_models=None if models is None else tuple(models),
         expires_at=row.expires_at,
         spend_limit=None if row.spend_limit is None else MicroCredits(row.spend_limit),
-        spent=MicroCredits(row.spent),
+        spent=MicroCredits(spent),
         held=MicroCredits(row.held),
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         created_at=row.created_at,
         rate_limits=overrides_from_json(getattr(row, "rate_limits", None)) or None,
+        budget_period=period,
+        budget_reset_day=reset_day,
+        budget_resets_at=resets_at,
     )
+
+
+def _period_columns(period: str, reset_day: int | None) -> dict[str, Any]:
+    return {
+        "budget_period": None if period == "none" else period,
+        "budget_reset_day": reset_day,
+        "budget_resets_at": budgets.next_reset(period, reset_day, budgets.now()),
+    }
 
 
 def _clean_name(name: str, *, required: bool) -> str:
@@ -165,6 +195,8 @@ class Accounts:
         expires_at: datetime | None = None,
         spend_limit: MicroCredits | None = None,
         rate_limits: Mapping[str, int | None] | None = None,
+        budget_period: str = "none",
+        budget_reset_day: int | None = None,
     ) -> CreatedKey:
         """Mint a key for the account and return it in full, once.
 
@@ -176,6 +208,7 @@ class Accounts:
             raise InvalidRequest("expires_at must include a timezone", param="expires_at")
         if spend_limit is not None and spend_limit < 0:
             raise InvalidRequest("spend_limit cannot be negative", param="spend_limit")
+        period, reset_day = budgets.check(budget_period, budget_reset_day)
         raw = generate_key()
         row: dict[str, Any] = {
             "id": new_id("key"),
@@ -192,6 +225,7 @@ class Accounts:
             "last_used_at": None,
             "created_at": utcnow(),
             "rate_limits": _limits_patch(None, rate_limits or {}),
+            **_period_columns(period, reset_day),
         }
         async with self.db.write() as conn:
             exists = await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))
@@ -217,6 +251,47 @@ class Accounts:
         if row is None:
             raise NotFound(f"API key {key_id!r} not found", code="key_not_found")
         return key_info(row)
+
+    async def set_key_budget(
+        self,
+        key_id: str,
+        *,
+        spend_limit: MicroCredits | None = None,
+        change_limit: bool = False,
+        period: str | None = None,
+        reset_day: int | None = None,
+        change_reset_day: bool = False,
+    ) -> ApiKeyInfo:
+        """Change the key's budget: its amount (``change_limit``; ``None`` for no limit),
+        its period and reset day (``None``/not ``change_reset_day``: unchanged). A changed
+        period or reset day starts a new period now (``spent`` back to 0); a changed amount
+        alone keeps what was spent. ``NotFound`` (``key_not_found``) or ``InvalidRequest``."""
+        if change_limit and spend_limit is not None and spend_limit < 0:
+            raise InvalidRequest("spend_limit cannot be negative", param="spend_limit")
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    select(api_keys.c.budget_period, api_keys.c.budget_reset_day)
+                    .where(api_keys.c.id == key_id)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"API key {key_id!r} not found", code="key_not_found")
+            values: dict[str, Any] = {"spend_limit": spend_limit} if change_limit else {}
+            old_period, old_day = row.budget_period or "none", row.budget_reset_day
+            if period is not None or change_reset_day:
+                new_period = period if period is not None else old_period
+                if period is not None and period != old_period and not change_reset_day:
+                    reset_day = None  # the old period's day means nothing in the new one
+                elif not change_reset_day:
+                    reset_day = old_day
+                new_period, reset_day = budgets.check(new_period, reset_day)
+                if (new_period, reset_day) != (old_period, old_day):
+                    values.update(_period_columns(new_period, reset_day), spent=0)
+            if values:
+                await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**values))
+        return await self.get_key(key_id)
 
     async def set_account_limits(self, account_id: str, patch: Mapping[str, int | None] | None) -> Account:
         """Change the account's rate-limit overrides and return the account.

@@ -6,8 +6,10 @@ response is a string with 6 decimals. Errors use OpenAI's shape.
 
 Rate limits (``rpm``, ``tpm``, ``concurrent``) are overrides of the configured defaults: a
 number replaces the default (0: no limit at all), ``null`` returns that one to the
-default, and ``"rate_limits": null`` returns all of them. A change reaches every gateway
-at once (the key caches are invalidated through Redis).
+default, and ``"rate_limits": null`` returns all of them. A key's budget is its
+``spend_limit`` per ``budget_period`` (none, daily, weekly, monthly; UTC) with an optional
+``budget_reset_day`` (weekday 0-6 for weekly, 1-28 for monthly); see mesh.billing.budgets.
+A change reaches every gateway at once (the key caches are invalidated through Redis).
 
 ::
 
@@ -17,9 +19,11 @@ at once (the key caches are invalidated through Redis).
     PATCH  /admin/v1/accounts/{id}            {rate_limits: {rpm?, tpm?, concurrent?} | null}
     POST   /admin/v1/accounts/{id}/credits    {amount, idempotency_key?, kind?, memo?}
     GET    /admin/v1/accounts/{id}/ledger     ?limit=
-    POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?, rate_limits?}
+    POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?, budget_period?,
+                                               budget_reset_day?, rate_limits?}
     GET    /admin/v1/accounts/{id}/keys
-    PATCH  /admin/v1/keys/{id}                {rate_limits: {rpm?, tpm?, concurrent?} | null}
+    PATCH  /admin/v1/keys/{id}                {rate_limits?: {rpm?, tpm?, concurrent?} | null, spend_limit?,
+                                               budget_period?, budget_reset_day?}
     DELETE /admin/v1/keys/{id}
     GET    /admin/v1/usage                    ?account_id=&days=
     POST   /admin/v1/redeem-codes             {amount, count?}
@@ -38,9 +42,10 @@ from starlette.routing import Route
 
 from mesh.admin.http import ServicesSource, credits_param, guarded, int_query, json_response, read_body, resolve
 from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
+from mesh.billing.budgets import Period
 from mesh.billing.services import Services
 from mesh.billing.usage import daily_usage
-from mesh.errors import AuthenticationFailed, PermissionDenied
+from mesh.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from mesh.http.credentials import presented_credential, single
 from mesh.limits.policy import MAX_LIMIT
 
@@ -81,7 +86,18 @@ class NewKey(_Body):
     allowed_models: list[str] | None = None
     expires_at: AwareDatetime | None = None
     spend_limit: Any = None
+    budget_period: Period = "none"
+    budget_reset_day: int | None = Field(default=None, strict=True)
     rate_limits: RateLimitsBody | None = None
+
+
+class KeyPatch(_Body):
+    """Only the fields the body names change."""
+
+    rate_limits: RateLimitsBody | None = None
+    spend_limit: Any = None
+    budget_period: Period | None = None
+    budget_reset_day: int | None = Field(default=None, strict=True)
 
 
 class NewCodes(_Body):
@@ -180,6 +196,8 @@ async def create_key(request: Request, svc: Services) -> Response:
         expires_at=body.expires_at,
         spend_limit=limit,
         rate_limits=None if body.rate_limits is None else body.rate_limits.patch(),
+        budget_period=body.budget_period,
+        budget_reset_day=body.budget_reset_day,
     )
     return json_response({**key_json(created.info), "key": created.key}, 201)
 
@@ -192,10 +210,24 @@ async def list_keys(request: Request, svc: Services) -> Response:
 
 
 async def update_key(request: Request, svc: Services) -> Response:
-    body = await read_body(request, LimitsPatch)
+    body = await read_body(request, KeyPatch)
     key_id = request.path_params["key_id"]
-    patch = None if body.rate_limits is None else body.rate_limits.patch()
-    info = await svc.accounts.set_key_limits(key_id, patch)
+    named = body.model_fields_set
+    if not named:
+        raise InvalidRequest("name at least one of rate_limits, spend_limit, budget_period, budget_reset_day")
+    info = await svc.accounts.get_key(key_id)
+    if "rate_limits" in named:
+        patch = None if body.rate_limits is None else body.rate_limits.patch()
+        info = await svc.accounts.set_key_limits(key_id, patch)
+    if named & {"spend_limit", "budget_period", "budget_reset_day"}:
+        info = await svc.accounts.set_key_budget(
+            key_id,
+            spend_limit=None if body.spend_limit is None else credits_param(body.spend_limit, "spend_limit"),
+            change_limit="spend_limit" in named,
+            period=body.budget_period,
+            reset_day=body.budget_reset_day,
+            change_reset_day="budget_reset_day" in named,
+        )
     await svc.authenticator.key_changed(key_id)
     return json_response(key_json(info))
 

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mesh.api.responses import ErrorRenderer, error_response
+from mesh.billing.attribution import TAGS_HEADER, parse_tags
 from mesh.errors import InternalError, MeshError
 from mesh.http.ids import request_id
 from mesh.http.streaming import StreamResponse
@@ -75,6 +76,7 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
             render = _with_request_id(render_error, ctx.request_id)
             finish = _finisher(request, ctx)
             try:
+                ctx.tags = parse_tags(request.headers.get(TAGS_HEADER))
                 response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"

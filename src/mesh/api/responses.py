@@ -24,6 +24,7 @@ class JSON(Response):
 def error_response(err: MeshError, render: ErrorRenderer, headers: Mapping[str, str] | None = None) -> JSON:
     status, body = render(err)
     out = dict(headers or {})
+    out.update(err.headers or {})
     if err.retry_after is not None:
         # Rounded up: a client that waits exactly this long must not be refused again.
         out["retry-after"] = str(max(1, math.ceil(err.retry_after)))

@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mesh.accounts.principal import Principal
 from mesh.billing import settlement
+from mesh.billing.attribution import Attribution
 from mesh.billing.ledger import Admission, Ledger, usage_record
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import hold_cost
@@ -298,6 +299,7 @@ class LeasedLedger:
         protocol: str | None = None,
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
+        attribution: Attribution | None = None,
     ) -> MicroCredits:
         """Charge the request's real cost (minus what its checkpoints charged) and release
         its hold; once per request (later calls return 0). A lease's charge is written by
@@ -309,7 +311,7 @@ class LeasedLedger:
         due, usage = settlement.priced(pricing, usage, admission.output_limit)
         open_.record = usage_record(
             admission, usage, MicroCredits(0), status=status, model=model, replica=replica, protocol=protocol,
-            ttft_ms=ttft_ms, duration_ms=duration_ms,
+            ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
         )
         rest = Settlement(f"usage:{admission.request_id}", admission.request_id, max(0, due - open_.checkpointed))
         hold = open_.hold

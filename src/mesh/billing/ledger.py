@@ -22,21 +22,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.principal import Principal
-from mesh.billing import settlement
+from mesh.billing import budgets, settlement
+from mesh.billing.attribution import Attribution
 from mesh.billing.entries import LedgerEntry, entry_from_row, post, run_idempotent
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
 from mesh.canonical import Usage
 from mesh.config import Pricing
-from mesh.errors import AuthenticationFailed, InsufficientCredits, InvalidRequest, NotFound
+from mesh.errors import AuthenticationFailed, InsufficientCredits, InvalidRequest, KeyBudgetExceeded, NotFound
 from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys, holds, ledger
 
@@ -75,6 +76,21 @@ def _short(need: int, have: int, whose: str) -> InsufficientCredits:
         f"Insufficient credits: this request needs at least {format_credits(need)} credits "
         f"(its prompt and one output token) but {whose} {format_credits(max(have, 0))} available",
         should_retry=False,
+    )
+
+
+def _over_budget(need: int, left: int, period: str | None, resets_at: datetime | None) -> KeyBudgetExceeded:
+    left = max(left, 0)
+    what = "spend limit" if period in (None, "none") else f"{period} budget"
+    when = "" if resets_at is None else f"; it resets at {resets_at.isoformat()}"
+    headers = {"x-mesh-budget-remaining": format_credits(left)}
+    if resets_at is not None:
+        headers["x-mesh-budget-resets-at"] = resets_at.isoformat()
+    return KeyBudgetExceeded(
+        f"The API key's {what} is spent: this request needs at least {format_credits(need)} credits "
+        f"(its prompt and one output token) but the key's {what} leaves {format_credits(left)}{when}. "
+        "The account's balance is not the limit here.",
+        headers=headers,
     )
 
 
@@ -211,9 +227,13 @@ class Ledger:
                     .with_for_update()
                 )
             ).first()
+            await budgets.roll(conn, principal.key_id)
             key = (
                 await conn.execute(
-                    select(api_keys.c.spend_limit, api_keys.c.spent, api_keys.c.held)
+                    select(
+                        api_keys.c.spend_limit, api_keys.c.spent, api_keys.c.held, api_keys.c.budget_period,
+                        api_keys.c.budget_resets_at,
+                    )
                     .where(api_keys.c.id == principal.key_id)
                     .with_for_update()
                 )
@@ -228,7 +248,7 @@ class Ledger:
             if key.spend_limit is not None:
                 key_left = key.spend_limit - key.spent - key.held
                 if max_output_tokens_affordable(pricing, key_left, prompt_tokens) < choices:
-                    raise _short(floor, key_left, "the API key's spend limit leaves")
+                    raise _over_budget(floor, key_left, key.budget_period, key.budget_resets_at)
                 limit = min(limit, key_left)
             out = min(max_output_tokens, max_output_tokens_affordable(pricing, limit, prompt_tokens) // choices)
             amount = hold_cost(pricing, prompt_tokens, out * choices)
@@ -296,6 +316,7 @@ class Ledger:
         protocol: str | None = None,
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
+        attribution: Attribution | None = None,
     ) -> MicroCredits:
         """Release the hold and charge the real cost; returns the micro-credits charged.
 
@@ -317,7 +338,7 @@ class Ledger:
             self.usage.enqueue(
                 usage_record(
                     admission, usage, MicroCredits(charged), status=status, model=model, replica=replica,
-                    protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
+                    protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
                 )
             )
         return MicroCredits(charged)
@@ -363,11 +384,14 @@ def usage_record(
     protocol: str | None,
     ttft_ms: int | None,
     duration_ms: int | None,
+    attribution: Attribution | None = None,
 ) -> UsageRecord:
     """The usage row of a settled request."""
+    who = attribution or Attribution()
     return UsageRecord(
         request_id=admission.request_id, account_id=admission.account_id, key_id=admission.key_id, model=model,
         status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
         output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens, cost=charged, replica=replica,
-        protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms,
+        protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, end_user=who.end_user, tags=who.tags,
+        metadata=who.metadata,
     )

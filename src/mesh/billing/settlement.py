@@ -8,7 +8,8 @@ each a few statements inside the caller's write transaction:
 * :func:`hold` adds to a hold (creating its row): conditional updates, all or nothing.
 * :func:`capture` charges a batch of :class:`Settlement` s against one hold and, with
   ``close``, releases the rest. It locks the account, the key and the hold row (in that
-  order, everywhere), skips settlements whose ledger row already exists, charges each from
+  order, everywhere; a key's budget period rolls over first, see
+  :mod:`mesh.billing.budgets`), skips settlements whose ledger row already exists, charges each from
   the hold first and then, when the hold falls short, from the account's free balance
   (within the key's spend limit); only what neither covers is a *shortfall*, noted in the
   row's memo. A hold that reaches zero is deleted, never updated to zero.
@@ -34,6 +35,7 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mesh.billing import budgets
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import cost
 from mesh.canonical import Usage
@@ -153,8 +155,10 @@ async def hold(
     params = {"a": account_id, "k": key_id, "h": amount}
     if (await conn.execute(HOLD_ACCOUNT, params)).rowcount != 1:
         raise Uncovered
-    if key_id is not None and (await conn.execute(HOLD_KEY, params)).rowcount != 1:
-        raise Uncovered
+    if key_id is not None:
+        await budgets.roll(conn, key_id)  # a budget's new period starts before it is used
+        if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
+            raise Uncovered
     now = utcnow()
     if grow:
         grown = (await conn.execute(_GROW_HOLD, {"r": hold_id, "h": amount, "t": now})).scalar_one_or_none()
@@ -188,7 +192,10 @@ async def capture(
     acct = (await conn.execute(_LOCK_ACCOUNT, {"a": account_id})).first()
     if acct is None:
         raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
-    key = None if key_id is None else (await conn.execute(_LOCK_KEY, {"k": key_id})).first()
+    key = None
+    if key_id is not None:
+        await budgets.roll(conn, key_id)
+        key = (await conn.execute(_LOCK_KEY, {"k": key_id})).first()
     row = (await conn.execute(_LOCK_HOLD, {"r": hold_id})).first()
     held_here = 0 if row is None else int(row.amount)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,6 +54,9 @@ class UsageRecord:
     ttft_ms: int | None = None
     duration_ms: int | None = None
     created_at: datetime = field(default_factory=utcnow)
+    end_user: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,9 @@ async def _write(conn: AsyncConnection, db: Database, records: Sequence[UsageRec
             "ttft_ms": r.ttft_ms,
             "duration_ms": r.duration_ms,
             "created_at": r.created_at,
+            "end_user": r.end_user,
+            "tags": list(r.tags) or None,
+            "meta": None if r.metadata is None else dict(r.metadata),
         }
         for r in records
     ]
@@ -265,24 +271,91 @@ async def recent_requests(db: Database, account_id: str, *, limit: int = 50) -> 
         .limit(max(1, min(limit, 1000)))
     )
     async with db.read() as conn:
-        result = await conn.execute(q)
-        return [
-            UsageRecord(
-                request_id=r.request_id,
-                account_id=r.account_id,
-                key_id=r.key_id,
-                model=r.model,
-                status=r.status,
-                input_tokens=r.input_tokens,
-                cached_tokens=r.cached_tokens,
-                output_tokens=r.output_tokens,
-                reasoning_tokens=r.reasoning_tokens,
-                cost=MicroCredits(r.cost),
-                replica=r.replica,
-                protocol=r.protocol,
-                ttft_ms=r.ttft_ms,
-                duration_ms=r.duration_ms,
-                created_at=r.created_at,
-            )
-            for r in result
+        return [record_from_row(r) for r in await conn.execute(q)]
+
+
+def record_from_row(r: Any) -> UsageRecord:
+    """A :class:`UsageRecord` from a ``usage_records`` row."""
+    return UsageRecord(
+        request_id=r.request_id,
+        account_id=r.account_id,
+        key_id=r.key_id,
+        model=r.model,
+        status=r.status,
+        input_tokens=r.input_tokens,
+        cached_tokens=r.cached_tokens,
+        output_tokens=r.output_tokens,
+        reasoning_tokens=r.reasoning_tokens,
+        cost=MicroCredits(r.cost),
+        replica=r.replica,
+        protocol=r.protocol,
+        ttft_ms=r.ttft_ms,
+        duration_ms=r.duration_ms,
+        created_at=r.created_at,
+        end_user=r.end_user,
+        tags=tuple(r.tags or ()),
+        metadata=r.meta,
+    )
+
+
+async def generation(db: Database, account_id: str, request_id: str) -> UsageRecord | None:
+    """The account's usage record of one request (None: unknown, or another account's)."""
+    q = select(usage_records).where(usage_records.c.request_id == request_id, usage_records.c.account_id == account_id)
+    async with db.read() as conn:
+        row = (await conn.execute(q.order_by(usage_records.c.id).limit(1))).first()
+    return None if row is None else record_from_row(row)
+
+
+GROUPS = ("user", "tag", "key", "model")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """One group of a breakdown: ``value`` None is the requests without one (no end user,
+    no tags)."""
+
+    value: str | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost: MicroCredits
+
+
+async def usage_by(
+    db: Database, account_id: str, group_by: str, *, days: int = 30, now: datetime | None = None
+) -> list[UsageGroup]:
+    """The account's raw usage rows of the last ``days`` UTC days (today included, within the
+    retention) summed by end user, tag, key or model; dearest first. A request with several
+    tags counts once under each of them."""
+    since = datetime.combine(_day(now or utcnow()) - timedelta(days=max(1, days) - 1), datetime.min.time(), UTC)
+    where = (usage_records.c.account_id == account_id) & (usage_records.c.created_at >= since)
+    sums: dict[str | None, list[int]] = {}
+    if group_by == "tag":
+        q = select(
+            usage_records.c.tags, usage_records.c.input_tokens, usage_records.c.output_tokens, usage_records.c.cost
+        ).where(where)
+        async with db.read() as conn:
+            for r in await conn.execute(q):
+                for tag in r.tags or [None]:
+                    s = sums.setdefault(tag, [0, 0, 0, 0])
+                    s[0] += 1
+                    s[1] += r.input_tokens
+                    s[2] += r.output_tokens
+                    s[3] += r.cost
+    else:
+        col = {"user": usage_records.c.end_user, "key": usage_records.c.key_id, "model": usage_records.c.model}[
+            group_by
         ]
+        q = (
+            select(
+                col.label("value"), func.count().label("n"), func.sum(usage_records.c.input_tokens).label("i"),
+                func.sum(usage_records.c.output_tokens).label("o"), func.sum(usage_records.c.cost).label("c"),
+            )
+            .where(where)
+            .group_by(col)
+        )
+        async with db.read() as conn:
+            for r in await conn.execute(q):
+                sums[r.value] = [int(r.n), int(r.i or 0), int(r.o or 0), int(r.c or 0)]
+    groups = [UsageGroup(v, s[0], s[1], s[2], MicroCredits(s[3])) for v, s in sums.items()]
+    return sorted(groups, key=lambda g: (-g.cost, -g.requests, g.value or ""))

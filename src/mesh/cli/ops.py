@@ -233,7 +233,9 @@ def keys_create(
     name: str = typer.Option("", "--name", help="A label for listings."),
     models: str | None = typer.Option(None, "--models", help="Comma-separated model ids the key may use."),
     expires_in_days: int | None = typer.Option(None, "--expires-in-days", min=1),
-    spend_limit: str | None = typer.Option(None, "--spend-limit", help="Most credits the key may spend."),
+    spend_limit: str | None = typer.Option(None, "--spend-limit", help="Most credits the key may spend (per period)."),
+    period: str = typer.Option("none", "--period", help="Budget period: none, daily, weekly or monthly (UTC)."),
+    reset_day: int | None = typer.Option(None, "--reset-day", help="Weekday 0-6 (weekly) or day 1-28 (monthly)."),
     rpm: str | None = RPM_OPT,
     tpm: str | None = TPM_OPT,
     concurrent: str | None = CONCURRENT_OPT,
@@ -252,6 +254,8 @@ def keys_create(
             expires_at=expires,
             spend_limit=limit,
             rate_limits=rate_limits,
+            budget_period=period,
+            budget_reset_day=reset_day,
         )
     )
     if as_json:
@@ -317,6 +321,39 @@ def keys_limits(
         _emit(out)
     else:
         _print_limits(out)
+
+
+@keys_app.command("budget")
+def keys_budget(
+    key_id: str = typer.Argument(...),
+    limit: str | None = typer.Option(None, "--limit", help="Credits per period; 'none' for no limit."),
+    period: str | None = typer.Option(None, "--period", help="none, daily, weekly or monthly (UTC)."),
+    reset_day: int | None = typer.Option(None, "--reset-day", help="Weekday 0-6 (weekly) or day 1-28 (monthly)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show or set a key's budget: a spend limit per period that resets (a new period or
+    reset day starts a new period now)."""
+    amount = None if limit in (None, "none") else _credits(limit, "--limit")
+
+    async def work(s: Services) -> Any:
+        if limit is None and period is None and reset_day is None:
+            return await s.accounts.get_key(key_id)
+        info = await s.accounts.set_key_budget(
+            key_id, spend_limit=amount, change_limit=limit is not None, period=period, reset_day=reset_day,
+            change_reset_day=reset_day is not None,
+        )
+        await s.authenticator.key_changed(key_id)
+        return info
+
+    k = _run(work)
+    out = key_json(k)
+    if as_json:
+        _emit(out)
+    else:
+        typer.echo(
+            f"{k.id}: budget {out['spend_limit'] or 'none'} ({k.budget_period})  spent {out['spent']}  "
+            f"remaining {out['budget_remaining'] or '-'}  resets {out['budget_resets_at'] or 'never'}"
+        )
 
 
 @keys_app.command("revoke")

@@ -1,4 +1,5 @@
-"""API keys: create (shown in full once), list with prefix, last use and spend, revoke.
+"""API keys: create (shown in full once), list with prefix, last use and spend (this budget
+period's), set a key's budget, revoke.
 
 Only keys of the signed-in user's account are ever listed or revocable; another
 account's key id answers 404, exactly like an unknown one. Revocation goes through
@@ -15,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mesh.accounts.service import ApiKeyInfo
+from mesh.billing.budgets import PERIODS
 from mesh.billing.money import parse_credits
 from mesh.console.web import PREFIX, Console, Page
 from mesh.errors import MeshError, NotFound
@@ -54,6 +56,9 @@ def _form_errors(page: Page) -> tuple[dict[str, str], dict[str, Any]]:
             values["spend_limit"] = parse_credits(limit_text)
         except (TypeError, ValueError):
             errors["spend_limit"] = "Enter an amount of credits such as 25 or 2.50."
+    values["budget_period"] = page.field("budget_period", "none")
+    if values["budget_period"] not in PERIODS:
+        errors["spend_limit"] = "Pick a budget period from the list."
     if len(values["name"]) > 200:
         errors["name"] = "Use at most 200 characters."
     return errors, values
@@ -116,6 +121,7 @@ async def create_key(page: Page) -> Response:
             allowed_models=values["models"],
             expires_at=values["expires_at"],
             spend_limit=values["spend_limit"],
+            budget_period=values["budget_period"],
         )
     except MeshError as err:
         return await _render(page, status=400, errors={"name": err.message}, form=values)
@@ -139,10 +145,32 @@ async def revoke_key(page: Page) -> Response:
     return page.redirect(PREFIX + "/keys", f"Key {key.prefix}… ({key.name}) revoked. It stops working at once.")
 
 
+async def change_budget(page: Page) -> Response:
+    """A key's budget: its amount per period (empty: no limit) and its period."""
+    key = await owned_key(page, page.request.path_params["key_id"])
+    if key is None:
+        return page.render("error.html", status=404, title="Not found", message="There is no such API key.")
+    text = page.field("spend_limit").strip()
+    period = page.field("budget_period", key.budget_period)
+    try:
+        limit = parse_credits(text) if text else None
+        info = await page.services.accounts.set_key_budget(
+            key.id, spend_limit=limit, change_limit=True, period=period
+        )
+    except (TypeError, ValueError):
+        return page.redirect(PREFIX + "/keys", "Enter an amount of credits such as 25 or 2.50.", "err")
+    except MeshError as err:
+        return page.redirect(PREFIX + "/keys", err.message, "err")
+    await page.services.authenticator.key_changed(key.id)
+    what = "no budget" if info.spend_limit is None else f"a {info.budget_period} budget"
+    return page.redirect(PREFIX + "/keys", f"Key {key.prefix}… ({key.name}) now has {what}.")
+
+
 def keys_routes(console: Console) -> list[Route]:
     r = console.route
     return [
         r("/keys", keys_page),
         r("/keys", create_key, methods=("POST",)),
+        r("/keys/{key_id}/budget", change_budget, methods=("POST",)),
         r("/keys/{key_id}/revoke", revoke_key, methods=("POST",)),
     ]

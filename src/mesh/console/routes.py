@@ -15,6 +15,7 @@ from mesh.console.keys import keys_routes
 from mesh.console.operator import operator_routes
 from mesh.console.operator_fleet import fleet_routes
 from mesh.console.playground import playground_routes
+from mesh.console.spend import spend_routes
 from mesh.console.static_headers import StaticHeaders
 from mesh.console.web import PREFIX, STATIC, Console, Page
 
@@ -34,6 +35,7 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
         *dashboard_routes(console),
         *billing_routes(console),
         *keys_routes(console),
+        *spend_routes(console),
         *guide_routes(console),
         *playground_routes(console),
         *operator_routes(console),

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -45,6 +46,8 @@ accounts = Table(
     Column("held", BigInteger, nullable=False, server_default="0"),
     Column("created_at", UTCDateTime, nullable=False),
     Column("rate_limits", JSON, nullable=True),
+    # Low-balance alert state (billing/alerts.py): null, "armed" (above), "sent" (alerted).
+    Column("balance_alert", String(8), nullable=True),
     CheckConstraint("balance >= 0", name="balance_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("balance >= held", name="balance_covers_held"),
@@ -67,6 +70,10 @@ api_keys = Table(
     Column("last_used_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("rate_limits", JSON, nullable=True),
+    # A budget that resets (mesh.billing.budgets): spend_limit per period; spent is this period's.
+    Column("budget_period", String(16), nullable=True),
+    Column("budget_reset_day", SmallInteger, nullable=True),
+    Column("budget_resets_at", UTCDateTime, nullable=True),
     CheckConstraint("spent >= 0", name="spent_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),
@@ -123,6 +130,10 @@ usage_records = Table(
     Column("ttft_ms", Integer, nullable=True),
     Column("duration_ms", Integer, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # Attribution (mesh.billing.attribution): the client's end user, x-mesh-tags, metadata.
+    Column("end_user", String(256), nullable=True),
+    Column("tags", JSON, nullable=True),
+    Column("meta", JSON, nullable=True),
     Index("ix_usage_records_account_id_created_at", "account_id", "created_at"),
     Index("ix_usage_records_created_at", "created_at"),
     Index("ix_usage_records_request_id", "request_id"),
