@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from sqlalchemy import text
-
 from mesh.billing.leases import LeasedLedger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
@@ -22,6 +20,7 @@ from mesh.config import ModelConfig, Settings
 from mesh.conversations import ResponseStore
 from mesh.engines.factory import build_engine
 from mesh.limits import build_limiter, limits_headers
+from mesh.observability.health import Readiness
 from mesh.observability.metrics import Metrics
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.breaker import CircuitBreaker
@@ -35,8 +34,6 @@ from mesh.workers.registry import MemoryRegistry, RedisRegistry, WorkerRegistry
 from mesh.workers.sync import WorkerSync
 
 log = logging.getLogger("mesh.gateway")
-
-READY_TIMEOUT = 2.0  # seconds the readiness check waits for the database
 
 
 def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
@@ -93,6 +90,8 @@ class Gateway:
             checkpoint_interval=settings.billing.checkpoint_interval, leases=settings.billing.leases,
         )
         self.metrics.watch_billing(self.ledger)
+        self.ready = Readiness(services.database, settings.redis, lambda: self.ledger.ready, self.replicas)
+        self.metrics.watch_readiness(self.ready)
         self.pipeline = Pipeline(
             settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
@@ -109,6 +108,7 @@ class Gateway:
         gateway = cls(settings, build_router(settings), services)
         await gateway.limiter.start()
         gateway.health.start()
+        gateway.ready.start()
         gateway.workers.start()
         gateway.responses.start()
         return gateway
@@ -120,15 +120,9 @@ class Gateway:
         await self.services.usage.flush()
 
     async def readiness(self) -> dict[str, bool]:
-        """What ``/health/ready`` reports: the database answers (within a couple of
-        seconds) and billing writes are not failing."""
-        database = True
-        try:
-            async with asyncio.timeout(READY_TIMEOUT), self.services.database.read() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception:
-            database = False
-        return {"database": database, "billing": self.ledger.ready}
+        """What ``/health/ready`` reports (mesh.observability.health): database, Redis when
+        configured, billing writes, and a healthy replica."""
+        return await self.ready.check()
 
     def replicas(self) -> list[Replica]:
         return [r for pool in self.router.pools.values() for r in pool.replicas]
@@ -157,6 +151,7 @@ class Gateway:
     async def aclose(self) -> None:
         await self.workers.aclose()
         await self.health.aclose()
+        await self.ready.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         await self.ledger.aclose()  # write the last charges and give leased credit back

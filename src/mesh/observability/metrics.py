@@ -77,6 +77,26 @@ class _BillingCollector(Collector):
         yield from (failed, queued, ready)
 
 
+class _ReadinessCollector(Collector):
+    def __init__(self, last: Callable[[], dict[str, bool]]) -> None:
+        self._last = last
+
+    def collect(self) -> Iterator[Any]:
+        checks = GaugeMetricFamily(
+            "mesh_ready_check", "1 while a readiness check passes (database, redis, billing, replicas)",
+            labels=["check"],
+        )
+        for name, ok in self._last().items():
+            checks.add_metric([name], 1.0 if ok else 0.0)
+        yield checks
+
+
+class ReadinessState(Protocol):
+    """What the readiness collector reads (``mesh.observability.health.Readiness``)."""
+
+    last: dict[str, bool]
+
+
 class Metrics:
     def __init__(self, router: Callable[[], Router | None] = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -117,6 +137,10 @@ class Metrics:
     def watch_billing(self, billing: BillingState) -> None:
         """Expose the settlement queue's state (read at scrape time)."""
         self.registry.register(_BillingCollector(billing))
+
+    def watch_readiness(self, readiness: ReadinessState) -> None:
+        """Expose the last readiness checks (re-run every few seconds in the background)."""
+        self.registry.register(_ReadinessCollector(lambda: readiness.last))
 
     def error(self, protocol: str, kind: str) -> None:
         self.errors.labels(protocol, kind).inc()
