@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from mesh.billing.leases import LeasedLedger
@@ -21,7 +22,8 @@ from mesh.conversations import ResponseStore
 from mesh.engines.factory import build_engine
 from mesh.limits import build_limiter, limits_headers
 from mesh.observability.health import Readiness
-from mesh.observability.metrics import Metrics
+from mesh.observability.metrics import BreakerWatch, Metrics
+from mesh.observability.stale_holds import StaleHolds
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.health import HealthMonitor
@@ -48,12 +50,14 @@ def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
     return (*settings.models, *extra)
 
 
-def build_router(settings: Settings) -> Router:
+def build_router(settings: Settings, on_breaker: BreakerWatch | None = None) -> Router:
     rc = settings.routing
 
     def replica(engine_config: Any, model_id: str) -> Replica:
-        breaker = CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown)
-        return Replica(build_engine(engine_config, model_id), capacity=engine_config.capacity, breaker=breaker)
+        engine = build_engine(engine_config, model_id)
+        watch = None if on_breaker is None else partial(on_breaker, model_id, engine.name)
+        breaker = CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown, on_transition=watch)
+        return Replica(engine, capacity=engine_config.capacity, breaker=breaker)
 
     pools = {
         m.id: ModelPool(
@@ -75,13 +79,14 @@ def _registry(settings: Settings) -> WorkerRegistry:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, router: Router, services: Services) -> None:
+    def __init__(self, settings: Settings, router: Router, services: Services, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.router = router
         self.services = services
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
-        self.metrics = Metrics(lambda: self.router)
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_router(lambda: self.router)
         self.limiter = build_limiter(settings)
         # Every admission and settlement goes through one LeasedLedger; with leases off it
         # takes an exact hold per request (and still queues what an outage keeps it from writing).
@@ -92,11 +97,14 @@ class Gateway:
         self.metrics.watch_billing(self.ledger)
         self.ready = Readiness(services.database, settings.redis, lambda: self.ledger.ready, self.replicas)
         self.metrics.watch_readiness(self.ready)
+        obs = settings.observability
+        self.stale_holds = StaleHolds(services.database, obs.stale_hold_minutes, obs.stale_hold_check_interval)
+        self.metrics.watch_backlogs(services.usage, lambda: self.stale_holds.count)
         self.pipeline = Pipeline(
             settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
-        self.workers = WorkerSync(settings, router, _registry(settings))
+        self.workers = WorkerSync(settings, router, _registry(settings), on_breaker=self.metrics.breaker_transition)
         self.pipeline.usage_guard = self.workers.check_usage
         self.responses = ResponseStore(
             services.database, enabled=settings.responses.store, retention_days=settings.responses.retention_days
@@ -105,10 +113,12 @@ class Gateway:
     @classmethod
     async def start(cls, settings: Settings) -> Gateway:
         services = await open_services(settings)
-        gateway = cls(settings, build_router(settings), services)
+        metrics = Metrics()
+        gateway = cls(settings, build_router(settings, metrics.breaker_transition), services, metrics)
         await gateway.limiter.start()
         gateway.health.start()
         gateway.ready.start()
+        gateway.stale_holds.start()
         gateway.workers.start()
         gateway.responses.start()
         return gateway
@@ -152,6 +162,7 @@ class Gateway:
         await self.workers.aclose()
         await self.health.aclose()
         await self.ready.aclose()
+        await self.stale_holds.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         await self.ledger.aclose()  # write the last charges and give leased credit back

@@ -357,7 +357,9 @@ class Pipeline:
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the
             # response over a bookkeeping failure, and never charge twice.
-            log.exception("settlement failed for %s", ctx.request_id)
+            log.exception("settlement failed for %s", ctx.request_id, extra={"request_id": ctx.request_id})
+            if self.metrics is not None:
+                self.metrics.settlement_failures.inc()
         usage = ctx.usage or Usage()
         if self.metrics is not None:
             ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
