@@ -40,6 +40,12 @@ def _with_request_id(render: ErrorRenderer, rid: str) -> ErrorRenderer:
     return render_with_id
 
 
+def _count_error(request: Request, protocol: str, kind: str) -> None:
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.metrics.error(protocol, kind)
+
+
 def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
@@ -51,9 +57,11 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
                 response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"
+                _count_error(request, protocol, err.kind)
                 response = error_response(err, render, limits_headers(ctx))
             except Exception:
                 ctx.status = "error"
+                _count_error(request, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
                 internal = InternalError("The server had an error processing your request.")
                 response = error_response(internal, render)

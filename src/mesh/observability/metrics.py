@@ -43,14 +43,19 @@ class _FleetCollector(Collector):
             "mesh_replica_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=per_replica
         )
         queue = GaugeMetricFamily("mesh_queue_depth", "Requests waiting for a replica slot", labels=["model"])
+        queue_max = GaugeMetricFamily("mesh_queue_limit", "Most requests that may wait (routing.max_queue)",
+                                      labels=["model"])
+        workers = GaugeMetricFamily("mesh_worker_replicas", "Replicas registered by GPU workers", labels=["model"])
         if router is not None:
             for model, pool in router.pools.items():
                 queue.add_metric([model], len(pool.queue))
+                queue_max.add_metric([model], pool.queue.max_waiting)
+                workers.add_metric([model], sum(1 for r in pool.replicas if r.labels.get("source") == "worker"))
                 for r in pool.replicas:
                     in_flight.add_metric([model, r.name], r.in_flight)
                     healthy.add_metric([model, r.name], 1.0 if r.healthy else 0.0)
                     breaker.add_metric([model, r.name], _BREAKER[r.breaker.state])
-        yield from (in_flight, healthy, breaker, queue)
+        yield from (in_flight, healthy, breaker, queue, queue_max, workers)
 
 
 class BillingState(Protocol):
