@@ -12,6 +12,8 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
+from opentelemetry import trace
+
 from mesh.billing.leases import LeasedLedger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
@@ -24,6 +26,7 @@ from mesh.limits import build_limiter, limits_headers
 from mesh.observability.health import Readiness
 from mesh.observability.metrics import BreakerWatch, Metrics
 from mesh.observability.stale_holds import StaleHolds
+from mesh.observability.tracing import Tracing
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.health import HealthMonitor
@@ -50,7 +53,9 @@ def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
     return (*settings.models, *extra)
 
 
-def build_router(settings: Settings, on_breaker: BreakerWatch | None = None) -> Router:
+def build_router(
+    settings: Settings, on_breaker: BreakerWatch | None = None, tracer: trace.Tracer | None = None
+) -> Router:
     rc = settings.routing
 
     def replica(engine_config: Any, model_id: str) -> Replica:
@@ -68,7 +73,7 @@ def build_router(settings: Settings, on_breaker: BreakerWatch | None = None) -> 
         )
         for m in offered_models(settings)
     }
-    return Router(pools, make_policy(rc.policy, rc.affinity_min_prefix_chars), rc.max_attempts)
+    return Router(pools, make_policy(rc.policy, rc.affinity_min_prefix_chars), rc.max_attempts, tracer)
 
 
 def _registry(settings: Settings) -> WorkerRegistry:
@@ -79,8 +84,12 @@ def _registry(settings: Settings) -> WorkerRegistry:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, router: Router, services: Services, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, router: Router, services: Services, metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing(settings.observability)
         self.router = router
         self.services = services
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -114,7 +123,9 @@ class Gateway:
     async def start(cls, settings: Settings) -> Gateway:
         services = await open_services(settings)
         metrics = Metrics()
-        gateway = cls(settings, build_router(settings, metrics.breaker_transition), services, metrics)
+        tracing = Tracing(settings.observability)
+        router = build_router(settings, metrics.breaker_transition, tracing.tracer)
+        gateway = cls(settings, router, services, metrics, tracing)
         await gateway.limiter.start()
         gateway.health.start()
         gateway.ready.start()
@@ -170,3 +181,4 @@ class Gateway:
         await self.responses.aclose()
         await self.router.aclose()
         await self.services.aclose()
+        await asyncio.to_thread(self.tracing.shutdown)  # the exporter's last batch, off the loop

@@ -31,6 +31,7 @@ from mesh.errors import AuthenticationFailed, InvalidRequest, MeshError, ModelNo
 from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.observability.metrics import Metrics
+from mesh.observability.tracing import RequestTrace, not_traced
 from mesh.protocols.extensions import allow_extensions
 from mesh.routing.router import RoutedStream, Router
 
@@ -99,6 +100,7 @@ class RequestContext:
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
+    trace: RequestTrace = field(default_factory=not_traced)  # its spans (no-op unless tracing)
 
     @property
     def ttft_ms(self) -> int | None:
@@ -140,7 +142,8 @@ class Pipeline:
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Principal:
         """Bearer token or ``x-api-key``; raises AuthenticationFailed (401)."""
-        ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
+        with ctx.trace.step("authenticate"):
+            ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
         return ctx.principal
 
     # 2. resolve the model (after the protocol parsed the body) -------------------------------
@@ -185,12 +188,13 @@ class Pipeline:
         assert ctx.model is not None
         model = ctx.model
         ctx.prompt_estimate = estimate_prompt_tokens(request)
-        await self.limit(ctx)
-        try:
-            request = await self._hold(ctx, request, model)
-        except BaseException:
-            await self._give_back(ctx, 0)
-            raise
+        with ctx.trace.step("admit"):
+            await self.limit(ctx)
+            try:
+                request = await self._hold(ctx, request, model)
+            except BaseException:
+                await self._give_back(ctx, 0)
+                raise
         return request
 
     async def limit(self, ctx: RequestContext) -> None:
@@ -258,7 +262,8 @@ class Pipeline:
 
     async def _route(self, ctx: RequestContext, request: CanonicalRequest) -> RoutedStream:
         try:
-            stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+            with ctx.trace.active():  # the router's queue wait and attempt spans are the request's
+                stream = await self.router.open(request, ctx.who.account_id, ctx.models)
         except BaseException as exc:
             ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
             await self._settle_now(ctx)
@@ -337,23 +342,25 @@ class Pipeline:
             await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
             ctx.settled = True
+            ctx.trace.finish(ctx)
             return
         ctx.settled = True
         duration = time.monotonic() - ctx.started
         duration_ms = int(duration * 1000)
         charged = 0
         try:
-            charged = await self.ledger.settle(
-                ctx.admission,
-                ctx.usage,
-                status=ctx.status,
-                model=ctx.model.id,
-                pricing=ctx.model.pricing,
-                replica=ctx.replica,
-                protocol=ctx.protocol,
-                ttft_ms=ctx.ttft_ms,
-                duration_ms=duration_ms,
-            )
+            with ctx.trace.step("settle"):
+                charged = await self.ledger.settle(
+                    ctx.admission,
+                    ctx.usage,
+                    status=ctx.status,
+                    model=ctx.model.id,
+                    pricing=ctx.model.pricing,
+                    replica=ctx.replica,
+                    protocol=ctx.protocol,
+                    ttft_ms=ctx.ttft_ms,
+                    duration_ms=duration_ms,
+                )
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the
             # response over a bookkeeping failure, and never charge twice.
@@ -376,9 +383,10 @@ class Pipeline:
                 "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
                 "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                 "cached_tokens": usage.cached_tokens, "charged_micro": charged,
-                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms,
+                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **ctx.trace.log_ids(),
             },
         )
+        ctx.trace.finish(ctx, charged=charged)
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:

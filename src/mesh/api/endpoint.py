@@ -47,24 +47,33 @@ def _count_error(request: Request, protocol: str, kind: str) -> None:
 
 
 def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
+    traced = protocol.startswith(("openai.", "anthropic."))  # inference, not the worker or model lists
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
             ctx = RequestContext(request_id=request_id(), protocol=protocol)
             request.state.ctx = ctx
+            gateway = getattr(request.app.state, "gateway", None)
+            if traced and gateway is not None:
+                ctx.trace = gateway.tracing.start(request.headers, protocol, ctx.request_id, ctx.started)
             response: AnyResponse
             render = _with_request_id(render_error, ctx.request_id)
             try:
-                response = await handler(request, ctx)
+                with ctx.trace.active():
+                    response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"
+                ctx.trace.fail(err.kind)
                 _count_error(request, protocol, err.kind)
                 response = error_response(err, render, limits_headers(ctx))
             except Exception:
                 ctx.status = "error"
+                ctx.trace.fail("internal")
                 _count_error(request, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
                 internal = InternalError("The server had an error processing your request.")
                 response = error_response(internal, render)
+            if not isinstance(response, StreamResponse) or ctx.status == "error":
+                ctx.trace.finish(ctx)  # a stream's span ends when it settles
             response.headers["x-request-id"] = ctx.request_id
             response.headers["request-id"] = ctx.request_id
             return response

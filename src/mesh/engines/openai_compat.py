@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh.canonical import CanonicalRequest, Event, Message, Usage
 from mesh.config import OpenAIEngineConfig
@@ -27,6 +28,9 @@ from mesh.errors import (
     MeshError,
 )
 
+# Sends the current span's traceparent, so an engine that traces (vLLM with
+# --otlp-traces-endpoint) joins the request's trace; adds nothing when Mesh is not tracing.
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 _DATA = b"data:"
 _DONE = b"[DONE]"
 
@@ -112,7 +116,9 @@ class OpenAIEngine:
         try:
             with _map_errors(self.name):
                 async with asyncio.timeout(self.config.first_token_timeout):
-                    resp = await self._client().post(self._chat_url, data=body, headers=self._headers)
+                    headers = dict(self._headers)
+                    _TRACE_CONTEXT.inject(headers)
+                    resp = await self._client().post(self._chat_url, data=body, headers=headers)
                     if resp.status != 200:
                         raise _upstream_error(resp.status, await resp.read(), self.name)
                     lines = aiter(resp.content)

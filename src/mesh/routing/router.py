@@ -14,9 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from mesh.canonical import CanonicalRequest, Event
 from mesh.config import ModelConfig
 from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
+from mesh.observability.spans import child
 from mesh.routing.policy import LeastOutstanding, Policy
 from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
@@ -83,11 +86,13 @@ class RoutedStream:
 
 class Router:
     def __init__(
-        self, pools: dict[str, ModelPool], policy: Policy | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+        self, pools: dict[str, ModelPool], policy: Policy | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.pools = pools
         self.policy: Policy = policy or LeastOutstanding()
         self.max_attempts = max_attempts
+        self.tracer = tracer or trace.NoOpTracer()  # queue wait and route attempt spans
 
     def models(self) -> list[ModelConfig]:
         return [pool.model for pool in self.pools.values()]
@@ -113,7 +118,9 @@ class Router:
         raise EngineUnavailable(f"No healthy replica can serve model {request.model!r} right now.", retry_after=1)
 
     async def _open_in(self, pool: ModelPool, request: CanonicalRequest, account: str) -> RoutedStream:
-        await pool.acquire(account)
+        with child(self.tracer, "queue wait", {"gen_ai.request.model": pool.model.id,
+                                                  "mesh.queue.depth": len(pool.queue)}):
+            await pool.acquire(account)
         tried: set[int] = set()
         faulted: set[int] = set()
         last: EngineError | None = None
@@ -136,7 +143,12 @@ class Router:
             replica.in_flight += 1
             events = aiter(replica.engine.stream(request))
             try:
-                first = await anext(events)
+                # The engine's request goes out inside this span: its traceparent names it.
+                with child(self.tracer, "route attempt", {
+                    "gen_ai.request.model": pool.model.id, "mesh.replica": replica.name, "mesh.route.reason": reason,
+                    "mesh.route.attempt": attempt + 1,
+                }):
+                    first = await anext(events)
             except EngineError as err:
                 replica.in_flight -= 1
                 await _close(events)
