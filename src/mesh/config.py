@@ -233,7 +233,7 @@ class ObservabilityConfig(_Frozen):
     # always exported, whatever the ratio.
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     slow_request_seconds: float = Field(default=30.0, gt=0)
-    # A hold older than this is counted (mesh_billing_stale_holds) and logged: a settlement
+    # A hold older than this is counted (mesh_stale_holds) and logged: a settlement
     # that never happened, or a stream that long.
     stale_hold_minutes: float = Field(default=15.0, gt=0)
     stale_hold_check_interval: float = Field(default=30.0, gt=0)

@@ -105,7 +105,7 @@ def test_breaker_transitions_are_counted_and_logged(setup: Setup) -> None:
 
 
 def test_a_hold_older_than_the_limit_is_counted_and_logged_once_with_its_request_id(setup: Setup) -> None:
-    assert setup.metric("mesh_billing_stale_holds") == 0
+    assert setup.metric("mesh_stale_holds") == 0
     got: dict[str, Any] = {}
 
     def slow() -> None:
@@ -121,13 +121,13 @@ def test_a_hold_older_than_the_limit_is_counted_and_logged_once_with_its_request
     worker.start()
     try:
         deadline = time.monotonic() + 10
-        while setup.metric("mesh_billing_stale_holds") < 1:
+        while setup.metric("mesh_stale_holds") < 1:
             assert time.monotonic() < deadline, "the open stream's hold was never counted"
             time.sleep(0.1)
     finally:
         worker.join(60)
     deadline = time.monotonic() + 10
-    while setup.metric("mesh_billing_stale_holds") != 0:
+    while setup.metric("mesh_stale_holds") != 0:
         assert time.monotonic() < deadline, "the settled hold is still counted"
         time.sleep(0.1)
     stale = [e for e in setup.logs() if e["msg"].startswith("hold ") and e.get("request_id") == got["id"]]
@@ -137,6 +137,6 @@ def test_a_hold_older_than_the_limit_is_counted_and_logged_once_with_its_request
 def test_usage_backlog_and_settlement_failures_are_exported(setup: Setup) -> None:
     assert setup.metric("mesh_usage_pending_records") >= 0
     for name in ("mesh_usage_pending_records", "mesh_usage_dropped_records_total", "mesh_settlement_failures_total",
-                 "mesh_billing_stale_holds"):
+                 "mesh_stale_holds"):
         assert re.search(rf"^{name} \S+$", httpx.get(setup.gw.url + "/metrics", headers={
             "Authorization": f"Bearer {ADMIN_KEY}"}).text, re.M), name

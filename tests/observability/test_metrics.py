@@ -62,6 +62,6 @@ async def test_usage_backlog_and_drops_are_exported(tmp_path: object) -> None:
         got = samples(metrics)
         assert got[("mesh_usage_pending_records", ())] == 2
         assert got[("mesh_usage_dropped_records_total", ())] == 1
-        assert got[("mesh_billing_stale_holds", ())] == 3
+        assert got[("mesh_stale_holds", ())] == 3
     finally:
         await db.aclose()

@@ -123,7 +123,7 @@ class _SilentCollector(Collector):
         dropped = CounterMetricFamily("mesh_usage_dropped_records", "Usage records dropped: the buffer was full")
         dropped.add_metric([], self._usage.dropped)
         stale = GaugeMetricFamily(
-            "mesh_billing_stale_holds", "Holds older than observability.stale_hold_minutes (never settled)"
+            "mesh_stale_holds", "Holds older than observability.stale_hold_minutes (never settled)"
         )
         stale.add_metric([], self._stale_holds())
         yield from (pending, dropped, stale)

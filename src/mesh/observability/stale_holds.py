@@ -2,7 +2,7 @@
 
 A settlement that failed leaves its hold for the stale-hold sweeper; until then the
 customer's credit is locked and nothing else says so. This watcher counts such holds every
-``stale_hold_check_interval`` seconds (``mesh_billing_stale_holds``) and logs each one once,
+``stale_hold_check_interval`` seconds (``mesh_stale_holds``) and logs each one once,
 with its request id (lease holds carry their lease id). A database it cannot reach leaves
 the last count in place: readiness reports that outage.
 """
