@@ -10,3 +10,13 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "note: /usr/bin/chromium is missing; install it (apt-get install chromium) for the console tests" >&2
   fi
 fi
+# promtool (Debian's prometheus package) checks deploy/observability's alerting rules.
+if ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's prometheus for promtool (alert rule checks)"
+    (apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1) \
+      || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null)
+  else
+    echo "note: promtool is missing; install it (apt-get install prometheus) for the alert rule checks" >&2
+  fi
+fi

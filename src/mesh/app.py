@@ -36,8 +36,8 @@ async def _health(request: Request) -> Response:
 
 
 async def _ready(request: Request) -> Response:
-    """Readiness for a load balancer: 503 while the database cannot be reached or billing
-    writes are failing (``/health`` stays 200: the process itself is alive)."""
+    """Readiness for a load balancer: 503 while the database or Redis cannot be reached,
+    billing writes are failing or no replica is healthy (``/health/live`` stays 200)."""
     gateway: Gateway = request.app.state.gateway
     checks = await gateway.readiness()
     ready = all(checks.values())
@@ -80,6 +80,7 @@ async def _principal(request: Request) -> Principal:
 def routes() -> list[BaseRoute]:
     return [
         Route("/health", _health, methods=["GET"]),
+        Route("/health/live", _health, methods=["GET"]),  # the process runs and serves HTTP
         Route("/health/ready", _ready, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

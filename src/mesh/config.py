@@ -253,6 +253,22 @@ class LoggingConfig(_Frozen):
     log_content: Literal[False] = False
 
 
+class ObservabilityConfig(_Frozen):
+    """Tracing and the watchers of silent failures (docs/observability.md)."""
+
+    # OTLP/HTTP traces endpoint (e.g. http://otel-collector:4318/v1/traces); None: tracing off.
+    otlp_endpoint: str | None = None
+    service_name: str = "mesh-gateway"
+    # Share of requests traced; errors and requests slower than slow_request_seconds are
+    # always exported, whatever the ratio.
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    slow_request_seconds: float = Field(default=30.0, gt=0)
+    # A hold older than this is counted (mesh_stale_holds) and logged: a settlement
+    # that never happened, or a stream that long.
+    stale_hold_minutes: float = Field(default=15.0, gt=0)
+    stale_hold_check_interval: float = Field(default=30.0, gt=0)
+
+
 class WorkerToken(_Frozen):
     """A credential for GPU nodes: registers replicas of the listed models, nothing else."""
 
@@ -377,6 +393,7 @@ class Settings(_Frozen):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     # Offer every model of the built-in catalog to workers: a GPU node may register, say,
     # kimi-k2.6 without a config change; such a model is listed only while it has a replica.
     catalog: bool = True

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
-from sqlalchemy import text
+from opentelemetry import trace
 
 from mesh.billing.alerts import BalanceAlerts
 from mesh.billing.leases import LeasedLedger
@@ -23,7 +24,10 @@ from mesh.config import ModelConfig, Settings
 from mesh.conversations import ResponseStore
 from mesh.engines.factory import build_engine
 from mesh.limits import build_limiter, limits_headers
-from mesh.observability.metrics import Metrics
+from mesh.observability.health import Readiness
+from mesh.observability.metrics import BreakerWatch, Metrics
+from mesh.observability.stale_holds import StaleHolds
+from mesh.observability.tracing import Tracing
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.health import HealthMonitor
@@ -38,8 +42,6 @@ from mesh.workers.sync import WorkerSync
 
 log = logging.getLogger("mesh.gateway")
 
-READY_TIMEOUT = 2.0  # seconds the readiness check waits for the database
-
 
 def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
     """The configured models, then (with ``catalog: true``) the catalog's other models with
@@ -53,12 +55,16 @@ def offered_models(settings: Settings) -> tuple[ModelConfig, ...]:
     return (*settings.models, *extra)
 
 
-def build_router(settings: Settings) -> Router:
+def build_router(
+    settings: Settings, on_breaker: BreakerWatch | None = None, tracer: trace.Tracer | None = None
+) -> Router:
     rc = settings.routing
 
     def replica(engine_config: Any, model_id: str) -> Replica:
-        breaker = CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown)
-        return Replica(build_engine(engine_config, model_id), capacity=engine_config.capacity, breaker=breaker)
+        engine = build_engine(engine_config, model_id)
+        watch = None if on_breaker is None else partial(on_breaker, model_id, engine.name)
+        breaker = CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown, on_transition=watch)
+        return Replica(engine, capacity=engine_config.capacity, breaker=breaker)
 
     pools = {
         m.id: ModelPool(
@@ -75,7 +81,7 @@ def build_router(settings: Settings) -> Router:
     else:
         sessions = MemorySessionMap(rc.affinity_ttl, rc.affinity_max_entries)
     policy = make_policy(rc.policy, rc.affinity_min_prefix_chars, rc.affinity_slack)
-    return Router(pools, policy, rc.max_attempts, sessions)
+    return Router(pools, policy, rc.max_attempts, sessions, tracer)
 
 
 def _registry(settings: Settings) -> WorkerRegistry:
@@ -86,13 +92,18 @@ def _registry(settings: Settings) -> WorkerRegistry:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, router: Router, services: Services) -> None:
+    def __init__(
+        self, settings: Settings, router: Router, services: Services, metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing(settings.observability)
         self.router = router
         self.services = services
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
-        self.metrics = Metrics(lambda: self.router)
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_router(lambda: self.router)
         self.limiter = build_limiter(settings)
         # Every admission and settlement goes through one LeasedLedger; with leases off it
         # takes an exact hold per request (and still queues what an outage keeps it from writing).
@@ -102,11 +113,16 @@ class Gateway:
         )
         self.metrics.watch_billing(self.ledger)
         self.alerts = BalanceAlerts(services.database, settings.billing.alerts)
+        self.ready = Readiness(services.database, settings.redis, lambda: self.ledger.ready, self.replicas)
+        self.metrics.watch_readiness(self.ready)
+        obs = settings.observability
+        self.stale_holds = StaleHolds(services.database, obs.stale_hold_minutes, obs.stale_hold_check_interval)
+        self.metrics.watch_backlogs(services.usage, lambda: self.stale_holds.count)
         self.pipeline = Pipeline(
             settings, router, services.authenticator, self.ledger, self.spawn, self.metrics, self.limiter
         )
         self.health = HealthMonitor(self.replicas, settings.routing.health_interval)
-        self.workers = WorkerSync(settings, router, _registry(settings))
+        self.workers = WorkerSync(settings, router, _registry(settings), on_breaker=self.metrics.breaker_transition)
         self.pipeline.usage_guard = self.workers.check_usage
         self.responses = ResponseStore(
             services.database, enabled=settings.responses.store, retention_days=settings.responses.retention_days
@@ -115,9 +131,14 @@ class Gateway:
     @classmethod
     async def start(cls, settings: Settings) -> Gateway:
         services = await open_services(settings)
-        gateway = cls(settings, build_router(settings), services)
+        metrics = Metrics()
+        tracing = Tracing(settings.observability)
+        router = build_router(settings, metrics.breaker_transition, tracing.tracer)
+        gateway = cls(settings, router, services, metrics, tracing)
         await gateway.limiter.start()
         gateway.health.start()
+        gateway.ready.start()
+        gateway.stale_holds.start()
         gateway.workers.start()
         gateway.responses.start()
         gateway.alerts.start()
@@ -130,15 +151,9 @@ class Gateway:
         await self.services.usage.flush()
 
     async def readiness(self) -> dict[str, bool]:
-        """What ``/health/ready`` reports: the database answers (within a couple of
-        seconds) and billing writes are not failing."""
-        database = True
-        try:
-            async with asyncio.timeout(READY_TIMEOUT), self.services.database.read() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception:
-            database = False
-        return {"database": database, "billing": self.ledger.ready}
+        """What ``/health/ready`` reports (mesh.observability.health): database, Redis when
+        configured, billing writes, and a healthy replica."""
+        return await self.ready.check()
 
     def replicas(self) -> list[Replica]:
         return [r for pool in self.router.pools.values() for r in pool.replicas]
@@ -168,6 +183,8 @@ class Gateway:
         await self.alerts.aclose()
         await self.workers.aclose()
         await self.health.aclose()
+        await self.ready.aclose()
+        await self.stale_holds.aclose()
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         await self.ledger.aclose()  # write the last charges and give leased credit back
@@ -175,3 +192,4 @@ class Gateway:
         await self.responses.aclose()
         await self.router.aclose()
         await self.services.aclose()
+        await asyncio.to_thread(self.tracing.shutdown)  # the exporter's last batch, off the loop

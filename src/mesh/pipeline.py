@@ -46,6 +46,7 @@ from mesh.errors import (
 from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
 from mesh.observability.metrics import Metrics
+from mesh.observability.tracing import RequestTrace, not_traced
 from mesh.protocols.extensions import allow_extensions
 from mesh.routing.router import RoutedStream, Router
 
@@ -129,6 +130,7 @@ class RequestContext:
     stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
     metering: bool = False  # metered() started: it closes the stream and settles
     deadline: float | None = None  # loop time by which the whole request must end
+    trace: RequestTrace = field(default_factory=not_traced)  # its spans (no-op unless tracing)
 
     @property
     def ttft_ms(self) -> int | None:
@@ -195,7 +197,8 @@ class Pipeline:
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Principal:
         """Bearer token or ``x-api-key``; raises AuthenticationFailed (401)."""
-        ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
+        with ctx.trace.step("authenticate"):
+            ctx.principal = await self.authenticator.authenticate(presented_credential(authorization, api_key))
         return ctx.principal
 
     # 2. resolve the model (after the protocol parsed the body) -------------------------------
@@ -278,12 +281,13 @@ class Pipeline:
         assert ctx.model is not None
         model = ctx.model
         ctx.prompt_estimate = estimate_prompt_tokens(request)
-        await self.limit(ctx)
-        try:
-            request = await self._hold(ctx, request, model)
-        except BaseException:
-            await self._give_back(ctx, 0)
-            raise
+        with ctx.trace.step("admit"):
+            await self.limit(ctx)
+            try:
+                request = await self._hold(ctx, request, model)
+            except BaseException:
+                await self._give_back(ctx, 0)
+                raise
         return request
 
     async def limit(self, ctx: RequestContext) -> None:
@@ -355,7 +359,8 @@ class Pipeline:
         try:
             try:
                 async with asyncio.timeout_at(ctx.deadline):
-                    stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+                    with ctx.trace.active():  # the router's queue wait and attempt spans are the request's
+                        stream = await self.router.open(request, ctx.who.account_id, ctx.models)
             except TimeoutError:
                 raise self._deadline_error() from None
         except BaseException as exc:
@@ -494,30 +499,36 @@ class Pipeline:
             await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
             ctx.settled = True
+            ctx.trace.finish(ctx)
             return
         ctx.settled = True
         duration = time.monotonic() - ctx.started
         duration_ms = int(duration * 1000)
         charged = 0
         try:
-            charged = await self.ledger.settle(
-                ctx.admission,
-                ctx.usage,
-                status=ctx.status,
-                model=ctx.model.id,
-                pricing=ctx.model.pricing,
-                replica=ctx.replica,
-                protocol=ctx.protocol,
-                ttft_ms=ctx.ttft_ms,
-                duration_ms=duration_ms,
-                attribution=attribution(
-                    ctx.request.user if ctx.request else None, ctx.request.metadata if ctx.request else None, ctx.tags
-                ),
-            )
+            with ctx.trace.step("settle"):
+                charged = await self.ledger.settle(
+                    ctx.admission,
+                    ctx.usage,
+                    status=ctx.status,
+                    model=ctx.model.id,
+                    pricing=ctx.model.pricing,
+                    replica=ctx.replica,
+                    protocol=ctx.protocol,
+                    ttft_ms=ctx.ttft_ms,
+                    duration_ms=duration_ms,
+                    attribution=attribution(
+                        ctx.request.user if ctx.request else None,
+                        ctx.request.metadata if ctx.request else None,
+                        ctx.tags,
+                    ),
+                )
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the
             # response over a bookkeeping failure, and never charge twice.
-            log.exception("settlement failed for %s", ctx.request_id)
+            log.exception("settlement failed for %s", ctx.request_id, extra={"request_id": ctx.request_id})
+            if self.metrics is not None:
+                self.metrics.settlement_failures.inc()
         usage = ctx.usage or Usage()
         if self.metrics is not None:
             ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
@@ -534,9 +545,10 @@ class Pipeline:
                 "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
                 "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                 "cached_tokens": usage.cached_tokens, "charged_micro": charged,
-                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms,
+                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **ctx.trace.log_ids(),
             },
         )
+        ctx.trace.finish(ctx, charged=charged)
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:

@@ -230,5 +230,14 @@ def test_codex_multi_turn_session(codex: tuple[list[str], dict[str, str], Path],
 @pytest.mark.timeout(EMBEDDED_TIMEOUT + 60)
 def test_codex_answers_through_the_embedded_model(codex: tuple[list[str], dict[str, str], Path]) -> None:
     argv, env, project = codex
-    out = _run([*argv, "-c", 'model="smol"', "Say hello."], env, project, timeout=EMBEDDED_TIMEOUT)
-    assert out.stdout.strip()
+    out = subprocess.run([*argv, "-c", 'model="smol"', "Say hello."], env=env, cwd=project,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=EMBEDDED_TIMEOUT,
+                         check=False)
+    if out.returncode != 0:
+        # A 135M model may ramble until its output cap: Mesh then answers the Responses API's
+        # `incomplete` status with reason max_output_tokens, and Codex exits 1 saying so. The
+        # turn went through Mesh either way; what the model wrote is not the test's business.
+        assert "Incomplete response returned, reason: max_output_tokens" in out.stderr, out.stderr[-3000:]
+    else:
+        assert out.stdout.strip()
+    assert "tokens used" in out.stderr, out.stderr[-3000:]

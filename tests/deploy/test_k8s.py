@@ -149,12 +149,17 @@ def test_gateway_deployment() -> None:
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     (c,) = spec["containers"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    # Traffic only while the database answers and billing writes succeed; alive while it runs.
+    # Traffic only while the database (and Redis) answer, billing writes succeed and a replica
+    # is healthy; alive while the process serves HTTP. Both paths are the gateway's own routes.
+    from mesh.app import routes
+
+    paths = {getattr(r, "path", None) for r in routes()}
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert c[probe]["httpGet"]["path"] in ("/health", "/health/ready")
+        assert c[probe]["httpGet"]["path"] in paths & {"/health/live", "/health/ready"}
         assert c[probe]["httpGet"]["port"] == "http"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health/live"
     assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
     # `mesh --config FILE serve …` with the real CLI; the file comes from the ConfigMap.
     name, params = parse_mesh_invocation(c["args"])

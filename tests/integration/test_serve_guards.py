@@ -45,6 +45,10 @@ def chat(gw: GatewayProcess, key: str) -> int:
     return r.status_code
 
 
+@pytest.mark.leaves_state(
+    "two gateway processes share the port: the audit's flush reaches one of them, and the other "
+    "returns its credit lease only when it stops or goes idle"
+)
 def test_revocation_reaches_every_process_at_once(
     request: pytest.FixtureRequest, engine: EngineProcess, tmp_path: Path
 ) -> None:

@@ -188,7 +188,7 @@ async def _chat(request: web.Request, tracker: Tracker) -> web.StreamResponse:
     st, opts = request.app[STATE], request.app[OPTIONS]
     body = await read_json(request)
     st.log.append(body)
-    st.headers.append(dict(request.headers))
+    st.headers.append({str(k): v for k, v in request.headers.items()})  # istr keys: orjson wants str
     model, budget = behaviour.validate(body, opts.models, opts.max_model_len)
     tracker.model = model
     plan = behaviour.plan_request(body, model, budget)

@@ -67,28 +67,45 @@ def _chain(
     return both
 
 
+def _count_error(request: Request, protocol: str, kind: str) -> None:
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.metrics.error(protocol, kind)
+
+
 def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
+    traced = protocol.startswith(("openai.", "anthropic."))  # inference, not the worker or model lists
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
             ctx = RequestContext(request_id=request_id(), protocol=protocol)
             request.state.ctx = ctx
+            gateway = getattr(request.app.state, "gateway", None)
+            if traced and gateway is not None:
+                ctx.trace = gateway.tracing.start(request.headers, protocol, ctx.request_id, ctx.started)
             response: AnyResponse
             render = _with_request_id(render_error, ctx.request_id)
             finish = _finisher(request, ctx)
             try:
                 ctx.tags = parse_tags(request.headers.get(TAGS_HEADER))
-                response = await handler(request, ctx)
+                with ctx.trace.active():
+                    response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"
+                ctx.trace.fail(err.kind)
+                _count_error(request, protocol, err.kind)
                 response = error_response(err, render, limits_headers(ctx))
             except Exception:
                 ctx.status = "error"
+                ctx.trace.fail("internal")
+                _count_error(request, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
                 internal = InternalError("The server had an error processing your request.")
                 response = error_response(internal, render)
             except BaseException:
                 await finish()
                 raise
+            if not isinstance(response, StreamResponse) or ctx.status == "error":
+                ctx.trace.finish(ctx)  # a stream's span ends when it settles
             if isinstance(response, StreamResponse):
                 # The stream owns the request's resources until its body is done or abandoned.
                 response.on_close = _chain(response.on_close, finish)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +29,7 @@ from starlette.routing import Route
 from mesh.api.endpoint import AnyResponse, endpoint
 from mesh.api.responses import JSON
 from mesh.config import WorkerToken
-from mesh.errors import AuthenticationFailed, ModelNotFound, NotFound, PermissionDenied
+from mesh.errors import AuthenticationFailed, MeshError, ModelNotFound, NotFound, PermissionDenied
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
 from mesh.http.credentials import presented_credential, single
@@ -38,6 +39,8 @@ from mesh.protocols import openai_errors
 from mesh.protocols.validation import loads_object, validate
 from mesh.workers.admission import check_engine_host, engine_hosts, normalise_engine_url
 from mesh.workers.registry import Registration
+
+log = logging.getLogger("mesh.workers.api")
 
 _MAX_BODY = 64 * 1024
 
@@ -94,6 +97,19 @@ async def _body(request: Request) -> dict[str, Any]:
 @endpoint("workers", openai_errors.render_error)
 async def register(request: Request, ctx: RequestContext) -> AnyResponse:
     gw: Gateway = request.app.state.gateway
+    try:
+        return await _register(gw, request)
+    except MeshError as err:
+        # A GPU node that cannot join is capacity silently missing: count it and say why, once.
+        code = err.code or err.kind
+        gw.metrics.workers_refused.labels(code).inc()
+        source = request.client.host if request.client else None
+        log.warning("worker registration refused (%s): %s", code, err.message,
+                    extra={"request_id": ctx.request_id, "source": source})
+        raise
+
+
+async def _register(gw: Gateway, request: Request) -> AnyResponse:
     tok = worker_token(gw, request)
     source = request.client.host if request.client else None
     await gw.workers.registry.note_source(tok.name, source)

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh.canonical import CanonicalRequest, Event, Message, Usage
 from mesh.config import OpenAIEngineConfig
@@ -29,6 +30,9 @@ from mesh.errors import (
     MeshError,
 )
 
+# Sends the current span's traceparent, so an engine that traces (vLLM with
+# --otlp-traces-endpoint) joins the request's trace; adds nothing when Mesh is not tracing.
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 _DATA = b"data:"
 _DONE = b"[DONE]"
 # After [DONE] only the end of the body is left; an engine that does not send it by then
@@ -132,9 +136,9 @@ class OpenAIEngine:
         try:
             with _map_errors(self.name):
                 async with asyncio.timeout(self.config.first_token_timeout):
-                    resp = await self._client().post(
-                        self._chat_url, data=body, headers=self._headers, allow_redirects=False
-                    )
+                    headers = dict(self._headers)
+                    _TRACE_CONTEXT.inject(headers)
+                    resp = await self._client().post(self._chat_url, data=body, headers=headers, allow_redirects=False)
                     if resp.status != 200:
                         payload = await resp.read()
                         drained = True

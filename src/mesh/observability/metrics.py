@@ -8,6 +8,7 @@ numbers; a scraper sums across processes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -18,10 +19,14 @@ from prometheus_client.registry import Collector
 from mesh.routing.breaker import BreakerState
 from mesh.routing.router import Router
 
+log = logging.getLogger("mesh.metrics")
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# (model, replica, old state, new state): what a breaker reports through on_transition.
+BreakerWatch = Callable[[str, str, BreakerState, BreakerState], None]
 _BREAKER = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
 
 
@@ -38,14 +43,19 @@ class _FleetCollector(Collector):
             "mesh_replica_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=per_replica
         )
         queue = GaugeMetricFamily("mesh_queue_depth", "Requests waiting for a replica slot", labels=["model"])
+        queue_max = GaugeMetricFamily("mesh_queue_limit", "Most requests that may wait (routing.max_queue)",
+                                      labels=["model"])
+        workers = GaugeMetricFamily("mesh_worker_replicas", "Replicas registered by GPU workers", labels=["model"])
         if router is not None:
             for model, pool in router.pools.items():
                 queue.add_metric([model], len(pool.queue))
+                queue_max.add_metric([model], pool.queue.max_waiting)
+                workers.add_metric([model], sum(1 for r in pool.replicas if r.labels.get("source") == "worker"))
                 for r in pool.replicas:
                     in_flight.add_metric([model, r.name], r.in_flight)
                     healthy.add_metric([model, r.name], 1.0 if r.healthy else 0.0)
                     breaker.add_metric([model, r.name], _BREAKER[r.breaker.state])
-        yield from (in_flight, healthy, breaker, queue)
+        yield from (in_flight, healthy, breaker, queue, queue_max, workers)
 
 
 class BillingState(Protocol):
@@ -91,8 +101,56 @@ class _CacheCollector(Collector):
         yield ratio
 
 
+class _ReadinessCollector(Collector):
+    def __init__(self, last: Callable[[], dict[str, bool]]) -> None:
+        self._last = last
+
+    def collect(self) -> Iterator[Any]:
+        checks = GaugeMetricFamily(
+            "mesh_ready_check", "1 while a readiness check passes (database, redis, billing, replicas)",
+            labels=["check"],
+        )
+        for name, ok in self._last().items():
+            checks.add_metric([name], 1.0 if ok else 0.0)
+        yield checks
+
+
+class UsageBacklog(Protocol):
+    """What the usage collector reads (``mesh.billing.usage.UsageWriter``)."""
+
+    @property
+    def pending(self) -> int: ...
+
+    dropped: int
+
+
+class _SilentCollector(Collector):
+    """Backlogs that grow without any request failing: usage rows, stale holds."""
+
+    def __init__(self, usage: UsageBacklog, stale_holds: Callable[[], int]) -> None:
+        self._usage = usage
+        self._stale_holds = stale_holds
+
+    def collect(self) -> Iterator[Any]:
+        pending = GaugeMetricFamily("mesh_usage_pending_records", "Usage records waiting to be written")
+        pending.add_metric([], self._usage.pending)
+        dropped = CounterMetricFamily("mesh_usage_dropped_records", "Usage records dropped: the buffer was full")
+        dropped.add_metric([], self._usage.dropped)
+        stale = GaugeMetricFamily(
+            "mesh_stale_holds", "Holds older than observability.stale_hold_minutes (never settled)"
+        )
+        stale.add_metric([], self._stale_holds())
+        yield from (pending, dropped, stale)
+
+
+class ReadinessState(Protocol):
+    """What the readiness collector reads (``mesh.observability.health.Readiness``)."""
+
+    last: dict[str, bool]
+
+
 class Metrics:
-    def __init__(self, router: Callable[[], Router | None] = lambda: None) -> None:
+    def __init__(self, router: Callable[[], Router | None] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._prompts: dict[str, list[int]] = {}  # model -> [prompt tokens, cached prompt tokens]
@@ -110,8 +168,24 @@ class Metrics:
         )
         self.tokens = Counter("mesh_tokens", "Tokens by model and kind", ["model", "kind"], registry=r)
         self.credits = Counter("mesh_credits_charged_micro", "Micro-credits charged", ["model"], registry=r)
-        r.register(_FleetCollector(router))
         r.register(_CacheCollector(self._prompts))
+        self.breaker_transitions = Counter(
+            "mesh_breaker_transitions", "Circuit breaker state changes by the state entered",
+            ["model", "replica", "state"], registry=r,
+        )
+        self.workers_refused = Counter(
+            "mesh_worker_registrations_refused", "Worker replica registrations refused, by error code",
+            ["code"], registry=r,
+        )
+        self.settlement_failures = Counter(
+            "mesh_settlement_failures", "Settlements that raised (the hold stays for the sweeper)", registry=r
+        )
+        if router is not None:
+            self.watch_router(router)
+
+    def watch_router(self, router: Callable[[], Router | None]) -> None:
+        """Expose replica and queue gauges (read from the router at scrape time)."""
+        self.registry.register(_FleetCollector(router))
 
     def observe(
         self, *, model: str, protocol: str, status: str, ttft_s: float | None, duration_s: float,
@@ -137,6 +211,21 @@ class Metrics:
     def watch_billing(self, billing: BillingState) -> None:
         """Expose the settlement queue's state (read at scrape time)."""
         self.registry.register(_BillingCollector(billing))
+
+    def watch_backlogs(self, usage: UsageBacklog, stale_holds: Callable[[], int]) -> None:
+        """Expose the usage writer's backlog and the count of stale holds (read at scrape time)."""
+        self.registry.register(_SilentCollector(usage, stale_holds))
+
+    def breaker_transition(self, model: str, replica: str, old: BreakerState, new: BreakerState) -> None:
+        """Count a breaker's change of state and log it once."""
+        self.breaker_transitions.labels(model, replica, new.value).inc()
+        level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+        log.log(level, "breaker of replica %s (%s): %s -> %s", replica, model, old.value, new.value,
+                extra={"model": model, "replica": replica, "breaker": new.value})
+
+    def watch_readiness(self, readiness: ReadinessState) -> None:
+        """Expose the last readiness checks (re-run every few seconds in the background)."""
+        self.registry.register(_ReadinessCollector(lambda: readiness.last))
 
     def error(self, protocol: str, kind: str) -> None:
         self.errors.labels(protocol, kind).inc()

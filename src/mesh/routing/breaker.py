@@ -33,7 +33,8 @@ class BreakerState(StrEnum):
 
 class CircuitBreaker:
     __slots__ = (
-        "_clock", "_opened_at", "_probe_failures", "_probing", "cooldown", "failure_threshold", "failures", "state",
+        "_clock", "_on_transition", "_opened_at", "_probe_failures", "_probing", "cooldown", "failure_threshold",
+        "failures", "state",
     )
 
     def __init__(
@@ -41,19 +42,26 @@ class CircuitBreaker:
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         cooldown: float = DEFAULT_COOLDOWN,
         clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[BreakerState, BreakerState], None] | None = None,
     ) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self._clock = clock
+        self._on_transition = on_transition  # (old, new): metrics and a log line per change
         self.state = BreakerState.CLOSED
         self.failures = 0
         self._probe_failures = 0  # of ``failures``, those only health checks saw
         self._opened_at = 0.0
         self._probing = False
 
+    def _set(self, state: BreakerState) -> None:
+        old, self.state = self.state, state
+        if old is not state and self._on_transition is not None:
+            self._on_transition(old, state)
+
     def _tick(self) -> None:
         if self.state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown:
-            self.state = BreakerState.HALF_OPEN
+            self._set(BreakerState.HALF_OPEN)
             self._probing = False
 
     @property
@@ -78,7 +86,7 @@ class CircuitBreaker:
         return self.state is BreakerState.HALF_OPEN and self._probing
 
     def record_success(self) -> None:
-        self.state = BreakerState.CLOSED
+        self._set(BreakerState.CLOSED)
         self.failures = 0
         self._probe_failures = 0
         self._probing = False
@@ -109,6 +117,6 @@ class CircuitBreaker:
         if probe:
             self._probe_failures += 1
         if self.state is BreakerState.HALF_OPEN or self.failures >= self.failure_threshold:
-            self.state = BreakerState.OPEN
+            self._set(BreakerState.OPEN)
             self._opened_at = self._clock()
             self._probing = False

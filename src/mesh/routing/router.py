@@ -14,9 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from mesh.canonical import CanonicalRequest, Event
 from mesh.config import ModelConfig
 from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
+from mesh.observability.spans import child
 from mesh.routing.policy import LeastOutstanding, Policy, PrefixAffinity
 from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
@@ -94,6 +97,7 @@ class Router:
         policy: Policy | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         sessions: SessionMap | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.pools = pools
         self.policy: Policy = policy or LeastOutstanding()
@@ -102,6 +106,7 @@ class Router:
         self.sessions: SessionMap | None = None
         if self._min_prefix is not None:
             self.sessions = sessions or MemorySessionMap()
+        self.tracer = tracer or trace.NoOpTracer()  # queue wait and route attempt spans
 
     def models(self) -> list[ModelConfig]:
         return [pool.model for pool in self.pools.values()]
@@ -132,7 +137,9 @@ class Router:
         if self.sessions is not None and self._min_prefix is not None:
             keys = session_keys(request, self._min_prefix, pool.model.id)
             owner = await self.sessions.find(pool.model.id, keys.lookup)
-        await pool.acquire(account)
+        with child(self.tracer, "queue wait", {"gen_ai.request.model": pool.model.id,
+                                                  "mesh.queue.depth": len(pool.queue)}):
+            await pool.acquire(account)
         try:
             stream = await self._attempts(pool, request, owner)
         except BaseException:
@@ -171,7 +178,12 @@ class Router:
             replica.in_flight += 1
             events = aiter(replica.engine.stream(request))
             try:
-                first = await anext(events)
+                # The engine's request goes out inside this span: its traceparent names it.
+                with child(self.tracer, "route attempt", {
+                    "gen_ai.request.model": pool.model.id, "mesh.replica": replica.name, "mesh.route.reason": reason,
+                    "mesh.route.attempt": attempt + 1,
+                }):
+                    first = await anext(events)
             except EngineError as err:
                 replica.in_flight -= 1
                 if err.replica_fault and not isinstance(err, EngineOverloaded) and id(replica) not in faulted:

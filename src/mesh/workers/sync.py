@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from mesh.canonical import CanonicalRequest, Usage
 from mesh.config import OpenAIEngineConfig, Settings
 from mesh.engines.openai_compat import OpenAIEngine
-from mesh.routing.breaker import CircuitBreaker
+from mesh.routing.breaker import BreakerState, CircuitBreaker
 from mesh.routing.replica import Replica
 from mesh.routing.router import Router
 from mesh.workers.admission import engine_hosts
@@ -30,8 +31,12 @@ LABEL = "registration"
 
 
 class WorkerSync:
-    def __init__(self, settings: Settings, router: Router, registry: WorkerRegistry) -> None:
+    def __init__(
+        self, settings: Settings, router: Router, registry: WorkerRegistry,
+        on_breaker: Callable[[str, str, BreakerState, BreakerState], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self._on_breaker = on_breaker  # (model, replica, old, new): metrics and a log line
         self.router = router
         self.registry = registry
         self._task: asyncio.Task[None] | None = None
@@ -51,8 +56,10 @@ class WorkerSync:
             ),
             reg.model,
         )
+        watch = None if self._on_breaker is None else partial(self._on_breaker, reg.model, engine.name)
         return Replica(
-            engine, capacity=reg.capacity, breaker=CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown),
+            engine, capacity=reg.capacity,
+            breaker=CircuitBreaker(rc.failure_threshold, rc.breaker_cooldown, on_transition=watch),
             labels={LABEL: reg.id, "worker": reg.worker, "source": "worker", "engine_url": reg.engine_url},
         )
 

@@ -1,0 +1,241 @@
+"""OpenTelemetry traces: one span per inference request, off unless ``observability.otlp_endpoint``.
+
+Span tree of a request (children of the request span)::
+
+    chat <model>                 SERVER; gen_ai.* and mesh.* attributes, error.type on failure
+      authenticate
+      admit                      rate limits and the credit hold
+      queue wait                 (routing/router.py) waiting for a replica slot
+      route attempt              one per replica tried: mesh.replica, mesh.route.reason, error.type
+      first token                from the request's start to the first event
+      stream                     from the first event to the end of the stream
+      settle                     the ledger write
+
+An incoming W3C ``traceparent`` is continued; the engine adapter sends the current one on
+(engines/openai_compat.py), so vLLM's own spans join the trace. Content never goes into a
+span: no prompt, no completion, no error message (engines may echo input), only kinds.
+
+Sampling is decided when the request span ends (every span is recorded meanwhile, and
+buffered per trace): a trace is exported when its parent was sampled upstream, when the
+request failed, when it took ``slow_request_seconds`` or more, or else for a
+``sample_ratio`` share of trace ids. The exporter (OTLP/HTTP, protobuf) runs in the SDK's
+batch thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from mesh.accounts.principal import Principal
+from mesh.canonical import Usage
+from mesh.config import ModelConfig, ObservabilityConfig
+from mesh.observability.spans import failed
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_MAX_OPEN_TRACES = 10_000  # traces buffered at once; past it the oldest is dropped unexported
+_MAX_KEPT = 10_000  # trace ids remembered as exported, for spans that end after their root
+
+
+class _TailSampler(SpanProcessor):
+    """Buffers a trace's spans until its local root ends, then exports all or none."""
+
+    def __init__(self, inner: SpanProcessor, ratio: float, slow_seconds: float) -> None:
+        self._inner = inner
+        self._bound = round(ratio * (1 << 64))
+        self._slow_ns = int(slow_seconds * 1e9)
+        self._open: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        self._kept: OrderedDict[int, None] = OrderedDict()
+
+    def _keep(self, root: ReadableSpan) -> bool:
+        parent = root.parent
+        if parent is not None and parent.is_remote and bool(parent.trace_flags.sampled):
+            return True
+        if root.status.status_code is StatusCode.ERROR:
+            return True
+        if root.end_time is not None and root.start_time is not None:
+            if root.end_time - root.start_time >= self._slow_ns:
+                return True
+        trace_id: int = root.context.trace_id
+        return (trace_id & ((1 << 64) - 1)) < self._bound
+
+    def on_end(self, span: ReadableSpan) -> None:
+        trace_id = span.context.trace_id
+        if trace_id in self._kept:
+            self._inner.on_end(span)
+            return
+        if span.parent is not None and not span.parent.is_remote:
+            self._open.setdefault(trace_id, []).append(span)
+            if len(self._open) > _MAX_OPEN_TRACES:
+                self._open.popitem(last=False)
+            return
+        spans = [*self._open.pop(trace_id, []), span]
+        if self._keep(span):
+            self._kept[trace_id] = None
+            if len(self._kept) > _MAX_KEPT:
+                self._kept.popitem(last=False)
+            for s in spans:
+                self._inner.on_end(s)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class Finished(Protocol):
+    """What a finished request tells its span (``mesh.pipeline.RequestContext``)."""
+
+    request_id: str
+    protocol: str
+    started: float
+    principal: Principal | None
+    model: ModelConfig | None
+    model_id: str
+    route_reason: str | None
+    replica: str | None
+    first_token_at: float | None
+    usage: Usage | None
+    status: str
+
+
+class RequestTrace:
+    """The spans of one request. Every method is a no-op on a non-recording span."""
+
+    def __init__(self, tracer: trace.Tracer, root: Span, epoch_offset_ns: int) -> None:
+        self._tracer = tracer
+        self.root = root
+        self.context: Context = trace.set_span_in_context(root)
+        self._offset = epoch_offset_ns  # epoch ns minus monotonic ns: places monotonic times
+        self._done = False
+        self.error_kind: str | None = None
+
+    def _ns(self, monotonic_s: float) -> int:
+        return int(monotonic_s * 1e9) + self._offset
+
+    @contextlib.contextmanager
+    def step(self, name: str, **attributes: str | int) -> Iterator[Span]:
+        """A child span of the request around a step; it is the current span inside."""
+        with self._tracer.start_as_current_span(
+            name, context=self.context, attributes=attributes, record_exception=False,
+            set_status_on_exception=False,
+        ) as span, failed(span):
+            yield span
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Make the request span current (spans opened inside, e.g. by the router, are its children)."""
+        with trace.use_span(self.root, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            yield
+
+    def log_ids(self) -> dict[str, str]:
+        """``trace_id`` and ``span_id`` for the request's log line (nothing when not tracing)."""
+        sc = self.root.get_span_context()
+        if not sc.is_valid:
+            return {}
+        return {"trace_id": format(sc.trace_id, "032x"), "span_id": format(sc.span_id, "016x")}
+
+    def fail(self, kind: str) -> None:
+        self.error_kind = kind
+
+    def finish(self, ctx: Finished, *, charged: int | None = None) -> None:
+        """Name and annotate the request span, add its first-token and stream spans, end it (once)."""
+        if self._done:
+            return
+        self._done = True
+        root = self.root
+        if not root.is_recording():
+            root.end()
+            return
+        now = time.monotonic()
+        model = ctx.model.id if ctx.model is not None else ctx.model_id
+        root.update_name(f"chat {model}" if model else ctx.protocol)
+        attrs: dict[str, str | int] = {
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": "mesh",
+            "mesh.request_id": ctx.request_id, "mesh.protocol": ctx.protocol, "mesh.status": ctx.status,
+        }
+        if ctx.model_id:
+            attrs["gen_ai.request.model"] = ctx.model_id
+        if ctx.model is not None:
+            attrs["gen_ai.response.model"] = ctx.model.id
+        if ctx.principal is not None:
+            attrs["mesh.account_id"] = ctx.principal.account_id
+            if ctx.principal.key_id:
+                attrs["mesh.key_id"] = ctx.principal.key_id
+        if ctx.replica:
+            attrs["mesh.replica"] = ctx.replica
+        if ctx.route_reason:
+            attrs["mesh.route.reason"] = ctx.route_reason
+        if ctx.usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = ctx.usage.input_tokens
+            attrs["gen_ai.usage.output_tokens"] = ctx.usage.output_tokens
+            attrs["mesh.usage.cached_tokens"] = ctx.usage.cached_tokens
+        if charged is not None:
+            attrs["mesh.cost_micro"] = charged
+        root.set_attributes(attrs)
+        if ctx.first_token_at is not None:
+            first = self._tracer.start_span("first token", context=self.context, start_time=self._ns(ctx.started))
+            first.end(end_time=self._ns(ctx.first_token_at))
+            stream = self._tracer.start_span("stream", context=self.context, start_time=self._ns(ctx.first_token_at))
+            if ctx.usage is not None:
+                stream.set_attribute("gen_ai.usage.output_tokens", ctx.usage.output_tokens)
+            stream.end(end_time=self._ns(now))
+        if ctx.status != "ok" or self.error_kind is not None:
+            root.set_attribute("error.type", self.error_kind or ctx.status)
+            root.set_status(Status(StatusCode.ERROR))
+        root.end(end_time=self._ns(now))
+
+
+class Tracing:
+    """The process's tracer: a real one with ``otlp_endpoint``, else OpenTelemetry's no-op."""
+
+    def __init__(self, config: ObservabilityConfig, exporter: SpanExporter | None = None) -> None:
+        self._provider: TracerProvider | None = None
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+        if config.otlp_endpoint is not None or exporter is not None:
+            if exporter is None:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+                exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint)
+            self._provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
+            self._provider.add_span_processor(
+                _TailSampler(BatchSpanProcessor(exporter), config.sample_ratio, config.slow_request_seconds)
+            )
+            self.tracer = self._provider.get_tracer("mesh")
+
+    @property
+    def enabled(self) -> bool:
+        return self._provider is not None
+
+    def start(self, headers: Mapping[str, str], protocol: str, request_id: str, started: float) -> RequestTrace:
+        """The request span from ``started`` (monotonic seconds), continuing the caller's
+        ``traceparent`` if it sent one."""
+        parent = _PROPAGATOR.extract(headers) if self.enabled else None
+        offset = time.time_ns() - time.monotonic_ns()
+        root = self.tracer.start_span(
+            protocol, context=parent, kind=SpanKind.SERVER, start_time=int(started * 1e9) + offset,
+            attributes={"mesh.request_id": request_id, "mesh.protocol": protocol},
+        )
+        return RequestTrace(self.tracer, root, offset)
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop the exporter's thread."""
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+def not_traced() -> RequestTrace:
+    """The trace of a request that is not traced (tracing off, or not an inference endpoint)."""
+    return RequestTrace(trace.NoOpTracer(), trace.INVALID_SPAN, 0)

@@ -1,0 +1,67 @@
+"""The silent-failure metrics, in process: breaker transitions and the usage writer's backlog."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh.billing.usage import UsageRecord, UsageWriter
+from mesh.observability.metrics import Metrics
+from mesh.routing.breaker import BreakerState, CircuitBreaker
+from mesh.store import Database
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(metrics.render().decode())
+        for s in fam.samples
+    }
+
+
+def test_breaker_reports_each_change_of_state_once(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    metrics = Metrics()
+    seen: list[tuple[BreakerState, BreakerState]] = []
+
+    def watch(old: BreakerState, new: BreakerState) -> None:
+        seen.append((old, new))
+        metrics.breaker_transition("m", "r1", old, new)
+
+    breaker = CircuitBreaker(2, 5.0, clock=lambda: now[0], on_transition=watch)
+    caplog.set_level(logging.INFO, "mesh.metrics")
+    breaker.record_failure()
+    assert seen == []
+    breaker.record_failure()
+    breaker.record_failure()  # already open: no second transition
+    now[0] = 6.0
+    assert breaker.acquire()  # half-open probe
+    breaker.record_success()
+    breaker.record_success()  # already closed
+    assert seen == [
+        (BreakerState.CLOSED, BreakerState.OPEN),
+        (BreakerState.OPEN, BreakerState.HALF_OPEN),
+        (BreakerState.HALF_OPEN, BreakerState.CLOSED),
+    ]
+    got = samples(metrics)
+    for state in ("open", "half_open", "closed"):
+        assert got[("mesh_breaker_transitions_total", (("model", "m"), ("replica", "r1"), ("state", state)))] == 1
+    assert [r.levelname for r in caplog.records if r.name == "mesh.metrics"] == ["WARNING", "INFO", "INFO"]
+
+
+async def test_usage_backlog_and_drops_are_exported(tmp_path: object) -> None:
+    db = Database(f"sqlite:///{tmp_path}/unused.db")
+    try:
+        writer = UsageWriter(db, max_pending=2)
+        metrics = Metrics()
+        metrics.watch_backlogs(writer, lambda: 3)
+        for i in range(3):  # the third does not fit
+            writer.enqueue(UsageRecord(request_id=f"r{i}", account_id="a", key_id=None, model="m", status="ok"))
+        got = samples(metrics)
+        assert got[("mesh_usage_pending_records", ())] == 2
+        assert got[("mesh_usage_dropped_records_total", ())] == 1
+        assert got[("mesh_stale_holds", ())] == 3
+    finally:
+        await db.aclose()
