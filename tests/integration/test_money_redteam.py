@@ -1,0 +1,122 @@
+"""Red-team of the settlement core (issue 13) against real gateway processes, SQLite and PostgreSQL.
+
+Each test attacks the money the way a customer, an attacker or a fault would, then checks
+the books: balance >= 0, nothing held at rest, the ledger sums to the balance, every served
+request charged exactly once at its reported price.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from support.gateway import Admin, GatewayProcess
+from support.postgres import temporary_database
+from testengine.harness import EngineProcess
+
+MICRO = Decimal("0.000001")
+PRICE_IN, PRICE_OUT = 10, 100  # micro-credits per token
+
+
+def config(engine: EngineProcess, url: str) -> dict[str, Any]:
+    e = {"type": "openai", "base_url": engine.base_url, "model": "test-model"}
+    return {
+        "database": url,
+        "catalog": False,
+        "models": [
+            {"id": "paid", "context_length": 4096, "pricing": {"input": "10", "output": "100"}, "engines": [e]},
+            # No context length known to Mesh: max_tokens reaches the hold as the client sent it.
+            {"id": "paid-open", "pricing": {"input": "10", "output": "100"}, "engines": [e]},
+        ],
+        "logging": {"level": "INFO"},
+        "billing": {"usage_flush_interval": 0.05},
+    }
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def books(
+    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GatewayProcess, Admin]]:
+    work = tmp_path_factory.mktemp(f"redteam-{request.param}")
+    with temporary_database(request, request.param, work) as url, GatewayProcess(config(engine, url), work) as gw:
+        admin = Admin(gw.url)
+        try:
+            yield gw, admin
+        finally:
+            admin.close()
+
+
+def micro(text: str) -> int:
+    return int(Decimal(text) / MICRO)
+
+
+def cost(usage: dict[str, Any]) -> int:
+    return int(usage["prompt_tokens"]) * PRICE_IN + int(usage["completion_tokens"]) * PRICE_OUT
+
+
+def entries(admin: Admin, account: str) -> list[dict[str, Any]]:
+    r = admin.client.get(f"/admin/v1/accounts/{account}/ledger", params={"limit": 1000})
+    r.raise_for_status()
+    data: list[dict[str, Any]] = r.json()["data"]
+    return data
+
+
+def at_rest(admin: Admin, account: str, timeout: float = 30.0) -> int:
+    """The balance once nothing is held (leases go back after 2 s idle); asserts the books."""
+    deadline = time.monotonic() + timeout
+    while True:
+        acct = admin.balance(account)
+        if Decimal(acct["held"]) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    balance, held = micro(acct["balance"]), micro(acct["held"])
+    rows = entries(admin, account)
+    assert held == 0, f"{held} micro-credits still held"
+    assert balance >= 0
+    assert sum(micro(e["amount"]) for e in rows) == balance
+    keys = [e["idempotency_key"] for e in rows]
+    assert len(keys) == len(set(keys))
+    return balance
+
+
+def charged_by_request(admin: Admin, account: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in entries(admin, account):
+        if e["kind"] == "usage":
+            out[e["request_id"]] = out.get(e["request_id"], 0) - micro(e["amount"])
+    return out
+
+
+HUGE = 10**18  # a valid JSON integer, beyond what any 64-bit balance could hold for
+
+
+@pytest.mark.parametrize("n", [1, 16])
+def test_a_huge_max_tokens_is_held_down_to_the_balance_not_a_500(books: tuple[GatewayProcess, Admin], n: int) -> None:
+    gw, admin = books
+    account = admin.account("huge", credits="0.1")  # affords fewer tokens than the context
+    key = admin.key(account)["key"]
+    headers = {"Authorization": f"Bearer {key}", "x-api-key": key}
+    prompt = "[tokens:5] huge"
+    calls = [
+        ("/chat/completions", {"model": "paid-open", "n": n, "max_tokens": HUGE,
+                               "messages": [{"role": "user", "content": prompt}]}),
+        ("/chat/completions", {"model": "paid-open", "n": n, "max_completion_tokens": 2**63,
+                               "messages": [{"role": "user", "content": prompt}]}),
+        ("/messages", {"model": "paid-open", "max_tokens": HUGE, "messages": [{"role": "user", "content": prompt}]}),
+        ("/responses", {"model": "paid-open", "max_output_tokens": HUGE, "input": prompt}),
+    ]
+    spent = 0
+    for path, body in calls:
+        r = httpx.post(gw.base_url + path, json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, (path, r.text)
+        usage = r.json()["usage"]
+        if "prompt_tokens" in usage:
+            spent += cost(usage)
+        else:
+            spent += usage["input_tokens"] * PRICE_IN + usage["output_tokens"] * PRICE_OUT
+    assert at_rest(admin, account) == 100_000 - spent
