@@ -151,6 +151,14 @@ def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
     return size // _BYTES_PER_TOKEN_LOW
 
 
+def _at_least(usage: Usage | None, deltas: int) -> Usage | None:
+    """Each non-empty delta is at least one token: an engine that reports less output (or
+    none) than it streamed must not serve the rest unbilled."""
+    if usage is None or usage.output_tokens >= deltas:
+        return usage
+    return replace(usage, output_tokens=deltas)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -368,7 +376,7 @@ class Pipeline:
                         # The engine reported no prompt count (llama.cpp's server in streams):
                         # bill and show the estimate, the same number on both sides.
                         ev = replace(ev, input_tokens=ctx.prompt_estimate)
-                    usage = ev
+                    ev = usage = _at_least(ev, produced) or ev
                     if ctx.admission is not None:
                         self.ledger.checkpoint(ctx.admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
@@ -377,7 +385,7 @@ class Pipeline:
                         # No usage from the engine yet: at least one token per delta so far.
                         self.ledger.checkpoint(ctx.admission, Usage(output_tokens=produced))
                 yield ev
-            ctx.usage = usage
+            ctx.usage = usage = _at_least(usage, produced)
             if usage is not None and self.usage_guard is not None and ctx.model and ctx.request:
                 # Usage a worker's engine could not have produced takes its replica out of rotation.
                 self.usage_guard(ctx.model.id, ctx.replica, ctx.request, ctx.prompt_estimate, usage,
@@ -391,7 +399,8 @@ class Pipeline:
             raise
         finally:
             if not ctx.settled:
-                ctx.usage = usage or Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
+                fallback = Usage(input_tokens=ctx.prompt_estimate, output_tokens=produced)
+                ctx.usage = _at_least(usage, produced) or fallback
                 self._spawn(self._settle_now(ctx))
             await stream.aclose()
 

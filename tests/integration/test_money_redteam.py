@@ -23,8 +23,19 @@ MICRO = Decimal("0.000001")
 PRICE_IN, PRICE_OUT = 10, 100  # micro-credits per token
 
 
-def config(engine: EngineProcess, url: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def silent_engine() -> Iterator[EngineProcess]:
+    """An engine that streams its tokens but reports zero usage for them."""
+    with EngineProcess(name="silent", extra_args=["--usage-factor", "0"]) as proc:
+        yield proc
+
+
+def config(engine: EngineProcess, url: str, silent: EngineProcess | None = None) -> dict[str, Any]:
     e = {"type": "openai", "base_url": engine.base_url, "model": "test-model"}
+    quiet = [] if silent is None else [
+        {"id": "silent", "context_length": 4096, "pricing": {"input": "10", "output": "100"},
+         "engines": [{"type": "openai", "base_url": silent.base_url, "model": "test-model"}]},
+    ]
     return {
         "database": url,
         "catalog": False,
@@ -32,6 +43,7 @@ def config(engine: EngineProcess, url: str) -> dict[str, Any]:
             {"id": "paid", "context_length": 4096, "pricing": {"input": "10", "output": "100"}, "engines": [e]},
             # No context length known to Mesh: max_tokens reaches the hold as the client sent it.
             {"id": "paid-open", "pricing": {"input": "10", "output": "100"}, "engines": [e]},
+            *quiet,
         ],
         "logging": {"level": "INFO"},
         "billing": {"usage_flush_interval": 0.05},
@@ -40,10 +52,13 @@ def config(engine: EngineProcess, url: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def books(
-    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, engine: EngineProcess, silent_engine: EngineProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayProcess, Admin]]:
     work = tmp_path_factory.mktemp(f"redteam-{request.param}")
-    with temporary_database(request, request.param, work) as url, GatewayProcess(config(engine, url), work) as gw:
+    with temporary_database(request, request.param, work) as url, GatewayProcess(
+        config(engine, url, silent_engine), work
+    ) as gw:
         admin = Admin(gw.url)
         try:
             yield gw, admin
@@ -120,3 +135,28 @@ def test_a_huge_max_tokens_is_held_down_to_the_balance_not_a_500(books: tuple[Ga
         else:
             spent += usage["input_tokens"] * PRICE_IN + usage["output_tokens"] * PRICE_OUT
     assert at_rest(admin, account) == 100_000 - spent
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_an_engine_reporting_no_output_is_billed_for_what_it_streamed(
+    books: tuple[GatewayProcess, Admin], n: int
+) -> None:
+    gw, admin = books
+    account = admin.account("silent", credits="1")
+    key = admin.key(account)["key"]
+    body = {"model": "silent", "n": n, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "[tokens:40] say it all"}]}
+    pieces, usage = 0, None
+    with httpx.stream("POST", gw.base_url + "/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status_code == 200
+        rid = resp.headers["x-request-id"]
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                chunk = httpx.Response(200, content=line[6:]).json()
+                pieces += sum(1 for c in chunk["choices"] if c["delta"].get("content"))
+                usage = chunk.get("usage") or usage
+    assert pieces == 40 * n
+    assert usage is not None and usage["completion_tokens"] == pieces  # what the client is shown is what it pays
+    assert at_rest(admin, account) == 1_000_000 - cost(usage)
+    assert charged_by_request(admin, account) == {rid: cost(usage)}
