@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 
 from support.gateway import Admin, GatewayProcess
 from support.postgres import temporary_database
+from support.tcpproxy import TcpProxy
 from testengine.harness import EngineProcess
 
 MICRO = Decimal("0.000001")
@@ -160,3 +163,59 @@ def test_an_engine_reporting_no_output_is_billed_for_what_it_streamed(
     assert usage is not None and usage["completion_tokens"] == pieces  # what the client is shown is what it pays
     assert at_rest(admin, account) == 1_000_000 - cost(usage)
     assert charged_by_request(admin, account) == {rid: cost(usage)}
+
+
+@pytest.fixture
+def proxied(
+    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path: Path
+) -> Iterator[tuple[GatewayProcess, Admin, TcpProxy]]:
+    """A gateway whose PostgreSQL connections go through a proxy of the test's own."""
+    with temporary_database(request, "postgresql", tmp_path) as url:
+        parts = urlsplit(url)
+        assert parts.hostname and parts.port
+        with TcpProxy(parts.hostname, parts.port) as proxy:
+            via = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+            with GatewayProcess(config(engine, via), tmp_path) as gw:
+                admin = Admin(gw.url)
+                try:
+                    yield gw, admin, proxy
+                finally:
+                    admin.close()
+
+
+def test_an_exact_hold_whose_commit_reply_is_lost_is_released(
+    proxied: tuple[GatewayProcess, Admin, TcpProxy],
+) -> None:
+    """The admission's hold committed but the gateway saw an error (503): the hold must not
+    stay for the 2-hour sweeper, locking a small account out with 402s meanwhile."""
+    gw, admin, proxy = proxied
+    account = admin.account("lost-hold", credits="0.05")  # too little for a lease: exact holds
+    key = admin.key(account)["key"]
+    body = {"model": "paid", "max_tokens": 400, "messages": [{"role": "user", "content": "[tokens:5] hold"}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(gw.base_url + "/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text  # the key is cached now: the next COMMIT is the hold's
+    spent = cost(r.json()["usage"])
+    assert at_rest(admin, account) == 50_000 - spent
+    # Background writers (usage records) commit too: arm until the hold's reply is the one lost.
+    for _ in range(10):
+        before = proxy.dropped_commits
+        proxy.drop_commit_replies(1)
+        r = httpx.post(gw.base_url + "/chat/completions", json=body, headers=headers, timeout=30)
+        if r.status_code == 200:
+            spent += cost(r.json()["usage"])
+        else:
+            assert r.status_code == 503, r.text
+            assert float(r.headers["retry-after"]) > 0
+        deadline = time.monotonic() + 5
+        while proxy.dropped_commits == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proxy.drop_commit_replies(0)
+        # Whichever COMMIT lost its reply, the books come right without a restart.
+        assert at_rest(admin, account) == 50_000 - spent
+        if r.status_code == 503:
+            break
+    assert r.status_code == 503, "no admission hold lost its COMMIT reply in 10 tries"
+    r = httpx.post(gw.base_url + "/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert at_rest(admin, account) == 50_000 - spent - cost(r.json()["usage"])
