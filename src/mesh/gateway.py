@@ -116,6 +116,7 @@ class Gateway:
         gateway = cls(settings, build_router(settings), services)
         await gateway.limiter.start()
         gateway.health.start()
+        gateway.ledger.start()  # flusher and sweeper: a process without paid traffic still frees dead ones' leases
         gateway.workers.start()
         gateway.responses.start()
         return gateway

@@ -7,6 +7,8 @@ request charged exactly once at its reported price.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -219,3 +221,63 @@ def test_an_exact_hold_whose_commit_reply_is_lost_is_released(
     r = httpx.post(gw.base_url + "/chat/completions", json=body, headers=headers, timeout=30)
     assert r.status_code == 200, r.text
     assert at_rest(admin, account) == 50_000 - spent - cost(r.json()["usage"])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_leases_of_a_gateway_killed_mid_flush_go_back_without_traffic_elsewhere(
+    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path: Path, backend: str
+) -> None:
+    """``kill -9`` while short requests settle on a lease every flush interval: a survivor
+    that serves nothing itself must still release the dead process's lease (docs: 60-90 s),
+    and what the dead process had written must add up."""
+    with temporary_database(request, backend, tmp_path) as url:
+        victim = GatewayProcess(config(engine, url), tmp_path).start()
+        admin = Admin(victim.url)
+        account = admin.account("killed-mid-flush", credits="10")
+        key = admin.key(account)["key"]
+        admin.close()
+        served: dict[str, int] = {}
+
+        async def hammer() -> None:
+            async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+                async def loop(j: int) -> None:
+                    for i in range(10_000):
+                        try:
+                            r = await client.post(victim.base_url + "/chat/completions", json={
+                                "model": "paid", "max_tokens": 5,
+                                "messages": [{"role": "user", "content": f"[tokens:5] {j}-{i}"}]})
+                        except httpx.HTTPError:
+                            return  # the gateway is gone
+                        assert r.status_code == 200, r.text
+                        served[r.headers["x-request-id"]] = cost(r.json()["usage"])
+
+                await asyncio.gather(*(loop(j) for j in range(4)))
+
+        def kill_soon() -> None:
+            time.sleep(2.0)
+            assert victim.proc is not None
+            victim.proc.kill()  # SIGKILL: no shutdown, no last flush
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        asyncio.run(hammer())
+        killer.join()
+        if victim.proc is not None:
+            victim.proc.wait()
+        assert len(served) > 20
+        with GatewayProcess(config(engine, url), tmp_path) as survivor:
+            admin = Admin(survivor.url)
+            try:
+                assert Decimal(admin.balance(account)["held"]) > 0  # the dead process's lease
+                balance = at_rest(admin, account, timeout=120)
+                charged = charged_by_request(admin, account)
+            finally:
+                admin.close()
+    assert set(charged) <= set(served)
+    assert all(charged[rid] == served[rid] for rid in charged)  # nothing charged twice or wrong
+    assert balance == 10_000_000 - sum(charged.values())
+    unbilled = [rid for rid in served if rid not in charged]
+    print(f"kill -9 mid-flush ({backend}): {len(served)} served, {len(unbilled)} unbilled")
+    # The documented loss is the charges of the last flush interval (0.1 s): a handful of
+    # these requests, never most of them.
+    assert len(unbilled) < len(served) / 4
