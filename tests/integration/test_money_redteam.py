@@ -281,3 +281,61 @@ def test_leases_of_a_gateway_killed_mid_flush_go_back_without_traffic_elsewhere(
     # The documented loss is the charges of the last flush interval (0.1 s): a handful of
     # these requests, never most of them.
     assert len(unbilled) < len(served) / 4
+
+
+def test_two_gateways_racing_one_key_with_grants_in_flight_keep_the_books(
+    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path: Path
+) -> None:
+    """Two gateways on one PostgreSQL race leases and exact holds for the same key (a spend
+    limit below the balance), streams and non-streams mixed, some cut by the client, while
+    credits are granted: nothing over the limit, nothing held, every request charged once."""
+    with temporary_database(request, "postgresql", tmp_path) as url, \
+            GatewayProcess(config(engine, url), tmp_path) as one, GatewayProcess(config(engine, url), tmp_path) as two:
+        admin = Admin(one.url)
+        try:
+            account = admin.account("racer", credits="0.1")
+            made = admin.key(account, spend_limit="0.3")
+            key = made["key"]
+            results: dict[str, tuple[int, int | None]] = {}
+
+            async def race() -> None:
+                async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+                    async def call(i: int) -> None:
+                        gw = (one, two)[i % 2]
+                        body: dict[str, Any] = {"model": "paid", "max_tokens": 30, "messages": [
+                            {"role": "user", "content": f"[tokens:30] [chunk_delay:0.005] race {i}"}]}
+                        if i % 3:
+                            r = await client.post(gw.base_url + "/chat/completions", json=body)
+                            results[r.headers["x-request-id"]] = (
+                                r.status_code, cost(r.json()["usage"]) if r.status_code == 200 else None)
+                            return
+                        body |= {"stream": True, "stream_options": {"include_usage": True}}
+                        async with client.stream("POST", gw.base_url + "/chat/completions", json=body) as resp:
+                            rid, seen = resp.headers["x-request-id"], None
+                            async for line in resp.aiter_lines():
+                                if i % 2 and '"content":"tok5' in line:
+                                    break  # cut: billed for what was generated, not known here
+                                if '"usage":{' in line:
+                                    seen = cost(httpx.Response(200, content=line[6:]).json()["usage"])
+                            results[rid] = (resp.status_code, seen)
+
+                    async def grants() -> None:
+                        for i in range(10):
+                            await asyncio.sleep(0.1)
+                            await asyncio.to_thread(admin.grant, account, "0.02", f"race-grant-{i}")
+
+                    await asyncio.gather(grants(), *(call(i) for i in range(120)))
+
+            asyncio.run(race())
+            assert {status for status, _ in results.values()} <= {200, 402}
+            balance = at_rest(admin, account)
+            charged = charged_by_request(admin, account)
+            keys = admin.client.get(f"/admin/v1/accounts/{account}/keys").json()["data"]
+        finally:
+            admin.close()
+    served = {rid for rid, (status, _) in results.items() if status == 200}
+    assert served and set(charged) <= served
+    assert all(charged[rid] == c for rid, (_, c) in results.items() if c is not None)  # each at its price, once
+    assert balance == 100_000 + 10 * 20_000 - sum(charged.values())
+    spent = micro(next(k for k in keys if k["id"] == made["id"])["spent"])
+    assert spent == sum(charged.values()) <= 300_000
