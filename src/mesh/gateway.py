@@ -139,6 +139,7 @@ class Gateway:
         gateway.health.start()
         gateway.ready.start()
         gateway.stale_holds.start()
+        gateway.ledger.start()  # flusher and sweeper: a process without paid traffic still frees dead ones' leases
         gateway.workers.start()
         gateway.responses.start()
         gateway.alerts.start()

@@ -173,6 +173,14 @@ def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
     return size // _BYTES_PER_TOKEN_LOW
 
 
+def _at_least(usage: Usage | None, deltas: int) -> Usage | None:
+    """Each non-empty delta is at least one token: an engine that reports less output (or
+    none) than it streamed must not serve the rest unbilled."""
+    if usage is None or usage.output_tokens >= deltas:
+        return usage
+    return replace(usage, output_tokens=deltas)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -422,7 +430,7 @@ class Pipeline:
                         # bill and show a typical-density estimate (not the hold's, which leans
                         # high on purpose), the same number on both sides.
                         ev = replace(ev, input_tokens=billed_prompt_tokens(ctx))
-                    usage = ev
+                    ev = usage = _at_least(ev, produced) or ev
                     if admission is not None:
                         self.ledger.checkpoint(admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
@@ -431,7 +439,7 @@ class Pipeline:
                         # No usage from the engine yet: at least one token per delta so far.
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))
                 yield ev
-            ctx.usage = usage = self._guarded(ctx, usage)
+            ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))
             await self._settle_now(ctx)
         except MeshError:
             ctx.status = "error"
@@ -446,7 +454,7 @@ class Pipeline:
                 if not ctx.settled:
                     # An engine that reported usage and then failed is judged like any other
                     # (a liar leaves rotation), even when the client is owed nothing.
-                    judged = self._guarded(ctx, usage)
+                    judged = self._guarded(ctx, _at_least(usage, produced))
                     delivered = ctx.status != "error" or (ctx.request is not None and ctx.request.stream)
                     if delivered:
                         ctx.usage = judged or Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=produced)

@@ -195,9 +195,18 @@ class LeasedLedger:
                 admission, lease = leased
                 self._open[request_id] = _Open(admission, pricing, lease, need, last_checkpoint=self._clock())
                 return admission
-        admission = await self.ledger.admit(
-            principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices
-        )
+        try:
+            admission = await self.ledger.admit(
+                principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices
+            )
+        except DatabaseUnavailable:
+            # The hold may have committed with its reply lost: once the database answers,
+            # release whatever its row says (nothing, if it never committed).
+            orphan = self._hold(request_id, principal.account_id, principal.key_id)
+            orphan.closing = True
+            self._closing.append(orphan)
+            self.start()
+            raise
         hold = None
         if admission.hold_id is not None:
             hold = self._hold(admission.hold_id, admission.account_id, admission.key_id, held=admission.held)

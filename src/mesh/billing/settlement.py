@@ -91,6 +91,11 @@ _SET_HOLD = update(holds).where(holds.c.request_id == bindparam("r")).values(
 _DELETE_HOLD = delete(holds).where(holds.c.request_id == bindparam("r"))
 
 
+# Balances are 64-bit integers on both databases: no account can cover a hold above this,
+# and binding a larger one fails in the driver (a 500) instead of refusing it.
+MAX_AMOUNT = 2**63 - 1
+
+
 class Uncovered(Exception):
     """The account (or the key's spend limit) cannot cover a hold; raise it out of the
     transaction so that its partial updates roll back."""
@@ -152,6 +157,8 @@ async def hold(
     the key's spend limit cannot cover ``amount``; the caller must let it roll back the
     transaction.
     """
+    if amount > MAX_AMOUNT:
+        raise Uncovered  # e.g. a huge max_tokens on a model without a context length
     params = {"a": account_id, "k": key_id, "h": amount}
     if (await conn.execute(HOLD_ACCOUNT, params)).rowcount != 1:
         raise Uncovered
