@@ -26,9 +26,10 @@ async def test_the_dashboard_shows_what_the_prefix_cache_saved(console_app: Star
             cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
             history += [body["choices"][0]["message"], {"role": "user", "content": f"[tokens:3] turn {turn}"}]
         assert cached[0] == 0 and cached[1] > 0 and cached[2] > cached[1]  # the engine saw the prefix
-        for _ in range(100):  # usage rows are written in batches
+        for _ in range(400):  # usage rows are written in batches: wait for all three
             usage = (await client.get("/v1/usage")).json()
-            if usage["cache"]["by_model"]:
+            rows = usage["cache"]["by_model"]
+            if rows and rows[0]["cached_tokens"] == sum(cached):
                 break
             await asyncio.sleep(0.05)
     [model] = usage["cache"]["by_model"]
