@@ -52,7 +52,11 @@ class StaleHolds:
                     r.request_id, r.account_id, r.amount, self.older_than,
                     extra={"request_id": r.request_id, "account_id": r.account_id},
                 )
-        self._logged = seen  # a hold settled since is forgotten; one still stale is not re-logged
+        # Request ids are never reused, so a hold once logged is never logged again (a check that
+        # missed it for a moment, e.g. past MAX_LOGGED, must not log it twice); bounded memory.
+        self._logged |= seen
+        if len(self._logged) > 16 * MAX_LOGGED:
+            self._logged = seen
         return self.count
 
     def start(self) -> None:
