@@ -15,22 +15,21 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-import orjson
-
 from mesh.accounts.principal import Principal
 from mesh.billing.attribution import Attribution, attribution
-from mesh.billing.estimate import estimate_prompt_tokens, typical_prompt_tokens
+from mesh.billing.estimate import (
+    BYTES_PER_TOKEN_LOW,
+    estimate_prompt_tokens,
+    estimate_prompt_tokens_low,
+    typical_prompt_tokens,
+)
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
     Event,
     ReasoningDelta,
-    ReasoningPart,
     TextDelta,
-    TextPart,
     ToolArgsDelta,
-    ToolCallPart,
-    ToolResultPart,
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
@@ -54,9 +53,6 @@ log = logging.getLogger("mesh.pipeline")
 
 # A stream whose engine reports no usage until the end checkpoints every this many deltas.
 _CHECKPOINT_DELTAS = 16
-# A rough lower bound, for lowering max_tokens when no tokenizer answers: few tokenizers
-# average more than 4 bytes per token on any text.
-_BYTES_PER_TOKEN_LOW = 4
 # No tokenizer packs more text than this into one token on real prompts: a prompt larger
 # than the context at this density cannot fit, and count_tokens refuses it without asking
 # an engine.
@@ -155,22 +151,6 @@ def billed_prompt_tokens(ctx: RequestContext) -> int:
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
 # Judges the usage an engine reported; returns what to bill (clamped when it cannot be true).
 UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], Usage]
-
-
-def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
-    """Prompt tokens from text size, leaning low (tokens are rarely longer than 4 bytes)."""
-    size = 0
-    for m in request.messages:
-        for p in m.parts:
-            if isinstance(p, TextPart | ReasoningPart):
-                size += len(p.text.encode())
-            elif isinstance(p, ToolCallPart):
-                size += len(p.arguments.encode()) + len(p.name)
-            elif isinstance(p, ToolResultPart):
-                size += sum(len(c.text.encode()) for c in p.content if isinstance(c, TextPart))
-    for t in request.tools:
-        size += len(t.name) + len(t.description or "") + (len(orjson.dumps(t.parameters)) if t.parameters else 0)
-    return size // _BYTES_PER_TOKEN_LOW
 
 
 def _at_least(usage: Usage | None, deltas: int) -> Usage | None:
@@ -570,7 +550,7 @@ class Pipeline:
         estimate = estimate_prompt_tokens(request)
         model = ctx.model
         if model is not None and model.context_length:
-            size = estimate_prompt_tokens_low(request) * _BYTES_PER_TOKEN_LOW  # about the prompt's bytes
+            size = estimate_prompt_tokens_low(request) * BYTES_PER_TOKEN_LOW  # about the prompt's bytes
             if size > model.context_length * _MOST_BYTES_PER_TOKEN:
                 raise ContextLengthExceeded(
                     f"prompt is too long: about {estimate} tokens > {model.context_length} maximum",

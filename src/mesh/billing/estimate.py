@@ -15,7 +15,9 @@ times, none under it
 
 from __future__ import annotations
 
-from mesh.canonical import CanonicalRequest, ImagePart, TextPart
+import orjson
+
+from mesh.canonical import CanonicalRequest, ImagePart, ReasoningPart, TextPart, ToolCallPart, ToolResultPart
 
 _LETTERS = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1))
 # Every byte to "." except ASCII letters to "a" and the space to " ": letter runs, and
@@ -72,3 +74,24 @@ def estimate_prompt_tokens(request: CanonicalRequest) -> int:
     for t in request.tools:
         tokens += estimate_text_tokens(f"{t.name} {t.description or ''} {t.parameters or {}!r}")
     return tokens
+
+
+# A rough lower bound, for lowering max_tokens when no tokenizer answers: few tokenizers
+# average more than 4 bytes per token on any text.
+BYTES_PER_TOKEN_LOW = 4
+
+
+def estimate_prompt_tokens_low(request: CanonicalRequest) -> int:
+    """Prompt tokens from text size, leaning low (tokens are rarely longer than 4 bytes)."""
+    size = 0
+    for m in request.messages:
+        for p in m.parts:
+            if isinstance(p, TextPart | ReasoningPart):
+                size += len(p.text.encode())
+            elif isinstance(p, ToolCallPart):
+                size += len(p.arguments.encode()) + len(p.name)
+            elif isinstance(p, ToolResultPart):
+                size += sum(len(c.text.encode()) for c in p.content if isinstance(c, TextPart))
+    for t in request.tools:
+        size += len(t.name) + len(t.description or "") + (len(orjson.dumps(t.parameters)) if t.parameters else 0)
+    return size // BYTES_PER_TOKEN_LOW
