@@ -198,7 +198,10 @@ async def _chat(request: web.Request, tracker: Tracker) -> web.StreamResponse:
             choice.completion_tokens *= opts.usage_factor
     d = plan.directives
     fault = st.take_fault()
-    mode = fault.mode if fault else (d.fault if d.fault and valid_fault(d.fault) else None)
+    # A directive's fault stands for the replica that first served the prompt: a continuation
+    # (another replica resuming the stream) is served clean. Control-API faults apply to all.
+    directed = d.fault if d.fault and valid_fault(d.fault) and not behaviour.continuing(body) else None
+    mode = fault.mode if fault else directed
     first_delay = d.delay + (fault.delay if fault else 0.0)
     if mode == "slow_first_token" and fault is None:
         first_delay += SLOW_FIRST_TOKEN_SECONDS
@@ -288,7 +291,8 @@ async def _stream(job: Job) -> web.StreamResponse:
                 await _abort(request)
                 return resp
             if kind == "piece":
-                if job.plan.directives.stall is not None and sent >= job.plan.directives.stall:
+                stall = None if behaviour.continuing(job.body) else job.plan.directives.stall
+                if stall is not None and sent >= stall:
                     await pause(request, HANG_SECONDS)  # silent, connection open, until the client goes
                 if job.chunk_delay:
                     await pause(request, job.chunk_delay)
