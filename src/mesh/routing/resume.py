@@ -143,8 +143,8 @@ class Delivered:
 
 def refusal(error: EngineError, delivered: Delivered, *, resumes_left: int, can_continue: bool) -> str | None:
     """Why a stream that failed with ``error`` after its first byte may not resume (a short
-    reason for the log and the trace), or None when it may. ``can_continue``: some other
-    healthy replica of the model continues a final assistant message."""
+    reason for the log and the trace), or None when it may. ``can_continue``: another
+    replica of the model (healthy now or not) continues a final assistant message."""
     if not (error.replica_fault and error.retryable):
         return "not_replica_fault"  # the engine answered an error for this request: another would too
     if resumes_left <= 0:

@@ -122,7 +122,6 @@ class RoutedStream:
                     for ev in outcome:  # the answer was complete: it ends as it is
                         yield ev
                     return
-        else:
             self.replica.breaker.record_success()  # served to the end: clears counted failures
         finally:
             if splice is not None:
@@ -145,7 +144,7 @@ class RoutedStream:
             # Broke between the answer's end and its usage report: nothing is missing.
             self._record(FINISHED, err.kind, delivered, None)
             return [delivered.final_usage()]
-        can_continue = any(_continues(r) for r in self.pool.replicas if id(r) not in self._failed and r.healthy)
+        can_continue = any(_continues(r) for r in self.pool.replicas if id(r) not in self._failed)
         left = router.max_resumes - sum(1 for r in self.resumes if r.outcome in (RESUMED, FAILED))
         why = refusal(err, delivered, resumes_left=left, can_continue=can_continue)
         if why is not None:
