@@ -31,7 +31,7 @@ PROTOCOLS = ("chat", "responses", "messages")
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    replicas = [EngineProcess(models="test-model", name=f"resume-{i}").start() for i in range(3)]
+    replicas = [EngineProcess(models="test-model,test-reasoner", name=f"resume-{i}").start() for i in range(3)]
     work = tmp_path_factory.mktemp("resume")
     engines = [
         {"type": "openai", "base_url": r.base_url, "model": "test-model", "name": r.name, "connect_timeout": 1}
@@ -42,7 +42,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "logging": {"level": "INFO"},  # the request lines (JSON)
         "routing": {"health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 2,
                     "policy": "least_outstanding"},
-        "models": [{"id": "pooled", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines}],
+        "models": [
+            {"id": "pooled", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines},
+            {"id": "pooled-reasoner", "context_length": 4096, "pricing": TEST_PRICING, "reasoning": True,
+             "engines": [{**e, "model": "test-reasoner", "name": e["name"] + "-r"} for e in engines]},
+        ],
     }
     gw = GatewayProcess(config, work).start()
     admin = Admin(gw.url)
@@ -161,6 +165,63 @@ def test_a_dropped_stream_resumes_on_another_replica_and_bills_once(fleet: dict[
     [line] = [json.loads(ln) for ln in gw.log().splitlines() if rid in ln and '"msg":"request"' in ln]
     assert line["resume_outcome"] == "resumed" and line["reprocessed_tokens"] > 0
     assert line["resume"].startswith("resumed resume-") and "at 3 (engine)" in line["resume"]
+
+
+NON_STREAMED = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "{prompt}"}]}),
+    "responses": ("/v1/responses", {"input": "{prompt}"}),
+    "messages": ("/v1/messages", {"max_tokens": 200, "messages": [{"role": "user", "content": "{prompt}"}]}),
+}
+
+
+def answer_text(protocol: str, body: dict[str, Any]) -> str:
+    if protocol == "chat":
+        return str(body["choices"][0]["message"]["content"])
+    if protocol == "responses":
+        return "".join(c["text"] for item in body["output"] if item["type"] == "message" for c in item["content"])
+    return "".join(b["text"] for b in body["content"] if b["type"] == "text")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_non_streamed_answer_resumes_before_it_is_answered(fleet: dict[str, Any], protocol: str) -> None:
+    gw, key, replicas = fleet["gw"], fleet["key"], fleet["replicas"]
+    before = resumes(gw, "resumed")
+    marker = f"whole-{protocol}"
+    path, body = NON_STREAMED[protocol]
+    body = json.loads(json.dumps(body).replace("{prompt}", f"[tokens:{TOKENS}] [fault:drop] {marker}"))
+    r = httpx.post(gw.url + path, json={"model": "pooled", **body}, timeout=30,
+                   headers={"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text
+    assert answer_text(protocol, r.json()) == ANSWER
+    assert resumes(gw, "resumed") == before + 1
+    record = generation(gw, key, r.headers["x-request-id"])
+    assert record["status"] == "ok"
+    assert tokens_of(record) == (first_prompt(replicas, marker), TOKENS)
+
+
+def test_reasoning_delivered_so_far_is_part_of_the_continuation(fleet: dict[str, Any]) -> None:
+    gw, key, replicas = fleet["gw"], fleet["key"], fleet["replicas"]
+
+    def chat(prompt: str) -> tuple[str, str]:
+        thought, said = "", ""
+        body = {"model": "pooled-reasoner", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+        with httpx.stream("POST", gw.base_url + "/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    for c in chunk["choices"]:
+                        thought += c["delta"].get("reasoning_content") or ""
+                        said += c["delta"].get("content") or ""
+        return thought, said
+
+    whole = chat("think it over marker-reasoning")
+    resumed = chat("think it over [fault:drop] marker-reasoning")  # drops after 3 pieces of thinking
+    assert resumed == whole and whole[0] and whole[1]
+    [follow] = [b for r in replicas for b in r.requests()
+                if "marker-reasoning" in str(b["messages"][0]) and b.get("continue_final_message")]
+    assert follow["messages"][-1] == {"role": "assistant", "content": "", "reasoning_content": "Let me think"}
 
 
 def test_a_drop_mid_tool_call_ends_with_the_error_event_and_bills_what_was_delivered(fleet: dict[str, Any]) -> None:
