@@ -7,6 +7,8 @@ Span tree of a request (children of the request span)::
       admit                      rate limits and the credit hold
       queue wait                 (routing/router.py) waiting for a replica slot
       route attempt              one per replica tried: mesh.replica, mesh.route.reason, error.type
+      resume                     (routing/router.py) a replica failed mid-stream: mesh.resume.*,
+        route attempt            and the continuation's attempts on other replicas
       first token                from the request's start to the first event
       stream                     from the first event to the end of the stream
       settle                     the ledger write
