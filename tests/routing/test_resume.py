@@ -17,6 +17,7 @@ from mesh.canonical import (
     Message,
     ReasoningDelta,
     ReasoningPart,
+    ResponseFormat,
     TextDelta,
     TextPart,
     ToolArgsDelta,
@@ -86,6 +87,7 @@ def test_what_refuses_to_resume() -> None:
     assert refusal(answered, plain, resumes_left=1, can_continue=True) == "not_replica_fault"
     assert refusal(DROPPED, plain, resumes_left=0, can_continue=True) == "limit"
     assert refusal(DROPPED, plain, resumes_left=1, can_continue=False) == "engine_cannot_continue"
+    assert refusal(DROPPED, plain, resumes_left=1, can_continue=True, structured=True) == "structured_output"
     tool = delivered(ToolCallStart(0, "call_1", "get"), ToolArgsDelta(0, '{"ci'))
     assert refusal(DROPPED, tool, resumes_left=1, can_continue=True) == "tool_call"
     several = delivered(TextDelta("a", choice=0), TextDelta("b", choice=1))
@@ -299,3 +301,17 @@ async def test_the_pipeline_bills_a_resumed_answer_once_and_counts_the_resume(
     lines = [r for r in caplog.records if r.getMessage() == "request"]
     assert lines[-1].resume_outcome == RESUMED and lines[-1].reprocessed_tokens == 12  # type: ignore[attr-defined]
     assert "resumed r" in lines[-1].resume  # type: ignore[attr-defined]
+
+
+async def test_structured_output_does_not_resume() -> None:
+    es = engines(2)
+    es[0].fail_after = (2, DROPPED)
+    router, _ = fleet(*es)
+    req = CanonicalRequest(model="m", messages=request().messages, stream=True, max_tokens=16,
+                           response_format=ResponseFormat("json_object"))
+    stream = await router.open(req, "acct")
+    with pytest.raises(EngineError):
+        async for _ in stream:
+            pass
+    assert [(r.outcome, r.reason) for r in stream.resumes] == [(REFUSED, "structured_output")]
+    assert es[1].started == 0

@@ -141,14 +141,18 @@ class Delivered:
         return Usage(self.input_tokens, self.output_tokens, self.cached_tokens, self.reasoning_tokens)
 
 
-def refusal(error: EngineError, delivered: Delivered, *, resumes_left: int, can_continue: bool) -> str | None:
+def refusal(error: EngineError, delivered: Delivered, *, resumes_left: int, can_continue: bool,
+            structured: bool = False) -> str | None:
     """Why a stream that failed with ``error`` after its first byte may not resume (a short
     reason for the log and the trace), or None when it may. ``can_continue``: another
-    replica of the model (healthy now or not) continues a final assistant message."""
+    replica of the model (healthy now or not) continues a final assistant message;
+    ``structured``: the request constrains its output (a JSON schema or JSON mode)."""
     if not (error.replica_fault and error.retryable):
         return "not_replica_fault"  # the engine answered an error for this request: another would too
     if resumes_left <= 0:
         return "limit"
+    if structured:
+        return "structured_output"  # engines start the grammar afresh, not from the delivered prefix
     if len(delivered.choices) > 1 or any(c != 0 for c in delivered.choices):
         return "several_choices"
     if delivered.tool_calls:

@@ -146,7 +146,8 @@ class RoutedStream:
             return [delivered.final_usage()]
         can_continue = any(_continues(r) for r in self.pool.replicas if id(r) not in self._failed)
         left = router.max_resumes - sum(1 for r in self.resumes if r.outcome in (RESUMED, FAILED))
-        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue)
+        structured = request.response_format is not None and request.response_format.type != "text"
+        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue, structured=structured)
         if why is not None:
             self._record(REFUSED, why, delivered, None)
             return None
