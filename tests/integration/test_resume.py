@@ -21,6 +21,7 @@ import pytest
 
 from conftest import TEST_PRICING
 from support.gateway import ADMIN_KEY, Admin, GatewayProcess
+from support.postgres import temporary_database
 from testengine import tokens
 from testengine.harness import EngineProcess
 
@@ -30,32 +31,39 @@ PROTOCOLS = ("chat", "responses", "messages")
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two gateways on one PostgreSQL database in front of three replicas (as measured in issue 20)."""
     replicas = [EngineProcess(models="test-model,test-reasoner", name=f"resume-{i}").start() for i in range(3)]
     work = tmp_path_factory.mktemp("resume")
     engines = [
         {"type": "openai", "base_url": r.base_url, "model": "test-model", "name": r.name, "connect_timeout": 1}
         for r in replicas
     ]
-    config = {
-        "database": f"sqlite:///{work}/mesh.db",
-        "logging": {"level": "INFO"},  # the request lines (JSON)
-        "routing": {"health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 2,
-                    "policy": "least_outstanding"},
-        "models": [
-            {"id": "pooled", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines},
-            {"id": "pooled-reasoner", "context_length": 4096, "pricing": TEST_PRICING, "reasoning": True,
-             "engines": [{**e, "model": "test-reasoner", "name": e["name"] + "-r"} for e in engines]},
-        ],
-    }
-    gw = GatewayProcess(config, work).start()
-    admin = Admin(gw.url)
-    account = admin.account("resume", credits="100")
-    yield {"gw": gw, "admin": admin, "replicas": replicas, "key": admin.key(account)["key"]}
-    admin.close()
-    gw.stop()
-    for r in replicas:
-        r.stop()
+    try:
+        with temporary_database(request, "postgresql", work) as url:
+            config = {
+                "database": url,
+                "logging": {"level": "INFO"},  # the request lines (JSON)
+                "routing": {"health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 2,
+                            "policy": "least_outstanding"},
+                "models": [
+                    {"id": "pooled", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines},
+                    {"id": "pooled-reasoner", "context_length": 4096, "pricing": TEST_PRICING, "reasoning": True,
+                     "engines": [{**e, "model": "test-reasoner", "name": e["name"] + "-r"} for e in engines]},
+                ],
+            }
+            # One after the other: the first one migrates the new database.
+            with GatewayProcess(config, work) as gw, GatewayProcess(config, work) as peer:
+                admin = Admin(gw.url)
+                account = admin.account("resume", credits="100")
+                try:
+                    yield {"gw": gw, "peer": peer, "admin": admin, "replicas": replicas,
+                           "key": admin.key(account)["key"]}
+                finally:
+                    admin.close()
+    finally:
+        for r in replicas:
+            r.stop()
 
 
 @dataclass
@@ -68,10 +76,11 @@ class Answer:
     starts: int = 0  # role / message_start / response.created events: exactly one each
     error: str | None = None
     ids: set[str] = field(default_factory=set)
+    via: GatewayProcess | None = None  # the gateway that answered (its usage writer has the record)
 
 
 def ask(gw: GatewayProcess, key: str, protocol: str, prompt: str, **extra: Any) -> Answer:
-    out = Answer(protocol)
+    out = Answer(protocol, via=gw)
     try:
         if protocol == "chat":
             with openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=30) as client:
@@ -224,38 +233,49 @@ def test_reasoning_delivered_so_far_is_part_of_the_continuation(fleet: dict[str,
     assert follow["messages"][-1] == {"role": "assistant", "content": "", "reasoning_content": "Let me think"}
 
 
-def test_a_drop_mid_tool_call_ends_with_the_error_event_and_bills_what_was_delivered(fleet: dict[str, Any]) -> None:
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"},
+                                            "days": {"type": "integer"}, "detail": {"type": "string"}}}
+TOOL_CALLS = {  # path, body, and how the protocol's stream ends in error
+    "chat": ("/v1/chat/completions", {
+        "stream": True, "messages": [{"role": "user", "content": "[fault:drop] weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]},
+        'data: {"error"'),
+    "responses": ("/v1/responses", {
+        "stream": True, "input": "[fault:drop] weather?",
+        "tools": [{"type": "function", "name": "get_weather", "parameters": WEATHER}]}, "event: response.failed"),
+    "messages": ("/v1/messages", {
+        "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "[fault:drop] weather?"}],
+        "tools": [{"name": "get_weather", "input_schema": WEATHER}]}, "event: error"),
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_drop_mid_tool_call_ends_with_the_error_event_and_bills_what_was_delivered(
+    fleet: dict[str, Any], protocol: str,
+) -> None:
     gw, key = fleet["gw"], fleet["key"]
-    before = resumes(gw, "refused")
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"},
-                                         "days": {"type": "integer"}, "detail": {"type": "string"}}}}}
-    seen: list[str] = []
-    with openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=30) as client:
-        stream = client.chat.completions.create(
-            model="pooled", messages=[{"role": "user", "content": "[fault:drop] weather?"}], tools=[tool],
-            stream=True,  # type: ignore[list-item]  # a plain dict
-        )
-        with pytest.raises(openai.APIError):
-            for chunk in stream:
-                seen.append(chunk.id)
-                for c in chunk.choices:
-                    for call in c.delta.tool_calls or ():
-                        assert call.function is not None
-    assert seen, "the tool call had started"
-    assert resumes(gw, "refused") == before + 1
-    record = generation(gw, key, seen[0])
+    before = resumes(gw, "refused"), resumes(gw, "resumed")
+    path, body, error_event = TOOL_CALLS[protocol]
+    with httpx.stream("POST", gw.url + path, json={"model": "pooled", **body}, timeout=30,
+                      headers={"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"}) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        text = r.read().decode()
+    assert "get_weather" in text  # the call had started when the replica dropped
+    assert error_event in text  # and the stream ended with the protocol's error event
+    assert (resumes(gw, "refused"), resumes(gw, "resumed")) == (before[0] + 1, before[1])
+    record = generation(gw, key, rid)
     full = tokens.count('get_weather{"city": "Paris", "unit": "test", "days": 1, "detail": "test"}')
     assert record["status"] == "error"
     assert 0 < record["usage"]["output_tokens"] <= full  # what the engine counted when it broke, no more
 
 
-def _load(gw: GatewayProcess, key: str, stop: threading.Event, answers: list[Answer]) -> None:
-    def worker(protocol: str) -> None:
+def _load(gateways: list[GatewayProcess], key: str, stop: threading.Event, answers: list[Answer]) -> None:
+    def worker(gw: GatewayProcess, protocol: str) -> None:
         while not stop.is_set():
             answers.append(ask(gw, key, protocol, f"[tokens:{TOKENS}] [chunk_delay:0.02] load {protocol}"))
 
-    threads = [threading.Thread(target=worker, args=(p,)) for p in PROTOCOLS for _ in range(2)]
+    threads = [threading.Thread(target=worker, args=(gw, p)) for p in PROTOCOLS for gw in gateways]
     for t in threads:
         t.start()
     for t in threads:
@@ -267,10 +287,10 @@ def test_sigkill_of_a_replica_under_streaming_load_costs_no_answer(fleet: dict[s
     baseline = {p: ask(gw, key, p, f"[tokens:{TOKENS}] [chunk_delay:0.02] load {p}") for p in PROTOCOLS}
     billed = {p: tokens_of(generation(gw, key, a.id)) for p, a in baseline.items()}
     assert all(a.text == ANSWER and a.error is None for a in baseline.values())
-    before = resumes(gw, "resumed")
+    before = resumes(gw, "resumed") + resumes(fleet["peer"], "resumed")
     victim = replicas[2]
     stop, answers = threading.Event(), []
-    load = threading.Thread(target=_load, args=(gw, key, stop, answers))
+    load = threading.Thread(target=_load, args=([gw, fleet["peer"]], key, stop, answers))
     load.start()
     try:
         deadline = time.monotonic() + 10
@@ -287,8 +307,9 @@ def test_sigkill_of_a_replica_under_streaming_load_costs_no_answer(fleet: dict[s
     assert len(answers) >= 12
     assert [a for a in answers if a.error is not None] == []  # no client saw an error
     assert [a for a in answers if a.text != ANSWER or a.starts != 1] == []  # each answer as if uninterrupted
-    resumed = resumes(gw, "resumed") - before
+    resumed = resumes(gw, "resumed") + resumes(fleet["peer"], "resumed") - before
     assert resumed >= 1
     for a in answers:
-        assert tokens_of(generation(gw, key, a.id)) == billed[a.protocol], a  # billed exactly once
+        assert a.via is not None
+        assert tokens_of(generation(a.via, key, a.id)) == billed[a.protocol], a  # billed exactly once
     print(f"{len(answers)} answers, {resumed:g} resumed after the SIGKILL")
