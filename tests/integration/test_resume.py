@@ -176,6 +176,17 @@ def test_a_dropped_stream_resumes_on_another_replica_and_bills_once(fleet: dict[
     assert line["resume"].startswith("resumed resume-") and "at 3 (engine)" in line["resume"]
 
 
+def test_an_engine_error_mid_stream_resumes_unless_it_is_the_requests_own(fleet: dict[str, Any]) -> None:
+    gw, key = fleet["gw"], fleet["key"]
+    before = resumes(gw, "resumed"), resumes(gw, "refused")
+    failed = ask(gw, key, "chat", f"[tokens:{TOKENS}] [fault:error_500] engine-died")  # vLLM's error event
+    assert failed.error is None and failed.text == ANSWER
+    assert resumes(gw, "resumed") == before[0] + 1
+    refused = ask(gw, key, "chat", f"[tokens:{TOKENS}] [fault:error_400] content-error")
+    assert refused.error == "APIError" and refused.text == "tok0 tok1 tok2"  # another replica would fail it too
+    assert (resumes(gw, "resumed"), resumes(gw, "refused")) == (before[0] + 1, before[1] + 1)
+
+
 NON_STREAMED = {
     "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "{prompt}"}]}),
     "responses": ("/v1/responses", {"input": "{prompt}"}),

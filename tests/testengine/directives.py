@@ -5,6 +5,7 @@
 ``[delay:S]``       sleep S seconds before the first chunk (time to first token)
 ``[chunk_delay:S]`` sleep S seconds between chunks (overrides ``--chunk-delay-ms``)
 ``[fault:500]``     answer HTTP 500 (any 4xx/5xx code works, e.g. ``[fault:429]``, ``[fault:503]``)
+``[fault:error_500]`` streams: 3 chunks then an error event with that code (vLLM's shape), then [DONE]
 ``[fault:drop]``    streams: 3 chunks then the TCP connection is aborted; non-stream: no response
                     (faults by directive spare continuations: a resumed stream goes on)
 ``[fault:hang]``    never answer

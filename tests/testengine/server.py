@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 try:
@@ -155,6 +156,7 @@ class Job:
     first_delay: float
     chunk_delay: float
     drop: bool
+    error_code: int | None = None  # an error event after a few chunks, as vLLM sends when it fails mid-stream
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -222,6 +224,7 @@ async def _chat(request: web.Request, tracker: Tracker) -> web.StreamResponse:
         first_delay,
         d.chunk_delay if d.chunk_delay is not None else opts.chunk_delay_ms / 1000.0,
         mode == "drop",
+        int(mode.removeprefix("error_")) if mode is not None and mode.startswith("error_") else None,
     )
     tracker.tokens = plan.prompt_tokens
     if body.get("stream"):
@@ -286,6 +289,12 @@ async def _stream(job: Job) -> web.StreamResponse:
         st.remember(job.body["messages"])
         sent = 0
         for kind, data in encoder.events():
+            if job.error_code and (kind == "finish" or (kind == "piece" and sent >= DROP_AFTER_CHUNKS)):
+                st.failed += 1
+                error = behaviour.ApiError(job.error_code, "injected failure mid-stream").body()
+                await resp.write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
             if job.drop and (kind == "finish" or (kind == "piece" and sent >= DROP_AFTER_CHUNKS)):
                 st.failed += 1
                 await _abort(request)

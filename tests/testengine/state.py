@@ -39,7 +39,8 @@ class Fault:
 
 
 def valid_fault(mode: str) -> bool:
-    return mode in FAULT_MODES or (mode.isdigit() and len(mode) == 3 and mode[0] in "45")
+    code = mode.removeprefix("error_")  # error_500: an error event mid-stream with that code
+    return mode in FAULT_MODES or (code.isdigit() and len(code) == 3 and code[0] in "45")
 
 
 def _message_key(m: dict[str, Any]) -> bytes:
