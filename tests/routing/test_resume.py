@@ -90,6 +90,9 @@ def test_what_refuses_to_resume() -> None:
     assert refusal(DROPPED, plain, resumes_left=1, can_continue=True, structured=True) == "structured_output"
     tool = delivered(ToolCallStart(0, "call_1", "get"), ToolArgsDelta(0, '{"ci'))
     assert refusal(DROPPED, tool, resumes_left=1, can_continue=True) == "tool_call"
+    untracked = delivered(TextDelta("a"))
+    untracked.observe(object())  # type: ignore[arg-type]  # e.g. a relayed chunk nobody tracked
+    assert refusal(DROPPED, untracked, resumes_left=1, can_continue=True) == "untracked"
     several = delivered(TextDelta("a", choice=0), TextDelta("b", choice=1))
     assert refusal(DROPPED, several, resumes_left=1, can_continue=True) == "several_choices"
 

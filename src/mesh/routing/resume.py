@@ -58,6 +58,7 @@ class Delivered:
         "deltas",
         "finished",
         "input_tokens",
+        "opaque",
         "reasoning_tokens",
         "reported_output",
         "tool_calls",
@@ -74,6 +75,7 @@ class Delivered:
         self.input_tokens = 0  # the prompt as the engine counted it (0: not reported yet)
         self.cached_tokens = 0
         self.reasoning_tokens = 0
+        self.opaque = False  # something was delivered that was not tracked
 
     @property
     def text(self) -> str:
@@ -134,6 +136,10 @@ class Delivered:
                 self.finish(c)
             case Usage():
                 self.usage(ev.input_tokens, ev.output_tokens, ev.cached_tokens, ev.reasoning_tokens)
+            case _:
+                # An event this tracker cannot read (e.g. a relayed engine chunk that nobody
+                # fed to the methods above): what was delivered is unknown, so never resume.
+                self.opaque = True
 
     def final_usage(self) -> Usage:
         """Usage for an answer that ended without its engine's final report (input 0: unknown,
@@ -151,6 +157,8 @@ def refusal(error: EngineError, delivered: Delivered, *, resumes_left: int, can_
         return "not_replica_fault"  # the engine answered an error for this request: another would too
     if resumes_left <= 0:
         return "limit"
+    if delivered.opaque:
+        return "untracked"
     if structured:
         return "structured_output"  # engines start the grammar afresh, not from the delivered prefix
     if len(delivered.choices) > 1 or any(c != 0 for c in delivered.choices):
