@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -318,3 +318,38 @@ async def test_structured_output_does_not_resume() -> None:
             pass
     assert [(r.outcome, r.reason) for r in stream.resumes] == [(REFUSED, "structured_output")]
     assert es[1].started == 0
+
+
+class Watched(asyncio.Event):
+    """An event that tells when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def wait(self) -> Literal[True]:
+        self.waiting.set()
+        return await super().wait()
+
+
+async def test_a_client_that_leaves_while_the_resume_waits_gives_everything_back() -> None:
+    es = engines(2)
+    es[0].fail_after = (2, DROPPED)
+    es[1].gate = gate = Watched()  # the continuation's first token never comes
+    router, replicas = fleet(*es)
+    stream = await router.open(request(), "acct")
+    got: list[Event] = []
+
+    async def read() -> None:
+        async for ev in stream:
+            got.append(ev)
+
+    task = asyncio.create_task(read())
+    await gate.waiting.wait()  # the continuation was sent to r1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert text(got) == "t0 t1 "
+    assert [(r.outcome, r.reason) for r in stream.resumes] == [(FAILED, "cancelled")]
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+    assert es[0].open == 0 and es[1].open == 0

@@ -140,7 +140,7 @@ class RoutedStream:
         if router is None or request is None:
             return None
         self._failed.add(id(failed))
-        if delivered.finished:
+        if delivered.finished and request.n == 1:
             # Broke between the answer's end and its usage report: nothing is missing.
             self._record(FINISHED, err.kind, delivered, None)
             return [delivered.final_usage()]
@@ -174,9 +174,8 @@ class RoutedStream:
                     return None
                 span.set_attribute("mesh.resume.to", replica.name)
                 span.set_attribute("mesh.resume.outcome", RESUMED)
-        except BaseException:
-            if not any(r.outcome == FAILED for r in self.resumes[-1:]):
-                self._record(FAILED, "cancelled", delivered, None)
+        except BaseException:  # cancelled (the client left, or the deadline passed) while resuming
+            self._record(FAILED, "cancelled", delivered, None)
             raise
         finally:
             otel_context.detach(token)
