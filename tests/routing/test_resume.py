@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from typing import Any, Literal
 
 import pytest
@@ -68,6 +69,10 @@ def test_the_continuation_holds_exactly_what_was_delivered_and_the_output_left()
     follow = continuation(prefill, delivered(TextDelta(" forty")))
     assert follow is not None and follow.messages[-1] == Message("assistant", (TextPart("The answer: forty"),))
     assert len(follow.messages) == 2 and follow.max_tokens == 4
+    # vLLM's extensions: the echo is not sent twice, and min_tokens counts what was delivered.
+    extended = replace(request(), extra={"echo": True, "min_tokens": 5, "top_k": 3})
+    follow = continuation(extended, delivered(TextDelta("a"), TextDelta("b")))
+    assert follow is not None and follow.extra == {"min_tokens": 3, "top_k": 3}
     # Nothing left to generate: no continuation.
     assert continuation(prefill, delivered(*(TextDelta("x") for _ in range(5)))) is None
 

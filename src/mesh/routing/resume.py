@@ -190,7 +190,11 @@ def continuation(request: CanonicalRequest, delivered: Delivered) -> CanonicalRe
         messages = (*messages[:-1], prefix)
     else:
         messages = (*messages, Message("assistant", (*done, TextPart(delivered.text))))
-    return replace(request, messages=messages, continue_final=True, max_tokens=max_tokens)
+    extra = {k: v for k, v in request.extra.items() if k != "echo"}  # the echo was delivered already
+    least = extra.get("min_tokens")
+    if isinstance(least, int) and not isinstance(least, bool):
+        extra["min_tokens"] = max(least - delivered.output_tokens, 0)
+    return replace(request, messages=messages, continue_final=True, max_tokens=max_tokens, extra=extra)
 
 
 @dataclass(slots=True)
