@@ -284,7 +284,7 @@ def test_a_drop_mid_tool_call_ends_with_the_error_event_and_bills_what_was_deliv
 def _load(gateways: list[GatewayProcess], key: str, stop: threading.Event, answers: list[Answer]) -> None:
     def worker(gw: GatewayProcess, protocol: str) -> None:
         while not stop.is_set():
-            answers.append(ask(gw, key, protocol, f"[tokens:{TOKENS}] [chunk_delay:0.02] load {protocol}"))
+            answers.append(ask(gw, key, protocol, f"[tokens:{TOKENS}] [chunk_delay:0.03] load {protocol}"))
 
     threads = [threading.Thread(target=worker, args=(gw, p)) for p in PROTOCOLS for gw in gateways]
     for t in threads:
@@ -295,7 +295,7 @@ def _load(gateways: list[GatewayProcess], key: str, stop: threading.Event, answe
 
 def test_sigkill_of_a_replica_under_streaming_load_costs_no_answer(fleet: dict[str, Any]) -> None:
     gw, key, replicas = fleet["gw"], fleet["key"], fleet["replicas"]
-    baseline = {p: ask(gw, key, p, f"[tokens:{TOKENS}] [chunk_delay:0.02] load {p}") for p in PROTOCOLS}
+    baseline = {p: ask(gw, key, p, f"[tokens:{TOKENS}] [chunk_delay:0.03] load {p}") for p in PROTOCOLS}
     billed = {p: tokens_of(generation(gw, key, a.id)) for p, a in baseline.items()}
     assert all(a.text == ANSWER and a.error is None for a in baseline.values())
     before = resumes(gw, "resumed") + resumes(fleet["peer"], "resumed")
@@ -305,17 +305,16 @@ def test_sigkill_of_a_replica_under_streaming_load_costs_no_answer(fleet: dict[s
     load.start()
     try:
         deadline = time.monotonic() + 10
-        while victim.stats()["in_flight"] < 2:  # it is streaming answers right now
+        while victim.stats()["streaming"] < 2:  # it is in the middle of answers right now
             assert time.monotonic() < deadline, "the victim got no traffic"
             time.sleep(0.01)
-        time.sleep(0.1)
         victim.kill()
         time.sleep(1.5)
     finally:
         stop.set()
         load.join()
         victim.restart()
-    assert len(answers) >= 12
+    assert len(answers) >= 6  # every worker finished at least one answer
     assert [a for a in answers if a.error is not None] == []  # no client saw an error
     assert [a for a in answers if a.text != ANSWER or a.starts != 1] == []  # each answer as if uninterrupted
     resumed = resumes(gw, "resumed") + resumes(fleet["peer"], "resumed") - before

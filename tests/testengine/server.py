@@ -307,6 +307,7 @@ async def _stream(job: Job) -> web.StreamResponse:
                     await pause(request, job.chunk_delay)
                 sent += 1
                 job.tracker.tokens += 1
+                job.tracker.sent += 1
             if gone(request):
                 raise ClientGone
             await resp.write(data)

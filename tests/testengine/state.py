@@ -25,6 +25,7 @@ class Tracker:
     model: str | None
     phase: str = "waiting"  # waiting (before the first token) | running
     tokens: int = 0  # prompt + generated so far, for the KV-cache gauge
+    sent: int = 0  # streamed pieces written so far
     cancelled: bool = False
 
 
@@ -123,6 +124,7 @@ class EngineState:
         return {
             "requests": self.requests,
             "in_flight": len(self.inflight),
+            "streaming": sum(1 for t in self.inflight.values() if t.sent),  # mid-answer: some pieces out
             "name": self.name,
             "cancelled": self.cancelled,
             "completed": self.completed,
