@@ -282,7 +282,12 @@ class ChunkDecoder:
         if chunk.get("error"):
             err = chunk["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
-            raise EngineError(f"The engine failed mid-stream: {message}")
+            failure = EngineError(f"The engine failed mid-stream: {message}")
+            code = err.get("code") if isinstance(err, dict) else None
+            if isinstance(code, int) and 400 <= code < 500:
+                # The request's own fault (a content error): another replica would fail it too.
+                failure.replica_fault = failure.retryable = False
+            raise failure
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             # Cumulative: with continuous usage every chunk has one, and the newest wins.
