@@ -121,7 +121,8 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_verdict(name, None, "not measured"))
         else:
             out.append(_verdict(name, st["best_s"] <= START_MAX_S,
-                                f"{st['best_s']:.2f} s (best of {len(st['tries'])}; median {st['median_s']:.2f} s)"))
+                                f"{st['best_s']:.2f} s (best of {len(st['tries'])}; median {st['median_s']:.2f} s; "
+                                f"the gateway's CPU until then {st.get('cpu_s', float('nan')):.2f} s)"))
     emb = results.get("embedded")
     if emb and "ratio" in emb:
         out.append(_verdict("embedded engine through Mesh >= 95% of llama-cpp-python tokens/s", emb["ratio"] >= 0.95,
