@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 
 from bench import embedded, keepalive, litellm_env, profile, report
 from bench.measure import Point, Sample, run_load, summarize
-from bench.procs import http_json, rss_bytes
+from bench.procs import cpu_seconds, http_json, rss_bytes, tree
 from bench.targets import (
     ROOT,
     Target,
@@ -52,6 +53,7 @@ POINTS = (Point("chat", 1), Point("chat", 16), Point("chat", 64), Point("stream"
 PG_SEQUENTIAL = 50  # requests one after another, to count PostgreSQL transactions and rows per request
 PG_STATS_LAG = 11.0
 IDLE_STREAMS = 1000
+STARTS = 3
 IDLE_HOLD_S = 30.0
 MB = 2**20
 T0 = time.monotonic()
@@ -137,8 +139,9 @@ class Bench:
     def matrix(self) -> None:
         a = self.args
         totals: dict[tuple[str, str], Sample] = {}
+        points = [p for p in POINTS if not a.points or p.name in a.points]
         for rnd in range(1, a.rounds + 1):
-            for point in POINTS:
+            for point in points:
                 for name, target in self.targets.items():
                     if point.mode == "chat" and point.concurrency == 1 and name == "litellm" and a.quick:
                         continue
@@ -161,7 +164,7 @@ class Bench:
                     if r["errors"]:
                         say(f"  errors: {r['error_samples']}")
                     time.sleep(0.3)
-        for point in POINTS:
+        for point in points:
             row = {}
             for name in self.targets:
                 if (point.name, name) in totals:
@@ -192,6 +195,23 @@ class Bench:
                 out[key] = {"svg": str(stem.with_suffix(".svg").relative_to(ROOT)), **result}
                 print(profile.describe(result, top=12), flush=True)
         self.results["profiles"] = out
+
+    # -- start to first answer ---------------------------------------------------------------------------
+    def startup(self) -> None:
+        """Time from exec of ``mesh serve`` (on the database and key the matrix used) to the first
+        answered chat completion, the best of STARTS tries per target (the page cache warm)."""
+        out: dict[str, Any] = {}
+        for name in [n for n in self.targets if n.startswith("mesh")]:
+            target = self.targets[name]
+            config = self.work / f"{name}.yaml"
+            tries = [start_to_first_answer(config, target.key, self.work / f"{name}-start.log")
+                     for _ in range(STARTS)]
+            times, cpus = [t for t, _ in tries], [c for _, c in tries]
+            out[name] = {"best_s": min(times), "median_s": sorted(times)[len(times) // 2], "tries": times,
+                         "cpu_s": sorted(cpus)[len(cpus) // 2]}
+            say(f"{target.label}: start to first answer {min(times):.2f} s (best of {STARTS}; {times}); "
+                f"CPU the gateway used until then {out[name]['cpu_s']:.2f} s (median)")
+        self.results["startup"] = out
 
     # -- idle streams ---------------------------------------------------------------------------------
     def idle_streams(self) -> None:
@@ -309,11 +329,54 @@ class Bench:
             drop_pg_database(self.pg_name)
 
 
+def start_to_first_answer(config: Path, key: str, log: Path, timeout: float = 60.0) -> tuple[float, float]:
+    """Seconds from exec of ``mesh serve`` to its first 200 answer to a chat completion (asked
+    every 10 ms from the moment of exec; a refused connection is simply asked again), and the
+    CPU seconds the gateway used until then: on a busy machine the wall time waits for cores,
+    the CPU time does not."""
+    from bench.targets import free_port
+
+    port = free_port()
+    body = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "hi [tokens:4]"}],
+                       "max_tokens": 16}).encode()
+    argv = [sys.executable, "-m", "mesh", "--config", str(config), "serve", "--port", str(port)]
+    with log.open("ab") as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=config.parent,
+                                env={**os.environ, "MESH_CONFIG": "", "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mesh serve exited with {proc.returncode} before answering (see {log})")
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0, cpu_seconds(tree(proc.pid))
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.01)
+        raise TimeoutError(f"mesh serve did not answer within {timeout:.0f}s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _database_of(config_path: Path) -> str:
     import yaml
 
     url: str = yaml.safe_load(config_path.read_text())["database"]
     return url
+
+
+class _Done(Exception):
+    """The sections asked for have run (``--matrix-only``)."""
 
 
 def _section(bench: Bench, name: str, fn: Callable[[], None]) -> None:
@@ -351,6 +414,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-embedded", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 round of 1.5 s, short profiles: a smoke run")
+    p.add_argument("--points", type=lambda v: v.split(","), default=[],
+                   help="only these load points, e.g. chat-c16,stream-c1 (default: all)")
+    p.add_argument("--matrix-only", action="store_true",
+                   help="the matrix, profiles and start-up only: no idle streams, accounts, workers, keep-alive")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.profile_seconds = 1, 1.5, 4.0
@@ -370,15 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         bench.matrix()
         if not args.no_profile:
             _section(bench, "profiles", bench.profiles)
+        _section(bench, "start to first answer", bench.startup)
+        if args.matrix_only:
+            raise _Done
         _section(bench, "idle streams", bench.idle_streams)
         _section(bench, "accounts", bench.accounts)
         if "litellm" in bench.targets:
             bench.targets.pop("litellm").server.stop()
         _section(bench, "workers", bench.workers)
         _section(bench, "keep-alive", bench.keepalive)
+    except _Done:
+        pass
     finally:
         bench.stop()
-    if not args.no_embedded:
+    if not args.no_embedded and not args.matrix_only:
         say("embedded engine: Mesh vs llama-cpp-python")
         try:
             bench.results["embedded"] = embedded.compare(bench.work)

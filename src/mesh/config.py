@@ -260,6 +260,10 @@ class LoggingConfig(_Frozen):
     # Mesh never logs prompts or completions. Accepted as false only, so that old files
     # that spell it out still load and none believes it can be turned on.
     log_content: Literal[False] = False
+    # Share of successful requests that get their one log line (docs/observability.md);
+    # errors and requests slower than slow_request_ms are logged whatever the share.
+    request_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    slow_request_ms: int = Field(default=1000, ge=0)
 
 
 class ObservabilityConfig(_Frozen):

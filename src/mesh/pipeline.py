@@ -44,6 +44,7 @@ from mesh.errors import (
 )
 from mesh.http.credentials import presented_credential
 from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
+from mesh.observability.logging import AccessLog
 from mesh.observability.metrics import Metrics
 from mesh.observability.tracing import RequestTrace, not_traced
 from mesh.protocols.extensions import allow_extensions
@@ -182,6 +183,7 @@ class Pipeline:
         self._spawn = spawn
         self._models = {m.id: m for m in router.models()}
         self.usage_guard: UsageGuard | None = None
+        self.access_log = AccessLog(log, settings.logging.request_sample, settings.logging.slow_request_ms)
 
     # 1. authenticate ----------------------------------------------------------------------
     async def authenticate(self, ctx: RequestContext, authorization: str | None, api_key: str | None) -> Principal:
@@ -532,16 +534,13 @@ class Pipeline:
                 cached_tokens=usage.cached_tokens, charged=charged,
             )
         # One line per request, never with content: ids, sizes and timings only.
-        log.info(
-            "request",
-            extra={
-                "request_id": ctx.request_id, "account_id": ctx.who.account_id, "model": ctx.model.id,
-                "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
-                "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                "cached_tokens": usage.cached_tokens, "charged_micro": charged,
-                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
-            },
-        )
+        self.access_log.request({
+            "request_id": ctx.request_id, "account_id": ctx.who.account_id, "model": ctx.model.id,
+            "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
+            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cached_tokens": usage.cached_tokens, "charged_micro": charged,
+            "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
+        })
         ctx.trace.finish(ctx, charged=charged, extra=resumed)
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -142,3 +143,29 @@ async def test_settle_feeds_writer_and_recent_requests(db: Database) -> None:
     assert recent[0].cost == 12 and recent[0].replica == "r" and recent[0].ttft_ms == 5
     (today,) = await daily_usage(db, account_id=account.id)
     assert today.requests == 3 and today.cost == 10 + 11 + 12
+
+
+async def test_every_field_reads_back_as_written_and_a_retry_adds_nothing(db: Database) -> None:
+    # The writer binds plain SQL itself (not through Core): what Core reads back must be
+    # exactly the record, on both databases, attribution and an offset timestamp included.
+    from datetime import timezone
+
+    from mesh.billing.usage import generation, write_batch
+
+    full = UsageRecord(
+        request_id="req_full", account_id="acct_a", key_id=None, model="m1", status="error",
+        input_tokens=7, cached_tokens=3, output_tokens=9, reasoning_tokens=4, cost=MicroCredits(12345),
+        replica="r1", protocol="anthropic.messages", ttft_ms=12, duration_ms=340,
+        created_at=datetime(2030, 5, 17, 23, 30, 1, 123456, tzinfo=timezone(timedelta(hours=-2))),
+        end_user="user-7", tags=("a", "b"), metadata={"k": "v", "é": "ü"},
+    )
+    bare = record(1)  # no attribution: tags () and metadata None
+    await write_batch(db, [full, bare])
+    await write_batch(db, [full, bare])  # a retry after a lost COMMIT reply: skipped
+    assert await count_rows(db) == 2
+    got = await generation(db, "acct_a", "req_full")
+    assert got == replace(full, created_at=full.created_at.astimezone(UTC))
+    assert await generation(db, "acct_a", "req_1") == bare
+    rows = await daily_usage(db, account_id="acct_a", days=2, now=datetime(2030, 5, 18, 12, tzinfo=UTC))
+    # 23:30 at UTC-2 is 01:30 the next day in UTC: the roll-up counts it on that day.
+    assert {(r.day.isoformat(), r.requests, r.cost) for r in rows} == {("2030-05-17", 1, 100), ("2030-05-18", 1, 12345)}

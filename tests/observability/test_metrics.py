@@ -65,3 +65,25 @@ async def test_usage_backlog_and_drops_are_exported(tmp_path: object) -> None:
         assert got[("mesh_stale_holds", ())] == 3
     finally:
         await db.aclose()
+
+
+def test_per_request_series_add_up_across_requests_and_label_sets() -> None:
+    # The labelled children are looked up once per label set and kept: two requests of one
+    # set and one of another must still land in their own series.
+    metrics = Metrics()
+    common = {"protocol": "openai.chat", "ttft_s": 0.01, "duration_s": 0.02, "charged": 7}
+    metrics.observe(model="a", status="ok", input_tokens=10, output_tokens=2, cached_tokens=4, **common)
+    metrics.observe(model="a", status="ok", input_tokens=6, output_tokens=3, cached_tokens=0, **common)
+    metrics.observe(model="a", status="error", input_tokens=0, output_tokens=0, cached_tokens=0, **common)
+    metrics.observe(model="b", status="ok", input_tokens=1, output_tokens=1, cached_tokens=1, **common)
+    got = samples(metrics)
+    chat = ("protocol", "openai.chat")
+    assert got[("mesh_requests_total", (("model", "a"), chat, ("status", "ok")))] == 2
+    assert got[("mesh_requests_total", (("model", "a"), chat, ("status", "error")))] == 1
+    assert got[("mesh_requests_total", (("model", "b"), chat, ("status", "ok")))] == 1
+    assert got[("mesh_tokens_total", (("kind", "input"), ("model", "a")))] == 16
+    assert got[("mesh_tokens_total", (("kind", "output"), ("model", "a")))] == 5
+    assert got[("mesh_tokens_total", (("kind", "cached"), ("model", "b")))] == 1
+    assert got[("mesh_credits_charged_micro_total", (("model", "a"),))] == 21
+    assert got[("mesh_request_duration_seconds_count", (("model", "a"), chat))] == 3
+    assert got[("mesh_prompt_cache_hit_ratio", (("model", "a"),))] == 4 / 16

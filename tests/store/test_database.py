@@ -12,6 +12,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from mesh.store import Database, head_revision, normalize_url, utcnow
+from mesh.store import database as database_module
+from mesh.store.database import _head_from_files
 from mesh.store.tables import accounts, metadata
 
 
@@ -56,6 +58,22 @@ async def test_database_repr_hides_password() -> None:
 async def test_migrate_is_idempotent_and_at_head(db: Database) -> None:
     await db.migrate()
     assert await db.current_revision() == head_revision()
+
+
+def test_head_read_from_the_files_is_alembics_head() -> None:
+    # migrate() skips Alembic when the schema is at this head: it must be Alembic's own.
+    assert _head_from_files() == head_revision()
+
+
+async def test_alembic_runs_only_for_a_schema_not_at_head(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(database_module, "_upgrade_to_head", lambda conn: ran.append("upgrade"))
+    await db.migrate()
+    assert ran == []  # at head: one SELECT, no Alembic
+    async with db.write() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": "0001"})
+    await db.migrate()
+    assert ran == ["upgrade"]  # behind the files: Alembic decides
 
 
 def _diff(conn: Connection) -> list[object]:

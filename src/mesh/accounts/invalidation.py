@@ -16,10 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from mesh.redis_client import redis_client, redis_errors
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
 
 INVALIDATION_SUFFIX = "keys:invalidate"  # after ``settings.redis_prefix``
 INVALIDATION_CHANNEL = "mesh:" + INVALIDATION_SUFFIX
@@ -73,7 +76,7 @@ class RedisInvalidator:
         self.channel = channel
         self._on_invalidate = on_invalidate
         self._reconnect_delay = reconnect_delay
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._client: aioredis.Redis = redis_client(url)
         self._pubsub: aioredis.client.PubSub | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -83,14 +86,14 @@ class RedisInvalidator:
             return
         try:
             self._pubsub = await self._subscribe()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except redis_errors() as exc:
             raise ConnectionError(f"cannot subscribe to key invalidations on Redis: {exc}") from exc
         self._task = asyncio.create_task(self._listen(), name="mesh-key-invalidation")
 
     async def publish(self, key_id: str) -> bool:
         try:
             await self._client.publish(self.channel, key_id)
-        except (RedisError, OSError) as exc:
+        except redis_errors() as exc:
             log.warning("could not publish key invalidation for %s: %s", key_id, exc)
             return False
         return True
@@ -119,7 +122,7 @@ class RedisInvalidator:
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*redis_errors()):
                 await self._pubsub.aclose()
             self._pubsub = None
 
@@ -130,7 +133,7 @@ class RedisInvalidator:
                     self._pubsub = await self._subscribe()
                     self._on_invalidate(ALL_KEYS)  # we may have missed messages while away
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except redis_errors() as exc:
                 log.warning("key invalidation listener lost Redis (%s); retrying", exc)
                 await self._close_pubsub()
                 self._on_invalidate(ALL_KEYS)

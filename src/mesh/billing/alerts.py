@@ -23,7 +23,6 @@ import logging
 import secrets
 import time
 
-import httpx
 from sqlalchemy import select, update
 
 from mesh.billing.money import format_credits, parse_credits
@@ -115,6 +114,8 @@ class BalanceAlerts:
         body = json.dumps(event).encode()
         secret = "" if self.config.webhook_secret is None else self.config.webhook_secret.get_secret_value()
         url = self.config.webhook_url or ""
+        import httpx  # only when an alert is sent: a gateway starts without it
+
         async with httpx.AsyncClient(timeout=10) as client:
             for attempt in range(ATTEMPTS):
                 headers = {"content-type": "application/json", "mesh-signature": sign(body, secret)}

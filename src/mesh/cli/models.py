@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import typer
 
 
@@ -15,6 +14,7 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the catalog's models and the gateway's live view of their replicas."""
+    import httpx  # here, not at the top: `mesh serve` starts without it
     from rich.console import Console
     from rich.table import Table
 

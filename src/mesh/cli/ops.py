@@ -19,8 +19,6 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
 from mesh.billing.money import MicroCredits, format_credits, parse_credits
@@ -130,6 +128,9 @@ def _emit(data: dict[str, Any]) -> None:
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console  # only for a table: `mesh serve` starts without rich
+    from rich.table import Table
+
     table = Table(title=title)
     for c in columns:
         table.add_column(c)

@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
 from sqlalchemy import insert, select, update
 
 from mesh.accounts.keys import new_id
@@ -38,6 +37,11 @@ from mesh.console.display import credits as show_credits
 from mesh.console.secrets import derive
 from mesh.console.tables import console_payments
 from mesh.store import Database, utcnow
+
+# The Stripe SDK (and the requests library it brings) is imported where a payment needs it:
+# a gateway starts without it.
+if TYPE_CHECKING:
+    import stripe
 
 log = logging.getLogger("mesh.console.payments")
 
@@ -109,7 +113,7 @@ class Payments:
         self.ledger = ledger
         self.config = config
         self._secret = secret
-        self._stripe_http = stripe_http or (lambda: stripe.AIOHTTPClient())
+        self._stripe_http = stripe_http or _aiohttp_client
 
     @property
     def enabled(self) -> bool:
@@ -157,6 +161,8 @@ class Payments:
         return url
 
     async def _stripe_session(self, row: dict[str, Any], pack: CreditPack, email: str, site: str) -> Any:
+        import stripe
+
         key = self.config.stripe_secret_key
         assert key is not None
         http = self._stripe_http()
@@ -235,6 +241,8 @@ class Payments:
     async def handle_webhook(self, payload: bytes, signature: str | None) -> str:
         """Verify and apply one webhook; returns what happened (``credited``, ``duplicate``,
         ``ignored``, ``cancelled``). Raises :class:`WebhookRejected` if it is not authentic."""
+        import stripe
+
         try:
             stripe.Webhook.construct_event(payload, signature or "", self.webhook_secret())
             event = json.loads(payload)  # the verified bytes, read as plain JSON
@@ -265,3 +273,9 @@ class Payments:
         )
         await self._set_status(payment.id, "paid")
         return "duplicate" if payment.status == "paid" else "credited"
+
+
+def _aiohttp_client() -> stripe.HTTPClient:
+    import stripe
+
+    return stripe.AIOHTTPClient()

@@ -21,9 +21,8 @@ Concurrency is a count of leases in flight.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.errors import RateLimited
@@ -65,7 +64,9 @@ class Lease:
     scopes: tuple[Scope, ...]
     tokens: int
     state: LimitState | None  # None: the limiter could not be asked (failed open)
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # Set by a limiter that names leases outside the process (Redis); the in-process one
+    # needs none, and os.urandom per request was measurable.
+    id: str = ""
     done: bool = False
 
     @property

@@ -80,16 +80,19 @@ class MemoryLimiter:
         for scope, b in zip(scopes, buckets, strict=True):
             lim = scope.limits
             b.drain(lim, now)  # only brings the state up to date: takes nothing
-            waits: list[tuple[float, str, int]] = []
+            # The longest wait of any dimension of any scope is the refusal (nothing is
+            # allocated on the common path, where every check passes).
             if lim.rpm is not None and b.requests + 1 - lim.rpm > _EPS:
-                waits.append(((b.requests + 1 - lim.rpm) * WINDOW / lim.rpm, "requests", lim.rpm))
-            if lim.tpm is not None and b.tokens - (lim.tpm - 1) > _EPS:
-                waits.append(((b.tokens - (lim.tpm - 1)) * WINDOW / lim.tpm, "tokens", lim.tpm))
-            if lim.concurrent is not None and b.inflight >= lim.concurrent:
-                waits.append((CONCURRENCY_RETRY_AFTER, "concurrent", lim.concurrent))
-            for wait, dim, limit in waits:
+                wait = (b.requests + 1 - lim.rpm) * WINDOW / lim.rpm
                 if refusal is None or wait > refusal[0]:
-                    refusal = (wait, scope, dim, limit)
+                    refusal = (wait, scope, "requests", lim.rpm)
+            if lim.tpm is not None and b.tokens - (lim.tpm - 1) > _EPS:
+                wait = (b.tokens - (lim.tpm - 1)) * WINDOW / lim.tpm
+                if refusal is None or wait > refusal[0]:
+                    refusal = (wait, scope, "tokens", lim.tpm)
+            if lim.concurrent is not None and b.inflight >= lim.concurrent:
+                if refusal is None or CONCURRENCY_RETRY_AFTER > refusal[0]:
+                    refusal = (CONCURRENCY_RETRY_AFTER, scope, "concurrent", lim.concurrent)
         if refusal is not None:
             wait, scope, dim, limit = refusal
             raise LimitExceeded(scope, dim, limit, wait, self._state(scopes, buckets))

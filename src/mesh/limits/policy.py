@@ -15,7 +15,7 @@ a request is admitted only if every scope of its principal admits it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mesh.config import RateLimitConfig
@@ -100,10 +100,12 @@ class Scope:
     id: str
     account_id: str
     limits: RateLimits
+    # "kind:id", the limiter's bucket name: made once (scopes live on the cached principal),
+    # not at every lookup of every request.
+    name: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.kind}:{self.id}")
 
 
 def principal_scopes(

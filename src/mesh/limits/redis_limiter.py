@@ -31,12 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any
 
 from mesh.limits.base import (
     CONCURRENCY_RETRY_AFTER,
@@ -49,6 +47,10 @@ from mesh.limits.base import (
     tightest,
 )
 from mesh.limits.policy import Scope
+from mesh.redis_client import redis_client, redis_errors
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,7 @@ class RedisLimiter:
         self.prefix = prefix
         self.ttl = ttl
         self._wall = wall
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
+        self._client: aioredis.Redis = redis_client(
             url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
         )
         self._acquire = self._client.register_script(_ACQUIRE)
@@ -209,7 +211,7 @@ class RedisLimiter:
                     await task
         self._task = self._retry = None
         if self._unsettled:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*redis_errors()):
                 await self.retry_unsettled()  # a last try; the slots' deadlines cover the rest
         await self._client.aclose()
 
@@ -221,14 +223,14 @@ class RedisLimiter:
         return keys
 
     async def acquire(self, scopes: Sequence[Scope], tokens: int) -> Lease:
-        lease = Lease(scopes=tuple(scopes), tokens=tokens, state=None)
+        lease = Lease(scopes=tuple(scopes), tokens=tokens, state=None, id=secrets.token_hex(8))
         args: list[Any] = [tokens, lease.id, int(self.ttl * 1000)]
         for s in scopes:
             args += (s.limits.rpm or 0, s.limits.tpm or 0, s.limits.concurrent or 0)
         args.append(int(CONCURRENCY_RETRY_AFTER * 1000))
         try:
             out = await self._acquire(keys=self._keys(scopes), args=args)
-        except (RedisError, OSError) as exc:
+        except redis_errors() as exc:
             self._warn("rate limits not enforced: Redis unavailable (%s)", exc)
             if lease.concurrent:
                 # The script may have run with its answer lost: free the slot it may hold.
@@ -266,7 +268,7 @@ class RedisLimiter:
         keys = self._keys(lease.scopes)
         try:
             await self._settle(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+        except redis_errors() as exc:
             self._warn("could not settle rate limits on Redis (%s); retrying", exc)
             self._keep(lease.id, keys, args)
 
@@ -300,7 +302,7 @@ class RedisLimiter:
             await asyncio.sleep(RETRY_INTERVAL)
             try:
                 await self.retry_unsettled()
-            except (RedisError, OSError) as exc:
+            except redis_errors() as exc:
                 self._warn("could not settle rate limits on Redis (%s); retrying", exc)
 
     def _state(self, scopes: Sequence[Scope], levels: Sequence[float]) -> LimitState:
@@ -332,7 +334,7 @@ class RedisLimiter:
             await asyncio.sleep(self.ttl / 3)
             try:
                 await self.refresh()
-            except (RedisError, OSError) as exc:
+            except redis_errors() as exc:
                 self._warn("could not refresh concurrency slots on Redis (%s)", exc)
 
     def _warn(self, message: str, exc: BaseException) -> None:

@@ -19,12 +19,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from sqlalchemy import text
 
+from mesh.redis_client import redis_client
 from mesh.routing.replica import Replica
 from mesh.store.database import Database
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("mesh.health")
 
@@ -39,7 +43,7 @@ class Readiness:
     ) -> None:
         self._database = database
         self._redis: aioredis.Redis | None = (
-            aioredis.Redis.from_url(redis_url, socket_connect_timeout=READY_TIMEOUT, socket_timeout=READY_TIMEOUT)
+            redis_client(redis_url, socket_connect_timeout=READY_TIMEOUT, socket_timeout=READY_TIMEOUT)
             if redis_url else None
         )
         self._billing_ready = billing_ready

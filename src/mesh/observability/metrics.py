@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -149,11 +150,26 @@ class ReadinessState(Protocol):
     last: dict[str, bool]
 
 
+@dataclass(frozen=True, slots=True)
+class _Children:
+    """The labelled series one (model, protocol, status) updates at every request."""
+
+    requests: Counter
+    ttft: Histogram
+    duration: Histogram
+    input_tokens: Counter
+    output_tokens: Counter
+    cached_tokens: Counter
+    credits: Counter
+    prompts: list[int]  # [prompt tokens, cached prompt tokens] of the model, for the hit ratio
+
+
 class Metrics:
     def __init__(self, router: Callable[[], Router | None] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._prompts: dict[str, list[int]] = {}  # model -> [prompt tokens, cached prompt tokens]
+        self._children: dict[tuple[str, str, str], _Children] = {}  # by (model, protocol, status)
         self.requests = Counter(
             "mesh_requests", "Requests by model, protocol and status", ["model", "protocol", "status"], registry=r
         )
@@ -199,22 +215,34 @@ class Metrics:
         self, *, model: str, protocol: str, status: str, ttft_s: float | None, duration_s: float,
         input_tokens: int, output_tokens: int, cached_tokens: int, charged: int,
     ) -> None:
-        self.requests.labels(model, protocol, status).inc()
+        c = self._children.get((model, protocol, status))
+        if c is None:
+            c = self._children[(model, protocol, status)] = self._labelled(model, protocol, status)
+        c.requests.inc()
         if ttft_s is not None:
-            self.ttft.labels(model, protocol).observe(ttft_s)
-        self.duration.labels(model, protocol).observe(duration_s)
+            c.ttft.observe(ttft_s)
+        c.duration.observe(duration_s)
         if input_tokens:
-            self.tokens.labels(model, "input").inc(input_tokens)
+            c.input_tokens.inc(input_tokens)
+            c.prompts[0] += input_tokens
+            c.prompts[1] += cached_tokens
         if output_tokens:
-            self.tokens.labels(model, "output").inc(output_tokens)
+            c.output_tokens.inc(output_tokens)
         if cached_tokens:
-            self.tokens.labels(model, "cached").inc(cached_tokens)
-        if input_tokens:
-            seen = self._prompts.setdefault(model, [0, 0])
-            seen[0] += input_tokens
-            seen[1] += cached_tokens
+            c.cached_tokens.inc(cached_tokens)
         if charged:
-            self.credits.labels(model).inc(charged)
+            c.credits.inc(charged)
+
+    def _labelled(self, model: str, protocol: str, status: str) -> _Children:
+        # prometheus_client's .labels() builds and hashes a key tuple under a lock at every
+        # call: a request's metrics looked them up eight times. Label sets are few (models x
+        # protocols x statuses), so each is looked up once and kept.
+        return _Children(
+            self.requests.labels(model, protocol, status), self.ttft.labels(model, protocol),
+            self.duration.labels(model, protocol), self.tokens.labels(model, "input"),
+            self.tokens.labels(model, "output"), self.tokens.labels(model, "cached"), self.credits.labels(model),
+            self._prompts.setdefault(model, [0, 0]),
+        )
 
     def watch_billing(self, billing: BillingState) -> None:
         """Expose the settlement queue's state (read at scrape time)."""

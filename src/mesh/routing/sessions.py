@@ -26,11 +26,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from mesh.canonical import (
     CanonicalRequest,
@@ -42,6 +40,10 @@ from mesh.canonical import (
     ToolCallPart,
     ToolResultPart,
 )
+from mesh.redis_client import redis_client, redis_errors
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("mesh.routing")
 
@@ -171,7 +173,7 @@ class RedisSessionMap:
     def __init__(
         self, url: str, prefix: str = "mesh:", ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES
     ) -> None:
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._redis: aioredis.Redis = redis_client(url)
         self._prefix = f"{prefix}aff:"
         self._ttl_ms = max(1, int(ttl * 1000))
         self._local = MemorySessionMap(ttl, max_entries)
@@ -189,7 +191,7 @@ class RedisSessionMap:
         try:
             async with asyncio.timeout(_REDIS_TIMEOUT):
                 found = await self._redis.mget([self._prefix + k for k in keys])
-        except (RedisError, OSError, TimeoutError) as exc:
+        except redis_errors() as exc:
             self._trouble(exc)
             return await self._local.find(model, keys)
         for raw in found:
@@ -207,7 +209,7 @@ class RedisSessionMap:
                     for k in keys:
                         pipe.set(self._prefix + k, replica, px=self._ttl_ms)
                     await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except redis_errors() as exc:
             self._trouble(exc)
 
     async def aclose(self) -> None:

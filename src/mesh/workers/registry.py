@@ -9,10 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-import redis.asyncio as aioredis
+
+from mesh.redis_client import redis_client
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +140,7 @@ class RedisRegistry:
 
     def __init__(self, url: str, dead_after: float, prefix: str = "mesh:") -> None:
         self.dead_after = dead_after
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._redis: aioredis.Redis = redis_client(url)
         self._set = f"{prefix}workers"
         self._prefix = f"{prefix}worker:"
         self._bad = f"{prefix}worker-bad:"
