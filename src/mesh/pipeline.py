@@ -28,6 +28,7 @@ from mesh.canonical import (
     CanonicalRequest,
     Event,
     ReasoningDelta,
+    Relayed,
     TextDelta,
     ToolArgsDelta,
     Usage,
@@ -126,6 +127,7 @@ class RequestContext:
     stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
     metering: bool = False  # metered() started: it closes the stream and settles
     deadline: float | None = None  # loop time by which the whole request must end
+    relay: bool = False  # engines that can are asked for their chunks as they are (Relayed)
     trace: RequestTrace = field(default_factory=not_traced)  # its spans (no-op unless tracing)
 
     @property
@@ -348,7 +350,7 @@ class Pipeline:
             try:
                 async with asyncio.timeout_at(ctx.deadline):
                     with ctx.trace.active():  # the router's queue wait and attempt spans are the request's
-                        stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+                        stream = await self.router.open(request, ctx.who.account_id, ctx.models, relay=ctx.relay)
             except TimeoutError:
                 raise self._deadline_error() from None
         except BaseException as exc:
@@ -390,6 +392,7 @@ class Pipeline:
         """
         usage: Usage | None = None
         produced = 0
+        checkpoint_at = _CHECKPOINT_DELTAS
         ctx.metering = True
         # Only a streamed answer is checkpointed: what it streamed was delivered and is owed
         # even if this process dies; an aggregated answer delivers nothing until its end.
@@ -404,7 +407,12 @@ class Pipeline:
                     break
                 except TimeoutError:
                     raise self._deadline_error() from None
-                if isinstance(ev, Usage):
+                if isinstance(ev, Relayed):  # the relay path's chunks: the common case first
+                    produced += ev.deltas
+                    if usage is None and admission is not None and produced >= checkpoint_at:
+                        checkpoint_at = produced + _CHECKPOINT_DELTAS
+                        self.ledger.checkpoint(admission, Usage(output_tokens=produced))
+                elif isinstance(ev, Usage):
                     if ev.input_tokens == 0:
                         # The engine reported no prompt count (llama.cpp's server in streams):
                         # bill and show a typical-density estimate (not the hold's, which leans
@@ -415,8 +423,9 @@ class Pipeline:
                         self.ledger.checkpoint(admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1
-                    if usage is None and admission is not None and produced % _CHECKPOINT_DELTAS == 0:
+                    if usage is None and admission is not None and produced >= checkpoint_at:
                         # No usage from the engine yet: at least one token per delta so far.
+                        checkpoint_at = produced + _CHECKPOINT_DELTAS
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))
                 yield ev
             ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))

@@ -12,8 +12,32 @@ import httpx
 import openai
 import pytest
 
-from support.gateway import ADMIN_KEY, GatewayProcess
+from conftest import engine_models
+from support.gateway import ADMIN_KEY, Admin, GatewayProcess
 from testengine.harness import EngineProcess
+
+
+# Every test here runs against a gateway on the relay path (the default: streamed requests
+# relay the engine's chunks) and one on the canonical path (routing.relay: false).
+@pytest.fixture(scope="module", params=[True, False], ids=["relay", "canonical"])
+def gateway(
+    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    work = tmp_path_factory.mktemp("gateway-chat")
+    config = {
+        "database": f"sqlite:///{work}/mesh.db",
+        "models": engine_models(engine.base_url),
+        "routing": {"relay": request.param},
+    }
+    with GatewayProcess(config, work) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def admin(gateway: GatewayProcess) -> Iterator[Admin]:
+    client = Admin(gateway.url)
+    yield client
+    client.close()
 
 
 @pytest.fixture

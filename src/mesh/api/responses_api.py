@@ -26,7 +26,6 @@ from mesh.errors import InvalidRequest, NotFound
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
 from mesh.http.credentials import single
-from mesh.http.keepalive import keepalive_while
 from mesh.http.streaming import StreamResponse
 from mesh.pipeline import PendingStream, RequestContext
 from mesh.protocols import openai_responses
@@ -94,7 +93,7 @@ async def create_response(request: Request, ctx: RequestContext) -> AnyResponse:
     if call.stream:
         waiting = stream.task if isinstance(stream, PendingStream) else None
         sse = openai_responses.encode_stream(events, meta, save)
-        return StreamResponse(keepalive_while(waiting, sse, gw.settings.routing.keepalive_interval), headers)
+        return StreamResponse(sse, headers, waiting=waiting, keepalive=gw.settings.routing.keepalive_interval)
     result = await aggregate(events)
     response = openai_responses.render_response(result, meta)
     if save is not None:

@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mesh.canonical import CanonicalRequest, Event, Message, Usage
+from mesh.canonical import CanonicalRequest, Event, Message, Relayed, Usage
 from mesh.config import OpenAIEngineConfig
-from mesh.engines.openai_wire import ChunkDecoder, encode_messages, encode_tools, request_body
+from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
     EngineError,
     EngineOverloaded,
@@ -91,6 +91,14 @@ async def _drain(resp: aiohttp.ClientResponse) -> bool:
     return False
 
 
+def _answers(ev: Event) -> bool:
+    """Output the first-token deadline waits for: not usage alone, nor a relayed chunk that
+    carries none (the role-only chunk engines send first)."""
+    if isinstance(ev, Relayed):
+        return ev.answers
+    return not isinstance(ev, Usage)
+
+
 class OpenAIEngine:
     """A replica reached over HTTP. See :class:`mesh.engines.base.Engine`."""
 
@@ -121,7 +129,16 @@ class OpenAIEngine:
             )
         return self._session
 
-    async def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+    def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+        return self._generate(request, ChunkDecoder())
+
+    def relay(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+        """The relay path: the engine's chunks as :class:`Relayed` (parsed, not decoded),
+        with :class:`Usage` events for metering; otherwise exactly :meth:`stream` (same
+        upstream body, timeouts, errors, connection handling)."""
+        return self._generate(request, RelayDecoder())
+
+    async def _generate(self, request: CanonicalRequest, decoder: ChunkDecoder) -> AsyncIterator[Event]:
         try:
             body = orjson.dumps(
                 request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
@@ -130,7 +147,6 @@ class OpenAIEngine:
             # The client's own input (a schema nested past orjson's 254 levels): a 400, not
             # the engine's fault, and nothing was sent.
             raise InvalidRequest("The request is nested too deeply to be sent to the engine.") from None
-        decoder = ChunkDecoder()
         resp: aiohttp.ClientResponse | None = None
         drained = False  # the whole response was read: the connection may serve the next request
         try:
@@ -182,7 +198,7 @@ class OpenAIEngine:
             if payload == _DONE:
                 return events
             events.extend(decoder.decode(orjson.loads(payload)))
-            if any(not isinstance(ev, Usage) for ev in events):
+            if any(_answers(ev) for ev in events):
                 return events
         raise EngineError("The engine closed the stream before answering.")
 

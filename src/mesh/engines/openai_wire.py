@@ -19,6 +19,7 @@ from mesh.canonical import (
     Message,
     ReasoningDelta,
     ReasoningPart,
+    Relayed,
     TextDelta,
     TextPart,
     TokenLogprob,
@@ -334,3 +335,103 @@ class ChunkDecoder:
         if u.reasoning_tokens == 0 and self.reasoning_deltas:
             u = Usage(u.input_tokens, u.output_tokens, u.cached_tokens, min(self.reasoning_deltas, u.output_tokens))
         return u
+
+
+# Finish reasons a client of the OpenAI API knows; the rest map as the canonical path maps them.
+_OPENAI_FINISH = frozenset(("stop", "length", "tool_calls", "content_filter"))
+
+
+class RelayDecoder(ChunkDecoder):
+    """The relay path's decoder: looks at each chunk only as far as metering and the
+    client need, and hands it on as one :class:`Relayed` (plus a :class:`Usage` when the
+    chunk reported one) instead of decoding it into events.
+
+    What it changes in the chunk: usage is taken out (Mesh writes the client's own, billed,
+    usage chunk), tool calls are re-indexed and given ids exactly as :class:`ChunkDecoder`
+    does, and finish reasons outside OpenAI's set are mapped. Engine errors and aborts raise
+    as they do there. ``delivered`` keeps, per choice, the text, reasoning and tool calls
+    handed on so far (what a resume on another replica would need to continue from).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered: dict[int, Delivered] = {}
+
+    def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
+        if chunk.get("error"):
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise EngineError(f"The engine failed mid-stream: {message}")
+        usage = chunk.pop("usage", None)
+        if isinstance(usage, dict):
+            self.usage = decode_usage(usage)
+            yield self.usage
+        choices = chunk.get("choices")
+        if not choices:
+            return
+        deltas = 0
+        answers = False
+        for choice in choices:
+            idx = choice.get("index") or 0
+            delta = choice.get("delta")
+            if delta:
+                state = self.delivered.get(idx)
+                if state is None:
+                    state = self.delivered[idx] = Delivered()
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    self.reasoning_deltas += 1
+                    deltas += 1
+                    state.reasoning.append(reasoning)
+                content = delta.get("content")
+                if content:
+                    deltas += 1
+                    state.text.append(content)
+                calls = delta.get("tool_calls")
+                if calls:
+                    answers = True
+                    deltas += self._relay_calls(int(idx), calls, state)
+            reason = choice.get("finish_reason")
+            if reason:
+                if reason == "abort":
+                    raise EngineError("The engine aborted the request.")
+                if reason not in _OPENAI_FINISH:
+                    choice["finish_reason"] = _FINISH.get(reason, "stop")
+                self.finished.add(int(idx))
+                answers = True
+        self.output_deltas += deltas
+        yield Relayed(chunk, deltas, answers or deltas > 0)
+
+    def _relay_calls(self, choice: int, calls: list[dict[str, Any]], state: Delivered) -> int:
+        """Re-index (and name) tool calls in place as ChunkDecoder does; returns argument deltas."""
+        deltas = 0
+        for position, call in enumerate(calls):
+            engine_index = call.get("index")
+            key = (choice, int(engine_index) if engine_index is not None else position)
+            fn = call.get("function") or {}
+            ours = self._calls.get(key)
+            if ours is None or (call.get("id") and engine_index is None):
+                ours = self._next_call.get(choice, 0)
+                self._next_call[choice] = ours + 1
+                self._calls[key] = ours
+                call["id"] = call.get("id") or f"call_{choice}_{ours}"
+                call["type"] = "function"
+                state.tool_calls.append([call["id"], fn.get("name") or "", ""])
+            call["index"] = ours
+            args = fn.get("arguments")
+            if args:
+                deltas += 1
+                state.tool_calls[ours][2] += args
+        return deltas
+
+
+class Delivered:
+    """What one choice of a relayed stream handed on so far: text and reasoning pieces, and
+    each tool call as ``[id, name, arguments]`` in order."""
+
+    __slots__ = ("reasoning", "text", "tool_calls")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[list[str]] = []

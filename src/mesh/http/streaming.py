@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+SSE_COMMENT = b": keep-alive\n\n"
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -22,7 +24,11 @@ SSE_HEADERS = {
 class StreamResponse:
     """``on_close`` runs once the body is done or abandoned, whatever happened (the client
     hung up before the body's first chunk included): the owner of the request's resources
-    releases them there, since a generator that never started runs no ``finally``."""
+    releases them there, since a generator that never started runs no ``finally``.
+
+    ``waiting`` (a request still queued for a replica slot) gets an SSE comment every
+    ``keepalive`` seconds until it is done, before the body's first chunk; the body itself
+    then flows with no wrapper around it."""
 
     def __init__(
         self,
@@ -30,11 +36,16 @@ class StreamResponse:
         headers: Mapping[str, str],
         status: int = 200,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        *,
+        waiting: asyncio.Future[Any] | None = None,
+        keepalive: float = 5.0,
     ) -> None:
         self.body = body
         self.status = status
         self.headers: dict[str, str] = {**SSE_HEADERS, **headers}
         self.on_close = on_close
+        self.waiting = waiting
+        self.keepalive = keepalive
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -60,6 +71,12 @@ class StreamResponse:
     async def _pump(self, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        waiting = self.waiting
+        if waiting is not None:
+            while not waiting.done():
+                done, _ = await asyncio.wait({waiting}, timeout=self.keepalive)
+                if not done:
+                    await send({"type": "http.response.body", "body": SSE_COMMENT, "more_body": True})
         async for chunk in self.body:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

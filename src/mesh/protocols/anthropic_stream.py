@@ -34,6 +34,7 @@ from mesh.canonical import (
     Finish,
     FinishReason,
     ReasoningDelta,
+    Relayed,
     TextDelta,
     ToolArgsDelta,
     ToolCallStart,
@@ -182,6 +183,8 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
             match ev:
                 case Usage():
                     usage = ev
+                case Relayed():  # never asked for here: only Chat Completions relays
+                    continue
                 case _ if ev.choice != 0:
                     continue
                 case TextDelta(text=text):

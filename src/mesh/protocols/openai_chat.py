@@ -25,6 +25,7 @@ from mesh.canonical import (
     ReasoningConfig,
     ReasoningDelta,
     ReasoningPart,
+    Relayed,
     ResponseFormat,
     Result,
     Sampling,
@@ -312,12 +313,21 @@ def _finish(reason: str) -> str:
 # ---- stream -----------------------------------------------------------------------------------
 
 
+# The spellings engines use for reasoning text in a delta (vLLM's newer ``reasoning``).
+_ENGINE_REASONING = ("reasoning_content", "reasoning")
+
+
 class _ChunkWriter:
     """Serializes chunks around a pre-encoded envelope: only the choice is dumped per chunk."""
 
-    __slots__ = ("_head", "_tail", "_usage_head")
+    __slots__ = ("_created", "_head", "_id", "_include_usage", "_model", "_reasoning", "_tail", "_usage_head")
 
     def __init__(self, meta: StreamMeta) -> None:
+        self._id = meta.id
+        self._created = meta.created
+        self._model = meta.model
+        self._include_usage = meta.include_usage
+        self._reasoning = meta.reasoning_fields
         envelope = orjson.dumps(
             {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
              "system_fingerprint": SYSTEM_FINGERPRINT}
@@ -332,6 +342,28 @@ class _ChunkWriter:
     def usage(self, body: dict[str, Any]) -> bytes:
         return self._usage_head + orjson.dumps(body) + b"}\n\n"
 
+    def relayed(self, chunk: dict[str, Any]) -> bytes:
+        """An engine's chunk (usage already taken out) as the client gets it: Mesh's id,
+        creation time and public model name, reasoning under the field names the client
+        reads, and ``"usage": null`` only when the client asked for usage."""
+        chunk["id"] = self._id
+        chunk["object"] = "chat.completion.chunk"
+        chunk["created"] = self._created
+        chunk["model"] = self._model
+        chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
+        for choice in chunk["choices"]:
+            delta = choice.get("delta")
+            if delta:
+                for name in _ENGINE_REASONING:
+                    if name in delta:
+                        text = delta.pop(name)
+                        if text:
+                            for field in self._reasoning:
+                                delta[field] = text
+        if self._include_usage:
+            chunk["usage"] = None
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
 
 async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> AsyncIterator[bytes]:
     """SSE bytes for a stream of events. A :class:`MeshError` raised by ``events`` ends the
@@ -341,6 +373,9 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
     usage: Usage | None = None
     try:
         async for ev in events:
+            if isinstance(ev, Relayed):  # the relay path: the engine's chunk, rewritten
+                yield out.relayed(ev.chunk)
+                continue
             if isinstance(ev, Usage):
                 usage = ev
                 continue
