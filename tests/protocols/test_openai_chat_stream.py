@@ -222,7 +222,8 @@ def test_relay_decoder_names_and_numbers_tool_calls_the_engine_left_bare() -> No
     (ev,) = decoder.decode(c)
     assert isinstance(ev, Relayed) and ev.deltas == 2
     calls = ev.chunk["choices"][0]["delta"]["tool_calls"]
-    assert [(x["index"], x["id"], x["type"]) for x in calls] == [(0, "call_0_0", "function"), (1, "call_0_1", "function")]
+    assert [(x["index"], x["id"], x["type"]) for x in calls] == [
+        (0, "call_0_0", "function"), (1, "call_0_1", "function")]
 
 
 @pytest.mark.parametrize("bad", [
