@@ -91,6 +91,33 @@ async def _drain(resp: aiohttp.ClientResponse) -> bool:
     return False
 
 
+class _SSEReader:
+    """The engine's SSE ``data:`` payloads, taken in whatever pieces the socket delivers
+    (several events per read when the engine is fast) instead of one ``readline`` per line,
+    blank separators included."""
+
+    __slots__ = ("_content", "_tail")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._tail = b""  # a line not yet ended by its newline
+
+    async def batch(self) -> list[bytes] | None:
+        """The payloads of the next read (at least one), or None at the end of the body."""
+        while True:
+            data = await self._content.readany()
+            if not data:
+                tail, self._tail = self._tail, b""
+                return [tail[5:].strip()] if tail.startswith(_DATA) else None
+            if self._tail:
+                data = self._tail + data
+            lines = data.split(b"\n")
+            self._tail = lines.pop()
+            batch = [line[5:].strip() for line in lines if line.startswith(_DATA)]
+            if batch:
+                return batch
+
+
 def _answers(ev: Event) -> bool:
     """Output the first-token deadline waits for: not usage alone, nor a relayed chunk that
     carries none (the role-only chunk engines send first)."""
@@ -159,18 +186,19 @@ class OpenAIEngine:
                         payload = await resp.read()
                         drained = True
                         raise _upstream_error(resp.status, payload, self.name)
-                    lines = aiter(resp.content)
-                    first = await self._first_events(lines, decoder)
+                    reader = _SSEReader(resp.content)
+                    first, batch = await self._first_events(reader, decoder)
                 for ev in first:
                     yield ev
-                async for line in lines:
-                    if not line.startswith(_DATA):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == _DONE:
-                        break
-                    for ev in decoder.decode(orjson.loads(payload)):
-                        yield ev
+                while batch is not None:
+                    for payload in batch:
+                        if payload == _DONE:
+                            batch = None
+                            break
+                        for ev in decoder.decode(orjson.loads(payload)):
+                            yield ev
+                    else:
+                        batch = await reader.batch()
                 # Read on to the end of the body (after [DONE] only the chunked terminator is
                 # left), so the engine sees a finished answer and the connection goes back to
                 # the pool instead of being torn down.
@@ -188,18 +216,18 @@ class OpenAIEngine:
                     resp.close()
 
     @staticmethod
-    async def _first_events(lines: AsyncIterator[bytes], decoder: ChunkDecoder) -> list[Event]:
-        """Read until the engine produced its first output (the first-token deadline covers this)."""
+    async def _first_events(reader: _SSEReader, decoder: ChunkDecoder) -> tuple[list[Event], list[bytes] | None]:
+        """Read until the engine produced its first output (the first-token deadline covers
+        this): its events, and the payloads read with it that are still to decode (None
+        once the stream is done)."""
         events: list[Event] = []
-        async for line in lines:
-            if not line.startswith(_DATA):
-                continue
-            payload = line[5:].strip()
-            if payload == _DONE:
-                return events
-            events.extend(decoder.decode(orjson.loads(payload)))
-            if any(_answers(ev) for ev in events):
-                return events
+        while (batch := await reader.batch()) is not None:
+            for i, payload in enumerate(batch):
+                if payload == _DONE:
+                    return events, None
+                events.extend(decoder.decode(orjson.loads(payload)))
+                if any(_answers(ev) for ev in events):
+                    return events, batch[i + 1:]
         raise EngineError("The engine closed the stream before answering.")
 
     async def health(self) -> bool:
