@@ -248,18 +248,19 @@ class Usage:
 
 @dataclass(slots=True)
 class Relayed:
-    """One engine chunk on the relay path (OpenAI Chat in, OpenAI-compatible engine out),
-    parsed but not decoded: the protocol rewrites only what Mesh must change and sends it on.
+    """Engine chunks on the relay path (OpenAI Chat in, OpenAI-compatible engine out),
+    parsed but not decoded: the protocol rewrites only what Mesh must change and sends them on.
 
-    ``chunk`` is the engine's ``chat.completion.chunk`` with tool calls already re-indexed
-    and usage taken out (the engine yields usage as its own :class:`Usage` event).
-    ``deltas`` counts the non-empty text, reasoning and tool-argument deltas it carries (each
-    at least one token: the same count the canonical path makes); ``answers`` is whether it
-    carries any output at all (a delta, a new tool call or a finish), for the first-token
-    deadline. Not frozen: the encoder rewrites ``chunk`` in place, once.
+    ``chunks`` are the engine's ``chat.completion.chunk`` objects that arrived in one read
+    (written to the client in one piece), with tool calls already re-indexed and usage taken
+    out (the engine yields usage as its own :class:`Usage` event). ``deltas`` counts the
+    non-empty text, reasoning and tool-argument deltas they carry (each at least one token:
+    the same count the canonical path makes); ``answers`` is whether they carry any output
+    at all (a delta, a new tool call or a finish), for the first-token deadline. Not
+    frozen: the encoder rewrites ``chunks`` in place, once.
     """
 
-    chunk: dict[str, Any]
+    chunks: list[dict[str, Any]]
     deltas: int = 0
     answers: bool = False
 

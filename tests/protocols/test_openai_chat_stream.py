@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from mesh.canonical import Event, Relayed, Usage
@@ -149,6 +150,26 @@ def test_relay_and_canonical_give_the_client_the_same_answer(name: str, include_
     assert relay["choices"]
 
 
+def batched(chunks: Iterable[dict[str, Any]]) -> list[Event]:
+    """The relay path as the engine runs it: every chunk read in one piece, then [DONE]."""
+    decoder = RelayDecoder()
+    events, done = decoder.decode_batch([orjson.dumps(c) for c in chunks] + [b"[DONE]", b"{not json"])
+    assert done
+    return [*events, decoder.final_usage()]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
+def test_chunks_read_together_are_written_together_and_say_the_same(name: str, include_usage: bool) -> None:
+    events = batched(TRANSCRIPTS[name])
+    relayed = [ev for ev in events if isinstance(ev, Relayed)]
+    assert len(relayed) == 1 and relayed[0].answers
+    assert relayed[0].deltas == sum(ev.deltas for ev in decoded(TRANSCRIPTS[name], True) if isinstance(ev, Relayed))
+    raw = encode(events, meta(include_usage))
+    assert raw == encode(decoded(TRANSCRIPTS[name], True), meta(include_usage))  # byte for byte
+    assert accumulate(raw) == accumulate(encode(decoded(TRANSCRIPTS[name], False), meta(include_usage)))
+
+
 @pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
 def test_relay_rewrites_ids_model_and_hides_the_engine(name: str) -> None:
     raw = encode(decoded(TRANSCRIPTS[name], True), meta())
@@ -221,7 +242,7 @@ def test_relay_decoder_names_and_numbers_tool_calls_the_engine_left_bare() -> No
                                 {"index": 7, "function": {"name": "g", "arguments": "{}"}}]))
     (ev,) = decoder.decode(c)
     assert isinstance(ev, Relayed) and ev.deltas == 2
-    calls = ev.chunk["choices"][0]["delta"]["tool_calls"]
+    calls = ev.chunks[0]["choices"][0]["delta"]["tool_calls"]
     assert [(x["index"], x["id"], x["type"]) for x in calls] == [
         (0, "call_0_0", "function"), (1, "call_0_1", "function")]
 

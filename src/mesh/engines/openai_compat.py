@@ -34,7 +34,6 @@ from mesh.errors import (
 # --otlp-traces-endpoint) joins the request's trace; adds nothing when Mesh is not tracing.
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
 _DATA = b"data:"
-_DONE = b"[DONE]"
 # After [DONE] only the end of the body is left; an engine that does not send it by then
 # loses the connection instead of holding the request up.
 _DRAIN_TIMEOUT = 1.0
@@ -187,18 +186,13 @@ class OpenAIEngine:
                         drained = True
                         raise _upstream_error(resp.status, payload, self.name)
                     reader = _SSEReader(resp.content)
-                    first, batch = await self._first_events(reader, decoder)
+                    first, done = await self._first_events(reader, decoder)
                 for ev in first:
                     yield ev
-                while batch is not None:
-                    for payload in batch:
-                        if payload == _DONE:
-                            batch = None
-                            break
-                        for ev in decoder.decode(orjson.loads(payload)):
-                            yield ev
-                    else:
-                        batch = await reader.batch()
+                while not done and (batch := await reader.batch()) is not None:
+                    events, done = decoder.decode_batch(batch)
+                    for ev in events:
+                        yield ev
                 # Read on to the end of the body (after [DONE] only the chunked terminator is
                 # left), so the engine sees a finished answer and the connection goes back to
                 # the pool instead of being torn down.
@@ -216,18 +210,15 @@ class OpenAIEngine:
                     resp.close()
 
     @staticmethod
-    async def _first_events(reader: _SSEReader, decoder: ChunkDecoder) -> tuple[list[Event], list[bytes] | None]:
+    async def _first_events(reader: _SSEReader, decoder: ChunkDecoder) -> tuple[list[Event], bool]:
         """Read until the engine produced its first output (the first-token deadline covers
-        this): its events, and the payloads read with it that are still to decode (None
-        once the stream is done)."""
+        this): the events of the reads so far, and whether the stream is done."""
         events: list[Event] = []
         while (batch := await reader.batch()) is not None:
-            for i, payload in enumerate(batch):
-                if payload == _DONE:
-                    return events, None
-                events.extend(decoder.decode(orjson.loads(payload)))
-                if any(_answers(ev) for ev in events):
-                    return events, batch[i + 1:]
+            more, done = decoder.decode_batch(batch)
+            events.extend(more)
+            if done or any(_answers(ev) for ev in more):
+                return events, done
         raise EngineError("The engine closed the stream before answering.")
 
     async def health(self) -> bool:

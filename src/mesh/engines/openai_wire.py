@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import orjson
+
 from mesh.canonical import (
     CanonicalRequest,
     Event,
@@ -34,6 +36,7 @@ from mesh.canonical import (
 from mesh.errors import EngineError
 
 ReasoningField = Literal["reasoning_content", "reasoning"]
+DONE = b"[DONE]"  # the SSE payload that ends an OpenAI stream
 
 # Anthropic-style thinking budgets folded onto OpenAI-style effort levels (documented in
 # docs/architecture.md): below 2048 tokens is low, below 8192 medium, above that high.
@@ -313,6 +316,15 @@ class ChunkDecoder:
                 self.finished.add(idx)
                 yield Finish(_FINISH.get(reason, "stop"), idx, stop)
 
+    def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
+        """The events of the SSE payloads of one read, and whether ``[DONE]`` was among them."""
+        events: list[Event] = []
+        for payload in payloads:
+            if payload == DONE:
+                return events, True
+            events.extend(self.decode(orjson.loads(payload)))
+        return events, False
+
     def _tool_call(self, choice: int, position: int, call: dict[str, Any]) -> Iterator[Event]:
         engine_index = call.get("index")
         key = (choice, int(engine_index) if engine_index is not None else position)
@@ -358,17 +370,53 @@ class RelayDecoder(ChunkDecoder):
         self.delivered: dict[int, Delivered] = {}
 
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
+        """One chunk: its :class:`Relayed` (when it carries choices), then its usage."""
+        keep, deltas, answers = self._inspect(chunk)
+        reported = chunk.pop("usage", None) is not None
+        if keep:
+            yield Relayed([chunk], deltas, answers)
+        if reported and self.usage is not None:
+            yield self.usage
+
+    def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
+        """The chunks of one read as one :class:`Relayed` (one write to the client, as a
+        bare proxy writes what it read), then the newest usage among them."""
+        chunks: list[dict[str, Any]] = []
+        deltas = 0
+        answers = False
+        usage_seen = False
+        done = False
+        for payload in payloads:
+            if payload == DONE:
+                done = True
+                break
+            chunk = orjson.loads(payload)
+            keep, n, said = self._inspect(chunk)
+            if chunk.pop("usage", None) is not None:
+                usage_seen = True
+            if keep:
+                chunks.append(chunk)
+                deltas += n
+                answers = answers or said
+        events: list[Event] = []
+        if chunks:
+            events.append(Relayed(chunks, deltas, answers))
+        if usage_seen and self.usage is not None:
+            events.append(self.usage)
+        return events, done
+
+    def _inspect(self, chunk: dict[str, Any]) -> tuple[bool, int, bool]:
+        """Meter one chunk and fix it up in place: (has choices to send, deltas, answers)."""
         if chunk.get("error"):
             err = chunk["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
             raise EngineError(f"The engine failed mid-stream: {message}")
-        usage = chunk.pop("usage", None)
+        usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = decode_usage(usage)
-            yield self.usage
         choices = chunk.get("choices")
         if not choices:
-            return
+            return False, 0, False
         deltas = 0
         answers = False
         for choice in choices:
@@ -400,7 +448,7 @@ class RelayDecoder(ChunkDecoder):
                 self.finished.add(int(idx))
                 answers = True
         self.output_deltas += deltas
-        yield Relayed(chunk, deltas, answers or deltas > 0)
+        return True, deltas, answers or deltas > 0
 
     def _relay_calls(self, choice: int, calls: list[dict[str, Any]], state: Delivered) -> int:
         """Re-index (and name) tool calls in place as ChunkDecoder does; returns argument deltas."""

@@ -342,10 +342,16 @@ class _ChunkWriter:
     def usage(self, body: dict[str, Any]) -> bytes:
         return self._usage_head + orjson.dumps(body) + b"}\n\n"
 
-    def relayed(self, chunk: dict[str, Any]) -> bytes:
-        """An engine's chunk (usage already taken out) as the client gets it: Mesh's id,
-        creation time and public model name, reasoning under the field names the client
-        reads, and ``"usage": null`` only when the client asked for usage."""
+    def relayed(self, chunks: list[dict[str, Any]]) -> bytes:
+        """Engine chunks (usage already taken out) as the client gets them, in one piece."""
+        if len(chunks) == 1:
+            return self._relayed(chunks[0])
+        return b"".join([self._relayed(c) for c in chunks])
+
+    def _relayed(self, chunk: dict[str, Any]) -> bytes:
+        """An engine's chunk as the client gets it: Mesh's id, creation time and public model
+        name, reasoning under the field names the client reads, and ``"usage": null`` only
+        when the client asked for usage."""
         chunk["id"] = self._id
         chunk["object"] = "chat.completion.chunk"
         chunk["created"] = self._created
@@ -374,7 +380,7 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
     try:
         async for ev in events:
             if isinstance(ev, Relayed):  # the relay path: the engine's chunk, rewritten
-                yield out.relayed(ev.chunk)
+                yield out.relayed(ev.chunks)
                 continue
             if isinstance(ev, Usage):
                 usage = ev
