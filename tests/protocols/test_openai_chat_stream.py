@@ -183,6 +183,14 @@ def test_relay_rewrites_ids_model_and_hides_the_engine(name: str) -> None:
         assert "usage" not in body  # the client did not ask for usage
 
 
+def test_relay_sends_none_of_the_engine_s_own_envelope_fields() -> None:
+    chunks = [{**chunk(delta(content="hi")), "kv_transfer_params": {"remote": "10.0.0.7"}, "service_tier": "x"},
+              chunk(delta(finish="stop"))]
+    raw = encode(decoded(chunks, True), meta())
+    assert b"kv_transfer_params" not in raw and b"service_tier" not in raw and b"10.0.0.7" not in raw
+    assert json.loads(data_lines(raw)[0])["choices"][0]["delta"] == {"content": "hi"}
+
+
 def test_relay_usage_only_when_asked_and_then_mesh_s_own_in_the_last_chunk() -> None:
     lines = data_lines(encode(decoded(REASONING_TEXT, True), meta(include_usage=True)))
     bodies = [json.loads(line) for line in lines[:-1]]

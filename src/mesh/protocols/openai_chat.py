@@ -318,22 +318,20 @@ _ENGINE_REASONING = ("reasoning_content", "reasoning")
 
 
 class _ChunkWriter:
-    """Serializes chunks around a pre-encoded envelope: only the choice is dumped per chunk."""
+    """Serializes chunks around a pre-encoded envelope: only the choices are dumped per chunk."""
 
-    __slots__ = ("_created", "_head", "_id", "_include_usage", "_model", "_reasoning", "_tail", "_usage_head")
+    __slots__ = ("_choices_head", "_choices_tail", "_head", "_reasoning", "_tail", "_usage_head")
 
     def __init__(self, meta: StreamMeta) -> None:
-        self._id = meta.id
-        self._created = meta.created
-        self._model = meta.model
-        self._include_usage = meta.include_usage
         self._reasoning = meta.reasoning_fields
         envelope = orjson.dumps(
             {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
              "system_fingerprint": SYSTEM_FINGERPRINT}
         )
-        self._head = b"data: " + envelope[:-1] + b',"choices":['
-        self._tail = b'],"usage":null}\n\n' if meta.include_usage else b"]}\n\n"
+        self._choices_head = b"data: " + envelope[:-1] + b',"choices":'
+        self._choices_tail = b',"usage":null}\n\n' if meta.include_usage else b"}\n\n"
+        self._head = self._choices_head + b"["
+        self._tail = b"]" + self._choices_tail
         self._usage_head = b"data: " + envelope[:-1] + b',"choices":[],"usage":'
 
     def choice(self, body: dict[str, Any]) -> bytes:
@@ -343,21 +341,17 @@ class _ChunkWriter:
         return self._usage_head + orjson.dumps(body) + b"}\n\n"
 
     def relayed(self, chunks: list[dict[str, Any]]) -> bytes:
-        """Engine chunks (usage already taken out) as the client gets them, in one piece."""
+        """Engine chunks (usage already taken out) as the client gets them, in one piece:
+        Mesh's own envelope (its id, creation time, public model name; ``"usage": null``
+        only when the client asked for usage) around the engine's choices, with reasoning
+        under the field names the client reads. Nothing else of the engine's envelope (its
+        id, model, extra fields) reaches the client."""
         if len(chunks) == 1:
-            return self._relayed(chunks[0])
-        return b"".join([self._relayed(c) for c in chunks])
+            return self._relayed(chunks[0]["choices"])
+        return b"".join([self._relayed(c["choices"]) for c in chunks])
 
-    def _relayed(self, chunk: dict[str, Any]) -> bytes:
-        """An engine's chunk as the client gets it: Mesh's id, creation time and public model
-        name, reasoning under the field names the client reads, and ``"usage": null`` only
-        when the client asked for usage."""
-        chunk["id"] = self._id
-        chunk["object"] = "chat.completion.chunk"
-        chunk["created"] = self._created
-        chunk["model"] = self._model
-        chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
-        for choice in chunk["choices"]:
+    def _relayed(self, choices: list[dict[str, Any]]) -> bytes:
+        for choice in choices:
             delta = choice.get("delta")
             if delta:
                 for name in _ENGINE_REASONING:
@@ -366,9 +360,7 @@ class _ChunkWriter:
                         if text:
                             for field in self._reasoning:
                                 delta[field] = text
-        if self._include_usage:
-            chunk["usage"] = None
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return self._choices_head + orjson.dumps(choices) + self._choices_tail
 
 
 async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> AsyncIterator[bytes]:
