@@ -262,6 +262,8 @@ def _count(value: Any) -> int:
 
     A worker's engine is not trusted: a negative count would make settlement fail (and leave
     the customer's hold in place), a string would raise here."""
+    if type(value) is int and 0 <= value <= 2**53:  # what every honest engine sends
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
         return 0
     return int(min(value, 2**53))
@@ -319,11 +321,21 @@ class ChunkDecoder:
     def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
         """The events of the SSE payloads of one read, and whether ``[DONE]`` was among them."""
         events: list[Event] = []
+        usage: Any = None
+        done = False
         for payload in payloads:
             if payload == DONE:
-                return events, True
-            events.extend(self.decode(orjson.loads(payload)))
-        return events, False
+                done = True
+                break
+            chunk = orjson.loads(payload)
+            reported = chunk.pop("usage", None) if isinstance(chunk, dict) else None
+            if isinstance(reported, dict):
+                usage = reported  # cumulative: only the newest of the read counts
+            events.extend(self.decode(chunk))
+        if usage is not None:
+            self.usage = decode_usage(usage)
+            events.append(self.usage)
+        return events, done
 
     def _tool_call(self, choice: int, position: int, call: dict[str, Any]) -> Iterator[Event]:
         engine_index = call.get("index")
@@ -372,10 +384,11 @@ class RelayDecoder(ChunkDecoder):
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         """One chunk: its :class:`Relayed` (when it carries choices), then its usage."""
         keep, deltas, answers = self._inspect(chunk)
-        reported = chunk.pop("usage", None) is not None
+        usage = chunk.pop("usage", None)
         if keep:
             yield Relayed([chunk], deltas, answers)
-        if reported and self.usage is not None:
+        if isinstance(usage, dict):
+            self.usage = decode_usage(usage)
             yield self.usage
 
     def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
@@ -384,7 +397,7 @@ class RelayDecoder(ChunkDecoder):
         chunks: list[dict[str, Any]] = []
         deltas = 0
         answers = False
-        usage_seen = False
+        usage: Any = None
         done = False
         for payload in payloads:
             if payload == DONE:
@@ -392,8 +405,9 @@ class RelayDecoder(ChunkDecoder):
                 break
             chunk = orjson.loads(payload)
             keep, n, said = self._inspect(chunk)
-            if chunk.pop("usage", None) is not None:
-                usage_seen = True
+            reported = chunk.pop("usage", None)
+            if isinstance(reported, dict):
+                usage = reported  # cumulative: only the newest of the read counts
             if keep:
                 chunks.append(chunk)
                 deltas += n
@@ -401,19 +415,18 @@ class RelayDecoder(ChunkDecoder):
         events: list[Event] = []
         if chunks:
             events.append(Relayed(chunks, deltas, answers))
-        if usage_seen and self.usage is not None:
+        if usage is not None:
+            self.usage = decode_usage(usage)
             events.append(self.usage)
         return events, done
 
     def _inspect(self, chunk: dict[str, Any]) -> tuple[bool, int, bool]:
-        """Meter one chunk and fix it up in place: (has choices to send, deltas, answers)."""
+        """Meter one chunk and fix it up in place: (has choices to send, deltas, answers).
+        Its usage is the caller's to take (decoded once per read, not once per chunk)."""
         if chunk.get("error"):
             err = chunk["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
             raise EngineError(f"The engine failed mid-stream: {message}")
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = decode_usage(usage)
         choices = chunk.get("choices")
         if not choices:
             return False, 0, False
