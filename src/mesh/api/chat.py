@@ -54,7 +54,7 @@ class _Call:
 class Chat:
     name = "openai.chat"
     render_error = staticmethod(openai_chat.render_error)
-    pings = False
+    idle_ping = None
 
     async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> _Call:
         return _Call(*openai_chat.parse_request(body))

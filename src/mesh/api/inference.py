@@ -51,9 +51,9 @@ class Wire(Protocol):
     def render_error(self) -> ErrorRenderer: ...
 
     @property
-    def pings(self) -> bool:
-        """True when ``encode`` sends its own keep-alives whenever idle (Anthropic's pings);
-        otherwise a queued stream gets SSE comments until it has a replica."""
+    def idle_ping(self) -> bytes | None:
+        """The event sent whenever a stream is idle (Anthropic's ``ping``); None: a queued
+        stream gets SSE comments until it has a replica, and nothing once it flows."""
         ...
 
     async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> Call: ...
@@ -78,8 +78,9 @@ def inference(wire: Wire) -> Endpoint:
         headers = gw.response_headers(ctx)
         events = p.metered(ctx, stream)
         if streamed:
-            waiting = stream.task if isinstance(stream, PendingStream) and not wire.pings else None
-            return StreamResponse(out.encode(events), headers, waiting=waiting,
+            ping = wire.idle_ping
+            waiting = stream.task if isinstance(stream, PendingStream) and ping is None else None
+            return StreamResponse(out.encode(events), headers, waiting=waiting, idle_ping=ping,
                                   keepalive=gw.settings.routing.keepalive_interval)
         result = await aggregate(events)
         body_out = await out.render(result)

@@ -27,10 +27,9 @@ from mesh.protocols import anthropic_messages
 @dataclass(frozen=True, slots=True)
 class _Output:
     meta: anthropic_messages.StreamMeta
-    ping_interval: float
 
     def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        return anthropic_messages.with_pings(anthropic_messages.encode_stream(events, self.meta), self.ping_interval)
+        return anthropic_messages.encode_stream(events, self.meta)
 
     async def render(self, result: Result) -> dict[str, Any]:
         return anthropic_messages.render_response(result, self.meta)
@@ -52,13 +51,13 @@ class _Call:
             stop_sequences=request.stop,
             omit_thinking=self.options.omit_thinking,
             usage_extras=gw.usage_extras(ctx.model),
-        ), gw.settings.routing.keepalive_interval)
+        ))
 
 
 class Messages:
     name = "anthropic.messages"
     render_error = staticmethod(anthropic_messages.render_error)
-    pings = True  # with_pings sends a ping whenever the stream is idle, queued or not
+    idle_ping = anthropic_messages.PING  # whenever the stream is idle, queued or not
 
     async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> _Call:
         return _Call(*anthropic_messages.parse_request(body))

@@ -99,7 +99,7 @@ class _Call:
 class Responses:
     name = PROTOCOL
     render_error = staticmethod(openai_responses.render_error)
-    pings = False
+    idle_ping = None
 
     async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> _Call:
         store, account_id = gw.responses, str(ctx.who.account_id)
