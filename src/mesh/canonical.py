@@ -345,6 +345,8 @@ class Aggregator:
                 b.stop_sequence = seq
             case Usage():
                 self.usage = event
+            case Relayed():  # only streamed requests relay: a non-streamed answer never gets here
+                raise TypeError("relayed chunks cannot be aggregated")
 
     def result(self) -> Result:
         choices = []
