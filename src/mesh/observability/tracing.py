@@ -41,7 +41,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from mesh.accounts.principal import Principal
 from mesh.canonical import Usage
 from mesh.config import ModelConfig, ObservabilityConfig
-from mesh.observability.spans import failed
+from mesh.observability.spans import UNTRACED, failed
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MAX_OPEN_TRACES = 10_000  # traces buffered at once; past it the oldest is dropped unexported
@@ -121,24 +121,31 @@ class RequestTrace:
         self._offset = epoch_offset_ns  # epoch ns minus monotonic ns: places monotonic times
         self._done = False
         self.error_kind: str | None = None
+        # Tracing off: steps and the active span cost nothing (no context switch per step).
+        self._off = isinstance(tracer, trace.NoOpTracer)
 
     def _ns(self, monotonic_s: float) -> int:
         return int(monotonic_s * 1e9) + self._offset
 
-    @contextlib.contextmanager
-    def step(self, name: str, **attributes: str | int) -> Iterator[Span]:
+    def step(self, name: str, **attributes: str | int) -> contextlib.AbstractContextManager[Span]:
         """A child span of the request around a step; it is the current span inside."""
+        if self._off:
+            return UNTRACED
+        return self._step(name, attributes)
+
+    @contextlib.contextmanager
+    def _step(self, name: str, attributes: dict[str, str | int]) -> Iterator[Span]:
         with self._tracer.start_as_current_span(
             name, context=self.context, attributes=attributes, record_exception=False,
             set_status_on_exception=False,
         ) as span, failed(span):
             yield span
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self) -> contextlib.AbstractContextManager[Span]:
         """Make the request span current (spans opened inside, e.g. by the router, are its children)."""
-        with trace.use_span(self.root, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-            yield
+        if self._off:
+            return UNTRACED
+        return trace.use_span(self.root, end_on_exit=False, record_exception=False, set_status_on_exception=False)
 
     def log_ids(self) -> dict[str, str]:
         """``trace_id`` and ``span_id`` for the request's log line (nothing when not tracing)."""
