@@ -31,7 +31,9 @@ class FakeEngine:
     """Replays ``tokens`` text deltas then Finish and Usage. ``gate`` (when set) holds the
     first event back until it is set; ``fail_first`` raises before the first event,
     ``fail_after`` after that many deltas; ``stall_after`` waits forever after that many.
-    ``open`` counts streams not yet closed; ``cancelled`` those closed before their end."""
+    ``open`` counts streams not yet closed; ``cancelled`` those closed before their end.
+    A continuation (``continue_final`` after an assistant message that starts the answer)
+    goes on from there, reading the prefix as input, when ``continues_final`` is set."""
 
     def __init__(self, name: str = "fake", tokens: int = 3) -> None:
         self.name = name
@@ -41,6 +43,8 @@ class FakeEngine:
         self.fail_after: tuple[int, BaseException] | None = None
         self.stall_after: int | None = None
         self.healthy = True
+        self.continues_final = False
+        self.requests: list[CanonicalRequest] = []
         self.open = 0
         self.started = 0
         self.cancelled = 0
@@ -54,14 +58,21 @@ class FakeEngine:
                 await self.gate.wait()
             if self.fail_first is not None:
                 raise self.fail_first
-            for i in range(self.tokens):
-                if self.fail_after is not None and i == self.fail_after[0]:
+            self.requests.append(request)
+            skip = 0
+            last = request.messages[-1]
+            if request.continue_final and last.role == "assistant":
+                while skip < self.tokens and last.text.startswith("".join(f"t{i} " for i in range(skip + 1))):
+                    skip += 1
+            count = self.tokens - skip if request.max_tokens is None else min(self.tokens - skip, request.max_tokens)
+            for n, i in enumerate(range(skip, skip + count)):
+                if self.fail_after is not None and n == self.fail_after[0]:
                     raise self.fail_after[1]
-                if self.stall_after is not None and i == self.stall_after:
+                if self.stall_after is not None and n == self.stall_after:
                     await asyncio.Event().wait()
                 yield TextDelta(f"t{i} ")
-            yield Finish("stop")
-            yield Usage(input_tokens=10, output_tokens=self.tokens)
+            yield Finish("stop" if skip + count == self.tokens else "length")
+            yield Usage(input_tokens=10 + skip, output_tokens=count)
             finished = True
         finally:
             self.open -= 1

@@ -407,3 +407,34 @@ def test_kill_and_restart_on_same_port() -> None:
         resp = httpx.get(url + "/v1/models")
         assert resp.headers["x-testengine-replica"] == "replica-b"
         assert [m["id"] for m in resp.json()["data"]] == ["only-model"]
+
+
+def test_continuation_goes_on_from_a_prefix_of_its_own_answer(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="test-model", messages=user("[tokens:9] go"), max_tokens=7)
+    assert whole.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 tok5 tok6"
+    rest = client.chat.completions.create(
+        model="test-model", max_tokens=4,
+        messages=[*user("[tokens:9] go"), {"role": "assistant", "content": "tok0 tok1 tok2"}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert rest.choices[0].message.content == " tok3 tok4 tok5 tok6"
+    assert rest.choices[0].finish_reason == "length" and rest.usage is not None and rest.usage.completion_tokens == 4
+    # A reasoning model thinks on from partial thinking, then answers.
+    thinking = client.chat.completions.create(model="test-reasoner", messages=user("a b"))
+    thought = thinking.choices[0].message.reasoning_content  # type: ignore[attr-defined]
+    on = client.chat.completions.create(
+        model="test-reasoner",
+        messages=[*user("a b"), {"role": "assistant", "content": "", "reasoning_content": thought[:9]}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert thought[:9] + on.choices[0].message.reasoning_content == thought  # type: ignore[attr-defined]
+    assert on.choices[0].message.content == thinking.choices[0].message.content
+
+
+def test_directive_faults_spare_a_continuation(client: openai.OpenAI) -> None:
+    rest = client.chat.completions.create(
+        model="test-model",
+        messages=[*user("[tokens:5] [fault:drop] [stall:1]"), {"role": "assistant", "content": "tok0 tok1"}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False}, stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in rest if c.choices) == " tok2 tok3 tok4"

@@ -80,6 +80,10 @@ class OpenAIEngineConfig(_Frozen):
     continuous_usage: bool = True
     # Which reasoning field the engine reads on assistant turns (vLLM: reasoning).
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    # The server continues a final assistant message when asked (continue_final_message with
+    # add_generation_prompt off: vLLM, SGLang, llama.cpp's server), so a stream another
+    # replica dropped can resume here (docs/resume.md). False for servers that cannot (TGI, Ollama).
+    continuation: bool = True
     name: str | None = None  # replica label in usage records and metrics
     # Reuse connections to the engine: a finished answer is read to its end and its
     # connection serves the next request. False closes it after every answer (an engine or
@@ -183,6 +187,11 @@ class RoutingConfig(_Frozen):
     # Longest a request may take from admission to its last byte (queue, first token and
     # stream together); past it the answer is 504, or the stream's error event. null: none.
     request_timeout: float | None = Field(default=900.0, gt=0)
+    # A stream whose replica fails after its first byte continues on another replica at
+    # most this many times (0: never; docs/resume.md), each within resume_timeout seconds
+    # from the failure to the continuation's first token.
+    max_resumes: int = Field(default=1, ge=0, le=5)
+    resume_timeout: float = Field(default=30.0, gt=0)
 
 
 class AlertsConfig(_Frozen):

@@ -81,7 +81,7 @@ def build_router(
     else:
         sessions = MemorySessionMap(rc.affinity_ttl, rc.affinity_max_entries)
     policy = make_policy(rc.policy, rc.affinity_min_prefix_chars, rc.affinity_slack)
-    return Router(pools, policy, rc.max_attempts, sessions, tracer)
+    return Router(pools, policy, rc.max_attempts, sessions, tracer, rc.max_resumes, rc.resume_timeout)
 
 
 def _registry(settings: Settings) -> WorkerRegistry:

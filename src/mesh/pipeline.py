@@ -125,6 +125,7 @@ class RequestContext:
     tags: tuple[str, ...] = ()  # x-mesh-tags, for the usage record
     session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
     stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
+    routed: RoutedStream | None = None  # the replica's stream once one answered (its resumes, at settlement)
     metering: bool = False  # metered() started: it closes the stream and settles
     deadline: float | None = None  # loop time by which the whole request must end
     relay: bool = False  # engines that can are asked for their chunks as they are (Relayed)
@@ -359,6 +360,7 @@ class Pipeline:
             raise
         if ctx.stream is None:
             ctx.stream = stream
+        ctx.routed = stream
         if stream.choice.model != ctx.model_id:
             ctx.model = self._models[stream.choice.model]  # a fallback served it: bill its prices
             if ctx.admission is not None:
@@ -534,6 +536,10 @@ class Pipeline:
             if self.metrics is not None:
                 self.metrics.settlement_failures.inc()
         usage = ctx.usage or Usage()
+        resumed = _resume_fields(ctx.routed)
+        if self.metrics is not None and ctx.routed is not None and ctx.routed.resumes:
+            self.metrics.resumes(ctx.model.id, [r.outcome for r in ctx.routed.resumes],
+                                 ctx.routed.reprocessed_tokens)
         if self.metrics is not None:
             ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
             self.metrics.observe(
@@ -549,10 +555,10 @@ class Pipeline:
                 "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
                 "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                 "cached_tokens": usage.cached_tokens, "charged_micro": charged,
-                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **ctx.trace.log_ids(),
+                "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
             },
         )
-        ctx.trace.finish(ctx, charged=charged)
+        ctx.trace.finish(ctx, charged=charged, extra=resumed)
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------
     async def count_tokens(self, ctx: RequestContext, request: CanonicalRequest) -> int:
@@ -624,6 +630,19 @@ class _Deadline:
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
+
+
+def _resume_fields(stream: RoutedStream | None) -> dict[str, str | int]:
+    """What the log line and the request span say of failures after the first byte (nothing
+    when there were none): e.g. ``resume: "resumed r1->r2 at 12"``, ``reprocessed_tokens``."""
+    if stream is None or not stream.resumes:
+        return {}
+    said = "; ".join(
+        f"{r.outcome} {r.from_replica}->{r.to_replica or '-'} at {r.delivered_tokens} ({r.reason})"
+        for r in stream.resumes
+    )
+    return {"resume": said, "resume_outcome": stream.resumes[-1].outcome,
+            "reprocessed_tokens": stream.reprocessed_tokens}
 
 
 class PendingStream:

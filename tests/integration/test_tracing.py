@@ -300,3 +300,20 @@ def test_a_queued_request_shows_its_wait(setup: Setup) -> None:
     assert wait.attrs["gen_ai.request.model"] == "one-slot"
     assert waited.root.attrs["gen_ai.request.model"] == "one-slot"
     assert waited.named("route attempt")[0].start >= wait.end
+
+
+def test_a_resumed_stream_shows_its_resume(setup: Setup) -> None:
+    s = setup
+    rid, text = post(s, "/v1/chat/completions", {
+        "model": "test-model", "stream": True, "max_tokens": 10,
+        "messages": [{"role": "user", "content": f"[tokens:10] [fault:drop] {MARKER}"}]})
+    assert "tok9" in text and '"error"' not in text  # its first replica dropped; the answer went on
+    tree = s.receiver.tree(rid)
+    check_tree(s, tree, "openai.chat")
+    (resume,) = tree.named("resume")
+    assert resume.attrs["mesh.resume.outcome"] == "resumed" and resume.attrs["mesh.resume.reason"] == "engine"
+    assert {resume.attrs["mesh.resume.from"], resume.attrs["mesh.resume.to"]} == {"replica-a", "replica-b"}
+    assert resume.attrs["mesh.resume.delivered_tokens"] == 3 and not resume.error
+    assert tree.root.attrs["mesh.resume_outcome"] == "resumed" and tree.root.attrs["mesh.reprocessed_tokens"] > 0
+    (attempt,) = [x for x in s.receiver.spans if x.parent == resume.span_id]  # the continuation's own attempt
+    assert attempt.name == "route attempt" and attempt.attrs["mesh.replica"] == resume.attrs["mesh.resume.to"]

@@ -22,6 +22,7 @@ from mesh.canonical import Event, Relayed, Usage
 from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
 from mesh.errors import EngineError
 from mesh.protocols.openai_chat import StreamMeta, encode_stream
+from mesh.routing.resume import Delivered
 
 GOLDEN = Path(__file__).parent / "golden"
 ENGINE_MODEL = "org/engine-internal-name"
@@ -228,20 +229,32 @@ def test_relay_decoder_counts_deltas_as_the_canonical_decoder_does() -> None:
         assert [ev for ev in relayed if isinstance(ev, Usage)] == [ev for ev in events if isinstance(ev, Usage)]
 
 
-def test_relay_decoder_marks_what_answers_and_keeps_what_was_delivered() -> None:
+def test_relay_decoder_marks_what_answers() -> None:
     decoder = RelayDecoder()
     role, first = (list(decoder.decode(copy.deepcopy(c))) for c in REASONING_TEXT[:2])
     assert isinstance(role[0], Relayed) and not role[0].answers
     assert isinstance(first[0], Relayed) and first[0].answers and first[0].deltas == 1
-    tools = RelayDecoder()
-    for c in copy.deepcopy(TOOLS):
-        list(tools.decode(c))
-    assert tools.delivered[0].tool_calls == [["call_a", "get_weather", '{"city": "Paris"}'],
-                                            ["call_b", "get_time", '{"zone": "CET"}']]
-    for c in copy.deepcopy(REASONING_TEXT[2:]):
-        list(decoder.decode(c))
-    assert "".join(decoder.delivered[0].text) == "Hello world"
-    assert "".join(decoder.delivered[0].reasoning) == "Let me think. Done."
+
+
+@pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
+def test_a_resume_tracker_reads_relayed_chunks_as_it_reads_events(name: str) -> None:
+    relayed, canonical = Delivered(), Delivered()
+    for ev in decoded(TRANSCRIPTS[name], True):
+        relayed.observe(ev)
+    for ev in decoded(TRANSCRIPTS[name], False):
+        canonical.observe(ev)
+    assert not relayed.opaque
+    fields = ("text", "reasoning", "choices", "tool_calls", "finished", "deltas", "output_tokens", "input_tokens")
+    assert [getattr(relayed, f) for f in fields] == [getattr(canonical, f) for f in fields]
+
+
+def test_a_tool_call_repeating_its_id_is_still_one_call() -> None:
+    call = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}
+    again = {"index": 0, "id": "call_a", "type": "function", "function": {"arguments": "{}"}}
+    tracker = Delivered()
+    for ev in decoded([chunk(delta(tool_calls=[call])), chunk(delta(tool_calls=[again]))], True):
+        tracker.observe(ev)
+    assert tracker.tool_calls == 1 and tracker.deltas == 1
 
 
 def test_relay_decoder_names_and_numbers_tool_calls_the_engine_left_bare() -> None:

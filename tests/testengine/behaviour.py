@@ -209,12 +209,29 @@ def choose_tools(body: dict[str, Any], d: directives.Directives) -> list[tuple[s
     return out
 
 
+def continuing(body: dict[str, Any]) -> bool:
+    """A continuation: the final assistant message goes on instead of a new turn starting."""
+    messages = body["messages"]
+    return bool(body.get("continue_final_message")) and messages[-1].get("role") == "assistant"
+
+
+def _prior(body: dict[str, Any]) -> tuple[str, str]:
+    """The (reasoning, content) of the final assistant message a continuation goes on from."""
+    last = body["messages"][-1]
+    reasoning = last.get("reasoning_content") or last.get("reasoning") or ""
+    return (reasoning if isinstance(reasoning, str) else ""), tokens.content_text(last.get("content"))
+
+
 def plan_content(body: dict[str, Any], d: directives.Directives) -> str:
     messages = body["messages"]
+    if continuing(body):
+        # Deterministic, like a model at temperature 0: the answer the turn would get, from
+        # where the prefix leaves it, when the prefix is its start (a resumed stream).
+        full = plan_content({**body, "messages": messages[:-1], "continue_final_message": False}, d)
+        _, done = _prior(body)
+        return full[len(done):] if full.startswith(done) else " and so it continues."
     if d.tokens is not None:
         return " ".join(f"tok{i}" for i in range(d.tokens))
-    if body.get("continue_final_message") and messages[-1].get("role") == "assistant":
-        return " and so it continues."
     if messages[-1].get("role") == "tool":
         trailing: list[str] = []
         for m in reversed(messages):
@@ -253,18 +270,22 @@ def _arg_fragments(args: str) -> list[str]:
 def plan_choice(index: int, body: dict[str, Any], model: str, budget: int, d: directives.Directives) -> ChoicePlan:
     messages = body["messages"]
     plan = ChoicePlan(index=index)
-    continuing = bool(body.get("continue_final_message")) and messages[-1].get("role") == "assistant"
+    goes_on = continuing(body)
     left = budget
     truncated = False
-    if reasons(model) and thinking_enabled(body) and not continuing:
-        text = f"Let me think about this. The user wrote {len(d.text.split())} words."
+    thought, done = _prior(body) if goes_on else ("", "")
+    text = f"Let me think about this. The user wrote {len(d.text.split())} words."
+    # A continuation thinks on only from thinking it was given without an answer after it.
+    thinks_on = not goes_on or (thought and not done and text.startswith(thought))
+    if reasons(model) and thinking_enabled(body) and thinks_on:
+        text = text[len(thought):]
         kept = tokens.pieces(text)[:left]
         truncated = len(kept) < len(tokens.pieces(text))
         plan.pieces += [Piece("reasoning", t) for t in kept]
         plan.reasoning = "".join(kept)
         plan.reasoning_tokens = len(kept)
         left -= len(kept)
-    calls = [] if continuing or messages[-1].get("role") == "tool" else choose_tools(body, d)
+    calls = [] if goes_on or messages[-1].get("role") == "tool" else choose_tools(body, d)
     if calls and not truncated:
         for i, (name, args) in enumerate(calls):
             cost = max(1, tokens.count(name + args))

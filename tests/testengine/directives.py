@@ -5,9 +5,12 @@
 ``[delay:S]``       sleep S seconds before the first chunk (time to first token)
 ``[chunk_delay:S]`` sleep S seconds between chunks (overrides ``--chunk-delay-ms``)
 ``[fault:500]``     answer HTTP 500 (any 4xx/5xx code works, e.g. ``[fault:429]``, ``[fault:503]``)
+``[fault:error_500]`` streams: 3 chunks then an error event with that code (vLLM's shape), then [DONE]
 ``[fault:drop]``    streams: 3 chunks then the TCP connection is aborted; non-stream: no response
+                    (faults by directive spare continuations: a resumed stream goes on)
 ``[fault:hang]``    never answer
-``[stall:N]``       streams: N content chunks, then silence with the connection held open
+``[stall:N]``       streams: N content chunks, then silence with the connection held open (not
+                    in a continuation)
 ``[parallel]``      with tools: make two tool calls
 ``[tool:NAME]``     with tools: call the tool NAME (not the first one offered)
 ``[notool]``        with tools: answer with text anyway (an agent's one-shot reply)

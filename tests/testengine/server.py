@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 try:
@@ -155,6 +156,7 @@ class Job:
     first_delay: float
     chunk_delay: float
     drop: bool
+    error_code: int | None = None  # an error event after a few chunks, as vLLM sends when it fails mid-stream
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -198,7 +200,10 @@ async def _chat(request: web.Request, tracker: Tracker) -> web.StreamResponse:
             choice.completion_tokens *= opts.usage_factor
     d = plan.directives
     fault = st.take_fault()
-    mode = fault.mode if fault else (d.fault if d.fault and valid_fault(d.fault) else None)
+    # A directive's fault stands for the replica that first served the prompt: a continuation
+    # (another replica resuming the stream) is served clean. Control-API faults apply to all.
+    directed = d.fault if d.fault and valid_fault(d.fault) and not behaviour.continuing(body) else None
+    mode = fault.mode if fault else directed
     first_delay = d.delay + (fault.delay if fault else 0.0)
     if mode == "slow_first_token" and fault is None:
         first_delay += SLOW_FIRST_TOKEN_SECONDS
@@ -219,6 +224,7 @@ async def _chat(request: web.Request, tracker: Tracker) -> web.StreamResponse:
         first_delay,
         d.chunk_delay if d.chunk_delay is not None else opts.chunk_delay_ms / 1000.0,
         mode == "drop",
+        int(mode.removeprefix("error_")) if mode is not None and mode.startswith("error_") else None,
     )
     tracker.tokens = plan.prompt_tokens
     if body.get("stream"):
@@ -283,17 +289,25 @@ async def _stream(job: Job) -> web.StreamResponse:
         st.remember(job.body["messages"])
         sent = 0
         for kind, data in encoder.events():
+            if job.error_code and (kind == "finish" or (kind == "piece" and sent >= DROP_AFTER_CHUNKS)):
+                st.failed += 1
+                error = behaviour.ApiError(job.error_code, "injected failure mid-stream").body()
+                await resp.write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
             if job.drop and (kind == "finish" or (kind == "piece" and sent >= DROP_AFTER_CHUNKS)):
                 st.failed += 1
                 await _abort(request)
                 return resp
             if kind == "piece":
-                if job.plan.directives.stall is not None and sent >= job.plan.directives.stall:
+                stall = None if behaviour.continuing(job.body) else job.plan.directives.stall
+                if stall is not None and sent >= stall:
                     await pause(request, HANG_SECONDS)  # silent, connection open, until the client goes
                 if job.chunk_delay:
                     await pause(request, job.chunk_delay)
                 sent += 1
                 job.tracker.tokens += 1
+                job.tracker.sent += 1
             if gone(request):
                 raise ClientGone
             await resp.write(data)

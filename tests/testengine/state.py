@@ -25,6 +25,7 @@ class Tracker:
     model: str | None
     phase: str = "waiting"  # waiting (before the first token) | running
     tokens: int = 0  # prompt + generated so far, for the KV-cache gauge
+    sent: int = 0  # streamed pieces written so far
     cancelled: bool = False
 
 
@@ -39,7 +40,8 @@ class Fault:
 
 
 def valid_fault(mode: str) -> bool:
-    return mode in FAULT_MODES or (mode.isdigit() and len(mode) == 3 and mode[0] in "45")
+    code = mode.removeprefix("error_")  # error_500: an error event mid-stream with that code
+    return mode in FAULT_MODES or (code.isdigit() and len(code) == 3 and code[0] in "45")
 
 
 def _message_key(m: dict[str, Any]) -> bytes:
@@ -122,6 +124,7 @@ class EngineState:
         return {
             "requests": self.requests,
             "in_flight": len(self.inflight),
+            "streaming": sum(1 for t in self.inflight.values() if t.sent),  # mid-answer: some pieces out
             "name": self.name,
             "cancelled": self.cancelled,
             "completed": self.completed,

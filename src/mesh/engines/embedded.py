@@ -40,6 +40,7 @@ class EmbeddedEngine:
         self.config = config
         self.model = public_model
         self.name = config.name or f"embedded-{config.model}"
+        self.continues_final = True  # its prompt builder continues a final assistant message
         self._runtime = LlamaRuntime(config, public_model, self.name, cache_dir)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mesh-{self.name}")
         self._jobs: set[Job] = set()

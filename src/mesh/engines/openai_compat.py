@@ -132,6 +132,7 @@ class OpenAIEngine:
         self.config = config
         self.model = config.model or public_model
         self.name = config.name or config.base_url
+        self.continues_final = config.continuation  # a dropped stream may resume here
         self.base_url = config.base_url
         root = config.base_url.removesuffix("/v1")
         self._chat_url = f"{config.base_url}/chat/completions"

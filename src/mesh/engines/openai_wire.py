@@ -288,7 +288,12 @@ class ChunkDecoder:
         if chunk.get("error"):
             err = chunk["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
-            raise EngineError(f"The engine failed mid-stream: {message}")
+            failure = EngineError(f"The engine failed mid-stream: {message}")
+            code = err.get("code") if isinstance(err, dict) else None
+            if isinstance(code, int) and 400 <= code < 500:
+                # The request's own fault (a content error): another replica would fail it too.
+                failure.replica_fault = failure.retryable = False
+            raise failure
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             # Cumulative: with continuous usage every chunk has one, and the newest wins.
@@ -373,13 +378,9 @@ class RelayDecoder(ChunkDecoder):
     What it changes in the chunk: usage is taken out (Mesh writes the client's own, billed,
     usage chunk), tool calls are re-indexed and given ids exactly as :class:`ChunkDecoder`
     does, and finish reasons outside OpenAI's set are mapped. Engine errors and aborts raise
-    as they do there. ``delivered`` keeps, per choice, the text, reasoning and tool calls
-    handed on so far (what a resume on another replica would need to continue from).
+    as they do there. A tool call's first delta alone carries its ``id`` (what a resume's
+    tracker, ``routing.resume.Delivered``, counts calls by).
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.delivered: dict[int, Delivered] = {}
 
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         """One chunk: its :class:`Relayed` (when it carries choices), then its usage."""
@@ -436,22 +437,15 @@ class RelayDecoder(ChunkDecoder):
             idx = choice.get("index") or 0
             delta = choice.get("delta")
             if delta:
-                state = self.delivered.get(idx)
-                if state is None:
-                    state = self.delivered[idx] = Delivered()
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
+                if delta.get("reasoning_content") or delta.get("reasoning"):
                     self.reasoning_deltas += 1
                     deltas += 1
-                    state.reasoning.append(reasoning)
-                content = delta.get("content")
-                if content:
+                if delta.get("content"):
                     deltas += 1
-                    state.text.append(content)
                 calls = delta.get("tool_calls")
                 if calls:
                     answers = True
-                    deltas += self._relay_calls(int(idx), calls, state)
+                    deltas += self._relay_calls(int(idx), calls)
             reason = choice.get("finish_reason")
             if reason:
                 if reason == "abort":
@@ -463,7 +457,7 @@ class RelayDecoder(ChunkDecoder):
         self.output_deltas += deltas
         return True, deltas, answers or deltas > 0
 
-    def _relay_calls(self, choice: int, calls: list[dict[str, Any]], state: Delivered) -> int:
+    def _relay_calls(self, choice: int, calls: list[dict[str, Any]]) -> int:
         """Re-index (and name) tool calls in place as ChunkDecoder does; returns argument deltas."""
         deltas = 0
         for position, call in enumerate(calls):
@@ -477,22 +471,10 @@ class RelayDecoder(ChunkDecoder):
                 self._calls[key] = ours
                 call["id"] = call.get("id") or f"call_{choice}_{ours}"
                 call["type"] = "function"
-                state.tool_calls.append([call["id"], fn.get("name") or "", ""])
+            else:  # as the canonical path writes it: only the first delta names the call
+                call.pop("id", None)
+                call.pop("type", None)
             call["index"] = ours
-            args = fn.get("arguments")
-            if args:
+            if fn.get("arguments"):
                 deltas += 1
-                state.tool_calls[ours][2] += args
         return deltas
-
-
-class Delivered:
-    """What one choice of a relayed stream handed on so far: text and reasoning pieces, and
-    each tool call as ``[id, name, arguments]`` in order."""
-
-    __slots__ = ("reasoning", "text", "tool_calls")
-
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.reasoning: list[str] = []
-        self.tool_calls: list[list[str]] = []

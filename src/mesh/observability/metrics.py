@@ -9,7 +9,7 @@ numbers; a scraper sums across processes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -180,6 +180,14 @@ class Metrics:
         self.settlement_failures = Counter(
             "mesh_settlement_failures", "Settlements that raised (the hold stays for the sweeper)", registry=r
         )
+        self.stream_resumes = Counter(
+            "mesh_stream_resumes", "Streams whose replica failed after the first byte, by what became of them "
+            "(resumed, failed, refused, finished; docs/resume.md)", ["model", "outcome"], registry=r,
+        )
+        self.resume_reprocessed = Counter(
+            "mesh_resume_reprocessed_tokens", "Input tokens continuations read again after a resume: the "
+            "operator's cost, never billed", ["model"], registry=r,
+        )
         if router is not None:
             self.watch_router(router)
 
@@ -226,6 +234,12 @@ class Metrics:
     def watch_readiness(self, readiness: ReadinessState) -> None:
         """Expose the last readiness checks (re-run every few seconds in the background)."""
         self.registry.register(_ReadinessCollector(lambda: readiness.last))
+
+    def resumes(self, model: str, outcomes: Sequence[str], reprocessed_tokens: int) -> None:
+        for outcome in outcomes:
+            self.stream_resumes.labels(model, outcome).inc()
+        if reprocessed_tokens:
+            self.resume_reprocessed.labels(model).inc(reprocessed_tokens)
 
     def error(self, protocol: str, kind: str) -> None:
         self.errors.labels(protocol, kind).inc()

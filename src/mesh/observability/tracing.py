@@ -7,6 +7,8 @@ Span tree of a request (children of the request span)::
       admit                      rate limits and the credit hold
       queue wait                 (routing/router.py) waiting for a replica slot
       route attempt              one per replica tried: mesh.replica, mesh.route.reason, error.type
+      resume                     (routing/router.py) a replica failed mid-stream: mesh.resume.*,
+        route attempt            and the continuation's attempts on other replicas
       first token                from the request's start to the first event
       stream                     from the first event to the end of the stream
       settle                     the ledger write
@@ -157,7 +159,8 @@ class RequestTrace:
     def fail(self, kind: str) -> None:
         self.error_kind = kind
 
-    def finish(self, ctx: Finished, *, charged: int | None = None) -> None:
+    def finish(self, ctx: Finished, *, charged: int | None = None,
+               extra: Mapping[str, str | int] | None = None) -> None:
         """Name and annotate the request span, add its first-token and stream spans, end it (once)."""
         if self._done:
             return
@@ -191,6 +194,8 @@ class RequestTrace:
             attrs["mesh.usage.cached_tokens"] = ctx.usage.cached_tokens
         if charged is not None:
             attrs["mesh.cost_micro"] = charged
+        for key, value in (extra or {}).items():
+            attrs[f"mesh.{key}"] = value  # e.g. mesh.resume, mesh.reprocessed_tokens
         root.set_attributes(attrs)
         if ctx.first_token_at is not None:
             first = self._tracer.start_span("first token", context=self.context, start_time=self._ns(ctx.started))

@@ -11,23 +11,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence, Set
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from mesh.canonical import CanonicalRequest, Event
+from mesh.canonical import CanonicalRequest, Event, Finish
 from mesh.config import ModelConfig
 from mesh.errors import EngineError, EngineOverloaded, EngineUnavailable
 from mesh.observability.spans import child
 from mesh.routing.policy import LeastOutstanding, Policy, PrefixAffinity
 from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
+from mesh.routing.resume import (
+    FAILED,
+    FINISHED,
+    REFUSED,
+    RESUMED,
+    Delivered,
+    ResumeRecord,
+    Splice,
+    continuation,
+    refusal,
+)
 from mesh.routing.sessions import MemorySessionMap, SessionKeys, SessionMap, session_keys
 
 log = logging.getLogger("mesh.routing")
 
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_RESUMES = 1
+DEFAULT_RESUME_TIMEOUT = 30.0
 _BACKOFF_BASE = 0.05
 _BACKOFF_MAX = 0.5
 
@@ -47,42 +61,147 @@ class RoutedStream:
 
     Iterate it once; :meth:`aclose` (idempotent) closes the engine stream, which cancels
     the upstream request if it is still running, and frees the replica's slot.
+
+    A failure of the replica after the first event resumes the answer on another replica
+    of the model when it may (routing/resume.py, docs/resume.md): the client's stream goes
+    on from what it was delivered. ``resumes`` records every such failure and its outcome;
+    ``reprocessed_tokens`` is what continuations read again (the operator's cost).
     """
 
     def __init__(self, pool: ModelPool, replica: Replica, events: AsyncIterator[Event], first: Event,
-                 choice: Choice) -> None:
+                 choice: Choice, router: Router | None = None, request: CanonicalRequest | None = None) -> None:
         self.pool = pool
         self.replica = replica
         self.choice = choice
+        self.resumes: list[ResumeRecord] = []
+        self.reprocessed_tokens = 0
         self._events = events
         self._first: Event | None = first
         self._closed = False
+        self._holding = True  # self.replica's in-flight slot is this stream's
+        self._router = router
+        self._request = request
+        self._failed: set[int] = set()  # replicas this answer saw fail: never resumed onto
+        self._context = otel_context.get_current()  # the request's trace, for the resume's spans
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Event]:
+        delivered = Delivered()
+        splice: Splice | None = None
         try:
             if self._first is not None:
                 first, self._first = self._first, None
+                delivered.observe(first)
                 yield first
-            async for ev in self._events:
-                yield ev
-        except EngineError as err:
-            if err.replica_fault:
-                self.replica.breaker.record_failure()  # passive health: a stream broke mid-way
-                self.replica.failures += 1
-            raise
-        else:
+            while True:
+                try:
+                    async for ev in self._events:
+                        if splice is not None:
+                            ev = splice.event(ev)
+                        delivered.observe(ev)
+                        yield ev
+                    break
+                except EngineError as err:
+                    if err.replica_fault:
+                        self.replica.breaker.record_failure()  # passive health: a stream broke mid-way
+                        self.replica.failures += 1
+                    if splice is not None:
+                        self.reprocessed_tokens += splice.reprocessed_tokens
+                        splice = None
+                    outcome = await self._resume(err, delivered)
+                    if outcome is None:
+                        raise
+                    if isinstance(outcome, Splice):
+                        splice = outcome
+                        first = splice.event(self._primed())
+                        delivered.observe(first)
+                        yield first
+                        continue
+                    for ev in outcome:  # the answer was complete: it ends as it is
+                        yield ev
+                    return
             self.replica.breaker.record_success()  # served to the end: clears counted failures
         finally:
+            if splice is not None:
+                self.reprocessed_tokens += splice.reprocessed_tokens
             await self.aclose()
+
+    def _primed(self) -> Event:
+        first, self._first = self._first, None
+        assert first is not None
+        return first
+
+    async def _resume(self, err: EngineError, delivered: Delivered) -> Splice | list[Event] | None:
+        """Continue on another replica after ``err``: a Splice for the new stream (primed with
+        its first event), the events that end an answer already complete, or None (re-raise)."""
+        router, request, failed = self._router, self._request, self.replica
+        if router is None or request is None:
+            return None
+        self._failed.add(id(failed))
+        if delivered.finished and request.n == 1:
+            # Broke between the answer's end and its usage report: nothing is missing.
+            self._record(FINISHED, err.kind, delivered, None)
+            return [delivered.final_usage()]
+        can_continue = any(_continues(r) for r in self.pool.replicas if id(r) not in self._failed)
+        left = router.max_resumes - sum(1 for r in self.resumes if r.outcome in (RESUMED, FAILED))
+        structured = request.response_format is not None and request.response_format.type != "text"
+        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue, structured=structured)
+        if why is not None:
+            self._record(REFUSED, why, delivered, None)
+            return None
+        follow_up = continuation(request, delivered)
+        if follow_up is None:  # max_tokens used up exactly at the failure
+            self._record(FINISHED, err.kind, delivered, None)
+            return [Finish("length"), delivered.final_usage()]
+        await self._let_go()
+        token = otel_context.attach(self._context)
+        try:
+            with child(router.tracer, "resume", {
+                "gen_ai.request.model": self.pool.model.id, "mesh.resume.from": failed.name,
+                "mesh.resume.reason": err.kind, "mesh.resume.delivered_tokens": delivered.output_tokens,
+            }) as span:
+                try:
+                    async with asyncio.timeout(router.resume_timeout):
+                        replica, events, first, _, _ = await router.attempts(
+                            self.pool, follow_up, None, exclude=self._failed, only=_continues)
+                except (EngineError, TimeoutError) as exc:
+                    span.set_attribute("mesh.resume.outcome", FAILED)
+                    self._record(FAILED, getattr(exc, "kind", "timeout"), delivered, None)
+                    log.warning("could not resume a stream of %s after %s failed: %s", self.pool.model.id,
+                                failed.name, getattr(exc, "message", "timed out"))
+                    return None
+                span.set_attribute("mesh.resume.to", replica.name)
+                span.set_attribute("mesh.resume.outcome", RESUMED)
+        except BaseException:  # cancelled (the client left, or the deadline passed) while resuming
+            self._record(FAILED, "cancelled", delivered, None)
+            raise
+        finally:
+            otel_context.detach(token)
+        log.warning("resumed a stream of %s on %s after %s failed (%s) at %d tokens", self.pool.model.id,
+                    replica.name, failed.name, err.kind, delivered.output_tokens)
+        self._record(RESUMED, err.kind, delivered, replica.name)
+        self.replica, self._events, self._first, self._holding = replica, events, first, True
+        return Splice.after(delivered)
+
+    def _record(self, outcome: str, reason: str, delivered: Delivered, to: str | None) -> None:
+        self.resumes.append(ResumeRecord(outcome, reason, self.replica.name, to, delivered.output_tokens))
+
+    async def _let_go(self) -> None:
+        """Give up the failed replica's slot and stream (the pool slot stays: the request goes on)."""
+        if self._holding:
+            self._holding = False
+            self.replica.in_flight -= 1
+        await _close(self._events)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self.replica.in_flight -= 1
+        if self._holding:
+            self._holding = False
+            self.replica.in_flight -= 1
         self.pool.release()
         await _close(self._events)
 
@@ -98,10 +217,14 @@ class Router:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         sessions: SessionMap | None = None,
         tracer: trace.Tracer | None = None,
+        max_resumes: int = DEFAULT_MAX_RESUMES,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         self.pools = pools
         self.policy: Policy = policy or LeastOutstanding()
         self.max_attempts = max_attempts
+        self.max_resumes = max_resumes  # continuations per request after failures mid-stream
+        self.resume_timeout = resume_timeout  # from a failure to the continuation's first event
         self._min_prefix = self.policy.min_prefix_chars if isinstance(self.policy, PrefixAffinity) else None
         self.sessions: SessionMap | None = None
         if self._min_prefix is not None:
@@ -147,10 +270,12 @@ class Router:
                                                   "mesh.queue.depth": len(pool.queue)}):
             await pool.acquire(account)
         try:
-            stream = await self._attempts(pool, request, owner, relay)
+            replica, events, first, reason, attempt = await self.attempts(pool, request, owner, relay=relay)
         except BaseException:
             pool.release()  # failed, timed out or cancelled (even in a backoff): the slot goes on
             raise
+        stream = RoutedStream(pool, replica, events, first, Choice(pool.model.id, replica.name, reason, attempt),
+                              self, request)
         if keys is not None and self.sessions is not None and keys.remember:
             try:
                 await self.sessions.remember(pool.model.id, keys.remember, stream.replica.name)
@@ -159,20 +284,29 @@ class Router:
                 raise
         return stream
 
-    async def _attempts(
-        self, pool: ModelPool, request: CanonicalRequest, owner: str | None, relay: bool = False
-    ) -> RoutedStream:
+    async def attempts(
+        self, pool: ModelPool, request: CanonicalRequest, owner: str | None, *,
+        exclude: Set[int] = frozenset(), only: Callable[[Replica], bool] | None = None, relay: bool = False,
+    ) -> tuple[Replica, AsyncIterator[Event], Event, str, int]:
+        """Open ``request`` on a replica of ``pool`` that produces a first event, failing over;
+        never on a replica whose id is in ``exclude``, only on those ``only`` accepts. Returns
+        the replica (its in-flight count taken), its events, the first one, why it was
+        picked and the attempt number. The pool slot is the caller's. With ``relay``, an
+        engine that can relay is asked for its chunks as they are (see :meth:`open`)."""
+        def usable(r: Replica) -> bool:
+            return r.healthy and r.has_room and id(r) not in exclude and (only is None or only(r))
+
         tried: set[int] = set()
         faulted: set[int] = set()
         last: EngineError | None = None
         for attempt in range(self.max_attempts):
-            candidates = [r for r in pool.replicas if r.healthy and r.has_room and id(r) not in tried]
+            candidates = [r for r in pool.replicas if usable(r) and id(r) not in tried]
             if not candidates:
                 # Retry a replica already tried (after backoff) only when none is left and the
                 # failure looked transient (a reset, not an answer the engine gave).
                 if last is None or not last.replica_fault:
                     break
-                candidates = [r for r in pool.replicas if r.healthy and r.has_room]
+                candidates = [r for r in pool.replicas if usable(r)]
                 if not candidates:
                     break
             if attempt:
@@ -223,8 +357,7 @@ class Router:
                 raise
             breaker.record_alive()
             replica.served += 1
-            return RoutedStream(pool, replica, events, first,
-                                Choice(pool.model.id, replica.name, reason, attempt + 1))
+            return replica, events, first, reason, attempt + 1
         if last is not None:
             raise last
         raise EngineUnavailable(f"No healthy replica can serve model {pool.model.id!r} right now.", retry_after=1)
@@ -235,6 +368,11 @@ class Router:
                 await r.engine.aclose()
         if self.sessions is not None:
             await self.sessions.aclose()
+
+
+def _continues(replica: Replica) -> bool:
+    """Whether the replica's engine continues a final assistant message (config: ``continuation``)."""
+    return bool(getattr(replica.engine, "continues_final", False))
 
 
 async def _close(events: AsyncIterator[Event]) -> None:
