@@ -275,3 +275,12 @@ def test_relay_decoder_names_and_numbers_tool_calls_the_engine_left_bare() -> No
 def test_relay_decoder_raises_engine_errors(bad: dict[str, Any]) -> None:
     with pytest.raises(EngineError):
         list(RelayDecoder().decode(bad))
+
+
+@pytest.mark.parametrize(("code", "resumable"), [(500, True), (400, False)])
+def test_an_engine_error_event_is_judged_the_same_on_both_paths(code: int, resumable: bool) -> None:
+    bad = {"error": {"message": "boom", "code": code}}
+    for decoder in (RelayDecoder(), ChunkDecoder()):
+        with pytest.raises(EngineError) as err:
+            decoder.decode_batch([orjson.dumps(bad)])
+        assert (err.value.replica_fault, err.value.retryable) == (resumable, resumable)

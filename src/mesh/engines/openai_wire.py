@@ -269,6 +269,17 @@ def _count(value: Any) -> int:
     return int(min(value, 2**53))
 
 
+def mid_stream_error(err: Any) -> EngineError:
+    """The engine's error event after its first byte (vLLM's ``{"error": {...}}``)."""
+    message = err.get("message") if isinstance(err, dict) else str(err)
+    failure = EngineError(f"The engine failed mid-stream: {message}")
+    code = err.get("code") if isinstance(err, dict) else None
+    if isinstance(code, int) and 400 <= code < 500:
+        # The request's own fault (a content error): another replica would fail it too.
+        failure.replica_fault = failure.retryable = False
+    return failure
+
+
 class ChunkDecoder:
     """Stateful decoder of ``chat.completion.chunk`` objects into canonical events.
 
@@ -286,14 +297,7 @@ class ChunkDecoder:
 
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         if chunk.get("error"):
-            err = chunk["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            failure = EngineError(f"The engine failed mid-stream: {message}")
-            code = err.get("code") if isinstance(err, dict) else None
-            if isinstance(code, int) and 400 <= code < 500:
-                # The request's own fault (a content error): another replica would fail it too.
-                failure.replica_fault = failure.retryable = False
-            raise failure
+            raise mid_stream_error(chunk["error"])
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             # Cumulative: with continuous usage every chunk has one, and the newest wins.
@@ -425,9 +429,7 @@ class RelayDecoder(ChunkDecoder):
         """Meter one chunk and fix it up in place: (has choices to send, deltas, answers).
         Its usage is the caller's to take (decoded once per read, not once per chunk)."""
         if chunk.get("error"):
-            err = chunk["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            raise EngineError(f"The engine failed mid-stream: {message}")
+            raise mid_stream_error(chunk["error"])
         choices = chunk.get("choices")
         if not choices:
             return False, 0, False

@@ -371,7 +371,10 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
     usage: Usage | None = None
     try:
         async for ev in events:
-            if isinstance(ev, Relayed):  # the relay path: the engine's chunk, rewritten
+            if isinstance(ev, Relayed):  # the relay path: the engine's chunks, rewritten
+                for chunk in ev.chunks:  # the engine opened these choices (its role chunk):
+                    for choice in chunk["choices"]:  # a resume's continuation must not again
+                        started.add(choice.get("index") or 0)
                 yield out.relayed(ev.chunks)
                 continue
             if isinstance(ev, Usage):
