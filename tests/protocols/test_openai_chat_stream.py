@@ -284,3 +284,13 @@ def test_an_engine_error_event_is_judged_the_same_on_both_paths(code: int, resum
         with pytest.raises(EngineError) as err:
             decoder.decode_batch([orjson.dumps(bad)])
         assert (err.value.replica_fault, err.value.retryable) == (resumable, resumable)
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "canonical"])
+def test_an_error_read_together_with_output_comes_after_that_output(relay: bool) -> None:
+    decoder = RelayDecoder() if relay else ChunkDecoder()
+    payloads = [orjson.dumps(chunk(delta(content="tok0"))), orjson.dumps({"error": {"message": "boom", "code": 500}}),
+                orjson.dumps(chunk(delta(content="never")))]
+    events, done = decoder.decode_batch(payloads)
+    assert not done and events and decoder.failure is not None and "boom" in decoder.failure.message
+    assert b"never" not in encode(events, meta())

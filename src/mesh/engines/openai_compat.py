@@ -190,10 +190,12 @@ class OpenAIEngine:
                     first, done = await self._first_events(reader, decoder)
                 for ev in first:
                     yield ev
-                while not done and (batch := await reader.batch()) is not None:
+                while decoder.failure is None and not done and (batch := await reader.batch()) is not None:
                     events, done = decoder.decode_batch(batch)
                     for ev in events:
                         yield ev
+                if decoder.failure is not None:
+                    raise decoder.failure  # after the output that came before it
                 # Read on to the end of the body (after [DONE] only the chunked terminator is
                 # left), so the engine sees a finished answer and the connection goes back to
                 # the pool instead of being torn down.
@@ -220,6 +222,8 @@ class OpenAIEngine:
             events.extend(more)
             if done or any(_answers(ev) for ev in more):
                 return events, done
+            if decoder.failure is not None:
+                raise decoder.failure  # before any output: the router fails over
         raise EngineError("The engine closed the stream before answering.")
 
     async def health(self) -> bool:

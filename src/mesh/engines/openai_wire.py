@@ -294,6 +294,8 @@ class ChunkDecoder:
         self.finished: set[int] = set()
         self.reasoning_deltas = 0
         self.output_deltas = 0
+        # An engine error that came in one read after output: raised once that output is out.
+        self.failure: EngineError | None = None
 
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         if chunk.get("error"):
@@ -340,7 +342,13 @@ class ChunkDecoder:
             reported = chunk.pop("usage", None) if isinstance(chunk, dict) else None
             if isinstance(reported, dict):
                 usage = reported  # cumulative: only the newest of the read counts
-            events.extend(self.decode(chunk))
+            try:
+                events.extend(self.decode(chunk))
+            except EngineError as err:
+                if not events:
+                    raise
+                self.failure = err  # what came before it in this read is delivered first
+                break
         if usage is not None:
             self.usage = decode_usage(usage)
             events.append(self.usage)
@@ -409,7 +417,13 @@ class RelayDecoder(ChunkDecoder):
                 done = True
                 break
             chunk = orjson.loads(payload)
-            keep, n, said = self._inspect(chunk)
+            try:
+                keep, n, said = self._inspect(chunk)
+            except EngineError as err:
+                if not chunks:
+                    raise
+                self.failure = err  # what came before it in this read is delivered first
+                break
             reported = chunk.pop("usage", None)
             if isinstance(reported, dict):
                 usage = reported  # cumulative: only the newest of the read counts
