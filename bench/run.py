@@ -108,6 +108,11 @@ class Bench:
         self.add(start_proxy(self.work, engine.url))
         sqlite = f"sqlite:///{self.work}/mesh-sqlite.db"
         self.add(start_mesh("mesh-sqlite", "Mesh (SQLite)", self.work, mesh_config(sqlite, engine.url)))
+        if self.args.canonical:
+            # The same gateway with the relay path off: what the relay saves, in the same run.
+            config = {**mesh_config(f"sqlite:///{self.work}/mesh-canonical.db", engine.url),
+                      "routing": {"relay": False}}
+            self.add(start_mesh("mesh-canonical", "Mesh (SQLite, no relay)", self.work, config))
         pg = create_pg_database()
         if pg is None:
             self.note("PostgreSQL not reachable on 127.0.0.1:5432: Mesh (PostgreSQL) not measured")
@@ -179,7 +184,7 @@ class Bench:
         seconds = self.args.profile_seconds
         out: dict[str, Any] = {}
         for name, point in (("mesh-sqlite", Point("chat", 16)), ("mesh-sqlite", Point("stream", 16)),
-                            ("mesh-pg", Point("chat", 16))):
+                            ("mesh-canonical", Point("stream", 16)), ("mesh-pg", Point("chat", 16))):
             target = self.targets.get(name)
             if target is None:
                 continue
@@ -413,6 +418,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-embedded", action="store_true")
+    p.add_argument("--canonical", action="store_true",
+                   help="also measure Mesh (SQLite) with routing.relay: false (the canonical path)")
     p.add_argument("--quick", action="store_true", help="1 round of 1.5 s, short profiles: a smoke run")
     p.add_argument("--points", type=lambda v: v.split(","), default=[],
                    help="only these load points, e.g. chat-c16,stream-c1 (default: all)")

@@ -214,6 +214,39 @@ async def test_a_request_past_its_deadline_while_streaming_ends_with_a_504() -> 
     assert_all_given_back(r)
 
 
+async def test_a_deadline_passing_while_the_client_reads_slowly_ends_the_stream_before_its_next_event() -> None:
+    r = rig(request_timeout=0.2)
+    r.engine.tokens = 5
+    ctx, routed = await r.start(stream=True)
+    events = r.pipeline.metered(ctx, routed)
+    first = await anext(events)
+    await asyncio.sleep(0.3)  # the client is busy elsewhere (not waiting on the engine) past the deadline
+    with pytest.raises(EngineTimeout):
+        await anext(events)
+    assert not isinstance(first, Usage)
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "error"
+    assert_all_given_back(r)
+
+
+async def test_a_hang_up_at_the_moment_of_the_deadline_stays_a_cancellation() -> None:
+    r = rig(request_timeout=0.2)
+    r.engine.tokens = 5
+    r.engine.stall_after = 1  # routed, then waiting on the engine when the deadline comes
+    ctx, routed = await r.start(stream=True)
+    task = asyncio.ensure_future(consume(r.pipeline.metered(ctx, routed)))
+    loop = asyncio.get_running_loop()
+    assert ctx.deadline is not None
+    loop.call_at(ctx.deadline, task.cancel)  # the client's cancellation lands with the deadline's
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    assert_all_given_back(r)
+
+
 async def test_a_request_past_its_deadline_before_its_first_token_is_a_504_that_costs_nothing() -> None:
     r = rig(request_timeout=0.1)
     r.engine.gate = asyncio.Event()

@@ -6,7 +6,9 @@ render :data:`Event` streams (or an aggregated :class:`Result`) back out. Engine
 imports the other: this module is the only contract between them.
 
 Everything here is a frozen dataclass; no raw wire dict crosses a layer except the
-deliberately opaque ``extra`` pass-through fields and JSON schemas.
+deliberately opaque ``extra`` pass-through fields, JSON schemas and the relay path's
+:class:`Relayed` chunks (OpenAI Chat to an OpenAI-compatible engine, where decoding each
+chunk into events only to encode the same JSON again would be wasted work).
 """
 
 from __future__ import annotations
@@ -244,7 +246,26 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage
+@dataclass(slots=True)
+class Relayed:
+    """Engine chunks on the relay path (OpenAI Chat in, OpenAI-compatible engine out),
+    parsed but not decoded: the protocol rewrites only what Mesh must change and sends them on.
+
+    ``chunks`` are the engine's ``chat.completion.chunk`` objects that arrived in one read
+    (written to the client in one piece), with tool calls already re-indexed and usage taken
+    out (the engine yields usage as its own :class:`Usage` event). ``deltas`` counts the
+    non-empty text, reasoning and tool-argument deltas they carry (each at least one token:
+    the same count the canonical path makes); ``answers`` is whether they carry any output
+    at all (a delta, a new tool call or a finish), for the first-token deadline. Not
+    frozen: the encoder rewrites ``chunks`` in place, once.
+    """
+
+    chunks: list[dict[str, Any]]
+    deltas: int = 0
+    answers: bool = False
+
+
+Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage | Relayed
 
 
 # ---- aggregated result ----------------------------------------------------------------------
@@ -324,6 +345,8 @@ class Aggregator:
                 b.stop_sequence = seq
             case Usage():
                 self.usage = event
+            case Relayed():  # only streamed requests relay: a non-streamed answer never gets here
+                raise TypeError("relayed chunks cannot be aggregated")
 
     def result(self) -> Result:
         choices = []

@@ -180,6 +180,10 @@ class RoutingConfig(_Frozen):
     queue_timeout: float = Field(default=30.0, gt=0)  # longest wait for a free replica slot
     max_queue: int = Field(default=1000, ge=0)  # waiting requests per model
     keepalive_interval: float = Field(default=5.0, gt=0)  # SSE comments while a stream waits
+    # Streamed Chat Completions to OpenAI-compatible engines relay the engine's chunks,
+    # rewriting only ids, model name, reasoning fields and usage (api/chat.py); false: every
+    # request is decoded into canonical events and encoded again.
+    relay: bool = True
     # Longest a request may take from admission to its last byte (queue, first token and
     # stream together); past it the answer is 504, or the stream's error event. null: none.
     request_timeout: float | None = Field(default=900.0, gt=0)

@@ -28,6 +28,7 @@ from mesh.canonical import (
     CanonicalRequest,
     Event,
     ReasoningDelta,
+    Relayed,
     TextDelta,
     ToolArgsDelta,
     Usage,
@@ -128,6 +129,7 @@ class RequestContext:
     routed: RoutedStream | None = None  # the replica's stream once one answered (its resumes, at settlement)
     metering: bool = False  # metered() started: it closes the stream and settles
     deadline: float | None = None  # loop time by which the whole request must end
+    relay: bool = False  # engines that can are asked for their chunks as they are (Relayed)
     trace: RequestTrace = field(default_factory=not_traced)  # its spans (no-op unless tracing)
 
     @property
@@ -351,7 +353,7 @@ class Pipeline:
             try:
                 async with asyncio.timeout_at(ctx.deadline):
                     with ctx.trace.active():  # the router's queue wait and attempt spans are the request's
-                        stream = await self.router.open(request, ctx.who.account_id, ctx.models)
+                        stream = await self.router.open(request, ctx.who.account_id, ctx.models, relay=ctx.relay)
             except TimeoutError:
                 raise self._deadline_error() from None
         except BaseException as exc:
@@ -394,21 +396,33 @@ class Pipeline:
         """
         usage: Usage | None = None
         produced = 0
+        checkpoint_at = _CHECKPOINT_DELTAS
         ctx.metering = True
         # Only a streamed answer is checkpointed: what it streamed was delivered and is owed
         # even if this process dies; an aggregated answer delivers nothing until its end.
         admission = ctx.admission if ctx.request is not None and ctx.request.stream else None
         events = aiter(stream)
+        deadline = _Deadline(ctx.deadline)
         try:
             while True:
+                if deadline.expired:
+                    raise self._deadline_error()
+                deadline.waiting = True
                 try:
-                    async with asyncio.timeout_at(ctx.deadline):
-                        ev = await anext(events)
+                    ev = await anext(events)
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    raise self._deadline_error() from None
-                if isinstance(ev, Usage):
+                except asyncio.CancelledError:
+                    if deadline.cancelled_us():
+                        raise self._deadline_error() from None
+                    raise
+                deadline.waiting = False
+                if isinstance(ev, Relayed):  # the relay path's chunks: the common case first
+                    produced += ev.deltas
+                    if usage is None and admission is not None and produced >= checkpoint_at:
+                        checkpoint_at = produced + _CHECKPOINT_DELTAS
+                        self.ledger.checkpoint(admission, Usage(output_tokens=produced))
+                elif isinstance(ev, Usage):
                     if ev.input_tokens == 0:
                         # The engine reported no prompt count (llama.cpp's server in streams):
                         # bill and show a typical-density estimate (not the hold's, which leans
@@ -419,8 +433,9 @@ class Pipeline:
                         self.ledger.checkpoint(admission, ev)
                 elif isinstance(ev, TextDelta | ReasoningDelta | ToolArgsDelta):
                     produced += 1
-                    if usage is None and admission is not None and produced % _CHECKPOINT_DELTAS == 0:
+                    if usage is None and admission is not None and produced >= checkpoint_at:
                         # No usage from the engine yet: at least one token per delta so far.
+                        checkpoint_at = produced + _CHECKPOINT_DELTAS
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))
                 yield ev
             ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))
@@ -432,6 +447,7 @@ class Pipeline:
             ctx.status = "cancelled"
             raise
         finally:
+            deadline.cancel()
             try:
                 await stream.aclose()  # a route still pending is cancelled: it settles, at no cost
             finally:
@@ -580,6 +596,39 @@ class Pipeline:
             if count is not None:
                 return count
         return estimate_prompt_tokens(request)
+
+
+class _Deadline:
+    """The request's deadline over a whole stream with one timer instead of an
+    ``asyncio.timeout`` per event (which costs more than relaying the event). When it fires
+    while the stream's task waits for the engine, it cancels that wait, as a timeout would;
+    at any other moment (the client reading slowly) it only marks the stream expired, and
+    the stream ends with the deadline error before its next wait."""
+
+    __slots__ = ("_cancelling", "_fired", "_handle", "_task", "expired", "waiting")
+
+    def __init__(self, when: float | None) -> None:
+        self.expired = False
+        self.waiting = False  # the task is awaiting the engine's next event
+        self._fired = False  # the task was cancelled by this deadline
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self._handle = None if when is None else asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self.waiting and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    def cancelled_us(self) -> bool:
+        """Whether a CancelledError just caught is this deadline's (and only its): then the
+        cancellation is taken back, as ``asyncio.timeout`` does, and the caller raises."""
+        return self._fired and self._task is not None and self._task.uncancel() <= self._cancelling
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 def _resume_fields(stream: RoutedStream | None) -> dict[str, str | int]:

@@ -26,17 +26,25 @@ MICRO = Decimal("0.000001")
 PRICE_IN, PRICE_OUT = Decimal("1.0"), Decimal("2.0")  # credits per million tokens (tests/conftest.py)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# Every database with streamed Chat Completions on the relay path (the default) and on the
+# canonical path (routing.relay: false): the money must come out the same on both.
+@pytest.fixture(
+    scope="module",
+    params=[("sqlite", True), ("postgresql", True), ("sqlite", False), ("postgresql", False)],
+    ids=["sqlite-relay", "postgresql-relay", "sqlite-canonical", "postgresql-canonical"],
+)
 def billed(
     request: pytest.FixtureRequest, engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[GatewayProcess, Admin]]:
-    work = tmp_path_factory.mktemp(f"billing-{request.param}")
-    with temporary_database(request, request.param, work) as url:
+    backend, relay = request.param
+    work = tmp_path_factory.mktemp(f"billing-{backend}")
+    with temporary_database(request, backend, work) as url:
         config = {
             "database": url,
             "models": engine_models(engine.base_url),
             "logging": {"level": "INFO"},
             "billing": {"usage_flush_interval": 0.05},
+            "routing": {"relay": relay},
         }
         with GatewayProcess(config, work) as gw:
             admin = Admin(gw.url)

@@ -35,22 +35,29 @@ def lc_engine() -> Iterator[EngineProcess]:
         yield proc
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# Streams take the relay path (the default) on both databases, and the canonical path
+# (routing.relay: false) once: hang-ups, stalls and deadlines must end the same on both.
+@pytest.fixture(
+    scope="module",
+    params=[("sqlite", True), ("postgresql", True), ("sqlite", False)],
+    ids=["sqlite-relay", "postgresql-relay", "sqlite-canonical"],
+)
 def lc(
     request: pytest.FixtureRequest, lc_engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp(f"lifecycle-{request.param}")
+    backend, relay = request.param
+    work = tmp_path_factory.mktemp(f"lifecycle-{backend}")
 
     def model(model_id: str, **engine: Any) -> dict[str, Any]:
         target = {"type": "openai", "base_url": lc_engine.base_url, "model": "test-model", "name": model_id}
         return {"id": model_id, "context_length": CONTEXT, "pricing": TEST_PRICING, "engines": [{**target, **engine}]}
 
-    with temporary_database(request, request.param, work) as url:
+    with temporary_database(request, backend, work) as url:
         config = {
             "database": url,
             "routing": {
                 "health_interval": 2.0, "breaker_cooldown": 0.3, "failure_threshold": 2, "queue_timeout": 3.0,
-                "keepalive_interval": 0.2, "request_timeout": 4.0,
+                "keepalive_interval": 0.2, "request_timeout": 4.0, "relay": relay,
             },
             "models": [
                 model("cap3", capacity=3),

@@ -12,8 +12,32 @@ import httpx
 import openai
 import pytest
 
-from support.gateway import ADMIN_KEY, GatewayProcess
+from conftest import engine_models
+from support.gateway import ADMIN_KEY, Admin, GatewayProcess
 from testengine.harness import EngineProcess
+
+
+# Every test here runs against a gateway on the relay path (the default: streamed requests
+# relay the engine's chunks) and one on the canonical path (routing.relay: false).
+@pytest.fixture(scope="module", params=[True, False], ids=["relay", "canonical"])
+def gateway(
+    request: pytest.FixtureRequest, engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    work = tmp_path_factory.mktemp("gateway-chat")
+    config = {
+        "database": f"sqlite:///{work}/mesh.db",
+        "models": engine_models(engine.base_url),
+        "routing": {"relay": request.param},
+    }
+    with GatewayProcess(config, work) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def admin(gateway: GatewayProcess) -> Iterator[Admin]:
+    client = Admin(gateway.url)
+    yield client
+    client.close()
 
 
 @pytest.fixture
@@ -317,3 +341,44 @@ def test_metrics_count_requests_and_need_the_admin_key(client: openai.OpenAI, ga
     assert "mesh_time_to_first_token_seconds_bucket" in text
     assert 'mesh_replica_healthy{model="test-model"' in text
     assert 'mesh_tokens_total{kind="output",model="test-model"}' in text
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "canonical"])
+@pytest.mark.parametrize("include_usage", [False, True], ids=["no-usage", "usage"])
+def test_a_stream_shows_the_public_model_and_mesh_s_id_never_the_engine_s(
+    engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory, relay: bool, include_usage: bool
+) -> None:
+    work = tmp_path_factory.mktemp("alias")
+    alias = {**engine_models(engine.base_url)[0], "id": "public-alias"}  # the engine serves it as test-model
+    with GatewayProcess({"database": f"sqlite:///{work}/mesh.db", "models": [alias],
+                         "routing": {"relay": relay}}, work) as gw:
+        admin = Admin(gw.url)
+        try:
+            key = admin.key(admin.account("alias", credits="1"))["key"]
+            body: dict[str, Any] = {"model": "public-alias", "stream": True,
+                                    "messages": [{"role": "user", "content": "marker-alias"}]}
+            if include_usage:
+                body["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", gw.base_url + "/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {key}"}) as resp:
+                assert resp.status_code == 200
+                raw = resp.read()
+                request_id = resp.headers["x-request-id"]
+        finally:
+            admin.close()
+    assert b"test-model" not in raw  # the engine's model name never reaches the client
+    lines = [line[6:] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert {(c["id"], c["model"], c["object"]) for c in chunks} == {
+        ("chatcmpl-" + request_id.removeprefix("req_"), "public-alias", "chat.completion.chunk")}
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == (
+        "Hello! You said: marker-alias")
+    with_usage = [c for c in chunks if c.get("usage")]
+    if include_usage:
+        assert with_usage == [chunks[-1]] and chunks[-1]["choices"] == []
+        deltas = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
+        assert chunks[-1]["usage"]["completion_tokens"] == deltas and "cost" in chunks[-1]["usage"]
+        assert all("usage" in c for c in chunks)  # null on all but the last, as OpenAI does
+    else:
+        assert with_usage == [] and all("usage" not in c for c in chunks)

@@ -26,7 +26,8 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.errors import EngineError, EngineOverloaded
-from mesh.protocols.anthropic_messages import StreamMeta, encode_stream, with_pings
+from mesh.http.streaming import StreamResponse
+from mesh.protocols.anthropic_messages import StreamMeta, encode_stream
 from mesh.protocols.anthropic_stream import PING
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -214,24 +215,44 @@ class SlowSource:
             self.closed = True
 
 
-async def test_with_pings_fills_idle_gaps_without_cancelling_the_pending_read() -> None:
+async def respond(body: AsyncIterator[bytes], interval: float, hang_up_after: float | None = None) -> list[bytes]:
+    """The body bytes a client receives from ``StreamResponse(idle_ping=PING)``; with
+    ``hang_up_after``, the client disconnects after that many seconds."""
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            sent.append(message["body"])
+
+    async def receive() -> dict[str, Any]:
+        if hang_up_after is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(hang_up_after or 0)
+        return {"type": "http.disconnect"}
+
+    await StreamResponse(body, {}, idle_ping=PING, keepalive=interval)({}, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+async def test_idle_pings_fill_gaps_without_cancelling_the_pending_read() -> None:
     source = SlowSource([0, 0.35, 0])
-    out = [chunk async for chunk in with_pings(source.run(), interval=0.1)]
+    out = await respond(source.run(), interval=0.1)
     assert out[0] == b"chunk0" and out[-2:] == [b"chunk1", b"chunk2"]
     assert 2 <= out.count(PING) <= 4
     assert source.cancelled is False and source.closed is True
 
 
-async def test_with_pings_close_cancels_the_pending_read_and_closes_the_source() -> None:
+async def test_a_hang_up_while_idle_cancels_the_pending_read_and_closes_the_source() -> None:
     source = SlowSource([0, 10])
-    stream = with_pings(source.run(), interval=0.05)
-    assert await anext(stream) == b"chunk0"
-    assert await anext(stream) == PING
-    await stream.aclose()  # type: ignore[attr-defined]
+    out = await respond(source.run(), interval=0.05, hang_up_after=0.2)
+    assert out[0] == b"chunk0" and PING in out
     assert source.cancelled is True and source.closed is True
 
 
-async def test_with_pings_passes_a_fast_stream_through_unchanged() -> None:
+async def test_a_fast_stream_passes_unchanged_and_no_ping_follows_its_end() -> None:
     raw = await encode(TEXT)
-    chunks = [c async for c in with_pings(encode_stream(_events(TEXT), META), interval=10)]
-    assert b"".join(chunks) == raw
+    assert b"".join(await respond(encode_stream(_events(TEXT), META), interval=10)) == raw
+    out = await respond(SlowSource([0, 0.1]).run(), interval=0.02)
+    count = len(out)
+    await asyncio.sleep(0.1)  # a ping timer left running would still be sending
+    assert len(out) == count and out[-1] == b"chunk1"

@@ -1,41 +1,69 @@
-"""``POST /v1/chat/completions``: OpenAI Chat Completions over the pipeline."""
+"""``POST /v1/chat/completions``: OpenAI Chat Completions over the pipeline.
+
+A streamed request takes the relay path (:meth:`Chat.relays`): an engine that speaks the
+same protocol (``OpenAIEngine``) hands its chunks on as they are, rewritten only where Mesh
+must (its id, the public model name, reasoning field names, usage), instead of being decoded
+into canonical events and encoded again. Everything else about the request is the same
+pipeline.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 
-from mesh.api.common import QUEUE_PATIENCE, aggregate, authenticated_body
-from mesh.api.endpoint import AnyResponse, endpoint
-from mesh.api.responses import JSON
-from mesh.http.keepalive import keepalive_while
-from mesh.http.streaming import StreamResponse
-from mesh.pipeline import PendingStream, RequestContext
+from mesh.api.inference import inference
+from mesh.canonical import CanonicalRequest, Event, Result
+from mesh.gateway import Gateway
+from mesh.pipeline import RequestContext
 from mesh.protocols import openai_chat
 
 
-@endpoint("openai.chat", openai_chat.render_error)
-async def chat_completions(request: Request, ctx: RequestContext) -> AnyResponse:
-    gw, body = await authenticated_body(request, ctx)
-    p = gw.pipeline
-    parsed, options = openai_chat.parse_request(body)
-    creq, stream = await p.start(ctx, parsed, patience=QUEUE_PATIENCE if parsed.stream else None)
-    assert ctx.model is not None
-    meta = openai_chat.StreamMeta(
-        id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
-        created=int(time.time()),
-        model=ctx.model.id,
-        include_usage=options.include_usage,
-        usage_extras=gw.usage_extras(ctx.model),
-        reasoning_fields=gw.reasoning_fields,
-    )
-    headers = gw.response_headers(ctx)
-    events = p.metered(ctx, stream)
-    if creq.stream:
-        waiting = stream.task if isinstance(stream, PendingStream) else None
-        sse = openai_chat.encode_stream(events, meta)
-        return StreamResponse(keepalive_while(waiting, sse, gw.settings.routing.keepalive_interval), headers)
-    result = await aggregate(events)
-    headers["x-mesh-cost"] = gw.cost_text(ctx.model, result.usage)
-    return JSON(openai_chat.render_response(result, meta), headers=headers)
+@dataclass(frozen=True, slots=True)
+class _Output:
+    meta: openai_chat.StreamMeta
+
+    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        return openai_chat.encode_stream(events, self.meta)
+
+    async def render(self, result: Result) -> dict[str, Any]:
+        return openai_chat.render_response(result, self.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    request: CanonicalRequest
+    options: openai_chat.ChatOptions
+
+    def output(self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest) -> _Output:
+        assert ctx.model is not None
+        return _Output(openai_chat.StreamMeta(
+            id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
+            created=int(time.time()),
+            model=ctx.model.id,
+            include_usage=self.options.include_usage,
+            usage_extras=gw.usage_extras(ctx.model),
+            reasoning_fields=gw.reasoning_fields,
+        ))
+
+
+class Chat:
+    name = "openai.chat"
+    render_error = staticmethod(openai_chat.render_error)
+    idle_ping = None
+
+    async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> _Call:
+        return _Call(*openai_chat.parse_request(body))
+
+    def relays(self, gw: Gateway, request: CanonicalRequest) -> bool:
+        """The relay path's predicate: a streamed Chat Completions request, unless the operator
+        turned the relay off (``routing.relay: false``). Engines that cannot relay still
+        stream canonical events, which the same encoder writes."""
+        return gw.settings.routing.relay and request.stream
+
+
+chat_completions = inference(Chat())

@@ -8,41 +8,65 @@ long first thought), so proxies and clients do not time out.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
 from starlette.requests import Request
 
-from mesh.api.common import QUEUE_PATIENCE, aggregate, authenticated_body
+from mesh.api.common import authenticated_body
 from mesh.api.endpoint import AnyResponse, endpoint
+from mesh.api.inference import inference
 from mesh.api.responses import JSON
-from mesh.http.streaming import StreamResponse
+from mesh.canonical import CanonicalRequest, Event, Result
+from mesh.gateway import Gateway
 from mesh.pipeline import RequestContext
 from mesh.protocols import anthropic_messages
 
 
-@endpoint("anthropic.messages", anthropic_messages.render_error)
-async def messages(request: Request, ctx: RequestContext) -> AnyResponse:
-    gw, body = await authenticated_body(request, ctx)
-    p = gw.pipeline
-    parsed, options = anthropic_messages.parse_request(body)
-    creq, stream = await p.start(ctx, parsed, patience=QUEUE_PATIENCE if parsed.stream else None)
-    assert ctx.model is not None
-    meta = anthropic_messages.StreamMeta(
-        id="msg_" + ctx.request_id.removeprefix("req_"),
-        model=ctx.model.id,
-        signature=anthropic_messages.new_signature(),
-        request_id=ctx.request_id,
-        input_estimate=ctx.prompt_estimate,
-        stop_sequences=creq.stop,
-        omit_thinking=options.omit_thinking,
-        usage_extras=gw.usage_extras(ctx.model),
-    )
-    headers = gw.response_headers(ctx)
-    events = p.metered(ctx, stream)
-    if creq.stream:
-        sse = anthropic_messages.encode_stream(events, meta)
-        return StreamResponse(anthropic_messages.with_pings(sse, gw.settings.routing.keepalive_interval), headers)
-    result = await aggregate(events)
-    headers["x-mesh-cost"] = gw.cost_text(ctx.model, result.usage)
-    return JSON(anthropic_messages.render_response(result, meta), headers=headers)
+@dataclass(frozen=True, slots=True)
+class _Output:
+    meta: anthropic_messages.StreamMeta
+
+    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        return anthropic_messages.encode_stream(events, self.meta)
+
+    async def render(self, result: Result) -> dict[str, Any]:
+        return anthropic_messages.render_response(result, self.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    request: CanonicalRequest
+    options: anthropic_messages.MessagesOptions
+
+    def output(self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest) -> _Output:
+        assert ctx.model is not None
+        return _Output(anthropic_messages.StreamMeta(
+            id="msg_" + ctx.request_id.removeprefix("req_"),
+            model=ctx.model.id,
+            signature=anthropic_messages.new_signature(),
+            request_id=ctx.request_id,
+            input_estimate=ctx.prompt_estimate,
+            stop_sequences=request.stop,
+            omit_thinking=self.options.omit_thinking,
+            usage_extras=gw.usage_extras(ctx.model),
+        ))
+
+
+class Messages:
+    name = "anthropic.messages"
+    render_error = staticmethod(anthropic_messages.render_error)
+    idle_ping = anthropic_messages.PING  # whenever the stream is idle, queued or not
+
+    async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> _Call:
+        return _Call(*anthropic_messages.parse_request(body))
+
+    def relays(self, gw: Gateway, request: CanonicalRequest) -> bool:
+        return False  # no engine speaks Anthropic Messages: always the canonical path
+
+
+messages = inference(Messages())
 
 
 @endpoint("anthropic.count_tokens", anthropic_messages.render_error)

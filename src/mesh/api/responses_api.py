@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Route
 
-from mesh.api.common import QUEUE_PATIENCE, aggregate
 from mesh.api.endpoint import AnyResponse, endpoint
+from mesh.api.inference import inference
 from mesh.api.responses import JSON
+from mesh.canonical import CanonicalRequest, Event, Result
 from mesh.conversations import ResponseStore
 from mesh.errors import InvalidRequest, NotFound
 from mesh.gateway import Gateway
-from mesh.http.body import read_body
 from mesh.http.credentials import single
-from mesh.http.keepalive import keepalive_while
-from mesh.http.streaming import StreamResponse
-from mesh.pipeline import PendingStream, RequestContext
+from mesh.pipeline import RequestContext
 from mesh.protocols import openai_responses
 
 log = logging.getLogger("mesh.api.responses")
@@ -62,45 +61,63 @@ def _saver(
     return save
 
 
-@endpoint(PROTOCOL, openai_responses.render_error)
-async def create_response(request: Request, ctx: RequestContext) -> AnyResponse:
-    gw: Gateway = request.app.state.gateway
-    p, store = gw.pipeline, gw.responses
-    account_id = await _account(request, ctx)
-    ctx.session_hint = request.headers.get("x-session-id")
-    body = await read_body(request, gw.settings.server.max_body_bytes)
-    call = openai_responses.parse_request(body)
-    history: list[dict[str, Any]] = []
-    if call.previous_response_id is not None:
-        if not store.enabled:
-            raise InvalidRequest(STORAGE_OFF, param="previous_response_id", code="storage_disabled")
-        history = await store.history(account_id, call.previous_response_id)
-    found = await store.find_items(account_id, call.references) if call.references and store.enabled else {}
-    creq, input_items = openai_responses.build_request(call, history, found)
-    creq, stream = await p.start(ctx, creq, patience=QUEUE_PATIENCE if call.stream else None)
-    assert ctx.model is not None
-    keep = store.enabled and call.store
-    meta = openai_responses.response_meta(
-        call,
-        id="resp_" + ctx.request_id.removeprefix("req_"),
-        created_at=int(time.time()),
-        model=ctx.model.id,
-        store=keep,
-        usage_extras=gw.usage_extras(ctx.model),
-    )
-    save = _saver(store, account_id, input_items) if keep else None
-    headers = gw.response_headers(ctx)
-    events = p.metered(ctx, stream)
-    if call.stream:
-        waiting = stream.task if isinstance(stream, PendingStream) else None
-        sse = openai_responses.encode_stream(events, meta, save)
-        return StreamResponse(keepalive_while(waiting, sse, gw.settings.routing.keepalive_interval), headers)
-    result = await aggregate(events)
-    response = openai_responses.render_response(result, meta)
-    if save is not None:
-        await save(response)
-    headers["x-mesh-cost"] = gw.cost_text(ctx.model, result.usage)
-    return JSON(response, headers=headers)
+@dataclass(frozen=True, slots=True)
+class _Output:
+    meta: openai_responses.ResponseMeta
+    save: Callable[[dict[str, Any]], Awaitable[None]] | None
+
+    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        return openai_responses.encode_stream(events, self.meta, self.save)
+
+    async def render(self, result: Result) -> dict[str, Any]:
+        response = openai_responses.render_response(result, self.meta)
+        if self.save is not None:
+            await self.save(response)
+        return response
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    request: CanonicalRequest
+    call: openai_responses.ResponsesCall
+    input_items: Sequence[dict[str, Any]]
+
+    def output(self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest) -> _Output:
+        assert ctx.model is not None
+        keep = gw.responses.enabled and self.call.store
+        meta = openai_responses.response_meta(
+            self.call,
+            id="resp_" + ctx.request_id.removeprefix("req_"),
+            created_at=int(time.time()),
+            model=ctx.model.id,
+            store=keep,
+            usage_extras=gw.usage_extras(ctx.model),
+        )
+        return _Output(meta, _saver(gw.responses, str(ctx.who.account_id), self.input_items) if keep else None)
+
+
+class Responses:
+    name = PROTOCOL
+    render_error = staticmethod(openai_responses.render_error)
+    idle_ping = None
+
+    async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> _Call:
+        store, account_id = gw.responses, str(ctx.who.account_id)
+        call = openai_responses.parse_request(body)
+        history: list[dict[str, Any]] = []
+        if call.previous_response_id is not None:
+            if not store.enabled:
+                raise InvalidRequest(STORAGE_OFF, param="previous_response_id", code="storage_disabled")
+            history = await store.history(account_id, call.previous_response_id)
+        found = await store.find_items(account_id, call.references) if call.references and store.enabled else {}
+        creq, input_items = openai_responses.build_request(call, history, found)
+        return _Call(creq, call, input_items)
+
+    def relays(self, gw: Gateway, request: CanonicalRequest) -> bool:
+        return False  # Responses from a Chat Completions engine: always the canonical path
+
+
+create_response = inference(Responses())
 
 
 def _stored_lookup(gw: Gateway, err: NotFound) -> NotFound:

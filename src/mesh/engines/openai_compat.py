@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mesh.canonical import CanonicalRequest, Event, Message, Usage
+from mesh.canonical import CanonicalRequest, Event, Message, Relayed, Usage
 from mesh.config import OpenAIEngineConfig
-from mesh.engines.openai_wire import ChunkDecoder, encode_messages, encode_tools, request_body
+from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
     EngineError,
     EngineOverloaded,
@@ -34,7 +34,6 @@ from mesh.errors import (
 # --otlp-traces-endpoint) joins the request's trace; adds nothing when Mesh is not tracing.
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
 _DATA = b"data:"
-_DONE = b"[DONE]"
 # After [DONE] only the end of the body is left; an engine that does not send it by then
 # loses the connection instead of holding the request up.
 _DRAIN_TIMEOUT = 1.0
@@ -91,6 +90,41 @@ async def _drain(resp: aiohttp.ClientResponse) -> bool:
     return False
 
 
+class _SSEReader:
+    """The engine's SSE ``data:`` payloads, taken in whatever pieces the socket delivers
+    (several events per read when the engine is fast) instead of one ``readline`` per line,
+    blank separators included."""
+
+    __slots__ = ("_content", "_tail")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._tail = b""  # a line not yet ended by its newline
+
+    async def batch(self) -> list[bytes] | None:
+        """The payloads of the next read (at least one), or None at the end of the body."""
+        while True:
+            data = await self._content.readany()
+            if not data:
+                tail, self._tail = self._tail, b""
+                return [tail[5:].strip()] if tail.startswith(_DATA) else None
+            if self._tail:
+                data = self._tail + data
+            lines = data.split(b"\n")
+            self._tail = lines.pop()
+            batch = [line[5:].strip() for line in lines if line.startswith(_DATA)]
+            if batch:
+                return batch
+
+
+def _answers(ev: Event) -> bool:
+    """Output the first-token deadline waits for: not usage alone, nor a relayed chunk that
+    carries none (the role-only chunk engines send first)."""
+    if isinstance(ev, Relayed):
+        return ev.answers
+    return not isinstance(ev, Usage)
+
+
 class OpenAIEngine:
     """A replica reached over HTTP. See :class:`mesh.engines.base.Engine`."""
 
@@ -122,7 +156,16 @@ class OpenAIEngine:
             )
         return self._session
 
-    async def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+    def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+        return self._generate(request, ChunkDecoder())
+
+    def relay(self, request: CanonicalRequest) -> AsyncIterator[Event]:
+        """The relay path: the engine's chunks as :class:`Relayed` (parsed, not decoded),
+        with :class:`Usage` events for metering; otherwise exactly :meth:`stream` (same
+        upstream body, timeouts, errors, connection handling)."""
+        return self._generate(request, RelayDecoder())
+
+    async def _generate(self, request: CanonicalRequest, decoder: ChunkDecoder) -> AsyncIterator[Event]:
         try:
             body = orjson.dumps(
                 request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
@@ -131,7 +174,6 @@ class OpenAIEngine:
             # The client's own input (a schema nested past orjson's 254 levels): a 400, not
             # the engine's fault, and nothing was sent.
             raise InvalidRequest("The request is nested too deeply to be sent to the engine.") from None
-        decoder = ChunkDecoder()
         resp: aiohttp.ClientResponse | None = None
         drained = False  # the whole response was read: the connection may serve the next request
         try:
@@ -144,18 +186,16 @@ class OpenAIEngine:
                         payload = await resp.read()
                         drained = True
                         raise _upstream_error(resp.status, payload, self.name)
-                    lines = aiter(resp.content)
-                    first = await self._first_events(lines, decoder)
+                    reader = _SSEReader(resp.content)
+                    first, done = await self._first_events(reader, decoder)
                 for ev in first:
                     yield ev
-                async for line in lines:
-                    if not line.startswith(_DATA):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == _DONE:
-                        break
-                    for ev in decoder.decode(orjson.loads(payload)):
+                while decoder.failure is None and not done and (batch := await reader.batch()) is not None:
+                    events, done = decoder.decode_batch(batch)
+                    for ev in events:
                         yield ev
+                if decoder.failure is not None:
+                    raise decoder.failure  # after the output that came before it
                 # Read on to the end of the body (after [DONE] only the chunked terminator is
                 # left), so the engine sees a finished answer and the connection goes back to
                 # the pool instead of being torn down.
@@ -173,18 +213,17 @@ class OpenAIEngine:
                     resp.close()
 
     @staticmethod
-    async def _first_events(lines: AsyncIterator[bytes], decoder: ChunkDecoder) -> list[Event]:
-        """Read until the engine produced its first output (the first-token deadline covers this)."""
+    async def _first_events(reader: _SSEReader, decoder: ChunkDecoder) -> tuple[list[Event], bool]:
+        """Read until the engine produced its first output (the first-token deadline covers
+        this): the events of the reads so far, and whether the stream is done."""
         events: list[Event] = []
-        async for line in lines:
-            if not line.startswith(_DATA):
-                continue
-            payload = line[5:].strip()
-            if payload == _DONE:
-                return events
-            events.extend(decoder.decode(orjson.loads(payload)))
-            if any(not isinstance(ev, Usage) for ev in events):
-                return events
+        while (batch := await reader.batch()) is not None:
+            more, done = decoder.decode_batch(batch)
+            events.extend(more)
+            if done or any(_answers(ev) for ev in more):
+                return events, done
+            if decoder.failure is not None:
+                raise decoder.failure  # before any output: the router fails over
         raise EngineError("The engine closed the stream before answering.")
 
     async def health(self) -> bool:

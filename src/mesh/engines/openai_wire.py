@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import orjson
+
 from mesh.canonical import (
     CanonicalRequest,
     Event,
@@ -19,6 +21,7 @@ from mesh.canonical import (
     Message,
     ReasoningDelta,
     ReasoningPart,
+    Relayed,
     TextDelta,
     TextPart,
     TokenLogprob,
@@ -33,6 +36,7 @@ from mesh.canonical import (
 from mesh.errors import EngineError
 
 ReasoningField = Literal["reasoning_content", "reasoning"]
+DONE = b"[DONE]"  # the SSE payload that ends an OpenAI stream
 
 # Anthropic-style thinking budgets folded onto OpenAI-style effort levels (documented in
 # docs/architecture.md): below 2048 tokens is low, below 8192 medium, above that high.
@@ -258,9 +262,22 @@ def _count(value: Any) -> int:
 
     A worker's engine is not trusted: a negative count would make settlement fail (and leave
     the customer's hold in place), a string would raise here."""
+    if type(value) is int and 0 <= value <= 2**53:  # what every honest engine sends
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
         return 0
     return int(min(value, 2**53))
+
+
+def mid_stream_error(err: Any) -> EngineError:
+    """The engine's error event after its first byte (vLLM's ``{"error": {...}}``)."""
+    message = err.get("message") if isinstance(err, dict) else str(err)
+    failure = EngineError(f"The engine failed mid-stream: {message}")
+    code = err.get("code") if isinstance(err, dict) else None
+    if isinstance(code, int) and 400 <= code < 500:
+        # The request's own fault (a content error): another replica would fail it too.
+        failure.replica_fault = failure.retryable = False
+    return failure
 
 
 class ChunkDecoder:
@@ -277,17 +294,12 @@ class ChunkDecoder:
         self.finished: set[int] = set()
         self.reasoning_deltas = 0
         self.output_deltas = 0
+        # An engine error that came in one read after output: raised once that output is out.
+        self.failure: EngineError | None = None
 
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         if chunk.get("error"):
-            err = chunk["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            failure = EngineError(f"The engine failed mid-stream: {message}")
-            code = err.get("code") if isinstance(err, dict) else None
-            if isinstance(code, int) and 400 <= code < 500:
-                # The request's own fault (a content error): another replica would fail it too.
-                failure.replica_fault = failure.retryable = False
-            raise failure
+            raise mid_stream_error(chunk["error"])
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             # Cumulative: with continuous usage every chunk has one, and the newest wins.
@@ -317,6 +329,31 @@ class ChunkDecoder:
                 self.finished.add(idx)
                 yield Finish(_FINISH.get(reason, "stop"), idx, stop)
 
+    def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
+        """The events of the SSE payloads of one read, and whether ``[DONE]`` was among them."""
+        events: list[Event] = []
+        usage: Any = None
+        done = False
+        for payload in payloads:
+            if payload == DONE:
+                done = True
+                break
+            chunk = orjson.loads(payload)
+            reported = chunk.pop("usage", None) if isinstance(chunk, dict) else None
+            if isinstance(reported, dict):
+                usage = reported  # cumulative: only the newest of the read counts
+            try:
+                events.extend(self.decode(chunk))
+            except EngineError as err:
+                if not events:
+                    raise
+                self.failure = err  # what came before it in this read is delivered first
+                break
+        if usage is not None:
+            self.usage = decode_usage(usage)
+            events.append(self.usage)
+        return events, done
+
     def _tool_call(self, choice: int, position: int, call: dict[str, Any]) -> Iterator[Event]:
         engine_index = call.get("index")
         key = (choice, int(engine_index) if engine_index is not None else position)
@@ -339,3 +376,121 @@ class ChunkDecoder:
         if u.reasoning_tokens == 0 and self.reasoning_deltas:
             u = Usage(u.input_tokens, u.output_tokens, u.cached_tokens, min(self.reasoning_deltas, u.output_tokens))
         return u
+
+
+# Finish reasons a client of the OpenAI API knows; the rest map as the canonical path maps them.
+_OPENAI_FINISH = frozenset(("stop", "length", "tool_calls", "content_filter"))
+
+
+class RelayDecoder(ChunkDecoder):
+    """The relay path's decoder: looks at each chunk only as far as metering and the
+    client need, and hands it on as one :class:`Relayed` (plus a :class:`Usage` when the
+    chunk reported one) instead of decoding it into events.
+
+    What it changes in the chunk: usage is taken out (Mesh writes the client's own, billed,
+    usage chunk), tool calls are re-indexed and given ids exactly as :class:`ChunkDecoder`
+    does, and finish reasons outside OpenAI's set are mapped. Engine errors and aborts raise
+    as they do there. A tool call's first delta alone carries its ``id`` (what a resume's
+    tracker, ``routing.resume.Delivered``, counts calls by).
+    """
+
+    def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
+        """One chunk: its :class:`Relayed` (when it carries choices), then its usage."""
+        keep, deltas, answers = self._inspect(chunk)
+        usage = chunk.pop("usage", None)
+        if keep:
+            yield Relayed([chunk], deltas, answers)
+        if isinstance(usage, dict):
+            self.usage = decode_usage(usage)
+            yield self.usage
+
+    def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
+        """The chunks of one read as one :class:`Relayed` (one write to the client, as a
+        bare proxy writes what it read), then the newest usage among them."""
+        chunks: list[dict[str, Any]] = []
+        deltas = 0
+        answers = False
+        usage: Any = None
+        done = False
+        for payload in payloads:
+            if payload == DONE:
+                done = True
+                break
+            chunk = orjson.loads(payload)
+            try:
+                keep, n, said = self._inspect(chunk)
+            except EngineError as err:
+                if not chunks:
+                    raise
+                self.failure = err  # what came before it in this read is delivered first
+                break
+            reported = chunk.pop("usage", None)
+            if isinstance(reported, dict):
+                usage = reported  # cumulative: only the newest of the read counts
+            if keep:
+                chunks.append(chunk)
+                deltas += n
+                answers = answers or said
+        events: list[Event] = []
+        if chunks:
+            events.append(Relayed(chunks, deltas, answers))
+        if usage is not None:
+            self.usage = decode_usage(usage)
+            events.append(self.usage)
+        return events, done
+
+    def _inspect(self, chunk: dict[str, Any]) -> tuple[bool, int, bool]:
+        """Meter one chunk and fix it up in place: (has choices to send, deltas, answers).
+        Its usage is the caller's to take (decoded once per read, not once per chunk)."""
+        if chunk.get("error"):
+            raise mid_stream_error(chunk["error"])
+        choices = chunk.get("choices")
+        if not choices:
+            return False, 0, False
+        deltas = 0
+        answers = False
+        for choice in choices:
+            idx = choice.get("index") or 0
+            delta = choice.get("delta")
+            if delta:
+                if delta.get("reasoning_content") or delta.get("reasoning"):
+                    self.reasoning_deltas += 1
+                    deltas += 1
+                if delta.get("content"):
+                    deltas += 1
+                calls = delta.get("tool_calls")
+                if calls:
+                    answers = True
+                    deltas += self._relay_calls(int(idx), calls)
+            reason = choice.get("finish_reason")
+            if reason:
+                if reason == "abort":
+                    raise EngineError("The engine aborted the request.")
+                if reason not in _OPENAI_FINISH:
+                    choice["finish_reason"] = _FINISH.get(reason, "stop")
+                self.finished.add(int(idx))
+                answers = True
+        self.output_deltas += deltas
+        return True, deltas, answers or deltas > 0
+
+    def _relay_calls(self, choice: int, calls: list[dict[str, Any]]) -> int:
+        """Re-index (and name) tool calls in place as ChunkDecoder does; returns argument deltas."""
+        deltas = 0
+        for position, call in enumerate(calls):
+            engine_index = call.get("index")
+            key = (choice, int(engine_index) if engine_index is not None else position)
+            fn = call.get("function") or {}
+            ours = self._calls.get(key)
+            if ours is None or (call.get("id") and engine_index is None):
+                ours = self._next_call.get(choice, 0)
+                self._next_call[choice] = ours + 1
+                self._calls[key] = ours
+                call["id"] = call.get("id") or f"call_{choice}_{ours}"
+                call["type"] = "function"
+            else:  # as the canonical path writes it: only the first delta names the call
+                call.pop("id", None)
+                call.pop("type", None)
+            call["index"] = ours
+            if fn.get("arguments"):
+                deltas += 1
+        return deltas

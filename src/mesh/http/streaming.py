@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+SSE_COMMENT = b": keep-alive\n\n"
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -22,7 +24,14 @@ SSE_HEADERS = {
 class StreamResponse:
     """``on_close`` runs once the body is done or abandoned, whatever happened (the client
     hung up before the body's first chunk included): the owner of the request's resources
-    releases them there, since a generator that never started runs no ``finally``."""
+    releases them there, since a generator that never started runs no ``finally``.
+
+    ``waiting`` (a request still queued for a replica slot) gets an SSE comment every
+    ``keepalive`` seconds until it is done, before the body's first chunk; the body itself
+    then flows with no wrapper around it. With ``idle_ping`` instead (Anthropic's ``ping``
+    event), that event goes out whenever nothing was sent for a ``keepalive`` tick, queued
+    or mid-stream (an idle gap gets its first ping after one to two ticks): a timer that
+    only acts when idle, so a flowing body pays nothing per chunk for it."""
 
     def __init__(
         self,
@@ -30,11 +39,19 @@ class StreamResponse:
         headers: Mapping[str, str],
         status: int = 200,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        *,
+        waiting: asyncio.Future[Any] | None = None,
+        keepalive: float = 5.0,
+        idle_ping: bytes | None = None,
     ) -> None:
         self.body = body
         self.status = status
         self.headers: dict[str, str] = {**SSE_HEADERS, **headers}
         self.on_close = on_close
+        self.waiting = waiting
+        self.keepalive = keepalive
+        self.idle_ping = idle_ping
+        self._sent = False  # something went out since the last idle tick
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -60,9 +77,53 @@ class StreamResponse:
     async def _pump(self, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
-        async for chunk in self.body:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        waiting = self.waiting
+        if waiting is not None:
+            while not waiting.done():
+                done, _ = await asyncio.wait({waiting}, timeout=self.keepalive)
+                if not done:
+                    await send({"type": "http.response.body", "body": SSE_COMMENT, "more_body": True})
+        if self.idle_ping is None:
+            async for chunk in self.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        else:
+            await self._pump_with_pings(send, self.idle_ping)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump_with_pings(self, send: Send, ping: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        message = {"type": "http.response.body", "body": ping, "more_body": True}
+        pinging: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle
+
+        async def send_ping() -> None:
+            await send(message)
+
+        def tick() -> None:
+            nonlocal timer, pinging
+            if not self._sent and (pinging is None or pinging.done()):
+                # Idle for a whole tick. A ping between two whole events is always valid;
+                # behind a client that reads slowly it queues after the pending chunk.
+                pinging = loop.create_task(send_ping())
+                pinging.add_done_callback(_retrieve)
+            self._sent = False
+            timer = loop.call_later(self.keepalive, tick)
+
+        timer = loop.call_later(self.keepalive, tick)
+        try:
+            async for chunk in self.body:
+                self._sent = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            timer.cancel()
+            if pinging is not None and not pinging.done():
+                pinging.cancel()  # never after the body's end
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A ping to a client already gone fails quietly (the pump sees the disconnect)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _wait_disconnect(receive: Receive) -> None:

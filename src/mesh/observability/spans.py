@@ -27,9 +27,22 @@ def failed(span: Span) -> Iterator[None]:
         raise
 
 
+# What a span context manager is when nothing is traced: shared, stateless, free.
+UNTRACED: contextlib.AbstractContextManager[Span] = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def child(
+    tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]
+) -> contextlib.AbstractContextManager[Span]:
+    """A span under the current one, current inside, failure-marked as above (nothing at
+    all when ``tracer`` is OpenTelemetry's no-op: tracing is off)."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return UNTRACED
+    return _child(tracer, name, attributes)
+
+
 @contextlib.contextmanager
-def child(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[Span]:
-    """A span under the current one, current inside, failure-marked as above."""
+def _child(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[Span]:
     with tracer.start_as_current_span(
         name, attributes=attributes, record_exception=False, set_status_on_exception=False
     ) as span, failed(span):

@@ -3,7 +3,7 @@
 ``parse_request`` validates a ``POST /v1/messages`` body into a :class:`CanonicalRequest`
 (``parse_count_request`` does the same for ``count_tokens``). The other half lives beside
 it and is re-exported here: ``render_response`` (``anthropic_render``) turns an
-aggregated result into a ``message``; ``encode_stream`` and ``with_pings``
+aggregated result into a ``message``; ``encode_stream`` and ``PING``
 (``anthropic_stream``) write Anthropic's named SSE events; ``render_error``
 (``anthropic_errors``) shapes errors.
 
@@ -52,12 +52,13 @@ from mesh.canonical import (
 from mesh.protocols import anthropic_wire as w
 from mesh.protocols.anthropic_errors import render_error
 from mesh.protocols.anthropic_render import StreamMeta, new_signature, render_response
-from mesh.protocols.anthropic_stream import encode_stream, with_pings
+from mesh.protocols.anthropic_stream import PING, encode_stream
 from mesh.protocols.anthropic_wire import invalid
 from mesh.protocols.extensions import keep_known
 from mesh.protocols.validation import loads_object
 
 __all__ = [
+    "PING",
     "MessagesOptions",
     "StreamMeta",
     "encode_stream",
@@ -66,7 +67,6 @@ __all__ = [
     "parse_request",
     "render_error",
     "render_response",
-    "with_pings",
 ]
 
 log = logging.getLogger("mesh.protocols.anthropic_messages")

@@ -1,4 +1,4 @@
-"""Anthropic Messages streaming: canonical events -> named SSE events, and keep-alive pings.
+"""Anthropic Messages streaming: canonical events -> named SSE events.
 
 :func:`encode_stream` writes ``message_start``, then one content block at a time
 (``content_block_start``, deltas, ``content_block_stop``), then ``message_delta`` and
@@ -15,14 +15,13 @@
   engine reports usage only at the end, after the response has started. ``message_delta``
   then carries the real cumulative usage (input, output, cache reads), which the SDK
   writes over the estimate.
-* One ``ping`` follows the first block start, as Anthropic's API does; :func:`with_pings`
-  adds more while the stream is idle.
+* One ``ping`` follows the first block start, as Anthropic's API does; the response adds
+  more (:data:`PING`) while the stream is idle (``StreamResponse(idle_ping=...)``).
 * A failure after the start ends the stream with ``event: error`` (no ``message_stop``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +33,7 @@ from mesh.canonical import (
     Finish,
     FinishReason,
     ReasoningDelta,
+    Relayed,
     TextDelta,
     ToolArgsDelta,
     ToolCallStart,
@@ -43,12 +43,11 @@ from mesh.errors import InternalError, MeshError
 from mesh.protocols.anthropic_errors import stream_error_event
 from mesh.protocols.anthropic_render import StreamMeta, stop_reason, usage_body
 
-__all__ = ["PING", "PING_INTERVAL_SECONDS", "encode_stream", "with_pings"]
+__all__ = ["PING", "encode_stream"]
 
 log = logging.getLogger("mesh.protocols.anthropic_stream")
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
-PING_INTERVAL_SECONDS = 10.0
 
 _BLOCK_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 
@@ -182,6 +181,8 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
             match ev:
                 case Usage():
                     usage = ev
+                case Relayed():  # never asked for here: only Chat Completions relays
+                    continue
                 case _ if ev.choice != 0:
                     continue
                 case TextDelta(text=text):
@@ -202,63 +203,3 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
     except Exception:
         log.exception("stream failed")
         yield stream_error_event(InternalError("The stream failed because of an internal error."), meta.request_id)
-
-
-async def with_pings(chunks: AsyncIterator[bytes], interval: float = PING_INTERVAL_SECONDS) -> AsyncIterator[bytes]:
-    """Pass ``chunks`` through, adding a ``ping`` event when nothing was sent for an ``interval``.
-
-    ``chunks`` is read by a pump task through a one-slot queue, and a timer ticking every
-    ``interval`` puts a ping in the queue when no chunk went out since its last tick (so an
-    idle gap gets its first ping after one to two intervals). The pending read is never
-    cancelled by a ping, only raced by it; per chunk this costs a queue hand-off, not a task
-    and a timer. Closing this iterator cancels the pump (and with it the pending read) and
-    closes ``chunks``; an exception from ``chunks`` is re-raised here.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | _End] = asyncio.Queue(maxsize=1)
-    sent = False
-    timer: asyncio.TimerHandle
-
-    async def pump() -> None:
-        try:
-            async for chunk in chunks:
-                await queue.put(chunk)
-        except Exception as exc:
-            await queue.put(_End(exc))
-        else:
-            await queue.put(_End())
-
-    def tick() -> None:
-        nonlocal sent, timer
-        if not sent and queue.empty():
-            queue.put_nowait(PING)
-        sent = False
-        timer = loop.call_later(interval, tick)
-
-    task = loop.create_task(pump())
-    timer = loop.call_later(interval, tick)
-    try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, _End):
-                if item.error is not None:
-                    raise item.error
-                return
-            sent = sent or item is not PING
-            yield item
-    finally:
-        timer.cancel()
-        task.cancel()
-        await asyncio.wait((task,))
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class _End:
-    """The pump's last item: the end of ``chunks``, or the exception it raised."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error

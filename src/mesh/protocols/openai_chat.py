@@ -25,6 +25,7 @@ from mesh.canonical import (
     ReasoningConfig,
     ReasoningDelta,
     ReasoningPart,
+    Relayed,
     ResponseFormat,
     Result,
     Sampling,
@@ -312,18 +313,25 @@ def _finish(reason: str) -> str:
 # ---- stream -----------------------------------------------------------------------------------
 
 
-class _ChunkWriter:
-    """Serializes chunks around a pre-encoded envelope: only the choice is dumped per chunk."""
+# The spellings engines use for reasoning text in a delta (vLLM's newer ``reasoning``).
+_ENGINE_REASONING = ("reasoning_content", "reasoning")
 
-    __slots__ = ("_head", "_tail", "_usage_head")
+
+class _ChunkWriter:
+    """Serializes chunks around a pre-encoded envelope: only the choices are dumped per chunk."""
+
+    __slots__ = ("_choices_head", "_choices_tail", "_head", "_reasoning", "_tail", "_usage_head")
 
     def __init__(self, meta: StreamMeta) -> None:
+        self._reasoning = meta.reasoning_fields
         envelope = orjson.dumps(
             {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
              "system_fingerprint": SYSTEM_FINGERPRINT}
         )
-        self._head = b"data: " + envelope[:-1] + b',"choices":['
-        self._tail = b'],"usage":null}\n\n' if meta.include_usage else b"]}\n\n"
+        self._choices_head = b"data: " + envelope[:-1] + b',"choices":'
+        self._choices_tail = b',"usage":null}\n\n' if meta.include_usage else b"}\n\n"
+        self._head = self._choices_head + b"["
+        self._tail = b"]" + self._choices_tail
         self._usage_head = b"data: " + envelope[:-1] + b',"choices":[],"usage":'
 
     def choice(self, body: dict[str, Any]) -> bytes:
@@ -331,6 +339,28 @@ class _ChunkWriter:
 
     def usage(self, body: dict[str, Any]) -> bytes:
         return self._usage_head + orjson.dumps(body) + b"}\n\n"
+
+    def relayed(self, chunks: list[dict[str, Any]]) -> bytes:
+        """Engine chunks (usage already taken out) as the client gets them, in one piece:
+        Mesh's own envelope (its id, creation time, public model name; ``"usage": null``
+        only when the client asked for usage) around the engine's choices, with reasoning
+        under the field names the client reads. Nothing else of the engine's envelope (its
+        id, model, extra fields) reaches the client."""
+        if len(chunks) == 1:
+            return self._relayed(chunks[0]["choices"])
+        return b"".join([self._relayed(c["choices"]) for c in chunks])
+
+    def _relayed(self, choices: list[dict[str, Any]]) -> bytes:
+        for choice in choices:
+            delta = choice.get("delta")
+            if delta:
+                for name in _ENGINE_REASONING:
+                    if name in delta:
+                        text = delta.pop(name)
+                        if text:
+                            for field in self._reasoning:
+                                delta[field] = text
+        return self._choices_head + orjson.dumps(choices) + self._choices_tail
 
 
 async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> AsyncIterator[bytes]:
@@ -341,6 +371,12 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
     usage: Usage | None = None
     try:
         async for ev in events:
+            if isinstance(ev, Relayed):  # the relay path: the engine's chunks, rewritten
+                for chunk in ev.chunks:  # the engine opened these choices (its role chunk):
+                    for choice in chunk["choices"]:  # a resume's continuation must not again
+                        started.add(choice.get("index") or 0)
+                yield out.relayed(ev.chunks)
+                continue
             if isinstance(ev, Usage):
                 usage = ev
                 continue

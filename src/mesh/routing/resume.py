@@ -23,6 +23,7 @@ Which failures resume is documented in docs/resume.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from mesh.canonical import (
     CanonicalRequest,
@@ -32,6 +33,7 @@ from mesh.canonical import (
     Part,
     ReasoningDelta,
     ReasoningPart,
+    Relayed,
     TextDelta,
     TextPart,
     ToolArgsDelta,
@@ -122,8 +124,10 @@ class Delivered:
         self.reasoning_tokens = max(self.reasoning_tokens, reasoning_tokens)
 
     def observe(self, ev: Event) -> None:
-        """Track a canonical event (the relay path calls the methods above instead)."""
+        """Track an event: a canonical one, or the relay path's engine chunks."""
         match ev:
+            case Relayed(chunks=chunks):  # the common case first
+                self._relayed(chunks)
             case TextDelta(text=text, choice=c):
                 self.add_text(text, c)
             case ReasoningDelta(text=text, choice=c):
@@ -137,9 +141,30 @@ class Delivered:
             case Usage():
                 self.usage(ev.input_tokens, ev.output_tokens, ev.cached_tokens, ev.reasoning_tokens)
             case _:
-                # An event this tracker cannot read (e.g. a relayed engine chunk that nobody
-                # fed to the methods above): what was delivered is unknown, so never resume.
+                # An event this tracker cannot read: what was delivered is unknown, so never
+                # resume.
                 self.opaque = True
+
+    def _relayed(self, chunks: list[dict[str, Any]]) -> None:
+        """Engine chunks on the relay path (as ``RelayDecoder`` left them: a tool call's
+        first delta alone carries its ``id``)."""
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                c = choice.get("index") or 0
+                delta = choice.get("delta")
+                if delta:
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning:
+                        self.add_reasoning(reasoning, c)
+                    text = delta.get("content")
+                    if text:
+                        self.add_text(text, c)
+                    for call in delta.get("tool_calls") or ():
+                        if "id" in call:
+                            self.start_tool_call(c)
+                        self.add_tool_args((call.get("function") or {}).get("arguments") or "", c)
+                if choice.get("finish_reason"):
+                    self.finish(c)
 
     def final_usage(self) -> Usage:
         """Usage for an answer that ended without its engine's final report (input 0: unknown,

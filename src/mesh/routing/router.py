@@ -234,17 +234,23 @@ class Router:
     def models(self) -> list[ModelConfig]:
         return [pool.model for pool in self.pools.values()]
 
-    async def open(self, request: CanonicalRequest, account: str, models: Sequence[str] = ()) -> RoutedStream:
+    async def open(
+        self, request: CanonicalRequest, account: str, models: Sequence[str] = (), *, relay: bool = False
+    ) -> RoutedStream:
         """Start ``request`` on a replica of the first of ``models`` (default: its own) that can
         serve it. Waits in the model's queue when every replica is full. Raises EngineError
-        (or EngineOverloaded when the queue deadline passes) when nothing can serve."""
+        (or EngineOverloaded when the queue deadline passes) when nothing can serve.
+
+        With ``relay``, a replica whose engine can relay (``OpenAIEngine.relay``) is asked for
+        its chunks as they are (:class:`mesh.canonical.Relayed`); any other engine streams
+        canonical events as usual, so the caller's encoder must take both."""
         last: EngineError | None = None
         for model in models or (request.model,):
             pool = self.pools.get(model)
             if pool is None:
                 continue
             try:
-                return await self._open_in(pool, request, account)
+                return await self._open_in(pool, request, account, relay)
             except EngineError as err:
                 if not err.retryable:
                     raise
@@ -254,7 +260,7 @@ class Router:
             raise last
         raise EngineUnavailable(f"No healthy replica can serve model {request.model!r} right now.", retry_after=1)
 
-    async def _open_in(self, pool: ModelPool, request: CanonicalRequest, account: str) -> RoutedStream:
+    async def _open_in(self, pool: ModelPool, request: CanonicalRequest, account: str, relay: bool) -> RoutedStream:
         keys: SessionKeys | None = None
         owner: str | None = None
         if self.sessions is not None and self._min_prefix is not None:
@@ -264,7 +270,7 @@ class Router:
                                                   "mesh.queue.depth": len(pool.queue)}):
             await pool.acquire(account)
         try:
-            replica, events, first, reason, attempt = await self.attempts(pool, request, owner)
+            replica, events, first, reason, attempt = await self.attempts(pool, request, owner, relay=relay)
         except BaseException:
             pool.release()  # failed, timed out or cancelled (even in a backoff): the slot goes on
             raise
@@ -280,12 +286,13 @@ class Router:
 
     async def attempts(
         self, pool: ModelPool, request: CanonicalRequest, owner: str | None, *,
-        exclude: Set[int] = frozenset(), only: Callable[[Replica], bool] | None = None,
+        exclude: Set[int] = frozenset(), only: Callable[[Replica], bool] | None = None, relay: bool = False,
     ) -> tuple[Replica, AsyncIterator[Event], Event, str, int]:
         """Open ``request`` on a replica of ``pool`` that produces a first event, failing over;
         never on a replica whose id is in ``exclude``, only on those ``only`` accepts. Returns
         the replica (its in-flight count taken), its events, the first one, why it was
-        picked and the attempt number. The pool slot is the caller's."""
+        picked and the attempt number. The pool slot is the caller's. With ``relay``, an
+        engine that can relay is asked for its chunks as they are (see :meth:`open`)."""
         def usable(r: Replica) -> bool:
             return r.healthy and r.has_room and id(r) not in exclude and (only is None or only(r))
 
@@ -311,7 +318,8 @@ class Router:
                 continue
             # From here every exit resolves a half-open probe this request may have taken.
             replica.in_flight += 1
-            events = aiter(replica.engine.stream(request))
+            relayer = getattr(replica.engine, "relay", None) if relay else None
+            events = aiter(relayer(request) if relayer is not None else replica.engine.stream(request))
             try:
                 # The engine's request goes out inside this span: its traceparent names it.
                 with child(self.tracer, "route attempt", {

@@ -1,0 +1,91 @@
+"""One inference handler for every protocol: authenticate, parse, start, then stream or
+render. A protocol (``api/chat.py``, ``api/messages.py``, ``api/responses_api.py``) supplies
+only what differs: how its body becomes a canonical request and how events and results
+become its wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol
+
+from starlette.requests import Request
+
+from mesh.api.common import QUEUE_PATIENCE, aggregate, authenticated_body
+from mesh.api.endpoint import AnyResponse, Endpoint, endpoint
+from mesh.api.responses import JSON, ErrorRenderer
+from mesh.canonical import CanonicalRequest, Event, Result
+from mesh.gateway import Gateway
+from mesh.http.streaming import StreamResponse
+from mesh.pipeline import PendingStream, RequestContext
+
+
+class Output(Protocol):
+    """How one started request comes back in its protocol (built once the model is known)."""
+
+    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        """The SSE body of a streamed answer (ending in the protocol's error event on failure)."""
+        ...
+
+    def render(self, result: Result) -> Awaitable[dict[str, Any]]:
+        """The JSON body of a non-streamed answer."""
+        ...
+
+
+class Call(Protocol):
+    """A parsed request, as the protocol understood it."""
+
+    @property
+    def request(self) -> CanonicalRequest: ...
+
+    def output(self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest) -> Output: ...
+
+
+class Wire(Protocol):
+    @property
+    def name(self) -> str:
+        """``openai.chat``: metrics, logs and usage records."""
+        ...
+
+    @property
+    def render_error(self) -> ErrorRenderer: ...
+
+    @property
+    def idle_ping(self) -> bytes | None:
+        """The event sent whenever a stream is idle (Anthropic's ``ping``); None: a queued
+        stream gets SSE comments until it has a replica, and nothing once it flows."""
+        ...
+
+    async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> Call: ...
+
+    def relays(self, gw: Gateway, request: CanonicalRequest) -> bool:
+        """Whether engines that can should hand their chunks on as they are (``Relayed``)."""
+        ...
+
+
+def inference(wire: Wire) -> Endpoint:
+    """The endpoint of ``wire``: the pipeline's steps in order, the same for every protocol."""
+
+    async def handle(request: Request, ctx: RequestContext) -> AnyResponse:
+        gw, body = await authenticated_body(request, ctx)
+        p = gw.pipeline
+        call = await wire.parse(gw, request, ctx, body)
+        ctx.relay = wire.relays(gw, call.request)
+        streamed = call.request.stream
+        creq, stream = await p.start(ctx, call.request, patience=QUEUE_PATIENCE if streamed else None)
+        assert ctx.model is not None
+        out = call.output(gw, ctx, creq)
+        headers = gw.response_headers(ctx)
+        events = p.metered(ctx, stream)
+        if streamed:
+            ping = wire.idle_ping
+            waiting = stream.task if isinstance(stream, PendingStream) and ping is None else None
+            return StreamResponse(out.encode(events), headers, waiting=waiting, idle_ping=ping,
+                                  keepalive=gw.settings.routing.keepalive_interval)
+        result = await aggregate(events)
+        body_out = await out.render(result)
+        headers["x-mesh-cost"] = gw.cost_text(ctx.model, result.usage)
+        return JSON(body_out, headers=headers)
+
+    handle.__name__ = wire.name.replace(".", "_")
+    return endpoint(wire.name, wire.render_error)(handle)
