@@ -4,8 +4,10 @@ Invariants, on SQLite and PostgreSQL alike:
 
 * every balance change is a ledger row written in the same transaction, so the sum of an
   account's ledger amounts always equals its balance;
-* ``balance >= held >= 0`` (CHECK constraints), so no request spends credit the account
-  does not have, however many run at once;
+* ``balance + reversed >= held >= 0`` (CHECK constraints), so no request spends credit the
+  account does not have, however many run at once; ``reversed`` is what Stripe refunds and
+  disputes took back (:meth:`Ledger.reverse`), the only thing that may take a balance below
+  zero, and only by that much;
 * every ledger row has a unique idempotency key; retrying an operation with the same key
   returns the first row and changes nothing.
 
@@ -31,7 +33,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mesh.accounts.principal import Principal
 from mesh.billing import budgets, settlement
 from mesh.billing.attribution import Attribution
-from mesh.billing.entries import LedgerEntry, entry_from_row, post, run_idempotent
+from mesh.billing.entries import (
+    LedgerEntry,
+    entry_from_row,
+    find_entry,
+    post,
+    post_reversal,
+    reversed_under,
+    run_idempotent,
+)
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
@@ -137,6 +147,61 @@ class Ledger:
             return entry
 
         return await run_idempotent(self.db, key, body, existing)
+
+    async def reverse(
+        self, account_id: str, idempotency_key: str, *, target: int, counted: str, ceiling: int, scope: str,
+        memo: str | None = None,
+    ) -> LedgerEntry | None:
+        """Take credit back after a refund or dispute, so that the reversal rows whose keys
+        start with ``counted`` add up to ``target`` (cumulative, as Stripe reports refunds:
+        a later refund reverses only the difference; an older, smaller one nothing) and
+        those under ``scope`` (one checkout) never exceed ``ceiling`` (what it credited).
+
+        Idempotent: a key already used returns None and changes nothing, as does a target
+        already reached. The balance may go below zero by the amount reversed (never
+        otherwise); a balance at or under what is held then refuses admission (402)."""
+        if not idempotency_key.startswith(counted) or not counted.startswith(scope):
+            raise ValueError("a reversal's key lies under what it counts, which lies under its scope")
+
+        async def body(conn: AsyncConnection) -> LedgerEntry | None:
+            await self._lock_account(conn, account_id)
+            if await find_entry(conn, idempotency_key) is not None:
+                return None  # the same event again
+            done = await reversed_under(conn, account_id, counted)
+            room = ceiling - await reversed_under(conn, account_id, scope)
+            amount = min(target - done, room)
+            if amount <= 0:
+                return None
+            return await post_reversal(conn, account_id=account_id, amount=amount, idempotency_key=idempotency_key,
+                                       memo=memo)
+
+        return await run_idempotent(self.db, idempotency_key, body, lambda _: None, precheck=False)
+
+    async def reinstate(
+        self, account_id: str, idempotency_key: str, *, of: str, memo: str | None = None
+    ) -> LedgerEntry | None:
+        """Give back what the reversal row ``of`` took (a dispute won), once. None when that
+        reversal was never written or this key was used before."""
+
+        async def body(conn: AsyncConnection) -> LedgerEntry | None:
+            await self._lock_account(conn, account_id)
+            if await find_entry(conn, idempotency_key) is not None:
+                return None
+            taken = await find_entry(conn, of)
+            if taken is None or taken.kind != "reversal" or taken.account_id != account_id or taken.amount >= 0:
+                return None
+            return await post_reversal(conn, account_id=account_id, amount=int(taken.amount),
+                                       idempotency_key=idempotency_key, memo=memo)
+
+        return await run_idempotent(self.db, idempotency_key, body, lambda _: None, precheck=False)
+
+    @staticmethod
+    async def _lock_account(conn: AsyncConnection, account_id: str) -> None:
+        # The account's row first, as every writer of its balance locks it; under the lock
+        # the ledger rows read next are the committed truth (PostgreSQL: read committed).
+        found = await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id).with_for_update())
+        if found.first() is None:
+            raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
 
     async def balance(self, account_id: str) -> tuple[MicroCredits, MicroCredits]:
         """``(balance, held)`` in micro-credits; available is their difference. ``NotFound``

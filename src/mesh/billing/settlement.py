@@ -68,7 +68,11 @@ _GROW_HOLD = (
     .values(amount=holds.c.amount + bindparam("h"), created_at=bindparam("t"))
     .returning(holds.c.amount)
 )
-_LOCK_ACCOUNT = select(accounts.c.balance, accounts.c.held).where(accounts.c.id == bindparam("a")).with_for_update()
+_LOCK_ACCOUNT = (
+    select(accounts.c.balance, accounts.c.held, accounts.c.reversed)
+    .where(accounts.c.id == bindparam("a"))
+    .with_for_update()
+)
 _LOCK_KEY = (
     select(api_keys.c.spend_limit, api_keys.c.spent, api_keys.c.held)
     .where(api_keys.c.id == bindparam("k"))
@@ -215,7 +219,9 @@ async def capture(
         charged = {k: -int(amount) for k, amount in found.all()}
 
     from_hold = held_here
-    free = int(acct.balance) - int(acct.held)  # credit nobody holds
+    # Credit nobody holds; below zero after a refund or dispute took credit back while
+    # requests were in flight: then only their holds pay (see migration 0008).
+    free = int(acct.balance) - int(acct.held)
     room: int | None = None
     if key is not None and key.spend_limit is not None:
         room = int(key.spend_limit) - int(key.spent) - int(key.held)
@@ -237,6 +243,7 @@ async def capture(
             balance -= charge
             rows.append({
                 "account_id": account_id, "kind": "usage", "amount": -charge, "balance_after": balance,
+                "reversed_after": int(acct.reversed),
                 "idempotency_key": s.key, "request_id": s.request_id, "key_id": key_id,
                 "memo": _shortfall(s.due, charge), "created_at": now,
             })

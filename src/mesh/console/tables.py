@@ -60,8 +60,11 @@ console_payments = Table(
     Column("status", String(16), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime, nullable=True),
+    # The Stripe PaymentIntent the checkout paid with: refunds and disputes name it.
+    Column("payment_intent", String(255), nullable=True),
     Index("ix_console_payments_account_id_created_at", "account_id", "created_at"),
     Index("ix_console_payments_provider_ref", "provider_ref", unique=True),
+    Index("ix_console_payments_payment_intent", "payment_intent", unique=True),
 )
 
 console_secrets = Table(

@@ -1,7 +1,8 @@
 """The tables, as SQLAlchemy Core metadata. Migrations in ``migrations/versions`` create them.
 
 Money columns are BIGINT micro-credits (1 credit = 1,000,000). CHECK constraints keep
-``balance >= held >= 0`` on every dialect, so no code path can overdraw an account.
+``balance + reversed >= held >= 0`` on every dialect, so no code path can overdraw an account;
+``reversed`` (credit taken back by a Stripe refund or dispute) is the only way below zero.
 A test compares this metadata against the migrated schema; change both together.
 """
 
@@ -33,7 +34,7 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-LEDGER_KINDS = ("grant", "purchase", "redeem", "usage", "refund", "adjustment")
+LEDGER_KINDS = ("grant", "purchase", "redeem", "usage", "refund", "adjustment", "reversal")
 
 metadata = MetaData(naming_convention=NAMING)
 
@@ -48,9 +49,13 @@ accounts = Table(
     Column("rate_limits", JSON, nullable=True),
     # Low-balance alert state (billing/alerts.py): null, "armed" (above), "sent" (alerted).
     Column("balance_alert", String(8), nullable=True),
-    CheckConstraint("balance >= 0", name="balance_non_negative"),
+    # Credit taken back by Stripe refunds and disputes (net of disputes won): the only
+    # thing that may take the balance below zero, and only by this much (migration 0008).
+    Column("reversed", BigInteger, nullable=False, server_default="0"),
+    CheckConstraint("reversed >= 0", name="reversed_non_negative"),
+    CheckConstraint("balance + reversed >= 0", name="balance_above_floor"),
     CheckConstraint("held >= 0", name="held_non_negative"),
-    CheckConstraint("balance >= held", name="balance_covers_held"),
+    CheckConstraint("balance + reversed >= held", name="balance_covers_held"),
 )
 
 api_keys = Table(
@@ -93,8 +98,12 @@ ledger = Table(
     Column("key_id", String(40), nullable=True),
     Column("memo", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
-    CheckConstraint("kind IN ('grant', 'purchase', 'redeem', 'usage', 'refund', 'adjustment')", name="kind_known"),
-    CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
+    # The account's ``reversed`` after this row: its balance_after may be below zero by that.
+    Column("reversed_after", BigInteger, nullable=False, server_default="0"),
+    CheckConstraint(
+        "kind IN ('grant', 'purchase', 'redeem', 'usage', 'refund', 'adjustment', 'reversal')", name="kind_known"
+    ),
+    CheckConstraint("balance_after + reversed_after >= 0", name="balance_after_above_floor"),
     Index("ix_ledger_idempotency_key", "idempotency_key", unique=True),
     Index("ix_ledger_account_id_id", "account_id", "id"),
 )
