@@ -89,7 +89,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-        *customer_routes(_services, _principal),
+        *customer_routes(_services, _principal, lambda r: r.app.state.gateway.limiter),
         *admin_routes(_services),
         *worker_routes(),
         *fleet_routes(lambda r: r.app.state.gateway.router, lambda r: r.app.state.gateway.settings.admin_key),

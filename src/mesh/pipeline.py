@@ -27,6 +27,7 @@ from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
     Event,
+    Finish,
     ReasoningDelta,
     TextDelta,
     ToolArgsDelta,
@@ -96,6 +97,7 @@ class Ledger(Protocol):
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
         attribution: Attribution | None = None,
+        finish_reason: str | None = None,
     ) -> int: ...
 
 
@@ -118,6 +120,7 @@ class RequestContext:
     first_token_at: float | None = None
     usage: Usage | None = None
     status: str = "ok"
+    finish_reason: str | None = None  # the engine's, for the first choice (the usage record)
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
@@ -418,6 +421,8 @@ class Pipeline:
                     if usage is None and admission is not None and produced % _CHECKPOINT_DELTAS == 0:
                         # No usage from the engine yet: at least one token per delta so far.
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))
+                elif isinstance(ev, Finish) and ev.choice == 0:
+                    ctx.finish_reason = ev.reason
                 yield ev
             ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))
             await self._settle_now(ctx)
@@ -510,6 +515,7 @@ class Pipeline:
                         ctx.request.metadata if ctx.request else None,
                         ctx.tags,
                     ),
+                    finish_reason=ctx.finish_reason,
                 )
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the

@@ -309,6 +309,7 @@ class LeasedLedger:
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
         attribution: Attribution | None = None,
+        finish_reason: str | None = None,
     ) -> MicroCredits:
         """Charge the request's real cost (minus what its checkpoints charged) and release
         its hold; once per request (later calls return 0). A lease's charge is written by
@@ -320,7 +321,7 @@ class LeasedLedger:
         due, usage = settlement.priced(pricing, usage, admission.output_limit)
         open_.record = usage_record(
             admission, usage, MicroCredits(0), status=status, model=model, replica=replica, protocol=protocol,
-            ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
+            ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution, finish_reason=finish_reason,
         )
         rest = Settlement(f"usage:{admission.request_id}", admission.request_id, max(0, due - open_.checkpointed))
         hold = open_.hold

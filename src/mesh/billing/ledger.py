@@ -382,6 +382,7 @@ class Ledger:
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
         attribution: Attribution | None = None,
+        finish_reason: str | None = None,
     ) -> MicroCredits:
         """Release the hold and charge the real cost; returns the micro-credits charged.
 
@@ -404,6 +405,7 @@ class Ledger:
                 usage_record(
                     admission, usage, MicroCredits(charged), status=status, model=model, replica=replica,
                     protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
+                    finish_reason=finish_reason,
                 )
             )
         return MicroCredits(charged)
@@ -450,6 +452,7 @@ def usage_record(
     ttft_ms: int | None,
     duration_ms: int | None,
     attribution: Attribution | None = None,
+    finish_reason: str | None = None,
 ) -> UsageRecord:
     """The usage row of a settled request."""
     who = attribution or Attribution()
@@ -458,5 +461,5 @@ def usage_record(
         status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
         output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens, cost=charged, replica=replica,
         protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, end_user=who.end_user, tags=who.tags,
-        metadata=who.metadata,
+        metadata=who.metadata, finish_reason=finish_reason,
     )

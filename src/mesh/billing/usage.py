@@ -57,6 +57,7 @@ class UsageRecord:
     end_user: str | None = None
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] | None = None
+    finish_reason: str | None = None  # stop, length, tool_calls, content_filter, error; None: none came
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,7 @@ async def _write(conn: AsyncConnection, db: Database, records: Sequence[UsageRec
             "end_user": r.end_user,
             "tags": list(r.tags) or None,
             "meta": None if r.metadata is None else dict(r.metadata),
+            "finish_reason": r.finish_reason,
         }
         for r in records
     ]
@@ -295,6 +297,7 @@ def record_from_row(r: Any) -> UsageRecord:
         end_user=r.end_user,
         tags=tuple(r.tags or ()),
         metadata=r.meta,
+        finish_reason=r.finish_reason,
     )
 
 

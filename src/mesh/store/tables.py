@@ -143,6 +143,7 @@ usage_records = Table(
     Column("end_user", String(256), nullable=True),
     Column("tags", JSON, nullable=True),
     Column("meta", JSON, nullable=True),
+    Column("finish_reason", String(16), nullable=True),
     Index("ix_usage_records_account_id_created_at", "account_id", "created_at"),
     Index("ix_usage_records_created_at", "created_at"),
     Index("ix_usage_records_request_id", "request_id"),
