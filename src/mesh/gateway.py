@@ -14,7 +14,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from mesh.billing.alerts import BalanceAlerts
+from mesh.billing.alerts import Alerts
 from mesh.billing.leases import LeasedLedger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
@@ -112,7 +112,7 @@ class Gateway:
             checkpoint_interval=settings.billing.checkpoint_interval, leases=settings.billing.leases,
         )
         self.metrics.watch_billing(self.ledger)
-        self.alerts = BalanceAlerts(services.database, settings.billing.alerts)
+        self.alerts = Alerts(services.database, settings.billing.alerts)
         self.ready = Readiness(services.database, settings.redis, lambda: self.ledger.ready, self.replicas)
         self.metrics.watch_readiness(self.ready)
         obs = settings.observability

@@ -79,6 +79,10 @@ api_keys = Table(
     Column("budget_period", String(16), nullable=True),
     Column("budget_reset_day", SmallInteger, nullable=True),
     Column("budget_resets_at", UTCDateTime, nullable=True),
+    # Budget-threshold alerts (billing/alerts.py): the highest percent alerted, in the period
+    # that ends at budget_alert_period (the key's budget_resets_at then).
+    Column("budget_alert", SmallInteger, nullable=True),
+    Column("budget_alert_period", UTCDateTime, nullable=True),
     CheckConstraint("spent >= 0", name="spent_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),
