@@ -236,6 +236,24 @@ class AlertsConfig(_Frozen):
         return self.webhook_url is not None or bool(self.email_to)
 
 
+class SettlementStreamConfig(_Frozen):
+    """The settlement webhook stream (billing/stream.py): every settled request, batched and
+    signed, to an operator who bills elsewhere. Off without ``url``."""
+
+    url: str | None = None
+    secret: SecretStr | None = None  # HMAC-SHA256 key of mesh-signature; required with url
+    interval: float = Field(default=5.0, gt=0)  # seconds: a batch at least this often
+    batch_size: int = Field(default=100, ge=1, le=10_000)  # or as soon as this many wait
+    max_backoff: float = Field(default=60.0, gt=0)  # seconds between retries, at most
+    claim_seconds: float = Field(default=60.0, gt=0)  # a batch in flight; then another process may send it
+
+    @model_validator(mode="after")
+    def _signed(self) -> SettlementStreamConfig:
+        if self.url is not None and self.secret is None:
+            raise ValueError("billing.settlement_stream.url needs billing.settlement_stream.secret (to sign)")
+        return self
+
+
 class BillingConfig(_Frozen):
     # Output tokens held for a request that names no max_tokens (capped by the context).
     default_hold_output_tokens: int = Field(default=4096, ge=1)
@@ -253,6 +271,7 @@ class BillingConfig(_Frozen):
     # New accounts from the quick start get this many credits.
     quickstart_credits: Decimal = Decimal(10)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    settlement_stream: SettlementStreamConfig = Field(default_factory=SettlementStreamConfig)
 
 
 class ResponsesConfig(_Frozen):

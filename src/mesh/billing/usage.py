@@ -23,8 +23,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.billing.money import MicroCredits
+from mesh.billing.stream import outbox_row
 from mesh.store import Database, utcnow
-from mesh.store.tables import usage_daily, usage_records
+from mesh.store.tables import settlement_outbox, usage_daily, usage_records
 
 DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_BATCH_SIZE = 500
@@ -86,8 +87,10 @@ class UsageWriter:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
+        outbox: bool = False,
     ) -> None:
         self.db = db
+        self.outbox = outbox  # also queue each record for the settlement webhook stream
         self._interval = flush_interval
         self._batch_size = batch_size
         self._max_pending = max_pending
@@ -126,7 +129,7 @@ class UsageWriter:
                 batch = self._buffer[: self._batch_size]
                 del self._buffer[: len(batch)]
                 try:
-                    await write_batch(self.db, batch)
+                    await write_batch(self.db, batch, outbox=self.outbox)
                 except BaseException:
                     self._buffer[:0] = batch
                     raise
@@ -158,9 +161,10 @@ def _day(ts: datetime) -> date:
     return ts.astimezone(UTC).date()
 
 
-async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
+async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: bool = False) -> None:
     """Insert ``records`` and add them to the daily roll-up, in one transaction. Records of
-    requests already written are skipped, so a retry after a lost COMMIT reply adds nothing."""
+    requests already written are skipped, so a retry after a lost COMMIT reply adds nothing.
+    With ``outbox``, each also goes to the settlement stream's outbox in the same transaction."""
     if not records:
         return
     async with db.write() as conn:
@@ -173,6 +177,8 @@ async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
         records = [r for r in records if r.request_id not in seen]
         if records:
             await _write(conn, db, records)
+            if outbox:
+                await conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
 
 
 async def _write(conn: AsyncConnection, db: Database, records: Sequence[UsageRecord]) -> None:

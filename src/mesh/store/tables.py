@@ -153,6 +153,20 @@ usage_records = Table(
     Index("ix_usage_records_request_id", "request_id"),
 )
 
+# Settled requests waiting for the settlement webhook stream (billing/stream.py), written in
+# the usage records' transaction; a row is deleted once a batch holding it was delivered.
+settlement_outbox = Table(
+    "settlement_outbox",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("request_id", String(100), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("claimed_until", UTCDateTime, nullable=True),  # a process is sending it until then
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Index("ix_settlement_outbox_claimed_until", "claimed_until"),
+)
+
 usage_daily = Table(
     "usage_daily",
     metadata,
