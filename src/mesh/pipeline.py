@@ -78,6 +78,7 @@ class Ledger(Protocol):
         max_output_tokens: int,
         *,
         choices: int = 1,
+        end_user: str | None = None,
     ) -> Admission: ...
 
     async def rehold(self, admission: Admission, pricing: Pricing) -> Admission: ...
@@ -314,7 +315,8 @@ class Pipeline:
             else:
                 wanted = self.settings.billing.default_hold_output_tokens
         ctx.admission = await self.ledger.admit(
-            ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n
+            ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n,
+            end_user=attribution(request.user, None, ()).end_user,  # a key's user_budget counts it
         )
         allowed = int(ctx.admission.max_output_tokens)
         if allowed < wanted or (request.max_tokens is None and not model.context_length):

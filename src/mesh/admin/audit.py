@@ -31,7 +31,7 @@ from mesh.admin.http import guarded, json_response
 from mesh.admin.routes import PREFIX, check_admin
 from mesh.gateway import Gateway
 from mesh.store.database import Database
-from mesh.store.tables import accounts, api_keys, holds, ledger, usage_records
+from mesh.store.tables import accounts, api_keys, holds, key_user_spend, ledger, usage_records
 
 
 async def books(database: Database) -> dict[str, list[dict[str, Any]]]:
@@ -45,6 +45,14 @@ async def books(database: Database) -> dict[str, list[dict[str, Any]]]:
             {"key_id": r.id, "account_id": r.account_id, "held": int(r.held)}
             for r in await conn.execute(
                 select(api_keys.c.id, api_keys.c.account_id, api_keys.c.held).where(api_keys.c.held != 0)
+            )
+        ]
+        held += [
+            {"key_id": r.key_id, "end_user": r.end_user, "held": int(r.held)}
+            for r in await conn.execute(
+                select(key_user_spend.c.key_id, key_user_spend.c.end_user, key_user_spend.c.held).where(
+                    key_user_spend.c.held != 0
+                )
             )
         ]
         held += [

@@ -89,6 +89,7 @@ class NewKey(_Body):
     budget_period: Period = "none"
     budget_reset_day: int | None = Field(default=None, strict=True)
     rate_limits: RateLimitsBody | None = None
+    user_budget: Any = None
 
 
 class KeyPatch(_Body):
@@ -98,6 +99,7 @@ class KeyPatch(_Body):
     spend_limit: Any = None
     budget_period: Period | None = None
     budget_reset_day: int | None = Field(default=None, strict=True)
+    user_budget: Any = None
 
 
 class NewCodes(_Body):
@@ -198,6 +200,7 @@ async def create_key(request: Request, svc: Services) -> Response:
         rate_limits=None if body.rate_limits is None else body.rate_limits.patch(),
         budget_period=body.budget_period,
         budget_reset_day=body.budget_reset_day,
+        user_budget=None if body.user_budget is None else credits_param(body.user_budget, "user_budget"),
     )
     return json_response({**key_json(created.info), "key": created.key}, 201)
 
@@ -214,12 +217,14 @@ async def update_key(request: Request, svc: Services) -> Response:
     key_id = request.path_params["key_id"]
     named = body.model_fields_set
     if not named:
-        raise InvalidRequest("name at least one of rate_limits, spend_limit, budget_period, budget_reset_day")
+        raise InvalidRequest(
+            "name at least one of rate_limits, spend_limit, budget_period, budget_reset_day, user_budget"
+        )
     info = await svc.accounts.get_key(key_id)
     if "rate_limits" in named:
         patch = None if body.rate_limits is None else body.rate_limits.patch()
         info = await svc.accounts.set_key_limits(key_id, patch)
-    if named & {"spend_limit", "budget_period", "budget_reset_day"}:
+    if named & {"spend_limit", "budget_period", "budget_reset_day", "user_budget"}:
         info = await svc.accounts.set_key_budget(
             key_id,
             spend_limit=None if body.spend_limit is None else credits_param(body.spend_limit, "spend_limit"),
@@ -227,6 +232,8 @@ async def update_key(request: Request, svc: Services) -> Response:
             period=body.budget_period,
             reset_day=body.budget_reset_day,
             change_reset_day="budget_reset_day" in named,
+            user_budget=None if body.user_budget is None else credits_param(body.user_budget, "user_budget"),
+            change_user_budget="user_budget" in named,
         )
     await svc.authenticator.key_changed(key_id)
     return json_response(key_json(info))

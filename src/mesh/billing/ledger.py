@@ -47,7 +47,14 @@ from mesh.billing.pricing import hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
 from mesh.canonical import Usage
 from mesh.config import Pricing
-from mesh.errors import AuthenticationFailed, InsufficientCredits, InvalidRequest, KeyBudgetExceeded, NotFound
+from mesh.errors import (
+    AuthenticationFailed,
+    InsufficientCredits,
+    InvalidRequest,
+    KeyBudgetExceeded,
+    NotFound,
+    UserBudgetExceeded,
+)
 from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys, holds, ledger
 
@@ -69,6 +76,7 @@ class Admission:
     choices: int = 1
     prompt_tokens: int = 0
     hold_id: str | None = None
+    end_user: str | None = None  # counted against the key's user_budget (None: not counted)
 
     @property
     def output_limit(self) -> int:
@@ -100,6 +108,21 @@ def _over_budget(need: int, left: int, period: str | None, resets_at: datetime |
         f"The API key's {what} is spent: this request needs at least {format_credits(need)} credits "
         f"(its prompt and one output token) but the key's {what} leaves {format_credits(left)}{when}. "
         "The account's balance is not the limit here.",
+        headers=headers,
+    )
+
+
+def _over_user_budget(need: int, left: int, period: str | None, resets_at: datetime | None) -> UserBudgetExceeded:
+    left = max(left, 0)
+    what = "spend cap" if period in (None, "none") else f"{period} cap"
+    when = "" if resets_at is None else f"; it resets at {resets_at.isoformat()}"
+    headers = {"x-mesh-user-budget-remaining": format_credits(left)}
+    if resets_at is not None:
+        headers["x-mesh-budget-resets-at"] = resets_at.isoformat()
+    return UserBudgetExceeded(
+        f"The API key's {what} for this end user (the request's user) is spent: this request needs at least "
+        f"{format_credits(need)} credits (its prompt and one output token) but the cap leaves "
+        f"{format_credits(left)}{when}.",
         headers=headers,
     )
 
@@ -235,6 +258,7 @@ class Ledger:
         max_output_tokens: int,
         *,
         choices: int = 1,
+        end_user: str | None = None,
     ) -> Admission:
         """Hold credit for a request before it is dispatched.
 
@@ -243,8 +267,12 @@ class Ledger:
         spend limit, if any) cannot pay for all of that but can pay for the prompt and at
         least one output token per choice, the returned ``max_output_tokens`` is lowered to
         what it can pay for and that is held. Otherwise raises ``InsufficientCredits``
-        (402, not retryable). Free requests touch no database.
+        (402, not retryable). Free requests touch no database. On a key with a
+        ``user_budget``, ``end_user``'s cap this period bounds the hold too
+        (``UserBudgetExceeded``, 402).
         """
+        if principal.user_budget is None:
+            end_user = None
         if max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_tokens")
         if choices < 1:
@@ -255,13 +283,15 @@ class Ledger:
                 prompt_tokens_estimate,
             )
         try:
-            return await self._hold(principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices)
+            return await self._hold(
+                principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices, end_user
+            )
         except IntegrityError:
             raise InvalidRequest(f"request {request_id!r} already holds credit", code="duplicate_request_id") from None
 
     async def _hold(
         self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int,
-        choices: int,
+        choices: int, end_user: str | None,
     ) -> Admission:
         # Fast path (the common case, measured as most of a request's CPU): two conditional
         # updates and the hold row, no reads. When the account or the key's spend limit cannot
@@ -271,18 +301,20 @@ class Ledger:
             async with self.db.write() as conn:
                 await settlement.hold(
                     conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
-                    amount=amount, grow=False,
+                    amount=amount, grow=False, end_user=end_user,
                 )
         except settlement.Uncovered:
-            return await self._hold_carefully(principal, pricing, request_id, prompt_tokens, max_output_tokens, choices)
+            return await self._hold_carefully(
+                principal, pricing, request_id, prompt_tokens, max_output_tokens, choices, end_user
+            )
         return Admission(
             request_id, principal.account_id, principal.key_id, amount, max_output_tokens, choices, prompt_tokens,
-            request_id,
+            request_id, end_user,
         )
 
     async def _hold_carefully(
         self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int,
-        choices: int,
+        choices: int, end_user: str | None,
     ) -> Admission:
         async with self.db.write() as conn:
             acct = (
@@ -315,17 +347,25 @@ class Ledger:
                 if max_output_tokens_affordable(pricing, key_left, prompt_tokens) < choices:
                     raise _over_budget(floor, key_left, key.budget_period, key.budget_resets_at)
                 limit = min(limit, key_left)
+            user_left = None if end_user is None else await settlement.user_room(conn, principal.key_id, end_user)
+            if user_left is None:
+                end_user = None
+            else:
+                if max_output_tokens_affordable(pricing, user_left, prompt_tokens) < choices:
+                    raise _over_user_budget(floor, user_left, key.budget_period, key.budget_resets_at)
+                limit = min(limit, user_left)
             out = min(max_output_tokens, max_output_tokens_affordable(pricing, limit, prompt_tokens) // choices)
             amount = hold_cost(pricing, prompt_tokens, out * choices)
             try:
                 await settlement.hold(
                     conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
-                    amount=amount, grow=False,
+                    amount=amount, grow=False, end_user=end_user,
                 )
             except settlement.Uncovered:  # only reachable if the row locks above were missing
                 raise _short(floor, limit, "the account has") from None
         return Admission(
-            request_id, principal.account_id, principal.key_id, amount, out, choices, prompt_tokens, request_id
+            request_id, principal.account_id, principal.key_id, amount, out, choices, prompt_tokens, request_id,
+            end_user,
         )
 
     async def rehold(self, admission: Admission, pricing: Pricing) -> Admission:
@@ -341,7 +381,7 @@ class Ledger:
             async with self.db.write() as conn:
                 await settlement.hold(
                     conn, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
-                    amount=need - admission.held, grow=True,
+                    amount=need - admission.held, grow=True, end_user=admission.end_user,
                 )
         except settlement.Uncovered:
             raise InsufficientCredits(

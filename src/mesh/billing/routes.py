@@ -120,6 +120,7 @@ def key_status_json(
             "held": format_credits(key.held),
             "remaining": money(key.remaining),
             "resets_at": iso(key.budget_resets_at),
+            "user_budget": money(key.user_budget),
         },
         "rate_limits": [
             {

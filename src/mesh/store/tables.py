@@ -83,6 +83,8 @@ api_keys = Table(
     # that ends at budget_alert_period (the key's budget_resets_at then).
     Column("budget_alert", SmallInteger, nullable=True),
     Column("budget_alert_period", UTCDateTime, nullable=True),
+    # Per end user cap (the request's ``user``) per budget period; null: none (key_user_spend).
+    Column("user_budget", BigInteger, nullable=True),
     CheckConstraint("spent >= 0", name="spent_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),
@@ -120,8 +122,24 @@ holds = Table(
     Column("key_id", String(40), nullable=True),
     Column("amount", BigInteger, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # The end user whose cap (key_user_spend) also counts this hold; null: none.
+    Column("end_user", String(256), nullable=True),
     CheckConstraint("amount > 0", name="amount_positive"),
     Index("ix_holds_created_at", "created_at"),
+)
+
+# What each end user of a key with a user_budget spent this budget period, and holds now
+# (mesh.billing.settlement); ``resets_at`` is the key's budget_resets_at the row counts for.
+key_user_spend = Table(
+    "key_user_spend",
+    metadata,
+    Column("key_id", String(40), primary_key=True),
+    Column("end_user", String(256), primary_key=True),
+    Column("spent", BigInteger, nullable=False, server_default="0"),
+    Column("held", BigInteger, nullable=False, server_default="0"),
+    Column("resets_at", UTCDateTime, nullable=True),
+    CheckConstraint("spent >= 0", name="spent_non_negative"),
+    CheckConstraint("held >= 0", name="held_non_negative"),
 )
 
 usage_records = Table(
