@@ -24,6 +24,7 @@ from mesh.billing.routes import customer_routes
 from mesh.billing.services import Services
 from mesh.config import Settings
 from mesh.console.routes import console_routes
+from mesh.console.topups import AutoTopups
 from mesh.errors import MeshError, NotFound
 from mesh.gateway import Gateway
 from mesh.http.credentials import presented_credential, single
@@ -102,9 +103,12 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = await Gateway.start(settings)
         app.state.gateway = gateway
+        topping_up = AutoTopups(gateway.services.database, settings.console.payments)
+        topping_up.start()
         try:
             yield
         finally:
+            await topping_up.aclose()
             await gateway.aclose()
 
     return Starlette(

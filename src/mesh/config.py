@@ -388,6 +388,15 @@ DEFAULT_CREDIT_PACKS = (
 )
 
 
+class AutoTopupConfig(_Frozen):
+    """Automatic top-ups (console/topups.py) through Stripe's saved payment methods, for the
+    accounts an operator enabled them on (``PUT /admin/v1/accounts/{id}/auto_topup``)."""
+
+    enabled: bool = True
+    interval: float = Field(default=30.0, gt=0)  # seconds between balance checks
+    max_failures: int = Field(default=3, ge=1)  # declined charges in a row before it turns itself off
+
+
 class PaymentsConfig(_Frozen):
     # none: buying is off (redeem codes still work); stripe: Stripe Checkout, credited by
     # its signed webhook; test: a fake checkout page that pays at once (development only).
@@ -398,6 +407,9 @@ class PaymentsConfig(_Frozen):
     # refuses it unless this says the operator means it.
     allow_test_provider: bool = False
     packs: tuple[CreditPack, ...] = DEFAULT_CREDIT_PACKS
+    auto_topup: AutoTopupConfig = Field(default_factory=AutoTopupConfig)
+    # Stripe's API address: only for a local stand-in (stripe-mock, tests); unset: Stripe.
+    stripe_api_base: str | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> PaymentsConfig:

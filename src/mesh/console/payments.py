@@ -43,6 +43,7 @@ from mesh.accounts.keys import new_id
 from mesh.billing.ledger import Ledger
 from mesh.billing.money import MicroCredits, parse_credits
 from mesh.config import CreditPack, PaymentsConfig
+from mesh.console import topups
 from mesh.console.display import credits as show_credits
 from mesh.console.secrets import derive
 from mesh.console.tables import console_payments
@@ -52,6 +53,7 @@ log = logging.getLogger("mesh.console.payments")
 
 PAID_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
 REVERSAL_EVENTS = ("charge.refunded", "charge.dispute.created", "charge.dispute.closed")
+TOPUP_EVENTS = ("payment_intent.succeeded", "payment_intent.payment_failed")
 FAILED_EVENTS = ("checkout.session.expired", "checkout.session.async_payment_failed")
 TEST_SESSION_PREFIX = "cs_mesh_test_"
 TEST_INTENT_PREFIX = "pi_mesh_test_"
@@ -260,6 +262,8 @@ class Payments:
             raise WebhookRejected(str(exc) or "invalid signature") from None
         if kind in REVERSAL_EVENTS:
             return await self._reversal(kind, obj)
+        if kind in TOPUP_EVENTS:
+            return await self._topup(kind, obj)
         session_id = str(obj.get("id") or "")
         payment_id = str((obj.get("metadata") or {}).get("payment_id") or "")
         payment = await self.get(payment_id) if payment_id else None
@@ -286,6 +290,45 @@ class Payments:
                 await conn.execute(
                     update(console_payments).where(console_payments.c.id == payment.id).values(payment_intent=intent)
                 )
+        return "duplicate" if payment.status == "paid" else "credited"
+
+    async def _topup(self, kind: str, obj: dict[str, Any]) -> str:
+        """An automatic top-up's PaymentIntent (console/topups.py) succeeded or failed: credit
+        it once (ledger key ``topup:<payment intent>``) or end the attempt. Returns
+        ``credited``, ``duplicate``, ``failed`` or ``ignored`` (other PaymentIntents, e.g.
+        a checkout's, which is credited by its session's event)."""
+        meta = obj.get("metadata") or {}
+        intent = str(obj.get("id") or "")
+        if not isinstance(meta, dict) or meta.get("auto_topup") != "1" or not intent.startswith("pi_"):
+            return "ignored"
+        payment = await self.get(str(meta.get("payment_id") or ""))
+        if (
+            payment is None or payment.provider != "stripe" or payment.account_id != meta.get("account_id")
+            or payment.payment_intent not in (None, intent)
+        ):
+            log.warning("%s for unknown top-up %s ignored", kind, intent)
+            return "ignored"
+        if kind == "payment_intent.payment_failed":
+            if payment.status == "pending":
+                await self._set_status(payment.id, "failed", only_pending=True)
+                await topups.finish(self.db, payment.id, ok=False, max_failures=self.config.auto_topup.max_failures)
+                return "failed"
+            return "duplicate"
+        if obj.get("amount_received", obj.get("amount")) != payment.amount_minor or obj.get("currency") != \
+                payment.currency:
+            log.error("top-up %s paid %s %s, expected %s %s: not credited", intent, obj.get("amount_received"),
+                      obj.get("currency"), payment.amount_minor, payment.currency)
+            return "ignored"
+        await self.ledger.grant(
+            payment.account_id, payment.credits, idempotency_key=f"topup:{intent}", kind="purchase",
+            memo=f"automatic top-up {payment.id}",
+        )
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(console_payments).where(console_payments.c.id == payment.id)
+                .values(status="paid", completed_at=utcnow(), payment_intent=intent, provider_ref=intent)
+            )
+        await topups.finish(self.db, payment.id, ok=True, max_failures=self.config.auto_topup.max_failures)
         return "duplicate" if payment.status == "paid" else "credited"
 
     async def _reversal(self, kind: str, obj: dict[str, Any]) -> str:
