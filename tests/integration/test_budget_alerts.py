@@ -1,7 +1,7 @@
 """Budget-threshold alerts through a real gateway on SQLite and PostgreSQL: a key's spend
 reaching each configured share of its budget sends one signed webhook and one email (to a
 real SMTP server on loopback) per crossing, not again while it stays there, and again in a
-new budget period."""
+new budget period; the low-balance alert goes by both channels too."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def alerting(
                     "usage_flush_interval": 0.05,
                     "alerts": {
                         "webhook_url": receiver.url, "webhook_secret": SECRET, "budget_thresholds": [50, 90],
+                        "low_balance": "0.5",
                         "email_to": ["ops@example.com"], "email_from": "mesh@example.com",
                         "smtp": {"host": "127.0.0.1", "port": smtp.port, "tls": "none"}, "interval": 0.1,
                     },
@@ -133,7 +134,14 @@ def test_budget_thresholds_alert_once_per_crossing(
     assert len(_wait(mine, 4)) == 4
     time.sleep(0.5)
     assert len(_key_events(receiver, account)) == 4
-    assert [e["data"]["threshold_percent"] for e in receiver.events(account) if e["type"] != "key.budget_threshold"] \
-        == []
+    assert [e for e in receiver.events(account) if e["type"] != "key.budget_threshold"] == []
+    # The low-balance alert goes by the same channels: webhook and email.
+    r = admin.client.post(f"/admin/v1/accounts/{account}/credits", json={"amount": "-0.9", "kind": "adjustment"})
+    r.raise_for_status()
+    low = _wait(lambda: [e for e in receiver.events(account) if e["type"] == "account.balance_low"], 1)
+    assert len(low) == 1 and low[0]["data"]["threshold"] == "0.500000"
+    mails = _wait(lambda: [m for m in mailbox.messages if account in str(m.get_payload())
+                           and "low on credits" in str(m["Subject"])], 1)
+    assert len(mails) == 1 and mails[0]["Subject"] == "Mesh: budgeted-alerts is low on credits"
     for headers, body in receiver.received:
         _verify(headers["mesh-signature"], body)
