@@ -108,7 +108,7 @@ class FakeLedger:
 
     async def admit(
         self, principal: Any, pricing: Pricing, request_id: str, prompt_tokens_estimate: int, max_output_tokens: int,
-        *, choices: int = 1,
+        *, choices: int = 1, end_user: str | None = None,
     ) -> FakeAdmission:
         self.holds[request_id] = self.hold * choices
         return FakeAdmission(request_id, self.hold * choices, max_output_tokens)

@@ -24,6 +24,7 @@ from mesh.billing.routes import customer_routes
 from mesh.billing.services import Services
 from mesh.config import Settings
 from mesh.console.routes import console_routes
+from mesh.console.topups import AutoTopups
 from mesh.errors import MeshError, NotFound
 from mesh.gateway import Gateway
 from mesh.http.credentials import presented_credential, single
@@ -89,7 +90,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-        *customer_routes(_services, _principal),
+        *customer_routes(_services, _principal, lambda r: r.app.state.gateway.limiter),
         *admin_routes(_services),
         *worker_routes(),
         *fleet_routes(lambda r: r.app.state.gateway.router, lambda r: r.app.state.gateway.settings.admin_key),
@@ -102,9 +103,12 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = await Gateway.start(settings)
         app.state.gateway = gateway
+        topping_up = AutoTopups(gateway.services.database, settings.console.payments)
+        topping_up.start()
         try:
             yield
         finally:
+            await topping_up.aclose()
             await gateway.aclose()
 
     return Starlette(

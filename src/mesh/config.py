@@ -194,20 +194,76 @@ class RoutingConfig(_Frozen):
     resume_timeout: float = Field(default=30.0, gt=0)
 
 
+class SmtpConfig(_Frozen):
+    """The mail server alerts are sent through. The password comes from the environment
+    (``MESH_BILLING__ALERTS__SMTP__PASSWORD``) or a file (``password_file``); never the database."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=587, ge=1, le=65535)
+    # starttls: plain connection upgraded (587); ssl: TLS from the start (465); none: local relays only.
+    tls: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: str | None = None
+    timeout: float = Field(default=10.0, gt=0)
+
+    def secret(self) -> str | None:
+        """The password: ``password`` if set, else the first line of ``password_file``."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.readline().strip()
+        return None
+
+
 class AlertsConfig(_Frozen):
-    """Low-balance alerts (billing/alerts.py): a signed webhook to the operator's URL once
-    each time an account's balance falls under ``low_balance`` credits."""
+    """Spend alerts (billing/alerts.py) to the operator, once per crossing, as a signed
+    webhook to ``webhook_url`` and/or an email to ``email_to``: an account's balance falling
+    under ``low_balance`` credits; a key's spend this budget period reaching each of
+    ``budget_thresholds`` (percent of its budget)."""
 
     webhook_url: str | None = None
     # HMAC-SHA256 key of the ``mesh-signature`` header; required with webhook_url.
     webhook_secret: SecretStr | None = None
     low_balance: Decimal | None = Field(default=None, ge=0)
+    budget_thresholds: tuple[int, ...] = ()  # e.g. [80, 100]
+    email_to: tuple[str, ...] = ()
+    email_from: str | None = None
+    smtp: SmtpConfig | None = None
     interval: float = Field(default=10.0, gt=0)  # seconds between checks
 
     @model_validator(mode="after")
     def _signed(self) -> AlertsConfig:
         if self.webhook_url is not None and self.webhook_secret is None:
             raise ValueError("billing.alerts.webhook_url needs billing.alerts.webhook_secret (to sign)")
+        if self.email_to and (self.smtp is None or not self.email_from):
+            raise ValueError("billing.alerts.email_to needs billing.alerts.smtp and billing.alerts.email_from")
+        if any(not 1 <= t <= 1000 for t in self.budget_thresholds):
+            raise ValueError("billing.alerts.budget_thresholds are percentages from 1 to 1000")
+        return self
+
+    @property
+    def delivers(self) -> bool:
+        """Whether an alert has anywhere to go."""
+        return self.webhook_url is not None or bool(self.email_to)
+
+
+class SettlementStreamConfig(_Frozen):
+    """The settlement webhook stream (billing/stream.py): every settled request, batched and
+    signed, to an operator who bills elsewhere. Off without ``url``."""
+
+    url: str | None = None
+    secret: SecretStr | None = None  # HMAC-SHA256 key of mesh-signature; required with url
+    interval: float = Field(default=5.0, gt=0)  # seconds: a batch at least this often
+    batch_size: int = Field(default=100, ge=1, le=10_000)  # or as soon as this many wait
+    max_backoff: float = Field(default=60.0, gt=0)  # seconds between retries, at most
+    claim_seconds: float = Field(default=60.0, gt=0)  # a batch in flight; then another process may send it
+
+    @model_validator(mode="after")
+    def _signed(self) -> SettlementStreamConfig:
+        if self.url is not None and self.secret is None:
+            raise ValueError("billing.settlement_stream.url needs billing.settlement_stream.secret (to sign)")
         return self
 
 
@@ -228,6 +284,7 @@ class BillingConfig(_Frozen):
     # New accounts from the quick start get this many credits.
     quickstart_credits: Decimal = Decimal(10)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    settlement_stream: SettlementStreamConfig = Field(default_factory=SettlementStreamConfig)
 
 
 class ResponsesConfig(_Frozen):
@@ -348,6 +405,15 @@ DEFAULT_CREDIT_PACKS = (
 )
 
 
+class AutoTopupConfig(_Frozen):
+    """Automatic top-ups (console/topups.py) through Stripe's saved payment methods, for the
+    accounts an operator enabled them on (``PUT /admin/v1/accounts/{id}/auto_topup``)."""
+
+    enabled: bool = True
+    interval: float = Field(default=30.0, gt=0)  # seconds between balance checks
+    max_failures: int = Field(default=3, ge=1)  # declined charges in a row before it turns itself off
+
+
 class PaymentsConfig(_Frozen):
     # none: buying is off (redeem codes still work); stripe: Stripe Checkout, credited by
     # its signed webhook; test: a fake checkout page that pays at once (development only).
@@ -358,6 +424,9 @@ class PaymentsConfig(_Frozen):
     # refuses it unless this says the operator means it.
     allow_test_provider: bool = False
     packs: tuple[CreditPack, ...] = DEFAULT_CREDIT_PACKS
+    auto_topup: AutoTopupConfig = Field(default_factory=AutoTopupConfig)
+    # Stripe's API address: only for a local stand-in (stripe-mock, tests); unset: Stripe.
+    stripe_api_base: str | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> PaymentsConfig:

@@ -82,6 +82,12 @@ class KeyBudgetExceeded(InsufficientCredits):
         self.headers = headers
 
 
+class UserBudgetExceeded(KeyBudgetExceeded):
+    """The key's cap for the request's end user (``user``) cannot cover the request."""
+
+    code = "user_budget_exceeded"
+
+
 class PermissionDenied(MeshError):
     status = 403
     kind = "permission"

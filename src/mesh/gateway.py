@@ -14,11 +14,12 @@ from typing import Any
 
 from opentelemetry import trace
 
-from mesh.billing.alerts import BalanceAlerts
+from mesh.billing.alerts import Alerts
 from mesh.billing.leases import LeasedLedger
 from mesh.billing.money import format_credits
 from mesh.billing.pricing import cost
 from mesh.billing.services import Services, open_services
+from mesh.billing.stream import SettlementStream
 from mesh.canonical import Usage
 from mesh.config import ModelConfig, Settings
 from mesh.conversations import ResponseStore
@@ -112,7 +113,8 @@ class Gateway:
             checkpoint_interval=settings.billing.checkpoint_interval, leases=settings.billing.leases,
         )
         self.metrics.watch_billing(self.ledger)
-        self.alerts = BalanceAlerts(services.database, settings.billing.alerts)
+        self.alerts = Alerts(services.database, settings.billing.alerts)
+        self.settlement_stream = SettlementStream(services.database, settings.billing.settlement_stream)
         self.ready = Readiness(services.database, settings.redis, lambda: self.ledger.ready, self.replicas)
         self.metrics.watch_readiness(self.ready)
         obs = settings.observability
@@ -143,6 +145,7 @@ class Gateway:
         gateway.workers.start()
         gateway.responses.start()
         gateway.alerts.start()
+        gateway.settlement_stream.start()
         return gateway
 
     async def flush_billing(self) -> None:
@@ -182,6 +185,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.alerts.aclose()
+        await self.settlement_stream.aclose()
         await self.workers.aclose()
         await self.health.aclose()
         await self.ready.aclose()

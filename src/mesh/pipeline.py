@@ -27,6 +27,7 @@ from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
     Event,
+    Finish,
     ReasoningDelta,
     Relayed,
     TextDelta,
@@ -79,6 +80,7 @@ class Ledger(Protocol):
         max_output_tokens: int,
         *,
         choices: int = 1,
+        end_user: str | None = None,
     ) -> Admission: ...
 
     async def rehold(self, admission: Admission, pricing: Pricing) -> Admission: ...
@@ -98,6 +100,7 @@ class Ledger(Protocol):
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
         attribution: Attribution | None = None,
+        finish_reason: str | None = None,
     ) -> int: ...
 
 
@@ -120,6 +123,7 @@ class RequestContext:
     first_token_at: float | None = None
     usage: Usage | None = None
     status: str = "ok"
+    finish_reason: str | None = None  # the engine's, for the first choice (the usage record)
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement
     limit_state: LimitState | None = None  # what the rate-limit headers show
@@ -316,7 +320,8 @@ class Pipeline:
             else:
                 wanted = self.settings.billing.default_hold_output_tokens
         ctx.admission = await self.ledger.admit(
-            ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n
+            ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n,
+            end_user=attribution(request.user, None, ()).end_user,  # a key's user_budget counts it
         )
         allowed = int(ctx.admission.max_output_tokens)
         if allowed < wanted or (request.max_tokens is None and not model.context_length):
@@ -437,6 +442,8 @@ class Pipeline:
                         # No usage from the engine yet: at least one token per delta so far.
                         checkpoint_at = produced + _CHECKPOINT_DELTAS
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))
+                elif isinstance(ev, Finish) and ev.choice == 0:
+                    ctx.finish_reason = ev.reason
                 yield ev
             ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))
             await self._settle_now(ctx)
@@ -530,6 +537,7 @@ class Pipeline:
                         ctx.request.metadata if ctx.request else None,
                         ctx.tags,
                     ),
+                    finish_reason=ctx.finish_reason,
                 )
         except Exception:
             # The hold stays in place and the stale-hold sweeper releases it; never lose the

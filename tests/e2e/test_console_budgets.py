@@ -111,6 +111,7 @@ def test_generation_detail_and_breakdowns(chromium: Browser, console_gateway: Ga
     expect(page).to_have_url(re.compile(r"/console/generations/req_"))
     expect(page.locator("#generation [data-field=user]")).to_have_text("alice")
     expect(page.locator("#generation [data-field=tags]")).to_have_text("chat")
+    expect(page.locator("#generation [data-field=finish_reason]")).to_have_text("stop")
     shoot("01-generation")
 
     page.goto(base + "/console/dashboard")

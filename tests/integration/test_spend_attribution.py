@@ -5,6 +5,7 @@ what the ledger charged."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -132,3 +133,74 @@ def test_bad_tags_and_group_by_are_4xx(gw_admin: tuple[GatewayProcess, Admin]) -
     r = _get(gw, key, "/usage", group_by="planet")
     assert r.status_code == 400 and r.json()["error"]["param"] == "group_by"
     assert httpx.get(gw.base_url + "/generations/req_abc").status_code == 401
+
+
+def test_generation_carries_the_finish_reason(gw_admin: tuple[GatewayProcess, Admin]) -> None:
+    gw, admin = gw_admin
+    key = admin.key(admin.account("finishing", credits="1"))["key"]
+    with openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0) as client:
+        done = client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "[tokens:3]"}])
+        cut = client.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "[tokens:20] cut"}], max_tokens=2
+        )
+        streamed = list(client.chat.completions.create(
+            model="test-model", messages=[{"role": "user", "content": "[tokens:20] cut"}], max_tokens=2, stream=True
+        ))
+    with anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0) as claude:
+        msg = claude.messages.create(model="test-model", max_tokens=2,
+                                     messages=[{"role": "user", "content": "[tokens:20] cut"}])
+    assert (done.choices[0].finish_reason, cut.choices[0].finish_reason) == ("stop", "length")
+    assert _generation(gw, key, done.id)["finish_reason"] == "stop"
+    assert _generation(gw, key, cut.id)["finish_reason"] == "length"
+    assert [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert _generation(gw, key, streamed[0].id)["finish_reason"] == "length"
+    # Anthropic's client saw max_tokens; the record keeps the canonical reason.
+    assert msg.stop_reason == "max_tokens"
+    assert _generation(gw, key, msg.id)["finish_reason"] == "length"
+
+
+def test_key_status_shows_current_rate_limit_usage(gw_admin: tuple[GatewayProcess, Admin]) -> None:
+    gw, admin = gw_admin
+    account = admin.account("limited-status", credits="1")
+    # Buckets drain continuously (rpm 3: one request per 20 s), so the two requests below
+    # are still in the request bucket when the key asks, on any machine.
+    key = admin.key(account, rate_limits={"rpm": 3, "tpm": 100_000, "concurrent": 2})["key"]
+    other = admin.key(account)["key"]
+
+    def status(k: str) -> dict[str, Any]:
+        r = _get(gw, k, "/key")
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    fresh = {s["scope"]: s for s in status(key)["rate_limits"]}
+    assert fresh["key"]["usage"] == {"requests": 0, "tokens": 0, "concurrent": 0}
+    with openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0) as client:
+        for _ in range(2):
+            client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "[tokens:3]"}])
+    deadline = time.monotonic() + 10
+    while True:  # the concurrency slot is given back as the request settles, just after the reply
+        used = {s["scope"]: s for s in status(key)["rate_limits"]}["key"]["usage"]
+        if used["concurrent"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert used["requests"] == 2 and used["concurrent"] == 0
+    assert 0 <= used["tokens"] <= 100_000
+    # A request in flight holds a concurrency slot, and shows.
+    slow = threading.Thread(target=lambda: httpx.post(
+        gw.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+        json={"model": "test-model", "messages": [{"role": "user", "content": "[delay:3] slow"}]},
+    ))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            used = {s["scope"]: s for s in status(key)["rate_limits"]}["key"]["usage"]
+            if used["concurrent"] == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert used["concurrent"] == 1 and used["requests"] == 3, used
+    finally:
+        slow.join()
+    # Another key of the same account has its own buckets (and no limits here).
+    assert [s.get("usage") for s in status(other)["rate_limits"] if s["scope"] == "key"] == []

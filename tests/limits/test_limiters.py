@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mesh.limits import Limiter, LimitExceeded, MemoryLimiter, RateLimits, RedisLimiter, Scope
+from mesh.limits.base import ScopeUsage
 from mesh.limits.redis_limiter import scope_key
 
 ACCOUNT = "acct_1"
@@ -296,5 +297,37 @@ async def test_redis_down_fails_open() -> None:
         lease2 = await lim.acquire([key(rpm=1)], 1)
         assert lease.state is None and lease2.state is None and lease.done
         await lim.settle(lease, 5)
+    finally:
+        await lim.aclose()
+
+
+async def test_peek_shows_what_is_in_use_and_takes_nothing(backend: Backend) -> None:
+    lim = backend.limiter
+    # Slow buckets (a request every 10 s, a token a second), so Redis' real clock moving on
+    # while the test runs changes the levels by a fraction only.
+    scopes = [key(rpm=6, tpm=60, concurrent=3), account(rpm=600)]
+    assert await lim.peek(scopes) == [
+        ScopeUsage(requests=0.0, tokens=0.0, concurrent=0), ScopeUsage(requests=0.0, tokens=None, concurrent=None),
+    ]
+    a = await lim.acquire(scopes, 10)
+    await lim.acquire(scopes, 5)
+    await lim.settle(a, 40)  # 30 more tokens than charged; a's slot is free again
+    for _ in range(2):  # peeking twice: the second sees the same, nothing was taken
+        mine, acct = await lim.peek(scopes)
+        assert mine is not None and acct is not None
+        assert mine.requests == pytest.approx(2, abs=0.5)
+        assert mine.tokens == pytest.approx(45, abs=5)
+        assert mine.concurrent == 1
+        assert acct.requests is not None and 0 < acct.requests <= 2 and acct.tokens is None
+    before = mine.requests
+    await backend.advance(1.0)
+    mine, _ = await lim.peek(scopes)
+    assert mine is not None and mine.requests is not None and mine.requests < before
+
+
+async def test_peek_with_redis_down_knows_nothing() -> None:
+    lim = RedisLimiter("redis://127.0.0.1:1/0", prefix=prefix())
+    try:
+        assert await lim.peek([key(rpm=1)]) == [None]
     finally:
         await lim.aclose()

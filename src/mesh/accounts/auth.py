@@ -246,6 +246,7 @@ class KeyAuthenticator:
                 allowed_models=None if models is None else frozenset(models),
                 expires_at=row.expires_at,
                 spend_limit=None if row.spend_limit is None else MicroCredits(row.spend_limit),
+                user_budget=None if row.user_budget is None else MicroCredits(row.user_budget),
                 limits=principal_scopes(
                     row.id, row.account_id, row.rate_limits, row.account_rate_limits,
                     self._limits.key, self._limits.account,

@@ -26,6 +26,8 @@ class Principal:
     expires_at: datetime | None = None
     spend_limit: MicroCredits | None = None
     limits: tuple[Scope, ...] = ()
+    # Informational like spend_limit: whether admission counts end users (the row decides how much).
+    user_budget: MicroCredits | None = None
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call ``model``."""

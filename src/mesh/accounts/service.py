@@ -63,6 +63,7 @@ class ApiKeyInfo:
     budget_period: str = "none"
     budget_reset_day: int | None = None
     budget_resets_at: datetime | None = None
+    user_budget: MicroCredits | None = None  # per end user, per budget period
 
     @property
     def remaining(self) -> MicroCredits | None:
@@ -118,6 +119,7 @@ def key_info(row: Any) -> ApiKeyInfo:
         budget_period=period,
         budget_reset_day=reset_day,
         budget_resets_at=resets_at,
+        user_budget=None if getattr(row, "user_budget", None) is None else MicroCredits(row.user_budget),
     )
 
 
@@ -197,6 +199,7 @@ class Accounts:
         rate_limits: Mapping[str, int | None] | None = None,
         budget_period: str = "none",
         budget_reset_day: int | None = None,
+        user_budget: MicroCredits | None = None,
     ) -> CreatedKey:
         """Mint a key for the account and return it in full, once.
 
@@ -208,6 +211,8 @@ class Accounts:
             raise InvalidRequest("expires_at must include a timezone", param="expires_at")
         if spend_limit is not None and spend_limit < 0:
             raise InvalidRequest("spend_limit cannot be negative", param="spend_limit")
+        if user_budget is not None and user_budget < 0:
+            raise InvalidRequest("user_budget cannot be negative", param="user_budget")
         period, reset_day = budgets.check(budget_period, budget_reset_day)
         raw = generate_key()
         row: dict[str, Any] = {
@@ -225,6 +230,7 @@ class Accounts:
             "last_used_at": None,
             "created_at": utcnow(),
             "rate_limits": _limits_patch(None, rate_limits or {}),
+            "user_budget": user_budget,
             **_period_columns(period, reset_day),
         }
         async with self.db.write() as conn:
@@ -261,6 +267,8 @@ class Accounts:
         period: str | None = None,
         reset_day: int | None = None,
         change_reset_day: bool = False,
+        user_budget: MicroCredits | None = None,
+        change_user_budget: bool = False,
     ) -> ApiKeyInfo:
         """Change the key's budget: its amount (``change_limit``; ``None`` for no limit),
         its period and reset day (``None``/not ``change_reset_day``: unchanged). A changed
@@ -268,6 +276,8 @@ class Accounts:
         alone keeps what was spent. ``NotFound`` (``key_not_found``) or ``InvalidRequest``."""
         if change_limit and spend_limit is not None and spend_limit < 0:
             raise InvalidRequest("spend_limit cannot be negative", param="spend_limit")
+        if change_user_budget and user_budget is not None and user_budget < 0:
+            raise InvalidRequest("user_budget cannot be negative", param="user_budget")
         async with self.db.write() as conn:
             row = (
                 await conn.execute(
@@ -279,6 +289,8 @@ class Accounts:
             if row is None:
                 raise NotFound(f"API key {key_id!r} not found", code="key_not_found")
             values: dict[str, Any] = {"spend_limit": spend_limit} if change_limit else {}
+            if change_user_budget:
+                values["user_budget"] = user_budget
             old_period, old_day = row.budget_period or "none", row.budget_reset_day
             if period is not None or change_reset_day:
                 new_period = period if period is not None else old_period

@@ -8,6 +8,8 @@ all is well:
 - ``held``: accounts or keys with credit held, or hold rows left (nothing is held at rest);
 - ``ledger``: accounts whose ledger rows do not sum to their balance;
 - ``usage``: accounts whose usage records' charges differ from their usage ledger rows;
+- ``reversed``: accounts whose ``reversed`` differs from what their reversal rows took back
+  (the balance's floor below zero is exactly what refunds and disputes reversed);
 - ``in_flight``: replicas with requests open on this process, pools with waiters or
   reserved slots.
 
@@ -29,7 +31,7 @@ from mesh.admin.http import guarded, json_response
 from mesh.admin.routes import PREFIX, check_admin
 from mesh.gateway import Gateway
 from mesh.store.database import Database
-from mesh.store.tables import accounts, api_keys, holds, ledger, usage_records
+from mesh.store.tables import accounts, api_keys, holds, key_user_spend, ledger, usage_records
 
 
 async def books(database: Database) -> dict[str, list[dict[str, Any]]]:
@@ -43,6 +45,14 @@ async def books(database: Database) -> dict[str, list[dict[str, Any]]]:
             {"key_id": r.id, "account_id": r.account_id, "held": int(r.held)}
             for r in await conn.execute(
                 select(api_keys.c.id, api_keys.c.account_id, api_keys.c.held).where(api_keys.c.held != 0)
+            )
+        ]
+        held += [
+            {"key_id": r.key_id, "end_user": r.end_user, "held": int(r.held)}
+            for r in await conn.execute(
+                select(key_user_spend.c.key_id, key_user_spend.c.end_user, key_user_spend.c.held).where(
+                    key_user_spend.c.held != 0
+                )
             )
         ]
         held += [
@@ -78,12 +88,26 @@ async def books(database: Database) -> dict[str, list[dict[str, Any]]]:
                 )
             )
         }
+        taken = (
+            select(ledger.c.account_id, (-func.sum(ledger.c.amount)).label("total"))
+            .where(ledger.c.kind == "reversal")
+            .group_by(ledger.c.account_id)
+            .subquery()
+        )
+        wrong_reversed = [
+            {"account_id": r.id, "reversed": int(r.reversed), "reversal_rows": int(r.total or 0)}
+            for r in await conn.execute(
+                select(accounts.c.id, accounts.c.reversed, taken.c.total)
+                .select_from(accounts.outerjoin(taken, taken.c.account_id == accounts.c.id))
+                .where(accounts.c.reversed != func.coalesce(taken.c.total, 0))
+            )
+        ]
     wrong_usage = [
         {"account_id": a, "ledger_usage": charged.get(a, 0), "usage_records": recorded.get(a, 0)}
         for a in sorted(set(charged) | set(recorded))
         if charged.get(a, 0) != recorded.get(a, 0)
     ]
-    return {"held": held, "ledger": wrong_ledger, "usage": wrong_usage}
+    return {"held": held, "ledger": wrong_ledger, "usage": wrong_usage, "reversed": wrong_reversed}
 
 
 def fleet_in_use(gateway: Gateway) -> list[dict[str, Any]]:

@@ -22,6 +22,8 @@ A change reaches every gateway at once (the key caches are invalidated through R
     POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?, budget_period?,
                                                budget_reset_day?, rate_limits?}
     GET    /admin/v1/accounts/{id}/keys
+    PUT    /admin/v1/accounts/{id}/auto_topup {customer, payment_method, threshold, pack, enabled?}
+    GET    /admin/v1/accounts/{id}/auto_topup
     PATCH  /admin/v1/keys/{id}                {rate_limits?: {rpm?, tpm?, concurrent?} | null, spend_limit?,
                                                budget_period?, budget_reset_day?}
     DELETE /admin/v1/keys/{id}
@@ -43,9 +45,11 @@ from starlette.routing import Route
 from mesh.admin.http import ServicesSource, credits_param, guarded, int_query, json_response, read_body, resolve
 from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
 from mesh.billing.budgets import Period
+from mesh.billing.money import format_credits
 from mesh.billing.services import Services
 from mesh.billing.usage import daily_usage
-from mesh.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from mesh.console import topups
+from mesh.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from mesh.http.credentials import presented_credential, single
 from mesh.limits.policy import MAX_LIMIT
 
@@ -89,6 +93,7 @@ class NewKey(_Body):
     budget_period: Period = "none"
     budget_reset_day: int | None = Field(default=None, strict=True)
     rate_limits: RateLimitsBody | None = None
+    user_budget: Any = None
 
 
 class KeyPatch(_Body):
@@ -98,6 +103,40 @@ class KeyPatch(_Body):
     spend_limit: Any = None
     budget_period: Period | None = None
     budget_reset_day: int | None = Field(default=None, strict=True)
+    user_budget: Any = None
+
+
+class AutoTopupBody(_Body):
+    customer: str = Field(min_length=1, max_length=255)
+    payment_method: str = Field(min_length=1, max_length=255)
+    threshold: Any
+    pack: str = Field(min_length=1, max_length=40)
+    enabled: bool = True
+
+
+def auto_topup_json(t: topups.AutoTopup) -> dict[str, Any]:
+    return {
+        "object": "auto_topup", "account_id": t.account_id, "customer": t.customer,
+        "payment_method": t.payment_method, "threshold": format_credits(t.threshold), "pack": t.pack_id,
+        "enabled": t.enabled, "attempts": t.attempts, "failures": t.failures, "pending_payment": t.pending_payment,
+    }
+
+
+async def put_auto_topup(request: Request, svc: Services) -> Response:
+    body = await read_body(request, AutoTopupBody)
+    found = await topups.configure(
+        svc.database, svc.settings.console.payments, request.path_params["account_id"], customer=body.customer,
+        payment_method=body.payment_method, threshold=credits_param(body.threshold, "threshold"),
+        pack_id=body.pack, enabled=body.enabled,
+    )
+    return json_response(auto_topup_json(found))
+
+
+async def get_auto_topup(request: Request, svc: Services) -> Response:
+    found = await topups.get(svc.database, request.path_params["account_id"])
+    if found is None:
+        raise NotFound("No automatic top-up for this account", code="auto_topup_not_found")
+    return json_response(auto_topup_json(found))
 
 
 class NewCodes(_Body):
@@ -138,6 +177,8 @@ def admin_routes(services: ServicesSource) -> list[Route]:
         route("/accounts/{account_id}/ledger", list_ledger, "GET"),
         route("/accounts/{account_id}/keys", create_key, "POST"),
         route("/accounts/{account_id}/keys", list_keys, "GET"),
+        route("/accounts/{account_id}/auto_topup", put_auto_topup, "PUT"),
+        route("/accounts/{account_id}/auto_topup", get_auto_topup, "GET"),
         route("/keys/{key_id}", update_key, "PATCH"),
         route("/keys/{key_id}", revoke_key, "DELETE"),
         route("/usage", usage, "GET"),
@@ -198,6 +239,7 @@ async def create_key(request: Request, svc: Services) -> Response:
         rate_limits=None if body.rate_limits is None else body.rate_limits.patch(),
         budget_period=body.budget_period,
         budget_reset_day=body.budget_reset_day,
+        user_budget=None if body.user_budget is None else credits_param(body.user_budget, "user_budget"),
     )
     return json_response({**key_json(created.info), "key": created.key}, 201)
 
@@ -214,12 +256,14 @@ async def update_key(request: Request, svc: Services) -> Response:
     key_id = request.path_params["key_id"]
     named = body.model_fields_set
     if not named:
-        raise InvalidRequest("name at least one of rate_limits, spend_limit, budget_period, budget_reset_day")
+        raise InvalidRequest(
+            "name at least one of rate_limits, spend_limit, budget_period, budget_reset_day, user_budget"
+        )
     info = await svc.accounts.get_key(key_id)
     if "rate_limits" in named:
         patch = None if body.rate_limits is None else body.rate_limits.patch()
         info = await svc.accounts.set_key_limits(key_id, patch)
-    if named & {"spend_limit", "budget_period", "budget_reset_day"}:
+    if named & {"spend_limit", "budget_period", "budget_reset_day", "user_budget"}:
         info = await svc.accounts.set_key_budget(
             key_id,
             spend_limit=None if body.spend_limit is None else credits_param(body.spend_limit, "spend_limit"),
@@ -227,6 +271,8 @@ async def update_key(request: Request, svc: Services) -> Response:
             period=body.budget_period,
             reset_day=body.budget_reset_day,
             change_reset_day="budget_reset_day" in named,
+            user_budget=None if body.user_budget is None else credits_param(body.user_budget, "user_budget"),
+            change_user_budget="user_budget" in named,
         )
     await svc.authenticator.key_changed(key_id)
     return json_response(key_json(info))

@@ -62,6 +62,7 @@ def key_json(k: ApiKeyInfo) -> dict[str, Any]:
         "budget_reset_day": k.budget_reset_day,
         "budget_resets_at": iso(k.budget_resets_at),
         "budget_remaining": money(k.remaining),
+        "user_budget": money(k.user_budget),
         "revoked": k.revoked_at is not None,
         "revoked_at": iso(k.revoked_at),
         "last_used_at": iso(k.last_used_at),

@@ -15,7 +15,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -78,17 +78,18 @@ async def post(
     """Add ``amount`` (signed micro-credits) to the balance and append its ledger row.
 
     The update is conditional: a debit that would take the balance below what is held
-    raises ``InsufficientCredits`` and changes nothing. ``NotFound`` for an unknown account.
-    A reused idempotency key raises ``IntegrityError`` (see :func:`run_idempotent`).
+    raises ``InsufficientCredits`` and changes nothing (a credit always applies, also to a
+    balance a reversal left below zero). ``NotFound`` for an unknown account. A reused
+    idempotency key raises ``IntegrityError`` (see :func:`run_idempotent`).
     """
+    stmt = update(accounts).where(accounts.c.id == account_id)
+    if amount < 0:
+        stmt = stmt.where(accounts.c.balance + amount >= accounts.c.held)
     result = await conn.execute(
-        update(accounts)
-        .where(accounts.c.id == account_id, accounts.c.balance + amount >= accounts.c.held)
-        .values(balance=accounts.c.balance + amount)
-        .returning(accounts.c.balance)
+        stmt.values(balance=accounts.c.balance + amount).returning(accounts.c.balance, accounts.c.reversed)
     )
-    balance_after = result.scalar_one_or_none()
-    if balance_after is None:
+    after = result.first()
+    if after is None:
         row = (
             await conn.execute(select(accounts.c.balance, accounts.c.held).where(accounts.c.id == account_id))
         ).first()
@@ -100,8 +101,44 @@ async def post(
             should_retry=False,
         )
     return await append_entry(
-        conn, account_id=account_id, amount=amount, kind=kind, balance_after=int(balance_after),
-        idempotency_key=idempotency_key, request_id=request_id, key_id=key_id, memo=memo,
+        conn, account_id=account_id, amount=amount, kind=kind, balance_after=int(after.balance),
+        reversed_after=int(after.reversed), idempotency_key=idempotency_key, request_id=request_id, key_id=key_id,
+        memo=memo,
+    )
+
+
+async def reversed_under(conn: AsyncConnection, account_id: str, prefix: str) -> int:
+    """What the account's reversal rows whose idempotency key starts with ``prefix`` took
+    back, net of reinstatements (positive: credit taken)."""
+    q = select(func.coalesce(func.sum(ledger.c.amount), 0)).where(
+        ledger.c.account_id == account_id,
+        ledger.c.kind == "reversal",
+        ledger.c.idempotency_key.startswith(prefix, autoescape=True),
+    )
+    return -int((await conn.execute(q)).scalar_one())
+
+
+async def post_reversal(
+    conn: AsyncConnection, *, account_id: str, amount: int, idempotency_key: str, memo: str | None = None
+) -> LedgerEntry:
+    """Take ``amount`` (> 0) back from the balance, or with a negative ``amount`` give it back
+    (a dispute won), moving ``accounts.reversed`` the other way: the only posting that may
+    leave the balance below what is held, or below zero, and only by what was reversed
+    (the CHECK ``balance + reversed >= held`` holds it there). The caller holds the
+    account's row lock and has decided the amount from the ledger under it."""
+    after = (
+        await conn.execute(
+            update(accounts)
+            .where(accounts.c.id == account_id)
+            .values(balance=accounts.c.balance - amount, reversed=accounts.c.reversed + amount)
+            .returning(accounts.c.balance, accounts.c.reversed)
+        )
+    ).first()
+    if after is None:
+        raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
+    return await append_entry(
+        conn, account_id=account_id, amount=-amount, kind="reversal", balance_after=int(after.balance),
+        reversed_after=int(after.reversed), idempotency_key=idempotency_key, memo=memo,
     )
 
 
@@ -116,6 +153,7 @@ async def append_entry(
     request_id: str | None = None,
     key_id: str | None = None,
     memo: str | None = None,
+    reversed_after: int = 0,
 ) -> LedgerEntry:
     """Append a ledger row for a balance change the caller already made in ``conn``."""
     values = {
@@ -123,6 +161,7 @@ async def append_entry(
         "kind": kind,
         "amount": amount,
         "balance_after": balance_after,
+        "reversed_after": reversed_after,
         "idempotency_key": idempotency_key,
         "request_id": request_id,
         "key_id": key_id,

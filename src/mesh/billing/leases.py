@@ -183,11 +183,15 @@ class LeasedLedger:
         max_output_tokens: int,
         *,
         choices: int = 1,
+        end_user: str | None = None,
     ) -> Admission:
         """Hold credit for a request: from the key's lease when it has (or can grow) room,
-        else an exact hold (which may lower ``max_output_tokens`` or raise 402)."""
+        else an exact hold (which may lower ``max_output_tokens`` or raise 402). A request
+        counted against its end user's cap (a key with a user_budget) always takes an exact
+        hold: a lease is the key's, not one end user's."""
         need = hold_cost(pricing, prompt_tokens_estimate, max(1, max_output_tokens) * max(1, choices))
-        if self.leases and need > 0 and principal.key_id is not None:
+        counted = end_user is not None and principal.user_budget is not None
+        if self.leases and need > 0 and principal.key_id is not None and not counted:
             leased = await self._lease_admit(
                 principal, need, request_id, prompt_tokens_estimate, max_output_tokens, choices
             )
@@ -197,7 +201,8 @@ class LeasedLedger:
                 return admission
         try:
             admission = await self.ledger.admit(
-                principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices
+                principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices,
+                end_user=end_user,
             )
         except DatabaseUnavailable:
             # The hold may have committed with its reply lost: once the database answers,
@@ -309,6 +314,7 @@ class LeasedLedger:
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
         attribution: Attribution | None = None,
+        finish_reason: str | None = None,
     ) -> MicroCredits:
         """Charge the request's real cost (minus what its checkpoints charged) and release
         its hold; once per request (later calls return 0). A lease's charge is written by
@@ -320,7 +326,7 @@ class LeasedLedger:
         due, usage = settlement.priced(pricing, usage, admission.output_limit)
         open_.record = usage_record(
             admission, usage, MicroCredits(0), status=status, model=model, replica=replica, protocol=protocol,
-            ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
+            ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution, finish_reason=finish_reason,
         )
         rest = Settlement(f"usage:{admission.request_id}", admission.request_id, max(0, due - open_.checkpointed))
         hold = open_.hold

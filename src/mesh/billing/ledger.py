@@ -4,8 +4,10 @@ Invariants, on SQLite and PostgreSQL alike:
 
 * every balance change is a ledger row written in the same transaction, so the sum of an
   account's ledger amounts always equals its balance;
-* ``balance >= held >= 0`` (CHECK constraints), so no request spends credit the account
-  does not have, however many run at once;
+* ``balance + reversed >= held >= 0`` (CHECK constraints), so no request spends credit the
+  account does not have, however many run at once; ``reversed`` is what Stripe refunds and
+  disputes took back (:meth:`Ledger.reverse`), the only thing that may take a balance below
+  zero, and only by that much;
 * every ledger row has a unique idempotency key; retrying an operation with the same key
   returns the first row and changes nothing.
 
@@ -31,13 +33,28 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mesh.accounts.principal import Principal
 from mesh.billing import budgets, settlement
 from mesh.billing.attribution import Attribution
-from mesh.billing.entries import LedgerEntry, entry_from_row, post, run_idempotent
+from mesh.billing.entries import (
+    LedgerEntry,
+    entry_from_row,
+    find_entry,
+    post,
+    post_reversal,
+    reversed_under,
+    run_idempotent,
+)
 from mesh.billing.money import MicroCredits, format_credits
 from mesh.billing.pricing import hold_cost, max_output_tokens_affordable
 from mesh.billing.usage import UsageRecord, UsageWriter
 from mesh.canonical import Usage
 from mesh.config import Pricing
-from mesh.errors import AuthenticationFailed, InsufficientCredits, InvalidRequest, KeyBudgetExceeded, NotFound
+from mesh.errors import (
+    AuthenticationFailed,
+    InsufficientCredits,
+    InvalidRequest,
+    KeyBudgetExceeded,
+    NotFound,
+    UserBudgetExceeded,
+)
 from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys, holds, ledger
 
@@ -59,6 +76,7 @@ class Admission:
     choices: int = 1
     prompt_tokens: int = 0
     hold_id: str | None = None
+    end_user: str | None = None  # counted against the key's user_budget (None: not counted)
 
     @property
     def output_limit(self) -> int:
@@ -90,6 +108,21 @@ def _over_budget(need: int, left: int, period: str | None, resets_at: datetime |
         f"The API key's {what} is spent: this request needs at least {format_credits(need)} credits "
         f"(its prompt and one output token) but the key's {what} leaves {format_credits(left)}{when}. "
         "The account's balance is not the limit here.",
+        headers=headers,
+    )
+
+
+def _over_user_budget(need: int, left: int, period: str | None, resets_at: datetime | None) -> UserBudgetExceeded:
+    left = max(left, 0)
+    what = "spend cap" if period in (None, "none") else f"{period} cap"
+    when = "" if resets_at is None else f"; it resets at {resets_at.isoformat()}"
+    headers = {"x-mesh-user-budget-remaining": format_credits(left)}
+    if resets_at is not None:
+        headers["x-mesh-budget-resets-at"] = resets_at.isoformat()
+    return UserBudgetExceeded(
+        f"The API key's {what} for this end user (the request's user) is spent: this request needs at least "
+        f"{format_credits(need)} credits (its prompt and one output token) but the cap leaves "
+        f"{format_credits(left)}{when}.",
         headers=headers,
     )
 
@@ -138,6 +171,61 @@ class Ledger:
 
         return await run_idempotent(self.db, key, body, existing)
 
+    async def reverse(
+        self, account_id: str, idempotency_key: str, *, target: int, counted: str, ceiling: int, scope: str,
+        memo: str | None = None,
+    ) -> LedgerEntry | None:
+        """Take credit back after a refund or dispute, so that the reversal rows whose keys
+        start with ``counted`` add up to ``target`` (cumulative, as Stripe reports refunds:
+        a later refund reverses only the difference; an older, smaller one nothing) and
+        those under ``scope`` (one checkout) never exceed ``ceiling`` (what it credited).
+
+        Idempotent: a key already used returns None and changes nothing, as does a target
+        already reached. The balance may go below zero by the amount reversed (never
+        otherwise); a balance at or under what is held then refuses admission (402)."""
+        if not idempotency_key.startswith(counted) or not counted.startswith(scope):
+            raise ValueError("a reversal's key lies under what it counts, which lies under its scope")
+
+        async def body(conn: AsyncConnection) -> LedgerEntry | None:
+            await self._lock_account(conn, account_id)
+            if await find_entry(conn, idempotency_key) is not None:
+                return None  # the same event again
+            done = await reversed_under(conn, account_id, counted)
+            room = ceiling - await reversed_under(conn, account_id, scope)
+            amount = min(target - done, room)
+            if amount <= 0:
+                return None
+            return await post_reversal(conn, account_id=account_id, amount=amount, idempotency_key=idempotency_key,
+                                       memo=memo)
+
+        return await run_idempotent(self.db, idempotency_key, body, lambda _: None, precheck=False)
+
+    async def reinstate(
+        self, account_id: str, idempotency_key: str, *, of: str, memo: str | None = None
+    ) -> LedgerEntry | None:
+        """Give back what the reversal row ``of`` took (a dispute won), once. None when that
+        reversal was never written or this key was used before."""
+
+        async def body(conn: AsyncConnection) -> LedgerEntry | None:
+            await self._lock_account(conn, account_id)
+            if await find_entry(conn, idempotency_key) is not None:
+                return None
+            taken = await find_entry(conn, of)
+            if taken is None or taken.kind != "reversal" or taken.account_id != account_id or taken.amount >= 0:
+                return None
+            return await post_reversal(conn, account_id=account_id, amount=int(taken.amount),
+                                       idempotency_key=idempotency_key, memo=memo)
+
+        return await run_idempotent(self.db, idempotency_key, body, lambda _: None, precheck=False)
+
+    @staticmethod
+    async def _lock_account(conn: AsyncConnection, account_id: str) -> None:
+        # The account's row first, as every writer of its balance locks it; under the lock
+        # the ledger rows read next are the committed truth (PostgreSQL: read committed).
+        found = await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id).with_for_update())
+        if found.first() is None:
+            raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
+
     async def balance(self, account_id: str) -> tuple[MicroCredits, MicroCredits]:
         """``(balance, held)`` in micro-credits; available is their difference. ``NotFound``
         for an unknown account."""
@@ -170,6 +258,7 @@ class Ledger:
         max_output_tokens: int,
         *,
         choices: int = 1,
+        end_user: str | None = None,
     ) -> Admission:
         """Hold credit for a request before it is dispatched.
 
@@ -178,8 +267,12 @@ class Ledger:
         spend limit, if any) cannot pay for all of that but can pay for the prompt and at
         least one output token per choice, the returned ``max_output_tokens`` is lowered to
         what it can pay for and that is held. Otherwise raises ``InsufficientCredits``
-        (402, not retryable). Free requests touch no database.
+        (402, not retryable). Free requests touch no database. On a key with a
+        ``user_budget``, ``end_user``'s cap this period bounds the hold too
+        (``UserBudgetExceeded``, 402).
         """
+        if principal.user_budget is None:
+            end_user = None
         if max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_tokens")
         if choices < 1:
@@ -190,13 +283,15 @@ class Ledger:
                 prompt_tokens_estimate,
             )
         try:
-            return await self._hold(principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices)
+            return await self._hold(
+                principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices, end_user
+            )
         except IntegrityError:
             raise InvalidRequest(f"request {request_id!r} already holds credit", code="duplicate_request_id") from None
 
     async def _hold(
         self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int,
-        choices: int,
+        choices: int, end_user: str | None,
     ) -> Admission:
         # Fast path (the common case, measured as most of a request's CPU): two conditional
         # updates and the hold row, no reads. When the account or the key's spend limit cannot
@@ -206,18 +301,20 @@ class Ledger:
             async with self.db.write() as conn:
                 await settlement.hold(
                     conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
-                    amount=amount, grow=False,
+                    amount=amount, grow=False, end_user=end_user,
                 )
         except settlement.Uncovered:
-            return await self._hold_carefully(principal, pricing, request_id, prompt_tokens, max_output_tokens, choices)
+            return await self._hold_carefully(
+                principal, pricing, request_id, prompt_tokens, max_output_tokens, choices, end_user
+            )
         return Admission(
             request_id, principal.account_id, principal.key_id, amount, max_output_tokens, choices, prompt_tokens,
-            request_id,
+            request_id, end_user,
         )
 
     async def _hold_carefully(
         self, principal: Principal, pricing: Pricing, request_id: str, prompt_tokens: int, max_output_tokens: int,
-        choices: int,
+        choices: int, end_user: str | None,
     ) -> Admission:
         async with self.db.write() as conn:
             acct = (
@@ -250,17 +347,25 @@ class Ledger:
                 if max_output_tokens_affordable(pricing, key_left, prompt_tokens) < choices:
                     raise _over_budget(floor, key_left, key.budget_period, key.budget_resets_at)
                 limit = min(limit, key_left)
+            user_left = None if end_user is None else await settlement.user_room(conn, principal.key_id, end_user)
+            if user_left is None:
+                end_user = None
+            else:
+                if max_output_tokens_affordable(pricing, user_left, prompt_tokens) < choices:
+                    raise _over_user_budget(floor, user_left, key.budget_period, key.budget_resets_at)
+                limit = min(limit, user_left)
             out = min(max_output_tokens, max_output_tokens_affordable(pricing, limit, prompt_tokens) // choices)
             amount = hold_cost(pricing, prompt_tokens, out * choices)
             try:
                 await settlement.hold(
                     conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
-                    amount=amount, grow=False,
+                    amount=amount, grow=False, end_user=end_user,
                 )
             except settlement.Uncovered:  # only reachable if the row locks above were missing
                 raise _short(floor, limit, "the account has") from None
         return Admission(
-            request_id, principal.account_id, principal.key_id, amount, out, choices, prompt_tokens, request_id
+            request_id, principal.account_id, principal.key_id, amount, out, choices, prompt_tokens, request_id,
+            end_user,
         )
 
     async def rehold(self, admission: Admission, pricing: Pricing) -> Admission:
@@ -276,7 +381,7 @@ class Ledger:
             async with self.db.write() as conn:
                 await settlement.hold(
                     conn, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
-                    amount=need - admission.held, grow=True,
+                    amount=need - admission.held, grow=True, end_user=admission.end_user,
                 )
         except settlement.Uncovered:
             raise InsufficientCredits(
@@ -317,6 +422,7 @@ class Ledger:
         ttft_ms: int | None = None,
         duration_ms: int | None = None,
         attribution: Attribution | None = None,
+        finish_reason: str | None = None,
     ) -> MicroCredits:
         """Release the hold and charge the real cost; returns the micro-credits charged.
 
@@ -339,6 +445,7 @@ class Ledger:
                 usage_record(
                     admission, usage, MicroCredits(charged), status=status, model=model, replica=replica,
                     protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, attribution=attribution,
+                    finish_reason=finish_reason,
                 )
             )
         return MicroCredits(charged)
@@ -385,6 +492,7 @@ def usage_record(
     ttft_ms: int | None,
     duration_ms: int | None,
     attribution: Attribution | None = None,
+    finish_reason: str | None = None,
 ) -> UsageRecord:
     """The usage row of a settled request."""
     who = attribution or Attribution()
@@ -393,5 +501,5 @@ def usage_record(
         status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
         output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens, cost=charged, replica=replica,
         protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, end_user=who.end_user, tags=who.tags,
-        metadata=who.metadata,
+        metadata=who.metadata, finish_reason=finish_reason,
     )

@@ -9,8 +9,9 @@ tokens, cost, TTFT and duration, status, key, end user, tags. 404 for any other 
 Usage rows are written in batches, so a request shows here a moment after it finished.
 ``POST /v1/redeem {"code": "MESH-…"}`` — credit a redeem code to the key's account.
 ``GET /v1/key`` — the calling key's own status: its name and models, its budget (amount,
-period, spent this period, remaining, next reset), its rate limits and the account's
-balance, so that an agent can stop before it is refused.
+period, spent this period, remaining, next reset), its rate limits with what each uses now
+(requests and tokens in the minute's bucket, requests in flight) and the account's balance,
+so that an agent can stop before it is refused.
 
 The app supplies ``authenticate(request) -> Principal`` (sync or async), so these routes
 accept keys exactly as the inference endpoints do.
@@ -19,7 +20,8 @@ accept keys exactly as the inference endpoints do.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -34,6 +36,7 @@ from mesh.billing.cache_stats import cache_by_key, cache_by_model
 from mesh.billing.money import format_credits
 from mesh.billing.usage import GROUPS, UsageGroup, UsageRecord, daily_usage, generation, usage_by
 from mesh.errors import InvalidRequest, NotFound
+from mesh.limits.base import Limiter, ScopeUsage
 
 Authenticate = Callable[[Request], Principal | Awaitable[Principal]]
 
@@ -62,6 +65,7 @@ def generation_json(r: UsageRecord) -> dict[str, object]:
         "replica": r.replica,
         "protocol": r.protocol,
         "status": r.status,
+        "finish_reason": r.finish_reason,
         "usage": {
             "input_tokens": r.input_tokens, "cached_tokens": r.cached_tokens, "output_tokens": r.output_tokens,
             "reasoning_tokens": r.reasoning_tokens,
@@ -84,8 +88,23 @@ def group_json(g: UsageGroup) -> dict[str, object]:
     }
 
 
-def key_status_json(key: ApiKeyInfo, who: Principal) -> dict[str, object]:
-    """The key's own view of itself (never its secret, hash or account's other keys)."""
+def _in_use(level: float | None) -> int | None:
+    # A bucket's level drains continuously; what is shown is the whole units still in it.
+    return None if level is None else math.ceil(level - 1e-6)
+
+
+def _usage_json(u: ScopeUsage | None) -> dict[str, int | None] | None:
+    if u is None:
+        return None
+    return {"requests": _in_use(u.requests), "tokens": _in_use(u.tokens), "concurrent": u.concurrent}
+
+
+def key_status_json(
+    key: ApiKeyInfo, who: Principal, usage: Sequence[ScopeUsage | None] = ()
+) -> dict[str, object]:
+    """The key's own view of itself (never its secret, hash or account's other keys).
+    ``usage`` is what the limiter says each of ``who.limits`` uses now."""
+    used = list(usage) + [None] * (len(who.limits) - len(usage))
     return {
         "id": key.id,
         "name": key.name,
@@ -101,16 +120,23 @@ def key_status_json(key: ApiKeyInfo, who: Principal) -> dict[str, object]:
             "held": format_credits(key.held),
             "remaining": money(key.remaining),
             "resets_at": iso(key.budget_resets_at),
+            "user_budget": money(key.user_budget),
         },
         "rate_limits": [
-            {"scope": s.kind, "rpm": s.limits.rpm, "tpm": s.limits.tpm, "concurrent": s.limits.concurrent}
-            for s in who.limits
+            {
+                "scope": s.kind, "rpm": s.limits.rpm, "tpm": s.limits.tpm, "concurrent": s.limits.concurrent,
+                "usage": _usage_json(u),
+            }
+            for s, u in zip(who.limits, used, strict=True)
         ],
     }
 
 
-def customer_routes(services: ServicesSource, authenticate: Authenticate) -> list[Route]:
-    """``GET /v1/usage`` and ``POST /v1/redeem``; errors (401, 400, …) in OpenAI's shape."""
+def customer_routes(
+    services: ServicesSource, authenticate: Authenticate, limiter: Callable[[Request], Limiter] | None = None
+) -> list[Route]:
+    """``GET /v1/usage`` and ``POST /v1/redeem``; errors (401, 400, …) in OpenAI's shape.
+    ``limiter`` (per request) answers ``GET /v1/key``'s current rate-limit usage."""
 
     async def principal(request: Request) -> Principal:
         found = authenticate(request)
@@ -159,7 +185,10 @@ def customer_routes(services: ServicesSource, authenticate: Authenticate) -> lis
         svc = resolve(services, request)
         key = await svc.accounts.get_key(who.key_id)
         balance, held = await svc.ledger.balance(who.account_id)
-        return json_response({"object": "api_key_status", **key_status_json(key, who), **balance_json(balance, held)})
+        usage = [] if limiter is None else await limiter(request).peek(who.limits)
+        return json_response(
+            {"object": "api_key_status", **key_status_json(key, who, usage), **balance_json(balance, held)}
+        )
 
     async def get_generation(request: Request) -> Response:
         who = await principal(request)

@@ -91,7 +91,10 @@ async def open_services(settings: Settings, *, migrate: bool = True, background:
     try:
         if migrate:
             await db.migrate()
-        usage = UsageWriter(db, flush_interval=settings.billing.usage_flush_interval)
+        usage = UsageWriter(
+            db, flush_interval=settings.billing.usage_flush_interval,
+            outbox=settings.billing.settlement_stream.url is not None,
+        )
         services = Services(
             settings=settings,
             database=db,

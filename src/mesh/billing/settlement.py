@@ -33,6 +33,7 @@ from datetime import UTC
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.billing import budgets
@@ -42,7 +43,7 @@ from mesh.canonical import Usage
 from mesh.config import Pricing
 from mesh.errors import NotFound
 from mesh.store import utcnow
-from mesh.store.tables import accounts, api_keys, holds
+from mesh.store.tables import accounts, api_keys, holds, key_user_spend
 
 log = logging.getLogger("mesh.billing.settlement")
 
@@ -68,13 +69,40 @@ _GROW_HOLD = (
     .values(amount=holds.c.amount + bindparam("h"), created_at=bindparam("t"))
     .returning(holds.c.amount)
 )
-_LOCK_ACCOUNT = select(accounts.c.balance, accounts.c.held).where(accounts.c.id == bindparam("a")).with_for_update()
+_LOCK_ACCOUNT = (
+    select(accounts.c.balance, accounts.c.held, accounts.c.reversed)
+    .where(accounts.c.id == bindparam("a"))
+    .with_for_update()
+)
 _LOCK_KEY = (
     select(api_keys.c.spend_limit, api_keys.c.spent, api_keys.c.held)
     .where(api_keys.c.id == bindparam("k"))
     .with_for_update()
 )
-_LOCK_HOLD = select(holds.c.amount).where(holds.c.request_id == bindparam("r")).with_for_update()
+_LOCK_HOLD = (
+    select(holds.c.amount, holds.c.end_user).where(holds.c.request_id == bindparam("r")).with_for_update()
+)
+# Per end user caps (api_keys.user_budget): the end user's row, seeded at 0 and rolled over
+# to the key's current budget period before it is used (like the key's own, see budgets).
+_KEY_USER_BUDGET = select(api_keys.c.user_budget, api_keys.c.budget_resets_at).where(api_keys.c.id == bindparam("k"))
+_ROLL_USER = (
+    update(key_user_spend)
+    .where(
+        key_user_spend.c.key_id == bindparam("k"), key_user_spend.c.end_user == bindparam("u"),
+        key_user_spend.c.resets_at.is_distinct_from(bindparam("p")),
+    )
+    .values(spent=0, resets_at=bindparam("p"))
+)
+_LOCK_USER = (
+    select(key_user_spend.c.spent, key_user_spend.c.held)
+    .where(key_user_spend.c.key_id == bindparam("k"), key_user_spend.c.end_user == bindparam("u"))
+    .with_for_update()
+)
+_CAPTURE_USER = (
+    update(key_user_spend)
+    .where(key_user_spend.c.key_id == bindparam("k"), key_user_spend.c.end_user == bindparam("u"))
+    .values(held=key_user_spend.c.held - bindparam("r"), spent=key_user_spend.c.spent + bindparam("t"))
+)
 _CAPTURE_ACCOUNT = (
     update(accounts)
     .where(accounts.c.id == bindparam("a"))
@@ -147,15 +175,38 @@ def priced(pricing: Pricing, usage: Usage | None, output_limit: int | None) -> t
     return cost(pricing, usage), usage
 
 
+async def user_room(conn: AsyncConnection, key_id: str, end_user: str) -> int | None:
+    """What the key's cap for ``end_user`` still allows this period (None: the key has no
+    user_budget). Seeds and rolls the end user's row; call after :func:`budgets.roll`."""
+    key = (await conn.execute(_KEY_USER_BUDGET, {"k": key_id})).first()
+    if key is None or key.user_budget is None:
+        return None
+    await _seed_user(conn, key_id, end_user, key.budget_resets_at)
+    await conn.execute(_ROLL_USER, {"k": key_id, "u": end_user, "p": key.budget_resets_at})
+    row = (await conn.execute(_LOCK_USER, {"k": key_id, "u": end_user})).one()
+    return int(key.user_budget) - int(row.spent) - int(row.held)
+
+
+async def _seed_user(conn: AsyncConnection, key_id: str, end_user: str, period: Any) -> None:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    await conn.execute(
+        dialect.insert(key_user_spend)
+        .values(key_id=key_id, end_user=end_user, spent=0, held=0, resets_at=period)
+        .on_conflict_do_nothing(index_elements=[key_user_spend.c.key_id, key_user_spend.c.end_user])
+    )
+
+
 async def hold(
-    conn: AsyncConnection, *, hold_id: str, account_id: str, key_id: str | None, amount: int, grow: bool
+    conn: AsyncConnection, *, hold_id: str, account_id: str, key_id: str | None, amount: int, grow: bool,
+    end_user: str | None = None,
 ) -> int:
     """Hold ``amount`` more on ``hold_id`` and return what its row holds now.
 
     ``grow`` False creates the row (an ``IntegrityError`` if it exists); True adds to it,
-    creating it if missing. Raises :class:`Uncovered` when the account's free balance or
-    the key's spend limit cannot cover ``amount``; the caller must let it roll back the
-    transaction.
+    creating it if missing. With ``end_user`` (a key with a user_budget), the end user's
+    cap must cover it too, and the hold row remembers whose it is. Raises
+    :class:`Uncovered` when the account's free balance, the key's spend limit or the end
+    user's cap cannot cover ``amount``; the caller must let it roll back the transaction.
     """
     if amount > MAX_AMOUNT:
         raise Uncovered  # e.g. a huge max_tokens on a model without a context length
@@ -166,13 +217,24 @@ async def hold(
         await budgets.roll(conn, key_id)  # a budget's new period starts before it is used
         if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
             raise Uncovered
+        if end_user is not None:
+            room = await user_room(conn, key_id, end_user)
+            if room is None:
+                end_user = None  # the cap was lifted: nothing to count
+            elif room < amount:
+                raise Uncovered
+            else:  # the row is locked (user_room): nothing can take the room meanwhile
+                await conn.execute(_CAPTURE_USER, {"k": key_id, "u": end_user, "r": -amount, "t": 0})
     now = utcnow()
     if grow:
         grown = (await conn.execute(_GROW_HOLD, {"r": hold_id, "h": amount, "t": now})).scalar_one_or_none()
         if grown is not None:
             return int(grown)
     await conn.execute(
-        holds.insert().values(request_id=hold_id, account_id=account_id, key_id=key_id, amount=amount, created_at=now)
+        holds.insert().values(
+            request_id=hold_id, account_id=account_id, key_id=key_id, amount=amount, created_at=now,
+            end_user=end_user,
+        )
     )
     return amount
 
@@ -205,6 +267,8 @@ async def capture(
         key = (await conn.execute(_LOCK_KEY, {"k": key_id})).first()
     row = (await conn.execute(_LOCK_HOLD, {"r": hold_id})).first()
     held_here = 0 if row is None else int(row.amount)
+    end_user = None if row is None or key_id is None else row.end_user
+    user_left = None if end_user is None or key_id is None else await user_room(conn, key_id, end_user)
 
     charged: dict[str, int] = {}
     wanted = [s.key for s in settlements]
@@ -212,7 +276,9 @@ async def capture(
         charged = {k: -int(amount) for k, amount in await _ledger_amounts(conn, wanted)}
 
     from_hold = held_here
-    free = int(acct.balance) - int(acct.held)  # credit nobody holds
+    # Credit nobody holds; below zero after a refund or dispute took credit back while
+    # requests were in flight: then only their holds pay (see migration 0008).
+    free = int(acct.balance) - int(acct.held)
     room: int | None = None
     if key is not None and key.spend_limit is not None:
         room = int(key.spend_limit) - int(key.spent) - int(key.held)
@@ -224,16 +290,20 @@ async def capture(
             continue  # written before (a retry after a lost COMMIT reply, or a second settle)
         take = min(s.due, from_hold)
         from_hold -= take
-        extra = max(0, min(s.due - take, free, s.due - take if room is None else room))
+        extra = max(0, min(s.due - take, free, s.due - take if room is None else room,
+                           s.due - take if user_left is None else user_left))
         free -= extra
         if room is not None:
             room -= extra
+        if user_left is not None:
+            user_left -= extra
         charge = take + extra
         charged[s.key] = charge
         if charge:
             balance -= charge
             rows.append({
                 "account_id": account_id, "kind": "usage", "amount": -charge, "balance_after": balance,
+                "reversed_after": int(acct.reversed),
                 "idempotency_key": s.key, "request_id": s.request_id, "key_id": key_id,
                 "memo": _shortfall(s.due, charge), "created_at": now,
             })
@@ -244,6 +314,8 @@ async def capture(
         await conn.execute(_CAPTURE_ACCOUNT, {"a": account_id, "t": total, "u": released})
         if key_id is not None:
             await conn.execute(_CAPTURE_KEY, {"k": key_id, "t": total, "u": released})
+        if end_user is not None:
+            await conn.execute(_CAPTURE_USER, {"k": key_id, "u": end_user, "r": released, "t": total})
     left = held_here - released
     if row is not None:
         if left == 0:
@@ -258,9 +330,10 @@ async def capture(
 # The two statements of a capture that grow with its batch, in plain SQL in the driver's
 # parameter style: Core recompiled the IN list and the many-row INSERT at every flush (the
 # larger part of a capture's CPU). The values are the ones Core would bind.
-_LEDGER_ROW = ("account_id", "kind", "amount", "balance_after", "idempotency_key", "request_id", "key_id", "memo",
-               "created_at")
-_PG_TYPES = ("text", "text", "bigint", "bigint", "text", "text", "text", "text", "timestamptz")
+# created_at stays last: it is bound apart (an aware UTC datetime, or SQLite's text form).
+_LEDGER_ROW = ("account_id", "kind", "amount", "balance_after", "reversed_after", "idempotency_key", "request_id",
+               "key_id", "memo", "created_at")
+_PG_TYPES = ("text", "text", "bigint", "bigint", "bigint", "text", "text", "text", "text", "timestamptz")
 # Rows go in in the batch's order (ORDER BY their ordinal), as Core's multi-row INSERT did:
 # ledger ids follow the order of balance_after.
 _INSERT_LEDGER_PG = (

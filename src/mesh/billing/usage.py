@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 
 from mesh.billing.money import MicroCredits
+from mesh.billing.stream import outbox_row
 from mesh.store import Database, utcnow
-from mesh.store.tables import usage_daily, usage_records
+from mesh.store.tables import settlement_outbox, usage_daily, usage_records
 
 DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_BATCH_SIZE = 500
@@ -56,6 +57,7 @@ class UsageRecord:
     end_user: str | None = None
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] | None = None
+    finish_reason: str | None = None  # stop, length, tool_calls, content_filter, error; None: none came
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +86,10 @@ class UsageWriter:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
+        outbox: bool = False,
     ) -> None:
         self.db = db
+        self.outbox = outbox  # also queue each record for the settlement webhook stream
         self._interval = flush_interval
         self._batch_size = batch_size
         self._max_pending = max_pending
@@ -124,7 +128,7 @@ class UsageWriter:
                 batch = self._buffer[: self._batch_size]
                 del self._buffer[: len(batch)]
                 try:
-                    await write_batch(self.db, batch)
+                    await write_batch(self.db, batch, outbox=self.outbox)
                 except BaseException:
                     self._buffer[:0] = batch
                     raise
@@ -156,13 +160,14 @@ def _day(ts: datetime) -> date:
     return ts.astimezone(UTC).date()
 
 
-async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
+async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: bool = False) -> None:
     """Insert ``records`` and add them to the daily roll-up, in one transaction. Records of
     requests already written are skipped, so a retry after a lost COMMIT reply adds nothing.
 
     Plain SQL in the driver's own parameter style, executed many at a time: building these
     statements through SQLAlchemy Core cost about 0.1 ms of CPU per request (bench/). The
-    values are the ones Core would bind (see :func:`_row`)."""
+    values are the ones Core would bind (see :func:`_row`). With ``outbox``, each record also
+    goes to the settlement stream's outbox in the same transaction."""
     if not records:
         return
     pg = db.dialect == "postgresql"
@@ -179,12 +184,14 @@ async def write_batch(db: Database, records: Sequence[UsageRecord]) -> None:
         if records:
             await conn.exec_driver_sql(_INSERT_PG if pg else _INSERT_SQLITE, [_row(r, pg) for r in records])
             await conn.exec_driver_sql(_UPSERT_DAILY_PG if pg else _UPSERT_DAILY_SQLITE, _daily(records, pg))
+            if outbox:
+                await conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
 
 
 _COLUMNS = (
     "request_id", "account_id", "key_id", "model", "replica", "protocol", "input_tokens", "cached_tokens",
     "output_tokens", "reasoning_tokens", "cost", "status", "ttft_ms", "duration_ms", "created_at", "end_user",
-    "tags", "meta",
+    "tags", "meta", "finish_reason",
 )
 _SEEN_PG = "SELECT request_id FROM usage_records WHERE request_id = ANY($1::text[])"
 _INSERT_PG = (
@@ -220,7 +227,7 @@ def _row(r: UsageRecord, pg: bool) -> tuple[Any, ...]:
         r.request_id, r.account_id, r.key_id, r.model, r.replica, r.protocol, r.input_tokens, r.cached_tokens,
         r.output_tokens, r.reasoning_tokens, int(r.cost), r.status, r.ttft_ms, r.duration_ms,
         at if pg else at.replace(tzinfo=None).strftime(_SQLITE_DATETIME), r.end_user,
-        _json(list(r.tags) or None), _json(None if r.metadata is None else dict(r.metadata)),
+        _json(list(r.tags) or None), _json(None if r.metadata is None else dict(r.metadata)), r.finish_reason,
     )
 
 
@@ -310,6 +317,7 @@ def record_from_row(r: Any) -> UsageRecord:
         end_user=r.end_user,
         tags=tuple(r.tags or ()),
         metadata=r.meta,
+        finish_reason=r.finish_reason,
     )
 
 

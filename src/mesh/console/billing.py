@@ -18,7 +18,7 @@ from mesh.errors import MeshError
 log = logging.getLogger("mesh.console.billing")
 
 MAX_WEBHOOK_BYTES = 256 * 1024
-HISTORY_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment"})
+HISTORY_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment", "reversal"})
 
 
 def payments_of(console: Console, bound: Bound) -> Payments:

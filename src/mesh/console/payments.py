@@ -12,7 +12,16 @@ Flow, for both providers::
         checkout.session.completed (paid) → Ledger.grant(kind="purchase",
         idempotency_key="checkout:<session id>"), so a replayed or duplicated webhook
         credits once. The amount credited is the one recorded at checkout, never one
-        read from the browser.
+        read from the browser. The session's PaymentIntent is recorded with it.
+    Money going back (signed the same way, tied to the checkout by its PaymentIntent):
+        charge.refunded → Ledger.reverse: Stripe's amount_refunded is cumulative, so the
+            key is "reversal:<payment>:refund:<amount_refunded>" and only what the rows so
+            far do not cover is taken (the same event twice, or an older one, takes nothing);
+        charge.dispute.created → reverse the disputed part ("...:dispute:<dispute id>";
+            an inquiry, status warning_*, moves no money and is ignored);
+        charge.dispute.closed → won: Ledger.reinstate gives it back ("...:dispute-won:<id>");
+            lost: stays reversed (reversed now if the created event never came).
+    A checkout's reversals never exceed the credits it bought.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from mesh.accounts.keys import new_id
 from mesh.billing.ledger import Ledger
 from mesh.billing.money import MicroCredits, parse_credits
 from mesh.config import CreditPack, PaymentsConfig
+from mesh.console import topups
 from mesh.console.display import credits as show_credits
 from mesh.console.secrets import derive
 from mesh.console.tables import console_payments
@@ -46,8 +56,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.console.payments")
 
 PAID_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+REVERSAL_EVENTS = ("charge.refunded", "charge.dispute.created", "charge.dispute.closed")
+TOPUP_EVENTS = ("payment_intent.succeeded", "payment_intent.payment_failed")
 FAILED_EVENTS = ("checkout.session.expired", "checkout.session.async_payment_failed")
 TEST_SESSION_PREFIX = "cs_mesh_test_"
+TEST_INTENT_PREFIX = "pi_mesh_test_"
 
 
 class PaymentError(Exception):
@@ -71,6 +84,7 @@ class Payment:
     status: str
     created_at: datetime
     completed_at: datetime | None
+    payment_intent: str | None = None
 
 
 def _payment(row: Any) -> Payment:
@@ -86,6 +100,7 @@ def _payment(row: Any) -> Payment:
         status=row.status,
         created_at=row.created_at,
         completed_at=row.completed_at,
+        payment_intent=row.payment_intent,
     )
 
 
@@ -228,6 +243,7 @@ class Payments:
             "data": {"object": {
                 "id": payment.provider_ref,
                 "object": "checkout.session",
+                "payment_intent": TEST_INTENT_PREFIX + payment.id.removeprefix("pay_"),
                 "payment_status": "paid",
                 "amount_total": payment.amount_minor,
                 "currency": payment.currency,
@@ -252,6 +268,10 @@ class Payments:
                 raise ValueError("data.object is not an object")
         except (stripe.SignatureVerificationError, ValueError, KeyError, TypeError) as exc:
             raise WebhookRejected(str(exc) or "invalid signature") from None
+        if kind in REVERSAL_EVENTS:
+            return await self._reversal(kind, obj)
+        if kind in TOPUP_EVENTS:
+            return await self._topup(kind, obj)
         session_id = str(obj.get("id") or "")
         payment_id = str((obj.get("metadata") or {}).get("payment_id") or "")
         payment = await self.get(payment_id) if payment_id else None
@@ -272,8 +292,106 @@ class Payments:
             memo=f"{payment.provider} checkout {payment.id}",
         )
         await self._set_status(payment.id, "paid")
+        intent = obj.get("payment_intent")
+        if isinstance(intent, str) and intent and payment.payment_intent is None:
+            async with self.db.write() as conn:
+                await conn.execute(
+                    update(console_payments).where(console_payments.c.id == payment.id).values(payment_intent=intent)
+                )
         return "duplicate" if payment.status == "paid" else "credited"
 
+    async def _topup(self, kind: str, obj: dict[str, Any]) -> str:
+        """An automatic top-up's PaymentIntent (console/topups.py) succeeded or failed: credit
+        it once (ledger key ``topup:<payment intent>``) or end the attempt. Returns
+        ``credited``, ``duplicate``, ``failed`` or ``ignored`` (other PaymentIntents, e.g.
+        a checkout's, which is credited by its session's event)."""
+        meta = obj.get("metadata") or {}
+        intent = str(obj.get("id") or "")
+        if not isinstance(meta, dict) or meta.get("auto_topup") != "1" or not intent.startswith("pi_"):
+            return "ignored"
+        payment = await self.get(str(meta.get("payment_id") or ""))
+        if (
+            payment is None or payment.provider != "stripe" or payment.account_id != meta.get("account_id")
+            or payment.payment_intent not in (None, intent)
+        ):
+            log.warning("%s for unknown top-up %s ignored", kind, intent)
+            return "ignored"
+        if kind == "payment_intent.payment_failed":
+            if payment.status == "pending":
+                await self._set_status(payment.id, "failed", only_pending=True)
+                await topups.finish(self.db, payment.id, ok=False, max_failures=self.config.auto_topup.max_failures)
+                return "failed"
+            return "duplicate"
+        if obj.get("amount_received", obj.get("amount")) != payment.amount_minor or obj.get("currency") != \
+                payment.currency:
+            log.error("top-up %s paid %s %s, expected %s %s: not credited", intent, obj.get("amount_received"),
+                      obj.get("currency"), payment.amount_minor, payment.currency)
+            return "ignored"
+        await self.ledger.grant(
+            payment.account_id, payment.credits, idempotency_key=f"topup:{intent}", kind="purchase",
+            memo=f"automatic top-up {payment.id}",
+        )
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(console_payments).where(console_payments.c.id == payment.id)
+                .values(status="paid", completed_at=utcnow(), payment_intent=intent, provider_ref=intent)
+            )
+        await topups.finish(self.db, payment.id, ok=True, max_failures=self.config.auto_topup.max_failures)
+        return "duplicate" if payment.status == "paid" else "credited"
+
+    async def _reversal(self, kind: str, obj: dict[str, Any]) -> str:
+        """A refund or dispute of a checkout's charge: take its credits back (or, for a
+        dispute won, give them back). Returns ``reversed``, ``reinstated``, ``duplicate``
+        or ``ignored``."""
+        intent = obj.get("payment_intent")
+        payment = None
+        if isinstance(intent, str) and intent:
+            async with self.db.read() as conn:
+                row = (
+                    await conn.execute(select(console_payments).where(console_payments.c.payment_intent == intent))
+                ).first()
+            payment = None if row is None else _payment(row)
+        if payment is None or payment.amount_minor <= 0:
+            log.warning("webhook %s for unknown payment intent %s ignored", kind, intent)
+            return "ignored"
+        if obj.get("currency") != payment.currency:
+            log.error("%s for payment %s in %s, paid in %s: ignored", kind, payment.id, obj.get("currency"),
+                      payment.currency)
+            return "ignored"
+        scope = f"reversal:{payment.id}:"
+
+        def share(minor: Any) -> int:
+            """The credits ``minor`` units of the payment bought (rounded down)."""
+            if isinstance(minor, bool) or not isinstance(minor, int) or minor < 0:
+                raise WebhookRejected(f"{kind}: amount is not a whole number of minor units")
+            return payment.credits * min(minor, payment.amount_minor) // payment.amount_minor
+
+        memo = f"{kind} of {payment.provider} checkout {payment.id}"
+        if kind == "charge.refunded":
+            refunded = obj.get("amount_refunded")
+            entry = await self.ledger.reverse(
+                payment.account_id, f"{scope}refund:{refunded}", target=share(refunded), counted=f"{scope}refund:",
+                ceiling=payment.credits, scope=scope, memo=memo,
+            )
+            return "duplicate" if entry is None else "reversed"
+        dispute = str(obj.get("id") or "")
+        status = str(obj.get("status") or "")
+        if not dispute.startswith("dp_") and not dispute.startswith("du_"):
+            raise WebhookRejected(f"{kind}: not a dispute id")
+        taken = f"{scope}dispute:{dispute}"
+        if status.startswith("warning_"):
+            return "ignored"  # an inquiry: Stripe moves no money
+        if kind == "charge.dispute.closed" and status == "won":
+            back = await self.ledger.reinstate(payment.account_id, f"{scope}dispute-won:{dispute}", of=taken,
+                                               memo=memo + " (won)")
+            return "duplicate" if back is None else "reinstated"
+        if kind == "charge.dispute.closed" and status != "lost":
+            return "ignored"
+        entry = await self.ledger.reverse(
+            payment.account_id, taken, target=share(obj.get("amount")), counted=taken, ceiling=payment.credits,
+            scope=scope, memo=memo,
+        )
+        return "duplicate" if entry is None else "reversed"
 
 def _aiohttp_client() -> stripe.HTTPClient:
     import stripe

@@ -60,8 +60,29 @@ console_payments = Table(
     Column("status", String(16), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime, nullable=True),
+    # The Stripe PaymentIntent the checkout paid with: refunds and disputes name it.
+    Column("payment_intent", String(255), nullable=True),
     Index("ix_console_payments_account_id_created_at", "account_id", "created_at"),
     Index("ix_console_payments_provider_ref", "provider_ref", unique=True),
+    Index("ix_console_payments_payment_intent", "payment_intent", unique=True),
+)
+
+# Automatic top-ups (console/topups.py): when the account's balance falls under
+# ``threshold``, its saved card (Stripe customer and payment method) buys ``pack_id``.
+# ``pending_payment`` is the console_payments row of the attempt in flight (one at a time).
+auto_topups = Table(
+    "auto_topups",
+    metadata,
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True),
+    Column("customer", String(255), nullable=False),
+    Column("payment_method", String(255), nullable=False),
+    Column("threshold", BigInteger, nullable=False),
+    Column("pack_id", String(40), nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=false()),
+    Column("attempts", BigInteger, nullable=False, server_default="0"),
+    Column("failures", BigInteger, nullable=False, server_default="0"),
+    Column("pending_payment", String(40), nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
 )
 
 console_secrets = Table(

@@ -75,6 +75,17 @@ class Lease:
         return any(s.limits.concurrent is not None for s in self.scopes)
 
 
+@dataclass(frozen=True, slots=True)
+class ScopeUsage:
+    """How much of one scope's limits is in use now, as the limiter knows it: the request
+    and token buckets' levels (what the last minute used, drained continuously; None
+    without that limit) and the requests in flight (None without a concurrency limit)."""
+
+    requests: float | None
+    tokens: float | None
+    concurrent: int | None
+
+
 class LimitExceeded(RateLimited):
     """A request refused by a rate limit (429). ``retry_after`` is the seconds until the same
     request would pass; ``state`` the buckets for the response headers; nothing was taken."""
@@ -123,6 +134,11 @@ class Limiter(Protocol):
     async def release(self, lease: Lease) -> None:
         """Free the concurrency slots and leave the admission charge as it is (the usage is
         unknown). Idempotent; never raises."""
+        ...
+
+    async def peek(self, scopes: Sequence[Scope]) -> list[ScopeUsage | None]:
+        """What each scope uses now, taking nothing; None for a scope the limiter could
+        not be asked about (Redis down). Never raises."""
         ...
 
     async def start(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.limits.base import (
     CONCURRENCY_RETRY_AFTER,
@@ -18,6 +18,7 @@ from mesh.limits.base import (
     Lease,
     LimitExceeded,
     LimitState,
+    ScopeUsage,
     Window,
     bucket_window,
     tightest,
@@ -134,6 +135,21 @@ class MemoryLimiter:
             b = self._buckets.get(scope.name)
             if scope.limits.concurrent is not None and b is not None:
                 b.inflight = max(0, b.inflight - 1)
+
+    async def peek(self, scopes: Sequence[Scope]) -> list[ScopeUsage | None]:
+        now = self._clock()
+        out: list[ScopeUsage | None] = []
+        for scope in scopes:
+            lim = scope.limits
+            found = self._buckets.get(scope.name)
+            b = _Bucket(at=now) if found is None else replace(found)  # drained as a copy: nothing taken
+            b.drain(lim, now)
+            out.append(ScopeUsage(
+                requests=None if lim.rpm is None else b.requests,
+                tokens=None if lim.tpm is None else b.tokens,
+                concurrent=None if lim.concurrent is None else b.inflight,
+            ))
+        return out
 
     def _state(self, scopes: Sequence[Scope], buckets: Sequence[_Bucket]) -> LimitState:
         requests: list[Window] = []

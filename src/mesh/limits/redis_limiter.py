@@ -42,6 +42,7 @@ from mesh.limits.base import (
     Lease,
     LimitExceeded,
     LimitState,
+    ScopeUsage,
     Window,
     bucket_window,
     tightest,
@@ -151,6 +152,21 @@ end
 return 1
 """
 
+# KEYS: per scope, hash then zset. ARGV: per scope rpm, tpm, concurrent (0: none). Takes
+# and stores nothing; returns per scope the request and token levels and the live slots.
+_PEEK = _DRAIN + """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local rpm, tpm, conc = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local r, tk = drain(KEYS[2*i-1], rpm, tpm, now)
+  local live = 0
+  if conc > 0 then live = redis.call('ZCOUNT', KEYS[2*i], '(' .. now, '+inf') end
+  out[#out+1] = string.format('%.17g', r)
+  out[#out+1] = string.format('%.17g', tk)
+  out[#out+1] = live
+end
+return out
+"""
 # KEYS: the lease's zsets. ARGV: lease id, ttl ms. Moves the lease's deadlines forward.
 _REFRESH = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -192,6 +208,7 @@ class RedisLimiter:
         self._acquire = self._client.register_script(_ACQUIRE)
         self._settle = self._client.register_script(_SETTLE)
         self._refresh = self._client.register_script(_REFRESH)
+        self._peek = self._client.register_script(_PEEK)
         self._live: dict[str, Lease] = {}
         self._task: asyncio.Task[None] | None = None
         # Settlements Redis did not acknowledge: (keys, args) of the settle script, by lease id.
@@ -249,6 +266,23 @@ class RedisLimiter:
         if lease.concurrent:
             self._live[lease.id] = lease
         return lease
+
+    async def peek(self, scopes: Sequence[Scope]) -> list[ScopeUsage | None]:
+        if not scopes:
+            return []
+        try:
+            out = await self._peek(keys=self._keys(scopes), args=self._limit_args(scopes))
+        except redis_errors() as exc:
+            self._warn("could not read rate-limit usage from Redis (%s)", exc)
+            return [None] * len(scopes)
+        return [
+            ScopeUsage(
+                requests=None if s.limits.rpm is None else float(out[3 * i]),
+                tokens=None if s.limits.tpm is None else float(out[3 * i + 1]),
+                concurrent=None if s.limits.concurrent is None else int(out[3 * i + 2]),
+            )
+            for i, s in enumerate(scopes)
+        ]
 
     async def settle(self, lease: Lease, tokens: int) -> None:
         await self._finish(lease, tokens - lease.tokens)

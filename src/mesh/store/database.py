@@ -39,6 +39,7 @@ POSTGRES_POOL_TIMEOUT = 10.0
 # together run the migrations once, one after another.
 MIGRATION_LOCK_KEY = 0x6D657368  # "mesh"
 _IMMEDIATE = "mesh_begin_immediate"
+_NO_FOREIGN_KEYS = "mesh_no_foreign_keys"
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -145,9 +146,11 @@ class Database:
         head = _head_from_files()
         if head is not None and await self._revision_is(head):
             return
+        if self.dialect == "sqlite":
+            await self._migrate_sqlite()
+            return
         async with self.write() as conn:
-            if self.dialect == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             await conn.run_sync(_upgrade_to_head)
 
     async def _revision_is(self, head: str) -> bool:
@@ -159,6 +162,24 @@ class Database:
         except Exception:  # no alembic_version table yet: a new database
             return False
         return list(rows) == [head]
+
+    async def _migrate_sqlite(self) -> None:
+        # SQLite changes a CHECK by rebuilding the table, which a referencing foreign key
+        # forbids; its documented procedure turns the checks off outside the transaction
+        # and runs ``foreign_key_check`` before COMMIT. The connection is discarded after,
+        # so the pool never hands one out with foreign keys off.
+        lock: AbstractAsyncContextManager[Any] = self._write_lock or nullcontext()
+        with _mapped_errors():
+            async with lock, self.engine.connect() as conn:
+                await conn.execution_options(**{_IMMEDIATE: True, _NO_FOREIGN_KEYS: True})
+                try:
+                    async with conn.begin():
+                        await conn.run_sync(_upgrade_to_head)
+                        broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                        if broken:
+                            raise RuntimeError(f"a migration broke foreign keys: {broken[:5]}")
+                finally:
+                    await conn.invalidate()
 
     async def current_revision(self) -> str | None:
         """The schema's Alembic revision, or ``None`` before the first migration."""
@@ -235,5 +256,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get(_NO_FOREIGN_KEYS, False):
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # a no-op once a transaction is open
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_IMMEDIATE, False) else "BEGIN")
