@@ -11,6 +11,9 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # llama.cpp builds from source on the first install (about 11 minutes on 2 cores);
 # uv's cache makes every later install take seconds.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+# Two checkouts installing at once share uv's cache: the second waits for the first's
+# llama.cpp build (minutes) instead of failing after uv's default 5 minutes.
+export UV_LOCK_TIMEOUT ?= 3600
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test install dev lint typecheck bench lock check-user-path clean
