@@ -256,13 +256,15 @@ class Relayed:
     out (the engine yields usage as its own :class:`Usage` event). ``deltas`` counts the
     non-empty text, reasoning and tool-argument deltas they carry (each at least one token:
     the same count the canonical path makes); ``answers`` is whether they carry any output
-    at all (a delta, a new tool call or a finish), for the first-token deadline. Not
+    at all (a delta, a new tool call or a finish), for the first-token deadline; ``finish``
+    is the first choice's finish reason once the engine sent it. Not
     frozen: the encoder rewrites ``chunks`` in place, once.
     """
 
     chunks: list[dict[str, Any]]
     deltas: int = 0
     answers: bool = False
+    finish: str | None = None  # the first choice's finish reason once it came (the usage record's)
 
 
 Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage | Relayed

@@ -424,6 +424,8 @@ class Pipeline:
                 deadline.waiting = False
                 if isinstance(ev, Relayed):  # the relay path's chunks: the common case first
                     produced += ev.deltas
+                    if ev.finish is not None:
+                        ctx.finish_reason = ev.finish
                     if usage is None and admission is not None and produced >= checkpoint_at:
                         checkpoint_at = produced + _CHECKPOINT_DELTAS
                         self.ledger.checkpoint(admission, Usage(output_tokens=produced))

@@ -44,7 +44,10 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             config = {
                 "database": url,
                 "logging": {"level": "INFO"},  # the request lines (JSON)
-                "routing": {"health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 2,
+                # Every test here breaks one stream on purpose: a breaker that opened on those
+                # drops (two on one replica within a second, under load) would leave a later
+                # test no replica to resume on. A dead replica leaves by its health checks.
+                "routing": {"health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 1000,
                             "policy": "least_outstanding"},
                 "models": [
                     {"id": "pooled", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines},

@@ -394,12 +394,14 @@ class RelayDecoder(ChunkDecoder):
     tracker, ``routing.resume.Delivered``, counts calls by).
     """
 
+    first_finish: str | None = None  # choice 0's finish reason, once it came
+
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         """One chunk: its :class:`Relayed` (when it carries choices), then its usage."""
         keep, deltas, answers = self._inspect(chunk)
         usage = chunk.pop("usage", None)
         if keep:
-            yield Relayed([chunk], deltas, answers)
+            yield Relayed([chunk], deltas, answers, self.first_finish)
         if isinstance(usage, dict):
             self.usage = decode_usage(usage)
             yield self.usage
@@ -433,7 +435,7 @@ class RelayDecoder(ChunkDecoder):
                 answers = answers or said
         events: list[Event] = []
         if chunks:
-            events.append(Relayed(chunks, deltas, answers))
+            events.append(Relayed(chunks, deltas, answers, self.first_finish))
         if usage is not None:
             self.usage = decode_usage(usage)
             events.append(self.usage)
@@ -468,6 +470,8 @@ class RelayDecoder(ChunkDecoder):
                     raise EngineError("The engine aborted the request.")
                 if reason not in _OPENAI_FINISH:
                     choice["finish_reason"] = _FINISH.get(reason, "stop")
+                if not idx:
+                    self.first_finish = choice["finish_reason"]
                 self.finished.add(int(idx))
                 answers = True
         self.output_deltas += deltas
