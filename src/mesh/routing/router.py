@@ -147,7 +147,8 @@ class RoutedStream:
         can_continue = any(_continues(r) for r in self.pool.replicas if id(r) not in self._failed)
         left = router.max_resumes - sum(1 for r in self.resumes if r.outcome in (RESUMED, FAILED))
         structured = request.response_format is not None and request.response_format.type != "text"
-        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue, structured=structured)
+        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue, structured=structured,
+                      choices=request.n)
         if why is not None:
             self._record(REFUSED, why, delivered, None)
             return None
@@ -184,6 +185,12 @@ class RoutedStream:
         self._record(RESUMED, err.kind, delivered, replica.name)
         self.replica, self._events, self._first, self._holding = replica, events, first, True
         return Splice.after(delivered)
+
+    @property
+    def served_by(self) -> list[str]:
+        """Every replica that produced part of this answer, in order: the one that started it,
+        then each that a resume continued it on (their usage reports make up the bill)."""
+        return [self.choice.replica, *(r.to_replica for r in self.resumes if r.to_replica is not None)]
 
     def _record(self, outcome: str, reason: str, delivered: Delivered, to: str | None) -> None:
         self.resumes.append(ResumeRecord(outcome, reason, self.replica.name, to, delivered.output_tokens))
