@@ -358,3 +358,30 @@ async def test_a_client_that_leaves_while_the_resume_waits_gives_everything_back
     assert [(r.outcome, r.reason) for r in stream.resumes] == [(FAILED, "cancelled")]
     assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
     assert es[0].open == 0 and es[1].open == 0
+
+
+async def test_several_choices_never_resume_even_when_only_the_first_had_output() -> None:
+    # Engines interleave choices, and a drop can come before the second choice's first delta:
+    # a continuation would then hand every choice the first one's prefix.
+    es = engines(2)
+    router, replicas = fleet(*es)
+    es[0].fail_after = (2, DROPPED)  # the fake streams only choice 0: nothing of choice 1 yet
+    stream = await router.open(replace(request(), n=2), "acct")
+    with pytest.raises(EngineError):
+        async for _ in stream:
+            pass
+    [record] = stream.resumes
+    assert (record.outcome, record.reason) == (REFUSED, "several_choices")
+    assert es[1].started == 0 and all(r.in_flight == 0 for r in replicas)
+
+
+async def test_a_replica_that_drops_every_stream_is_taken_out_by_its_breaker() -> None:
+    # Each drop makes another replica read the prompt again (the operator's cost): a replica
+    # that drops on purpose after its first token must not get a fresh stream every time.
+    es = engines(2)
+    router, replicas = fleet(*es)  # always tries r0 first
+    es[0].fail_after = (1, DROPPED)
+    answers = [text((await run(router))[1]) for _ in range(10)]
+    assert answers == ["t0 t1 t2 t3 t4 t5 "] * 10  # every client got its whole answer
+    assert es[0].started == replicas[0].breaker.failure_threshold  # then its breaker took it out
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
