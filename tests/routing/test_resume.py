@@ -385,3 +385,22 @@ async def test_a_replica_that_drops_every_stream_is_taken_out_by_its_breaker() -
     assert answers == ["t0 t1 t2 t3 t4 t5 "] * 10  # every client got its whole answer
     assert es[0].started == replicas[0].breaker.failure_threshold  # then its breaker took it out
     assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+
+
+async def test_a_resume_goes_on_when_every_other_replica_is_at_its_capacity() -> None:
+    # A replica dying under full load is when resuming matters most. The answer keeps its
+    # pool slot, so continuing on a full replica moves load rather than adding to the pool's.
+    es = engines(2)
+    router, replicas = fleet(*es)
+    for r in replicas:
+        r.capacity = 1
+    es[0].fail_after = (2, DROPPED)
+    es[1].stall_after = 4  # the other replica's own stream stays open
+    mine = await router.open(request(), "acct")  # r0
+    other = await router.open(request(), "acct")  # r1: r0 is full
+    assert (mine.replica, other.replica) == (replicas[0], replicas[1])
+    es[1].stall_after = None
+    assert text([ev async for ev in mine]) == "t0 t1 t2 t3 t4 t5 "
+    assert [r.outcome for r in mine.resumes] == [RESUMED]
+    await other.aclose()
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0

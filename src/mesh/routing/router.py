@@ -166,7 +166,7 @@ class RoutedStream:
                 try:
                     async with asyncio.timeout(router.resume_timeout):
                         replica, events, first, _, _ = await router.attempts(
-                            self.pool, follow_up, None, exclude=self._failed, only=_continues)
+                            self.pool, follow_up, None, exclude=self._failed, only=_continues, over_capacity=True)
                 except (EngineError, TimeoutError) as exc:
                     span.set_attribute("mesh.resume.outcome", FAILED)
                     self._record(FAILED, getattr(exc, "kind", "timeout"), delivered, None)
@@ -287,14 +287,17 @@ class Router:
 
     async def attempts(
         self, pool: ModelPool, request: CanonicalRequest, owner: str | None, *,
-        exclude: Set[int] = frozenset(), only: Callable[[Replica], bool] | None = None,
+        exclude: Set[int] = frozenset(), only: Callable[[Replica], bool] | None = None, over_capacity: bool = False,
     ) -> tuple[Replica, AsyncIterator[Event], Event, str, int]:
         """Open ``request`` on a replica of ``pool`` that produces a first event, failing over;
-        never on a replica whose id is in ``exclude``, only on those ``only`` accepts. Returns
+        never on a replica whose id is in ``exclude``, only on those ``only`` accepts, and
+        (unless ``over_capacity``: a continuation, which keeps its pool slot and so moves
+        load rather than adding to the pool's) only on one with room. Returns
         the replica (its in-flight count taken), its events, the first one, why it was
         picked and the attempt number. The pool slot is the caller's."""
         def usable(r: Replica) -> bool:
-            return r.healthy and r.has_room and id(r) not in exclude and (only is None or only(r))
+            return (r.healthy and (over_capacity or r.has_room) and id(r) not in exclude
+                    and (only is None or only(r)))
 
         tried: set[int] = set()
         faulted: set[int] = set()
