@@ -25,8 +25,8 @@ from mesh.canonical import (
     ToolCallStart,
     Usage,
 )
-from mesh.config import ModelConfig, Settings
-from mesh.errors import EngineError, EngineRejected, EngineTimeout
+from mesh.config import ModelConfig, RoutingConfig, Settings
+from mesh.errors import EngineError, EngineRejected, EngineTimeout, MeshError
 from mesh.observability.metrics import Metrics
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.pool import ModelPool
@@ -404,3 +404,32 @@ async def test_a_resume_goes_on_when_every_other_replica_is_at_its_capacity() ->
     assert [r.outcome for r in mine.resumes] == [RESUMED]
     await other.aclose()
     assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+
+
+async def test_a_deadline_that_passes_mid_resume_bills_what_was_delivered_and_gives_back_the_rest() -> None:
+    es = engines(2)
+    es[0].fail_after = (2, DROPPED)
+    es[1].gate = gate = Watched()  # the continuation's first token never comes
+    router, replicas = fleet(*es)
+    ledger = FakeLedger()
+    spawned: list[asyncio.Task[Any]] = []
+    pipeline = Pipeline(Settings(catalog=False, routing=RoutingConfig(request_timeout=0.5)), router,
+                        authenticator=None, ledger=ledger,  # type: ignore[arg-type]
+                        spawn=lambda c: spawned.append(asyncio.get_running_loop().create_task(c)))
+    ctx = RequestContext(request_id="req_deadline", protocol="test")
+    ctx.principal = FakePrincipal()
+    _, routed = await pipeline.start(ctx, request())
+    got: list[Event] = []
+    with pytest.raises(MeshError) as caught:
+        async for ev in pipeline.metered(ctx, routed):
+            got.append(ev)
+    await pipeline.finish(ctx)
+    await asyncio.gather(*spawned)
+    assert caught.value.status == 504 and gate.waiting.is_set()  # it was waiting on the continuation
+    assert text(got) == "t0 t1 "
+    [settled] = ledger.settled
+    assert settled["status"] == "error" and settled["usage"].output_tokens == 2  # what was delivered
+    assert ledger.holds == {}
+    assert ctx.routed is not None and [r.outcome for r in ctx.routed.resumes] == [FAILED]
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+    assert es[0].open == 0 and es[1].open == 0
