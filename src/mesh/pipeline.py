@@ -471,11 +471,19 @@ class Pipeline:
 
     def _guarded(self, ctx: RequestContext, usage: Usage | None) -> Usage | None:
         """Usage a worker's engine could not have produced takes its replica out of rotation
-        and is billed only as far as Mesh can bound it."""
+        and is billed only as far as Mesh can bound it. After a resume the usage is partly
+        the continuation's replica's report: every replica that served the answer is judged
+        on it, not only the one that started it (which may be the operator's own)."""
         if usage is None or self.usage_guard is None or ctx.model is None or ctx.request is None:
             return usage
-        return self.usage_guard(ctx.model.id, ctx.replica, ctx.request, ctx.prompt_estimate, usage,
-                                ctx.model.context_length)
+        served = ctx.routed.served_by if ctx.routed is not None else [ctx.replica]
+        billed = usage
+        for name in dict.fromkeys(served):
+            judged = self.usage_guard(ctx.model.id, name, ctx.request, ctx.prompt_estimate, usage,
+                                      ctx.model.context_length)
+            if judged != usage:
+                billed = judged  # clamped: the same bound whichever replica lied
+        return billed
 
     async def start(
         self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None

@@ -25,8 +25,8 @@ from mesh.canonical import (
     ToolCallStart,
     Usage,
 )
-from mesh.config import ModelConfig, Settings
-from mesh.errors import EngineError, EngineRejected, EngineTimeout
+from mesh.config import ModelConfig, RoutingConfig, Settings
+from mesh.errors import EngineError, EngineRejected, EngineTimeout, MeshError
 from mesh.observability.metrics import Metrics
 from mesh.pipeline import Pipeline, RequestContext
 from mesh.routing.pool import ModelPool
@@ -356,5 +356,80 @@ async def test_a_client_that_leaves_while_the_resume_waits_gives_everything_back
         await task
     assert text(got) == "t0 t1 "
     assert [(r.outcome, r.reason) for r in stream.resumes] == [(FAILED, "cancelled")]
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+    assert es[0].open == 0 and es[1].open == 0
+
+
+async def test_several_choices_never_resume_even_when_only_the_first_had_output() -> None:
+    # Engines interleave choices, and a drop can come before the second choice's first delta:
+    # a continuation would then hand every choice the first one's prefix.
+    es = engines(2)
+    router, replicas = fleet(*es)
+    es[0].fail_after = (2, DROPPED)  # the fake streams only choice 0: nothing of choice 1 yet
+    stream = await router.open(replace(request(), n=2), "acct")
+    with pytest.raises(EngineError):
+        async for _ in stream:
+            pass
+    [record] = stream.resumes
+    assert (record.outcome, record.reason) == (REFUSED, "several_choices")
+    assert es[1].started == 0 and all(r.in_flight == 0 for r in replicas)
+
+
+async def test_a_replica_that_drops_every_stream_is_taken_out_by_its_breaker() -> None:
+    # Each drop makes another replica read the prompt again (the operator's cost): a replica
+    # that drops on purpose after its first token must not get a fresh stream every time.
+    es = engines(2)
+    router, replicas = fleet(*es)  # always tries r0 first
+    es[0].fail_after = (1, DROPPED)
+    answers = [text((await run(router))[1]) for _ in range(10)]
+    assert answers == ["t0 t1 t2 t3 t4 t5 "] * 10  # every client got its whole answer
+    assert es[0].started == replicas[0].breaker.failure_threshold  # then its breaker took it out
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+
+
+async def test_a_resume_goes_on_when_every_other_replica_is_at_its_capacity() -> None:
+    # A replica dying under full load is when resuming matters most. The answer keeps its
+    # pool slot, so continuing on a full replica moves load rather than adding to the pool's.
+    es = engines(2)
+    router, replicas = fleet(*es)
+    for r in replicas:
+        r.capacity = 1
+    es[0].fail_after = (2, DROPPED)
+    es[1].stall_after = 4  # the other replica's own stream stays open
+    mine = await router.open(request(), "acct")  # r0
+    other = await router.open(request(), "acct")  # r1: r0 is full
+    assert (mine.replica, other.replica) == (replicas[0], replicas[1])
+    es[1].stall_after = None
+    assert text([ev async for ev in mine]) == "t0 t1 t2 t3 t4 t5 "
+    assert [r.outcome for r in mine.resumes] == [RESUMED]
+    await other.aclose()
+    assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
+
+
+async def test_a_deadline_that_passes_mid_resume_bills_what_was_delivered_and_gives_back_the_rest() -> None:
+    es = engines(2)
+    es[0].fail_after = (2, DROPPED)
+    es[1].gate = gate = Watched()  # the continuation's first token never comes
+    router, replicas = fleet(*es)
+    ledger = FakeLedger()
+    spawned: list[asyncio.Task[Any]] = []
+    pipeline = Pipeline(Settings(catalog=False, routing=RoutingConfig(request_timeout=0.5)), router,
+                        authenticator=None, ledger=ledger,  # type: ignore[arg-type]
+                        spawn=lambda c: spawned.append(asyncio.get_running_loop().create_task(c)))
+    ctx = RequestContext(request_id="req_deadline", protocol="test")
+    ctx.principal = FakePrincipal()
+    _, routed = await pipeline.start(ctx, request())
+    got: list[Event] = []
+    with pytest.raises(MeshError) as caught:
+        async for ev in pipeline.metered(ctx, routed):
+            got.append(ev)
+    await pipeline.finish(ctx)
+    await asyncio.gather(*spawned)
+    assert caught.value.status == 504 and gate.waiting.is_set()  # it was waiting on the continuation
+    assert text(got) == "t0 t1 "
+    [settled] = ledger.settled
+    assert settled["status"] == "error" and settled["usage"].output_tokens == 2  # what was delivered
+    assert ledger.holds == {}
+    assert ctx.routed is not None and [r.outcome for r in ctx.routed.resumes] == [FAILED]
     assert all(r.in_flight == 0 for r in replicas) and router.pools["m"].reserved == 0
     assert es[0].open == 0 and es[1].open == 0

@@ -20,6 +20,7 @@ class Behaviour:
     usage: dict[str, Any] = field(default_factory=lambda: {"prompt_tokens": 10, "completion_tokens": 1})
     break_after_usage: bool = False  # then send a broken chunk: the stream fails after reporting usage
     on_answer: Any = None  # called (no arguments) just before the usage is sent
+    continuations_only: bool = False  # 503 to a request that is not a continuation (a resume target)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
 
 
@@ -53,8 +54,13 @@ class RogueEngine:
 
             def do_POST(self) -> None:
                 behaviour.requests.append(("POST", self.path))
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self._redirect():
+                    return
+                if behaviour.continuations_only and not json.loads(sent or b"{}").get("continue_final_message"):
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "test-model",
                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"},

@@ -173,11 +173,12 @@ class Delivered:
 
 
 def refusal(error: EngineError, delivered: Delivered, *, resumes_left: int, can_continue: bool,
-            structured: bool = False) -> str | None:
+            structured: bool = False, choices: int = 1) -> str | None:
     """Why a stream that failed with ``error`` after its first byte may not resume (a short
     reason for the log and the trace), or None when it may. ``can_continue``: another
     replica of the model (healthy now or not) continues a final assistant message;
-    ``structured``: the request constrains its output (a JSON schema or JSON mode)."""
+    ``structured``: the request constrains its output (a JSON schema or JSON mode);
+    ``choices``: the request's ``n`` (a drop can come before a later choice's first delta)."""
     if not (error.replica_fault and error.retryable):
         return "not_replica_fault"  # the engine answered an error for this request: another would too
     if resumes_left <= 0:
@@ -186,7 +187,7 @@ def refusal(error: EngineError, delivered: Delivered, *, resumes_left: int, can_
         return "untracked"
     if structured:
         return "structured_output"  # engines start the grammar afresh, not from the delivered prefix
-    if len(delivered.choices) > 1 or any(c != 0 for c in delivered.choices):
+    if choices > 1 or len(delivered.choices) > 1 or any(c != 0 for c in delivered.choices):
         return "several_choices"
     if delivered.tool_calls:
         return "tool_call"  # no engine continues a partial tool call from an assistant message

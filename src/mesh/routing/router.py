@@ -147,7 +147,8 @@ class RoutedStream:
         can_continue = any(_continues(r) for r in self.pool.replicas if id(r) not in self._failed)
         left = router.max_resumes - sum(1 for r in self.resumes if r.outcome in (RESUMED, FAILED))
         structured = request.response_format is not None and request.response_format.type != "text"
-        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue, structured=structured)
+        why = refusal(err, delivered, resumes_left=left, can_continue=can_continue, structured=structured,
+                      choices=request.n)
         if why is not None:
             self._record(REFUSED, why, delivered, None)
             return None
@@ -165,7 +166,7 @@ class RoutedStream:
                 try:
                     async with asyncio.timeout(router.resume_timeout):
                         replica, events, first, _, _ = await router.attempts(
-                            self.pool, follow_up, None, exclude=self._failed, only=_continues)
+                            self.pool, follow_up, None, exclude=self._failed, only=_continues, over_capacity=True)
                 except (EngineError, TimeoutError) as exc:
                     span.set_attribute("mesh.resume.outcome", FAILED)
                     self._record(FAILED, getattr(exc, "kind", "timeout"), delivered, None)
@@ -184,6 +185,12 @@ class RoutedStream:
         self._record(RESUMED, err.kind, delivered, replica.name)
         self.replica, self._events, self._first, self._holding = replica, events, first, True
         return Splice.after(delivered)
+
+    @property
+    def served_by(self) -> list[str]:
+        """Every replica that produced part of this answer, in order: the one that started it,
+        then each that a resume continued it on (their usage reports make up the bill)."""
+        return [self.choice.replica, *(r.to_replica for r in self.resumes if r.to_replica is not None)]
 
     def _record(self, outcome: str, reason: str, delivered: Delivered, to: str | None) -> None:
         self.resumes.append(ResumeRecord(outcome, reason, self.replica.name, to, delivered.output_tokens))
@@ -287,14 +294,18 @@ class Router:
     async def attempts(
         self, pool: ModelPool, request: CanonicalRequest, owner: str | None, *,
         exclude: Set[int] = frozenset(), only: Callable[[Replica], bool] | None = None, relay: bool = False,
+        over_capacity: bool = False,
     ) -> tuple[Replica, AsyncIterator[Event], Event, str, int]:
         """Open ``request`` on a replica of ``pool`` that produces a first event, failing over;
-        never on a replica whose id is in ``exclude``, only on those ``only`` accepts. Returns
+        never on a replica whose id is in ``exclude``, only on those ``only`` accepts, and
+        (unless ``over_capacity``: a continuation, which keeps its pool slot and so moves
+        load rather than adding to the pool's) only on one with room. Returns
         the replica (its in-flight count taken), its events, the first one, why it was
         picked and the attempt number. The pool slot is the caller's. With ``relay``, an
         engine that can relay is asked for its chunks as they are (see :meth:`open`)."""
         def usable(r: Replica) -> bool:
-            return r.healthy and r.has_room and id(r) not in exclude and (only is None or only(r))
+            return (r.healthy and (over_capacity or r.has_room) and id(r) not in exclude
+                    and (only is None or only(r)))
 
         tried: set[int] = set()
         faulted: set[int] = set()
