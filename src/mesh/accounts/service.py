@@ -63,6 +63,7 @@ class ApiKeyInfo:
     budget_period: str = "none"
     budget_reset_day: int | None = None
     budget_resets_at: datetime | None = None
+    created_by: str | None = None  # the console user who created it; None: the admin API
 
     @property
     def remaining(self) -> MicroCredits | None:
@@ -118,6 +119,7 @@ def key_info(row: Any) -> ApiKeyInfo:
         budget_period=period,
         budget_reset_day=reset_day,
         budget_resets_at=resets_at,
+        created_by=getattr(row, "created_by", None),
     )
 
 
@@ -197,6 +199,7 @@ class Accounts:
         rate_limits: Mapping[str, int | None] | None = None,
         budget_period: str = "none",
         budget_reset_day: int | None = None,
+        created_by: str | None = None,
     ) -> CreatedKey:
         """Mint a key for the account and return it in full, once.
 
@@ -224,6 +227,7 @@ class Accounts:
             "revoked_at": None,
             "last_used_at": None,
             "created_at": utcnow(),
+            "created_by": created_by,
             "rate_limits": _limits_patch(None, rate_limits or {}),
             **_period_columns(period, reset_day),
         }

@@ -6,7 +6,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mesh.console.passwords import normalize_email
-from mesh.console.users import SignUpError
+from mesh.console.users import ConsoleUser, SignUpError
 from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
 
 SIGNUP_DONE = "Your account is ready: sign in with your email and password."
@@ -24,8 +24,17 @@ def _client(page: Page) -> str:
     return client.host if client else "unknown"
 
 
-async def _start_session(page: Page, user_id: str, target: str, flash: str | None = None) -> Response:
-    token = await page.bound.sessions.create(user_id)
+async def landing_organization(page: Page, user: ConsoleUser) -> str | None:
+    """Where a new session opens: the organization used last, if still a member, else the
+    first one; ``None`` for a person in none."""
+    mine = await page.bound.members.of_user(user.id)
+    if any(m.account_id == user.account_id for m in mine):
+        return user.account_id
+    return mine[0].account_id if mine else None
+
+
+async def start_session(page: Page, user: ConsoleUser, target: str, flash: str | None = None) -> Response:
+    token = await page.bound.sessions.create(user.id, await landing_organization(page, user))
     page.set_cookie(SESSION_COOKIE, token, page.console.config.session_hours * 3600)
     return page.redirect(target, flash)
 
@@ -89,7 +98,7 @@ async def signin(page: Page) -> Response:
         return page.render("signin.html", status=400, title="Sign in", email=email_text, next=nxt,
                            error="Wrong email or password.")
     console.email_limiter.reset(email)
-    return await _start_session(page, user.id, nxt)
+    return await start_session(page, user, nxt)
 
 
 def _too_many(page: Page, email_text: str, nxt: str, wait: int) -> Response:

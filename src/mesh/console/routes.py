@@ -12,6 +12,7 @@ from mesh.console.billing import billing_routes
 from mesh.console.dashboard import dashboard_routes
 from mesh.console.guide import guide_routes
 from mesh.console.keys import keys_routes
+from mesh.console.members import members_routes
 from mesh.console.operator import operator_routes
 from mesh.console.operator_fleet import fleet_routes
 from mesh.console.playground import playground_routes
@@ -35,6 +36,7 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
         *dashboard_routes(console),
         *billing_routes(console),
         *keys_routes(console),
+        *members_routes(console),
         *spend_routes(console),
         *guide_routes(console),
         *playground_routes(console),

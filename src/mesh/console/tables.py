@@ -1,6 +1,8 @@
 """The console's tables, on the shared :data:`mesh.store.tables.metadata`.
 
-``console_users``    one row per person who signs in; each belongs to one account.
+``console_users``    one row per person who signs in; ``account_id`` is the organization
+                     their next session opens in (the one they used last).
+``memberships``      who belongs to which organization (an ``accounts`` row), with what role.
 ``console_sessions`` server-side sessions: the cookie carries a random token, the row
                      keeps only its SHA-256, the CSRF token and the expiry, so signing
                      out (or changing the password) ends a session everywhere at once.
@@ -9,12 +11,12 @@
                      every gateway replica on the database.
 
 Import this module wherever the metadata must be complete (the Alembic environment does).
-Migration ``0004`` creates these tables.
+Migration ``0004`` creates these tables; ``0008`` adds memberships.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, String, Table, Text, false
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, Column, ForeignKey, Index, String, Table, Text, false
 
 from mesh.store.tables import metadata
 from mesh.store.types import UTCDateTime
@@ -43,6 +45,21 @@ console_sessions = Table(
     Column("csrf_token", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False, index=True),
+    # The organization this session works in (switched in the console); its membership is
+    # checked on every request, so a removed member's session ends at once.
+    Column("account_id", String(40), nullable=True),
+)
+
+ROLES = ("owner", "admin", "billing", "developer", "viewer")
+
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("user_id", String(40), ForeignKey("console_users.id", ondelete="CASCADE"), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True, index=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("role IN ('owner', 'admin', 'billing', 'developer', 'viewer')", name="role_known"),
 )
 
 console_payments = Table(

@@ -1,7 +1,8 @@
 """Console users: sign-up (a new account with its first user), look-ups, passwords, admins.
 
-A user belongs to exactly one account, created with it at sign-up in the same
-transaction. Only argon2 hashes of passwords are stored.
+Sign-up creates an organization (an account) with the new user as its owner, in the same
+transaction; ``account_id`` is the organization the user's next session opens in. Only
+argon2 hashes of passwords are stored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mesh.accounts.keys import new_id
+from mesh.accounts.members import add_member
 from mesh.console.passwords import hash_password, needs_rehash, normalize_email, password_problem, verify_password
 from mesh.console.tables import console_sessions, console_users
 from mesh.store import Database, utcnow
@@ -91,6 +93,7 @@ class Users:
                     insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
                 )
                 await conn.execute(insert(console_users).values(**row))
+                await add_member(conn, str(row["id"]), account_id, "owner")
         except IntegrityError:
             return None  # taken a moment ago, by a concurrent sign-up
         return user_from_row(SimpleNamespace(**row))
@@ -150,6 +153,12 @@ class Users:
                 )
             )
         return None
+
+    async def set_playground_key(self, user_id: str, key_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(console_users).where(console_users.c.id == user_id).values(playground_key_id=key_id)
+            )
 
     async def set_admin(self, email_text: str, is_admin: bool = True) -> bool:
         """Grant (or take away) operator rights; ``False`` if no user has that email."""

@@ -37,6 +37,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from mesh.accounts.members import Members
+from mesh.accounts.roles import Permission, Role, allows
 from mesh.billing.services import Services
 from mesh.config import ConsoleConfig, Settings
 from mesh.console import display
@@ -88,6 +90,7 @@ class Bound:
     services: Services
     users: Users
     sessions: Sessions
+    members: Members
     secret: bytes
     # user id -> the playground key this process minted (console/playground.py)
     playground_keys: OrderedDict[str, HeldKey] = field(default_factory=OrderedDict)
@@ -130,6 +133,7 @@ class Console:
                     services=gateway.services,
                     users=Users(db),
                     sessions=Sessions(db, timedelta(hours=self.config.session_hours)),
+                    members=Members(db),
                     secret=self.secret,
                 )
             return self._bound
@@ -147,12 +151,17 @@ class Console:
             return public_url.lower().startswith("https://")
         return request.url.scheme == "https"
 
-    def route(self, path: str, handler: Handler, *,
-              methods: tuple[str, ...] = ("GET",), access: Access = "user") -> Route:
+    def route(self, path: str, handler: Handler, *, methods: tuple[str, ...] = ("GET",),
+              access: Access = "user", need: Permission | None = None) -> Route:
+        """``need``: the permission (mesh.accounts.roles) the user's role in the session's
+        organization must grant; ``None`` for pages of the person (settings, sign out)."""
+
         async def endpoint(request: Request) -> AnyResponse:
             page = await self._page(request, access)
             try:
                 response: AnyResponse | None = await self._guard(page, access)
+                if response is None and need is not None and page.session is not None:
+                    response = self._role_guard(page, need)
                 if response is None:
                     response = await handler(page)
             except MeshError as err:
@@ -200,6 +209,17 @@ class Console:
                                            "Go back, reload the page and try again.")
         return None
 
+    def _role_guard(self, page: Page, need: Permission) -> Response | None:
+        if page.session is None or page.session.account_id is None:
+            return page.render("error.html", status=403, title="No organization",
+                               message="You are not a member of any organization. Accept an invitation, "
+                                       "or create an organization from the settings page.")
+        if not allows(page.session.role, need):
+            return page.render("error.html", status=403, title="Not allowed",
+                               message=f"Your role ({page.session.role}) in this organization does not "
+                                       "allow this page. Ask an owner or an admin.")
+        return None
+
     def _finish(self, page: Page, response: AnyResponse) -> AnyResponse:
         h = response.headers
         h.setdefault("cache-control", "no-store")
@@ -238,6 +258,19 @@ class Page:
     def user(self) -> ConsoleUser:
         assert self.session is not None, "this page requires a signed-in user"
         return self.session.user
+
+    @property
+    def account_id(self) -> str:
+        """The organization this session works in (pages with a ``need`` always have one)."""
+        assert self.session is not None and self.session.account_id is not None, "no organization"
+        return self.session.account_id
+
+    @property
+    def role(self) -> Role | None:
+        return None if self.session is None else self.session.role
+
+    def can(self, permission: Permission) -> bool:
+        return allows(self.role, permission)
 
     @property
     def is_admin(self) -> bool:
@@ -317,6 +350,9 @@ class Page:
         body = self.console.env.get_template(template).render(
             user=user,
             is_admin=self.is_admin,
+            role=self.role,
+            can=self.can,
+            account_id=None if self.session is None else self.session.account_id,
             csrf_token=self.csrf_token(),
             flash=self._take_flash(),
             path=self.request.url.path,

@@ -74,6 +74,8 @@ api_keys = Table(
     Column("budget_period", String(16), nullable=True),
     Column("budget_reset_day", SmallInteger, nullable=True),
     Column("budget_resets_at", UTCDateTime, nullable=True),
+    # The console user who created the key (None: the admin API, or before 0008).
+    Column("created_by", String(40), nullable=True),
     CheckConstraint("spent >= 0", name="spent_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),

@@ -1,0 +1,60 @@
+"""Organizations: several people share an account (the organization) through memberships
+with roles; a key records who created it; a console session works in one organization.
+
+Every existing account becomes an organization whose console users are its owners (before
+this, each user belonged to exactly one account, the one they signed up with).
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from mesh.store.types import UTCDateTime
+
+revision = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "memberships",
+        sa.Column("user_id", sa.String(40), nullable=False),
+        sa.Column("account_id", sa.String(40), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", "account_id", name=op.f("pk_memberships")),
+        sa.ForeignKeyConstraint(["user_id"], ["console_users.id"], name=op.f("fk_memberships_user_id_console_users"),
+                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_memberships_account_id_accounts")),
+        sa.CheckConstraint("role IN ('owner', 'admin', 'billing', 'developer', 'viewer')",
+                           name=op.f("ck_memberships_role_known")),
+    )
+    op.create_index(op.f("ix_memberships_account_id"), "memberships", ["account_id"])
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("created_by", sa.String(40), nullable=True))
+    with op.batch_alter_table("console_sessions") as batch:
+        batch.add_column(sa.Column("account_id", sa.String(40), nullable=True))
+    op.execute(
+        "INSERT INTO memberships (user_id, account_id, role, created_at) "
+        "SELECT id, account_id, 'owner', created_at FROM console_users"
+    )
+    op.execute(
+        "UPDATE console_sessions SET account_id = "
+        "(SELECT account_id FROM console_users WHERE console_users.id = console_sessions.user_id)"
+    )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("console_sessions") as batch:
+        batch.drop_column("account_id")
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("created_by")
+    op.drop_index(op.f("ix_memberships_account_id"), table_name="memberships")
+    op.drop_table("memberships")
