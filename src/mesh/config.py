@@ -351,6 +351,15 @@ class PaymentsConfig(_Frozen):
         return self
 
 
+class SmtpConfig(_Frozen):
+    host: str | None = None
+    port: int = 587
+    username: str | None = None
+    password: SecretStr | None = None
+    starttls: bool = True
+    sender: str = "Mesh <mesh@localhost>"
+
+
 class ConsoleConfig(_Frozen):
     """The web console under ``/console``."""
 
@@ -369,6 +378,10 @@ class ConsoleConfig(_Frozen):
     signin_attempts_per_ip: int = Field(default=20, ge=1)
     signups_per_ip_per_hour: int = Field(default=10, ge=1)  # accounts one address may create
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
+    invitation_hours: int = Field(default=72, ge=1)  # how long an invitation link works
+    # Mail (invitations, verification, password reset). No SMTP host: each mail is written to
+    # the gateway's log instead (the quick start), so an operator can pass the link on.
+    smtp: SmtpConfig = Field(default_factory=lambda: SmtpConfig())
 
     @field_validator("secret")
     @classmethod
@@ -385,6 +398,8 @@ class Settings(_Frozen):
     # runs) can share one Redis.
     redis_prefix: str = DEFAULT_REDIS_PREFIX
     admin_key: str | None = None
+    # How long the audit log (organizations' and the operator's) keeps its events.
+    audit_retention_days: int = Field(default=365, ge=1)
     server: ServerConfig = Field(default_factory=ServerConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)

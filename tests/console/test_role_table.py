@@ -71,7 +71,7 @@ async def _member(console_app: Starlette, role: str) -> tuple[Browser, dict[str,
     assert r.status_code == 303, r.text
     await founder.aclose()
     return person, {"key_id": key_id, "user_id": target.id, "account_id": org, "payment_id": "pay_none",
-                    "generation_id": "gen_none"}
+                    "generation_id": "gen_none", "invitation_id": "inv_none", "token": "tok_none"}
 
 
 async def _call(b: Browser, method: str, path: str) -> httpx.Response:

@@ -27,6 +27,10 @@ A change reaches every gateway at once (the key caches are invalidated through R
     DELETE /admin/v1/keys/{id}
     GET    /admin/v1/usage                    ?account_id=&days=
     POST   /admin/v1/redeem-codes             {amount, count?}
+    GET    /admin/v1/audit-log                ?account_id=&limit=
+
+Every call that changes something is recorded in the operator's audit log (and in the
+organization's, when it touches one): see ``mesh.admin.audit_trail``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mesh.admin import audit_trail
 from mesh.admin.http import ServicesSource, credits_param, guarded, int_query, json_response, read_body, resolve
 from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
 from mesh.billing.budgets import Period
@@ -47,6 +52,7 @@ from mesh.billing.services import Services
 from mesh.billing.usage import daily_usage
 from mesh.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from mesh.http.credentials import presented_credential, single
+from mesh.http.ids import request_id as new_request_id
 from mesh.limits.policy import MAX_LIMIT
 
 PREFIX = "/admin/v1"
@@ -124,7 +130,11 @@ def admin_routes(services: ServicesSource) -> list[Route]:
         async def endpoint(request: Request) -> Response:
             svc = resolve(services, request)
             check_admin(request, svc.settings.admin_key)
-            return await handler(request, svc)
+            rid = new_request_id()
+            response = await handler(request, svc)
+            response.headers["x-request-id"] = rid
+            await audit_trail.record(request, svc, handler.__name__, response, rid)
+            return response
 
         endpoint.__name__ = handler.__name__
         return Route(PREFIX + path, guarded(endpoint), methods=[method])
@@ -142,6 +152,7 @@ def admin_routes(services: ServicesSource) -> list[Route]:
         route("/keys/{key_id}", revoke_key, "DELETE"),
         route("/usage", usage, "GET"),
         route("/redeem-codes", mint_codes, "POST"),
+        route("/audit-log", audit_trail.audit_log, "GET"),
     ]
 
 

@@ -22,7 +22,8 @@ HISTORY_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment"
 
 
 def payments_of(console: Console, bound: Bound) -> Payments:
-    return Payments(bound.services.database, bound.services.ledger, console.config.payments, bound.secret)
+    return Payments(bound.services.database, bound.services.ledger, console.config.payments, bound.secret,
+                    audit=bound.services.audit)
 
 
 def site_url(page: Page) -> str:
@@ -74,6 +75,7 @@ async def checkout(page: Page) -> Response:
         )
     except PaymentError as err:
         return page.redirect(PREFIX + "/billing", str(err), "error")
+    await page.audit("credits.checkout_started", page.field("pack"))
     return page.redirect(url)
 
 
@@ -123,6 +125,7 @@ async def redeem(page: Page) -> Response:
         entry = await page.services.redeem.redeem(page.account_id, code)
     except MeshError as err:
         return page.redirect(PREFIX + "/billing", err.message + ".", "error")
+    await page.audit("credits.redeemed", None, amount=credits(entry.amount))
     return page.redirect(PREFIX + "/billing", f"Code redeemed: {credits(entry.amount)} credits added.")
 
 

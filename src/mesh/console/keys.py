@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from mesh.accounts.service import ApiKeyInfo
 from mesh.billing.budgets import PERIODS
-from mesh.billing.money import parse_credits
+from mesh.billing.money import format_credits, parse_credits
 from mesh.console.web import PREFIX, Console, Page
 from mesh.errors import MeshError, NotFound
 from mesh.store import utcnow
@@ -129,6 +129,7 @@ async def create_key(page: Page) -> Response:
         )
     except MeshError as err:
         return await _render(page, status=400, errors={"name": err.message}, form=values)
+    await page.audit("key.created", created.info.id, name=created.info.name, prefix=created.info.prefix + "…")
     return await _render(page, status=201, created=created)
 
 
@@ -149,6 +150,7 @@ async def revoke_key(page: Page) -> Response:
         return page.render("error.html", status=403, title="Not allowed",
                            message="Your role lets you revoke only the keys you created.")
     await page.services.authenticator.revoke(key.id)
+    await page.audit("key.revoked", key.id, name=key.name, prefix=key.prefix + "…")
     return page.redirect(PREFIX + "/keys", f"Key {key.prefix}… ({key.name}) revoked. It stops working at once.")
 
 
@@ -169,6 +171,9 @@ async def change_budget(page: Page) -> Response:
     except MeshError as err:
         return page.redirect(PREFIX + "/keys", err.message, "err")
     await page.services.authenticator.key_changed(key.id)
+    await page.audit("key.budget_changed", key.id, name=key.name, prefix=key.prefix + "…",
+                     spend_limit=None if info.spend_limit is None else format_credits(info.spend_limit),
+                     period=info.budget_period)
     what = "no budget" if info.spend_limit is None else f"a {info.budget_period} budget"
     return page.redirect(PREFIX + "/keys", f"Key {key.prefix}… ({key.name}) now has {what}.")
 

@@ -30,6 +30,7 @@ async def create_organization(page: Page) -> Response:
         return page.redirect(PREFIX + "/organizations", err.message, "error")
     await page.bound.sessions.switch(page.session.token_hash, page.user.id, account_id)
     name = page.field("name").strip()
+    await page.audit("organization.created", name, account_id=account_id)
     return page.redirect(PREFIX + "/dashboard", f"Organization {name} created; you are its owner.")
 
 
@@ -44,8 +45,10 @@ async def switch_organization(page: Page) -> Response:
 
 async def members_page(page: Page) -> Response:
     members = await page.bound.members.of_account(page.account_id)
+    pending = await page.bound.invitations.pending(page.account_id)
     return page.render("members.html", title="Members", nav="members", members=members, roles=ROLES,
-                       owner=page.can("organization"))
+                       owner=page.can("organization"), pending=pending,
+                       invitation_hours=page.console.config.invitation_hours)
 
 
 def _touches_owners(page: Page, current: str, new: str | None) -> bool:
@@ -64,6 +67,7 @@ async def change_role(page: Page) -> Response:
         await page.bound.members.set_role(page.account_id, user_id, role)
     except MeshError as err:
         return page.redirect(PREFIX + "/members", err.message, "error")
+    await page.audit("member.role_changed", found.email, old=found.role, new=role)
     return page.redirect(PREFIX + "/members", f"{found.email} is now {role}.")
 
 
@@ -78,15 +82,18 @@ async def remove_member(page: Page) -> Response:
         await page.bound.members.remove(page.account_id, user_id)
     except MeshError as err:
         return page.redirect(PREFIX + "/members", err.message, "error")
+    await page.audit("member.removed", found.email, role=found.role)
     return page.redirect(PREFIX + "/members",
                          f"{found.email} was removed and signed out. The keys they created still work until revoked.")
 
 
 async def leave(page: Page) -> Response:
+    account_id = page.account_id
     try:
-        found = await page.bound.members.remove(page.account_id, page.user.id)
+        found = await page.bound.members.remove(account_id, page.user.id)
     except MeshError as err:
         return page.redirect(PREFIX + "/organizations", err.message, "error")
+    await page.audit("member.left", found.email, account_id=account_id)
     return page.redirect(PREFIX + "/signin", f"You left {found.account_name}. Sign in again to continue.")
 
 

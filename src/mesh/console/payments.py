@@ -30,9 +30,10 @@ from typing import Any
 import stripe
 from sqlalchemy import insert, select, update
 
+from mesh.accounts.audit_log import Actor, AuditLog
 from mesh.accounts.keys import new_id
 from mesh.billing.ledger import Ledger
-from mesh.billing.money import MicroCredits, parse_credits
+from mesh.billing.money import MicroCredits, format_credits, parse_credits
 from mesh.config import CreditPack, PaymentsConfig
 from mesh.console.display import credits as show_credits
 from mesh.console.secrets import derive
@@ -104,7 +105,9 @@ class Payments:
         config: PaymentsConfig,
         secret: bytes,
         stripe_http: Callable[[], stripe.HTTPClient] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit
         self.db = db
         self.ledger = ledger
         self.config = config
@@ -264,4 +267,10 @@ class Payments:
             memo=f"{payment.provider} checkout {payment.id}",
         )
         await self._set_status(payment.id, "paid")
-        return "duplicate" if payment.status == "paid" else "credited"
+        if payment.status == "paid":
+            return "duplicate"
+        if self.audit is not None:
+            actor = Actor(name=f"{payment.provider} checkout", id=None, ip=None, request_id=session_id)
+            await self.audit.record(actor, "credits.purchased", account_id=payment.account_id, target=payment.id,
+                                    detail={"credits": format_credits(payment.credits), "pack": payment.pack_id})
+        return "credited"

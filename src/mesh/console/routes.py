@@ -7,10 +7,12 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
 from mesh.config import Settings
+from mesh.console.audit_view import audit_routes
 from mesh.console.auth_routes import auth_routes
 from mesh.console.billing import billing_routes
 from mesh.console.dashboard import dashboard_routes
 from mesh.console.guide import guide_routes
+from mesh.console.invitations import invitation_routes
 from mesh.console.keys import keys_routes
 from mesh.console.members import members_routes
 from mesh.console.operator import operator_routes
@@ -37,6 +39,8 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
         *billing_routes(console),
         *keys_routes(console),
         *members_routes(console),
+        *invitation_routes(console),
+        *audit_routes(console),
         *spend_routes(console),
         *guide_routes(console),
         *playground_routes(console),

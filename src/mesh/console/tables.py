@@ -11,15 +11,19 @@
                      every gateway replica on the database.
 
 Import this module wherever the metadata must be complete (the Alembic environment does).
-Migration ``0004`` creates these tables; ``0008`` adds memberships.
+``invitations``      a pending invitation to an organization: the link's token only as SHA-256.
+``audit_events``     who did what to an organization (``account_id``), or through the admin
+                     API (``account_id`` null: the operator's log); pruned after a retention.
+
+Migration ``0004`` creates these tables; ``0008`` adds memberships, invitations and the audit log.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, Column, ForeignKey, Index, String, Table, Text, false
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, Column, ForeignKey, Index, String, Table, Text, false
 
 from mesh.store.tables import metadata
-from mesh.store.types import UTCDateTime
+from mesh.store.types import BigIntPK, UTCDateTime
 
 EMAIL_LENGTH = 254
 
@@ -87,4 +91,38 @@ console_secrets = Table(
     Column("name", String(40), primary_key=True),
     Column("value", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+invitations = Table(
+    "invitations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("email", String(EMAIL_LENGTH), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("token_hash", String(64), nullable=False),
+    Column("invited_by", String(40), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("accepted_at", UTCDateTime, nullable=True),
+    Column("accepted_by", String(40), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Index("ix_invitations_token_hash", "token_hash", unique=True),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("account_id", String(40), nullable=True),
+    Column("actor", String(300), nullable=False),
+    Column("actor_id", String(40), nullable=True),
+    Column("ip", String(64), nullable=True),
+    Column("request_id", String(100), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("target", String(300), nullable=True),
+    Column("detail", JSON, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_audit_events_account_id_id", "account_id", "id"),
+    Index("ix_audit_events_created_at", "created_at"),
 )

@@ -59,8 +59,10 @@ class Users:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def sign_up(self, email_text: str, password: str) -> ConsoleUser | None:
-        """Create an account named after the email and its first user, in one transaction.
+    async def sign_up(self, email_text: str, password: str, *, joining: str | None = None) -> ConsoleUser | None:
+        """Create an organization named after the email and its first user (its owner), in
+        one transaction; with ``joining`` (an organization whose invitation the caller holds)
+        only the user, who becomes a member when the invitation is accepted.
 
         Returns None when the email is taken, after the same work (a password hash) as a
         sign-up, so that neither the answer nor its timing says the email is registered.
@@ -76,7 +78,7 @@ class Users:
         if await self.by_email(email) is not None:
             return None
         now = utcnow()
-        account_id = new_id("acct")
+        account_id = joining or new_id("acct")
         row = {
             "id": new_id("user"),
             "email": email,
@@ -89,11 +91,13 @@ class Users:
         }
         try:
             async with self.db.write() as conn:
-                await conn.execute(
-                    insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
-                )
+                if joining is None:
+                    await conn.execute(
+                        insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
+                    )
                 await conn.execute(insert(console_users).values(**row))
-                await add_member(conn, str(row["id"]), account_id, "owner")
+                if joining is None:
+                    await add_member(conn, str(row["id"]), account_id, "owner")
         except IntegrityError:
             return None  # taken a moment ago, by a concurrent sign-up
         return user_from_row(SimpleNamespace(**row))

@@ -37,17 +37,21 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from mesh.accounts.audit_log import Actor
+from mesh.accounts.invitations import Invitations
 from mesh.accounts.members import Members
 from mesh.accounts.roles import Permission, Role, allows
 from mesh.billing.services import Services
 from mesh.config import ConsoleConfig, Settings
 from mesh.console import display
+from mesh.console.mailer import Mailer
 from mesh.console.ratelimit import AttemptLimiter
 from mesh.console.secrets import load_secret, sign, verify
 from mesh.console.sessions import Session, Sessions
 from mesh.console.users import ConsoleUser, Users
 from mesh.errors import MeshError
 from mesh.gateway import Gateway
+from mesh.http.ids import request_id as new_request_id
 from mesh.http.streaming import StreamResponse
 
 log = logging.getLogger("mesh.console")
@@ -91,6 +95,8 @@ class Bound:
     users: Users
     sessions: Sessions
     members: Members
+    invitations: Invitations
+    mailer: Mailer
     secret: bytes
     # user id -> the playground key this process minted (console/playground.py)
     playground_keys: OrderedDict[str, HeldKey] = field(default_factory=OrderedDict)
@@ -134,6 +140,8 @@ class Console:
                     users=Users(db),
                     sessions=Sessions(db, timedelta(hours=self.config.session_hours)),
                     members=Members(db),
+                    invitations=Invitations(db, timedelta(hours=self.config.invitation_hours)),
+                    mailer=Mailer(self.config.smtp),
                     secret=self.secret,
                 )
             return self._bound
@@ -222,6 +230,7 @@ class Console:
 
     def _finish(self, page: Page, response: AnyResponse) -> AnyResponse:
         h = response.headers
+        h["x-request-id"] = page.request_id
         h.setdefault("cache-control", "no-store")
         h["x-content-type-options"] = "nosniff"
         h["referrer-policy"] = "same-origin"
@@ -251,6 +260,7 @@ class Page:
     request: Request
     session: Session | None
     form: FormData | None = None
+    request_id: str = field(default_factory=new_request_id)
     cookies: list[tuple[str, str | None, int | None]] = field(default_factory=list)
     _anon_csrf: str | None = None
 
@@ -283,6 +293,22 @@ class Page:
     @property
     def gateway(self) -> Gateway:
         return self.bound.gateway
+
+    @property
+    def client_ip(self) -> str:
+        client = self.request.client
+        return client.host if client else "unknown"
+
+    def actor(self) -> Actor:
+        user = self.session.user if self.session is not None else None
+        return Actor(name=user.email if user else "anonymous", id=user.id if user else None, ip=self.client_ip,
+                     request_id=self.request_id)
+
+    async def audit(self, action: str, target: str | None = None, *, account_id: str | None = None,
+                    **detail: Any) -> None:
+        """Record in the organization's audit log (the session's, unless ``account_id``)."""
+        await self.services.audit.record(self.actor(), action, account_id=account_id or self.account_id,
+                                         target=target, detail=detail or None)
 
     def field(self, name: str, default: str = "") -> str:
         value = self.form.get(name) if self.form is not None else None

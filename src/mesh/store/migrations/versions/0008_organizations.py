@@ -1,5 +1,6 @@
 """Organizations: several people share an account (the organization) through memberships
-with roles; a key records who created it; a console session works in one organization.
+with roles; a key records who created it; a console session works in one organization;
+invitations; the audit log.
 
 Every existing account becomes an organization whose console users are its owners (before
 this, each user belonged to exactly one account, the one they signed up with).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from mesh.store.types import UTCDateTime
+from mesh.store.types import BigIntPK, UTCDateTime
 
 revision = "0008"
 down_revision: str | None = "0007"
@@ -37,6 +38,40 @@ def upgrade() -> None:
                            name=op.f("ck_memberships_role_known")),
     )
     op.create_index(op.f("ix_memberships_account_id"), "memberships", ["account_id"])
+    op.create_table(
+        "invitations",
+        sa.Column("id", sa.String(40), nullable=False),
+        sa.Column("account_id", sa.String(40), nullable=False),
+        sa.Column("email", sa.String(254), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("token_hash", sa.String(64), nullable=False),
+        sa.Column("invited_by", sa.String(40), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("expires_at", UTCDateTime(), nullable=False),
+        sa.Column("accepted_at", UTCDateTime(), nullable=True),
+        sa.Column("accepted_by", sa.String(40), nullable=True),
+        sa.Column("revoked_at", UTCDateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_invitations")),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_invitations_account_id_accounts")),
+    )
+    op.create_index(op.f("ix_invitations_account_id"), "invitations", ["account_id"])
+    op.create_index("ix_invitations_token_hash", "invitations", ["token_hash"], unique=True)
+    op.create_table(
+        "audit_events",
+        sa.Column("id", BigIntPK, autoincrement=True, nullable=False),
+        sa.Column("account_id", sa.String(40), nullable=True),
+        sa.Column("actor", sa.String(300), nullable=False),
+        sa.Column("actor_id", sa.String(40), nullable=True),
+        sa.Column("ip", sa.String(64), nullable=True),
+        sa.Column("request_id", sa.String(100), nullable=True),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("target", sa.String(300), nullable=True),
+        sa.Column("detail", sa.JSON(), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
+    )
+    op.create_index("ix_audit_events_account_id_id", "audit_events", ["account_id", "id"])
+    op.create_index("ix_audit_events_created_at", "audit_events", ["created_at"])
     with op.batch_alter_table("api_keys") as batch:
         batch.add_column(sa.Column("created_by", sa.String(40), nullable=True))
     with op.batch_alter_table("console_sessions") as batch:
@@ -56,5 +91,7 @@ def downgrade() -> None:
         batch.drop_column("account_id")
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("created_by")
+    op.drop_table("audit_events")
+    op.drop_table("invitations")
     op.drop_index(op.f("ix_memberships_account_id"), table_name="memberships")
     op.drop_table("memberships")
