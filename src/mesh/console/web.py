@@ -169,7 +169,7 @@ class Console:
             try:
                 response: AnyResponse | None = await self._guard(page, access)
                 if response is None and need is not None and page.session is not None:
-                    response = self._role_guard(page, need)
+                    response = await self._role_guard(page, need)
                 if response is None:
                     response = await handler(page)
             except MeshError as err:
@@ -217,12 +217,14 @@ class Console:
                                            "Go back, reload the page and try again.")
         return None
 
-    def _role_guard(self, page: Page, need: Permission) -> Response | None:
+    async def _role_guard(self, page: Page, need: Permission) -> Response | None:
         if page.session is None or page.session.account_id is None:
             return page.render("error.html", status=403, title="No organization",
                                message="You are not a member of any organization. Accept an invitation, "
                                        "or create an organization from the settings page.")
         if not allows(page.session.role, need):
+            # Refusals are in the organization's audit log too: who tried what.
+            await page.audit("access.denied", page.request.url.path, role=page.session.role, needs=need)
             return page.render("error.html", status=403, title="Not allowed",
                                message=f"Your role ({page.session.role}) in this organization does not "
                                        "allow this page. Ask an owner or an admin.")
