@@ -360,6 +360,18 @@ class SmtpConfig(_Frozen):
     sender: str = "Mesh <mesh@localhost>"
 
 
+class OidcProvider(_Frozen):
+    """A single sign-on provider speaking OpenID Connect (Google, Entra, Okta, Keycloak…):
+    its endpoints come from ``{issuer}/.well-known/openid-configuration``."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")  # in the callback URL
+    name: str  # on the sign-in button
+    issuer: str
+    client_id: str
+    client_secret: SecretStr
+    scopes: str = "openid email profile"
+
+
 class ConsoleConfig(_Frozen):
     """The web console under ``/console``."""
 
@@ -379,6 +391,7 @@ class ConsoleConfig(_Frozen):
     signups_per_ip_per_hour: int = Field(default=10, ge=1)  # accounts one address may create
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
     invitation_hours: int = Field(default=72, ge=1)  # how long an invitation link works
+    sso: tuple[OidcProvider, ...] = ()
     # Mail (invitations, verification, password reset). No SMTP host: each mail is written to
     # the gateway's log instead (the quick start), so an operator can pass the link on.
     smtp: SmtpConfig = Field(default_factory=lambda: SmtpConfig())

@@ -18,7 +18,7 @@ from mesh.console.users import Users
 from .conftest import Browser, account_of, create_key
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "organizations.md"
-_ROW = re.compile(r"^\| (GET|POST|PATCH|DELETE) \| (\S+) \|(.*)\|\s*$")
+_ROW = re.compile(r"^\| (GET|POST|PUT|PATCH|DELETE) \| (\S+) \|(.*)\|\s*$")
 CELLS = {"yes", "no", "own", "operator", "admin key", "public"}
 UNLISTED = {"/console/{path:path}"}  # the console's 404 page
 
@@ -71,7 +71,7 @@ async def _member(console_app: Starlette, role: str) -> tuple[Browser, dict[str,
     assert r.status_code == 303, r.text
     await founder.aclose()
     return person, {"key_id": key_id, "user_id": target.id, "account_id": org, "payment_id": "pay_none",
-                    "generation_id": "gen_none", "invitation_id": "inv_none", "token": "tok_none"}
+                    "generation_id": "gen_none", "invitation_id": "inv_none", "token": "tok_none", "provider": "none"}
 
 
 async def _call(b: Browser, method: str, path: str) -> httpx.Response:

@@ -28,6 +28,7 @@ ORG_ACTIONS = {
     "create_key": "key.created",
     "update_key": "key.changed",
     "revoke_key": "key.revoked",
+    "put_sso": "sso.settings_changed",
 }
 
 
@@ -66,7 +67,8 @@ def _detail(body: Any) -> dict[str, Any] | None:
     entry = body.get("entry")
     if isinstance(entry, dict):
         return {"amount": entry.get("amount"), "memo": entry.get("memo")}
-    picked = {k: body[k] for k in ("name", "prefix", "spend_limit", "budget_period", "rate_limits") if k in body}
+    keys = ("name", "prefix", "spend_limit", "budget_period", "rate_limits", "domains", "default_role", "require_sso")
+    picked = {k: body[k] for k in keys if k in body}
     return picked or None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mesh.accounts.sso import SingleSignOn
 from mesh.console.passwords import normalize_email
 from mesh.console.users import ConsoleUser, SignUpError
 from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
@@ -73,7 +74,8 @@ async def signup(page: Page) -> Response:
 
 async def signin_form(page: Page) -> Response:
     nxt = _next_url(page.request.query_params.get("next", ""))
-    return page.render("signin.html", title="Sign in", error=None, email="", next=nxt)
+    return page.render("signin.html", title="Sign in", error=None, email="", next=nxt,
+                       providers=page.console.config.sso)
 
 
 async def signin(page: Page) -> Response:
@@ -96,13 +98,18 @@ async def signin(page: Page) -> Response:
         if ip_wait:
             return _too_many(page, email_text, nxt, ip_wait)
         return page.render("signin.html", status=400, title="Sign in", email=email_text, next=nxt,
-                           error="Wrong email or password.")
+                           providers=console.config.sso, error="Wrong email or password.")
     console.email_limiter.reset(email)
+    if await SingleSignOn(page.services.database).requires_sso(user.id):
+        return page.render("signin.html", status=403, title="Sign in", email=email_text, next=nxt,
+                           providers=console.config.sso,
+                           error="Your organization requires single sign-on: use its sign-in button.")
     return await start_session(page, user, nxt)
 
 
 def _too_many(page: Page, email_text: str, nxt: str, wait: int) -> Response:
     return page.render("signin.html", status=429, title="Sign in", email=email_text, next=nxt,
+                       providers=page.console.config.sso,
                        error=f"Too many attempts, try again in {wait} s.")
 
 

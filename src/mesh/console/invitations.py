@@ -110,7 +110,8 @@ async def _join(page: Page, token: str, user_id: str, email: str, session: str |
     except MeshError as err:
         return page.render("error.html", status=404, title="Invitation not valid", message=err.message)
     await page.services.audit.record(
-        page.actor() if session else _as(page, user_id, email), "member.joined",
+        page.actor() if session else Actor(name=email, id=user_id, ip=page.client_ip, request_id=page.request_id),
+        "member.joined",
         account_id=invitation.account_id, target=email, detail={"role": invitation.role, "invitation": invitation.id},
     )
     flash = f"Welcome to {invitation.account_name}: you are {invitation.role}."
@@ -121,10 +122,6 @@ async def _join(page: Page, token: str, user_id: str, email: str, session: str |
     page.set_cookie(SESSION_COOKIE, new, page.console.config.session_hours * 3600)
     return page.redirect(PREFIX + "/dashboard", flash)
 
-
-def _as(page: Page, user_id: str, email: str) -> Actor:
-    """The person who just signed up through the link (the page has no session yet)."""
-    return Actor(name=email, id=user_id, ip=page.client_ip, request_id=page.request_id)
 
 
 def invitation_routes(console: Console) -> list[Route]:

@@ -19,6 +19,7 @@ from mesh.console.operator import operator_routes
 from mesh.console.operator_fleet import fleet_routes
 from mesh.console.playground import playground_routes
 from mesh.console.spend import spend_routes
+from mesh.console.sso import sso_routes
 from mesh.console.static_headers import StaticHeaders
 from mesh.console.web import PREFIX, STATIC, Console, Page
 
@@ -41,6 +42,7 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
         *members_routes(console),
         *invitation_routes(console),
         *audit_routes(console),
+        *sso_routes(console),
         *spend_routes(console),
         *guide_routes(console),
         *playground_routes(console),

@@ -12,6 +12,8 @@
 
 Import this module wherever the metadata must be complete (the Alembic environment does).
 ``invitations``      a pending invitation to an organization: the link's token only as SHA-256.
+``sso_settings``     an organization's single sign-on: email domains whose verified SSO
+                     sign-ins join it (with a default role), and whether it requires SSO.
 ``audit_events``     who did what to an organization (``account_id``), or through the admin
                      API (``account_id`` null: the operator's log); pruned after a retention.
 
@@ -125,4 +127,14 @@ audit_events = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_audit_events_account_id_id", "account_id", "id"),
     Index("ix_audit_events_created_at", "created_at"),
+)
+
+sso_settings = Table(
+    "sso_settings",
+    metadata,
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True),
+    Column("domains", JSON, nullable=False),
+    Column("default_role", String(16), nullable=False),
+    Column("require_sso", Boolean, nullable=False, server_default=false()),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

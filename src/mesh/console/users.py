@@ -158,6 +158,11 @@ class Users:
             )
         return None
 
+    async def set_landing(self, user_id: str, account_id: str) -> None:
+        """Where the person's next session opens."""
+        async with self.db.write() as conn:
+            await conn.execute(update(console_users).where(console_users.c.id == user_id).values(account_id=account_id))
+
     async def set_playground_key(self, user_id: str, key_id: str) -> None:
         async with self.db.write() as conn:
             await conn.execute(

@@ -301,6 +301,10 @@ class Page:
         client = self.request.client
         return client.host if client else "unknown"
 
+    def actor_as(self, user: ConsoleUser) -> Actor:
+        """A person acting before their session exists (signing up or in right now)."""
+        return Actor(name=user.email, id=user.id, ip=self.client_ip, request_id=self.request_id)
+
     def actor(self) -> Actor:
         user = self.session.user if self.session is not None else None
         return Actor(name=user.email if user else "anonymous", id=user.id if user else None, ip=self.client_ip,

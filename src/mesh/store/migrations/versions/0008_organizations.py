@@ -57,6 +57,16 @@ def upgrade() -> None:
     op.create_index(op.f("ix_invitations_account_id"), "invitations", ["account_id"])
     op.create_index("ix_invitations_token_hash", "invitations", ["token_hash"], unique=True)
     op.create_table(
+        "sso_settings",
+        sa.Column("account_id", sa.String(40), nullable=False),
+        sa.Column("domains", sa.JSON(), nullable=False),
+        sa.Column("default_role", sa.String(16), nullable=False),
+        sa.Column("require_sso", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("account_id", name=op.f("pk_sso_settings")),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_sso_settings_account_id_accounts")),
+    )
+    op.create_table(
         "audit_events",
         sa.Column("id", BigIntPK, autoincrement=True, nullable=False),
         sa.Column("account_id", sa.String(40), nullable=True),
@@ -92,6 +102,7 @@ def downgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("created_by")
     op.drop_table("audit_events")
+    op.drop_table("sso_settings")
     op.drop_table("invitations")
     op.drop_index(op.f("ix_memberships_account_id"), table_name="memberships")
     op.drop_table("memberships")

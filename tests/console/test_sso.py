@@ -1,0 +1,146 @@
+"""Single sign-on against a real OIDC provider on a local port (tests/support/oidc_provider):
+a verified email whose domain an organization claims signs in and becomes a member with the
+default role; an unverified one is refused; an organization that requires SSO refuses its
+members' password sign-in; a forged state is refused."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from mesh.app import create_app
+from support.gateway import ADMIN_KEY
+from support.oidc_provider import CLIENT_ID, CLIENT_SECRET, OidcProvider
+from testengine.harness import EngineProcess
+
+from .conftest import PASSWORD, Browser, account_of, api, console_settings
+
+
+@pytest.fixture(scope="module")
+def oidc() -> Iterator[OidcProvider]:
+    with OidcProvider() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+async def sso_app(engine: EngineProcess, oidc: OidcProvider,
+                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Starlette]:
+    provider = {"id": "local", "name": "Local IdP", "issuer": oidc.issuer, "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET}
+    app = create_app(console_settings(tmp_path_factory.mktemp("sso"), engine.base_url, sso=[provider]))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def _sso_sign_in(b: Browser) -> httpx.Response:
+    """Click "Sign in with Local IdP": to the provider over real HTTP, and back."""
+    page = await b.get("/console/signin")
+    assert 'data-sso="local"' in page.text
+    start = await b.get("/console/sso/local")
+    assert start.status_code == 303, start.text
+    async with httpx.AsyncClient() as idp:
+        back = await idp.get(start.headers["location"])
+    assert back.status_code == 302, back.text
+    target = urlsplit(back.headers["location"])
+    assert target.path == "/console/sso/local/callback"
+    return await b.get(f"{target.path}?{target.query}")
+
+
+async def _claim(app: Starlette, org: str, **body: object) -> None:
+    async with api(app, ADMIN_KEY) as admin:
+        r = await admin.put(f"/admin/v1/accounts/{org}/sso", json=body)
+        assert r.status_code == 200, r.text
+
+
+async def test_a_verified_domain_joins_with_the_default_role(sso_app: Starlette, oidc: OidcProvider) -> None:
+    owner, newcomer = Browser(sso_app), Browser(sso_app)
+    try:
+        await owner.sign_up()
+        org = await account_of(owner)
+        await _claim(sso_app, org, domains=["acme.test"], default_role="developer")
+        oidc.user = {"sub": "u-new", "email": "New.Person@acme.test", "email_verified": True}
+        r = await _sso_sign_in(newcomer)
+        assert r.status_code == 303 and r.headers["location"] == "/console/dashboard", r.text
+        assert await account_of(newcomer) == org
+        assert (await newcomer.get("/console/keys")).status_code == 200  # a developer
+        assert (await newcomer.get("/console/billing")).status_code == 403
+        members = (await owner.get("/console/members")).text
+        assert 'data-member="new.person@acme.test"' in members
+        audit = (await owner.get("/console/audit")).text
+        assert "via=sso:local" in audit and 'data-action="member.joined"' in audit
+        # Signing in again neither duplicates the membership nor changes the role.
+        again = Browser(sso_app)
+        assert (await _sso_sign_in(again)).status_code == 303
+        assert await account_of(again) == org
+        await again.aclose()
+    finally:
+        await owner.aclose()
+        await newcomer.aclose()
+
+
+async def test_an_unverified_email_is_refused(sso_app: Starlette, oidc: OidcProvider) -> None:
+    b = Browser(sso_app)
+    try:
+        oidc.user = {"sub": "u-unverified", "email": "mallory@acme.test", "email_verified": False}
+        r = await _sso_sign_in(b)
+        assert r.status_code == 400 and "verified email" in r.text
+        assert (await b.get("/console/dashboard")).status_code == 303  # not signed in
+    finally:
+        await b.aclose()
+
+
+async def test_an_organization_that_requires_sso_refuses_password_sign_in(
+    sso_app: Starlette, oidc: OidcProvider
+) -> None:
+    owner, member, outsider = Browser(sso_app), Browser(sso_app), Browser(sso_app)
+    try:
+        await owner.sign_up()
+        await member.sign_up("pat@strict.test")
+        await outsider.sign_up()
+        org = await account_of(owner)
+        await _claim(sso_app, org, domains=["strict.test"], default_role="viewer", require_sso=True)
+        oidc.user = {"sub": "u-pat", "email": "pat@strict.test", "email_verified": True}
+        via_sso = Browser(sso_app)
+        assert (await _sso_sign_in(via_sso)).status_code == 303  # joins by domain
+        assert await account_of(via_sso) == org
+        await via_sso.aclose()
+        for who in (member, owner):
+            fresh = Browser(sso_app)
+            r = await fresh.sign_in(who.email, PASSWORD)
+            assert r.status_code == 403 and "requires single sign-on" in r.text
+            assert (await fresh.get("/console/dashboard")).status_code == 303
+            await fresh.aclose()
+        # Someone in no such organization still signs in with a password.
+        fresh = Browser(sso_app)
+        assert (await fresh.sign_in(outsider.email, PASSWORD)).status_code == 303
+        await fresh.aclose()
+        async with api(sso_app, ADMIN_KEY) as admin:
+            log = (await admin.get(f"/admin/v1/audit-log?account_id={org}")).json()["data"]
+            assert any(e["action"] == "sso.settings_changed" and e["detail"]["require_sso"] for e in log)
+    finally:
+        for b in (owner, member, outsider):
+            await b.aclose()
+
+
+async def test_a_forged_or_replayed_state_is_refused(sso_app: Starlette, oidc: OidcProvider) -> None:
+    b = Browser(sso_app)
+    try:
+        oidc.user = {"sub": "u-x", "email": "x@acme.test", "email_verified": True}
+        start = await b.get("/console/sso/local")
+        async with httpx.AsyncClient() as idp:
+            back = await idp.get(start.headers["location"])
+        target = urlsplit(back.headers["location"])
+        forged = target.query.replace("state=", "state=x")
+        r = await b.get(f"{target.path}?{forged}")
+        assert r.status_code == 400 and "start again" in r.text
+        # The state cookie went with that attempt: the genuine answer cannot be replayed.
+        r = await b.get(f"{target.path}?{target.query}")
+        assert r.status_code == 400
+        assert (await b.get("/console/dashboard")).status_code == 303
+        assert (await b.get("/console/sso/nobody")).status_code == 404
+    finally:
+        await b.aclose()
