@@ -392,6 +392,12 @@ class ConsoleConfig(_Frozen):
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
     invitation_hours: int = Field(default=72, ge=1)  # how long an invitation link works
     sso: tuple[OidcProvider, ...] = ()
+    # Password accounts: sign-in waits until the mailed link proved the email.
+    verify_email: bool = True
+    verification_hours: int = Field(default=48, ge=1)
+    reset_minutes: int = Field(default=60, ge=5)  # how long a password-reset link works
+    mails_per_email_per_hour: int = Field(default=3, ge=1)  # verification and reset mails
+    mails_per_ip_per_hour: int = Field(default=20, ge=1)
     # Mail (invitations, verification, password reset). No SMTP host: each mail is written to
     # the gateway's log instead (the quick start), so an operator can pass the link on.
     smtp: SmtpConfig = Field(default_factory=lambda: SmtpConfig())

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import update
 from starlette.applications import Starlette
 
@@ -19,37 +16,7 @@ from mesh.console.tables import invitations
 from mesh.store import utcnow
 from support.gateway import ADMIN_KEY
 
-from .conftest import PASSWORD, Browser, account_of, api, create_key
-
-_LINK = re.compile(r"(/console/invitations/[A-Za-z0-9_-]+)")
-
-
-class Mailbox(logging.Handler):
-    """The quick start's mail: written to the log (no SMTP configured)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.mails: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.mails.append(record.getMessage())
-
-    def link_for(self, email: str) -> str:
-        mail = next(m for m in reversed(self.mails) if f"mail to {email} " in m)
-        found = _LINK.search(mail)
-        assert found, mail
-        return found.group(1)
-
-
-@pytest.fixture
-def mailbox() -> Iterator[Mailbox]:
-    box = Mailbox()
-    logger = logging.getLogger("mesh.console.mail")
-    logger.addHandler(box)
-    try:
-        yield box
-    finally:
-        logger.removeHandler(box)
+from .conftest import PASSWORD, Browser, Mailbox, account_of, api, create_key
 
 
 async def _invite(owner: Browser, email: str, role: str) -> None:

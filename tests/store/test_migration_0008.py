@@ -48,8 +48,11 @@ async def test_0008_turns_each_account_into_an_organization(database_url: str) -
             )
             session_org = (await conn.execute(text("SELECT account_id FROM console_sessions"))).scalar_one()
             creator = (await conn.execute(text("SELECT created_by FROM api_keys"))).scalar_one()
+            unverified = (await conn.execute(
+                text("SELECT count(*) FROM console_users WHERE email_verified_at IS NULL"))).scalar_one()
         assert members == [("u1", "acct_1", "owner"), ("u2", "acct_2", "owner")]
         assert session_org == "acct_2"
         assert creator is None
+        assert unverified == 0  # earlier sign-ups are not locked out by verification
     finally:
         await db.aclose()

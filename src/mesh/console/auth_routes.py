@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -11,6 +13,8 @@ from mesh.console.users import ConsoleUser, SignUpError
 from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
 
 SIGNUP_DONE = "Your account is ready: sign in with your email and password."
+SIGNUP_VERIFY = "Almost there: open the link we sent to your email, then sign in."
+UNVERIFIED = "Verify your email first: open the link we sent you (or send it again below)."
 
 
 def _next_url(raw: str) -> str:
@@ -61,7 +65,7 @@ async def signup(page: Page) -> Response:
         errors = {"password_confirm": "The two passwords differ."}
         return page.render("signup.html", status=400, title="Create your account", errors=errors, email=email)
     try:
-        await page.bound.users.sign_up(email, password)
+        created = await page.bound.users.sign_up(email, password)
     except SignUpError as err:
         return page.render("signup.html", status=400, title="Create your account",
                            errors={err.field: err.message}, email=email)
@@ -69,7 +73,11 @@ async def signup(page: Page) -> Response:
     page.console.signup_limiter.fail(ip)
     # The same answer whether the email was free or taken (its owner signs in as usual):
     # sign-up never says which emails are registered.
-    return page.redirect(PREFIX + "/signin", SIGNUP_DONE)
+    if not page.console.config.verify_email:
+        return page.redirect(PREFIX + "/signin", SIGNUP_DONE)
+    if created is not None:
+        await send_verification(page, created)
+    return page.redirect(PREFIX + "/signin", SIGNUP_VERIFY)
 
 
 async def signin_form(page: Page) -> Response:
@@ -100,6 +108,9 @@ async def signin(page: Page) -> Response:
         return page.render("signin.html", status=400, title="Sign in", email=email_text, next=nxt,
                            providers=console.config.sso, error="Wrong email or password.")
     console.email_limiter.reset(email)
+    if console.config.verify_email and user.email_verified_at is None:
+        return page.render("signin.html", status=403, title="Sign in", email=email_text, next=nxt,
+                           providers=console.config.sso, error=UNVERIFIED, unverified=True)
     if await SingleSignOn(page.services.database).requires_sso(user.id):
         return page.render("signin.html", status=403, title="Sign in", email=email_text, next=nxt,
                            providers=console.config.sso,
@@ -111,6 +122,21 @@ def _too_many(page: Page, email_text: str, nxt: str, wait: int) -> Response:
     return page.render("signin.html", status=429, title="Sign in", email=email_text, next=nxt,
                        providers=page.console.config.sso,
                        error=f"Too many attempts, try again in {wait} s.")
+
+
+async def send_verification(page: Page, user: ConsoleUser) -> None:
+    config = page.console.config
+    token = await page.bound.email_tokens.issue(user.id, "verify", timedelta(hours=config.verification_hours))
+    await page.bound.mailer.send(
+        user.email, "Verify your email for Mesh",
+        f"Open this link to verify your email and finish creating your Mesh account "
+        f"(it works once, for {config.verification_hours} hours):\n{site_base(page)}{PREFIX}/verify/{token}\n",
+    )
+
+
+def site_base(page: Page) -> str:
+    configured = page.console.settings.server.public_url
+    return configured.rstrip("/").removesuffix("/v1") if configured else str(page.request.base_url).rstrip("/")
 
 
 async def signout(page: Page) -> Response:

@@ -96,7 +96,7 @@ async def accept(page: Page) -> Response:
     if password != page.field("password_confirm"):
         return _render(page, found, status=400, error="The two passwords differ.")
     try:
-        user = await page.bound.users.sign_up(found.email, password, joining=found.account_id)
+        user = await page.bound.users.sign_up(found.email, password, joining=found.account_id, verified=True)
     except SignUpError as err:
         return _render(page, found, status=400, error=err.message)
     if user is None:

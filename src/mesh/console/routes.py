@@ -11,6 +11,7 @@ from mesh.console.audit_view import audit_routes
 from mesh.console.auth_routes import auth_routes
 from mesh.console.billing import billing_routes
 from mesh.console.dashboard import dashboard_routes
+from mesh.console.email_routes import email_routes
 from mesh.console.guide import guide_routes
 from mesh.console.invitations import invitation_routes
 from mesh.console.keys import keys_routes
@@ -43,6 +44,7 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
         *invitation_routes(console),
         *audit_routes(console),
         *sso_routes(console),
+        *email_routes(console),
         *spend_routes(console),
         *guide_routes(console),
         *playground_routes(console),

@@ -177,10 +177,11 @@ async def callback(page: Page) -> Response:
         # A password nobody knows: this person signs in through SSO. Someone whose domain an
         # organization claims joins it (below) instead of getting an organization of their own.
         created = await users.sign_up(email, secrets.token_urlsafe(32),
-                                      joining=claimed[0].account_id if claimed else None)
+                                      joining=claimed[0].account_id if claimed else None, verified=True)
         user = created or await users.by_email(email)
         if user is None:
             return _error(page, "The account could not be created; try again.", 500)
+    await users.mark_verified(user.id)  # the provider verified it
     joined = await sso.join_by_domain(user.id, email)
     for account_id, role in joined:
         await page.services.audit.record(page.actor_as(user), "member.joined", account_id=account_id, target=email,

@@ -14,6 +14,8 @@ Import this module wherever the metadata must be complete (the Alembic environme
 ``invitations``      a pending invitation to an organization: the link's token only as SHA-256.
 ``sso_settings``     an organization's single sign-on: email domains whose verified SSO
                      sign-ins join it (with a default role), and whether it requires SSO.
+``email_tokens``     single-use links mailed to a person (verify the email, reset the
+                     password): only their SHA-256, with an expiry.
 ``audit_events``     who did what to an organization (``account_id``), or through the admin
                      API (``account_id`` null: the operator's log); pruned after a retention.
 
@@ -40,6 +42,8 @@ console_users = Table(
     Column("playground_key_id", String(40), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("password_changed_at", UTCDateTime, nullable=False),
+    # When the person proved the email is theirs (a mailed link, an invitation, SSO).
+    Column("email_verified_at", UTCDateTime, nullable=True),
     Index("ix_console_users_email", "email", unique=True),
 )
 
@@ -137,4 +141,15 @@ sso_settings = Table(
     Column("default_role", String(16), nullable=False),
     Column("require_sso", Boolean, nullable=False, server_default=false()),
     Column("updated_at", UTCDateTime, nullable=False),
+)
+
+email_tokens = Table(
+    "email_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(40), ForeignKey("console_users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("purpose", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
 )

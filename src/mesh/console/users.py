@@ -41,6 +41,7 @@ class ConsoleUser:
     playground_key_id: str | None
     created_at: datetime
     password_changed_at: datetime
+    email_verified_at: datetime | None = None
 
 
 def user_from_row(row: Any) -> ConsoleUser:
@@ -52,6 +53,7 @@ def user_from_row(row: Any) -> ConsoleUser:
         playground_key_id=row.playground_key_id,
         created_at=row.created_at,
         password_changed_at=row.password_changed_at,
+        email_verified_at=getattr(row, "email_verified_at", None),
     )
 
 
@@ -59,7 +61,8 @@ class Users:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def sign_up(self, email_text: str, password: str, *, joining: str | None = None) -> ConsoleUser | None:
+    async def sign_up(self, email_text: str, password: str, *, joining: str | None = None,
+                      verified: bool = False) -> ConsoleUser | None:
         """Create an organization named after the email and its first user (its owner), in
         one transaction; with ``joining`` (an organization whose invitation the caller holds)
         only the user, who becomes a member when the invitation is accepted.
@@ -88,6 +91,7 @@ class Users:
             "playground_key_id": None,
             "created_at": now,
             "password_changed_at": now,
+            "email_verified_at": now if verified else None,
         }
         try:
             async with self.db.write() as conn:
@@ -156,6 +160,29 @@ class Users:
                     console_sessions.c.user_id == user.id, console_sessions.c.token_hash != keep_session
                 )
             )
+        return None
+
+    async def mark_verified(self, user_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(update(console_users).where(console_users.c.id == user_id,
+                                                           console_users.c.email_verified_at.is_(None))
+                               .values(email_verified_at=utcnow()))
+
+    async def reset_password(self, user_id: str, new: str) -> str | None:
+        """Set a new password from a reset link (which proved the email); every session of
+        the person ends. Returns a problem to show, or ``None``."""
+        problem = password_problem(new)
+        if problem:
+            return problem
+        new_hash = await hash_password(new)
+        now = utcnow()
+        async with self.db.write() as conn:
+            await conn.execute(update(console_users).where(console_users.c.id == user_id)
+                               .values(password_hash=new_hash, password_changed_at=now))
+            await conn.execute(update(console_users).where(console_users.c.id == user_id,
+                                                           console_users.c.email_verified_at.is_(None))
+                               .values(email_verified_at=now))
+            await conn.execute(delete(console_sessions).where(console_sessions.c.user_id == user_id))
         return None
 
     async def set_landing(self, user_id: str, account_id: str) -> None:

@@ -44,6 +44,7 @@ from mesh.accounts.roles import Permission, Role, allows
 from mesh.billing.services import Services
 from mesh.config import ConsoleConfig, Settings
 from mesh.console import display
+from mesh.console.email_tokens import EmailTokens
 from mesh.console.mailer import Mailer
 from mesh.console.ratelimit import AttemptLimiter
 from mesh.console.secrets import load_secret, sign, verify
@@ -97,6 +98,7 @@ class Bound:
     members: Members
     invitations: Invitations
     mailer: Mailer
+    email_tokens: EmailTokens
     secret: bytes
     # user id -> the playground key this process minted (console/playground.py)
     playground_keys: OrderedDict[str, HeldKey] = field(default_factory=OrderedDict)
@@ -119,6 +121,9 @@ class Console:
         self.email_limiter = AttemptLimiter(self.config.signin_attempts_per_email)
         self.ip_limiter = AttemptLimiter(self.config.signin_attempts_per_ip)
         self.signup_limiter = AttemptLimiter(self.config.signups_per_ip_per_hour, window=3600)
+        # Verification and reset mails: per address mailed and per client address.
+        self.mail_limiter = AttemptLimiter(self.config.mails_per_email_per_hour, window=3600)
+        self.mail_ip_limiter = AttemptLimiter(self.config.mails_per_ip_per_hour, window=3600)
         # Read once at start (a missing or short secret stops the gateway there).
         self.secret = load_secret(self.config) if self.config.enabled else b""
         self._bound: Bound | None = None
@@ -142,6 +147,7 @@ class Console:
                     members=Members(db),
                     invitations=Invitations(db, timedelta(hours=self.config.invitation_hours)),
                     mailer=Mailer(self.config.smtp),
+                    email_tokens=EmailTokens(db),
                     secret=self.secret,
                 )
             return self._bound

@@ -86,6 +86,23 @@ def upgrade() -> None:
         batch.add_column(sa.Column("created_by", sa.String(40), nullable=True))
     with op.batch_alter_table("console_sessions") as batch:
         batch.add_column(sa.Column("account_id", sa.String(40), nullable=True))
+    with op.batch_alter_table("console_users") as batch:
+        batch.add_column(sa.Column("email_verified_at", UTCDateTime(), nullable=True))
+    # People who signed up before verification existed are not locked out.
+    op.execute("UPDATE console_users SET email_verified_at = created_at")
+    op.create_table(
+        "email_tokens",
+        sa.Column("token_hash", sa.String(64), nullable=False),
+        sa.Column("user_id", sa.String(40), nullable=False),
+        sa.Column("purpose", sa.String(16), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("expires_at", UTCDateTime(), nullable=False),
+        sa.Column("used_at", UTCDateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("token_hash", name=op.f("pk_email_tokens")),
+        sa.ForeignKeyConstraint(["user_id"], ["console_users.id"], name=op.f("fk_email_tokens_user_id_console_users"),
+                                ondelete="CASCADE"),
+    )
+    op.create_index(op.f("ix_email_tokens_user_id"), "email_tokens", ["user_id"])
     op.execute(
         "INSERT INTO memberships (user_id, account_id, role, created_at) "
         "SELECT id, account_id, 'owner', created_at FROM console_users"
@@ -97,6 +114,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_email_tokens_user_id"), table_name="email_tokens")
+    op.drop_table("email_tokens")
+    with op.batch_alter_table("console_users") as batch:
+        batch.drop_column("email_verified_at")
     with op.batch_alter_table("console_sessions") as batch:
         batch.drop_column("account_id")
     with op.batch_alter_table("api_keys") as batch:
