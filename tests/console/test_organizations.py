@@ -152,3 +152,29 @@ async def test_a_developer_revokes_their_own_key_but_not_others(console_app: Sta
     finally:
         await owner.aclose()
         await dev.aclose()
+
+
+async def test_an_owner_deletes_an_organization_without_credit(console_app: Starlette) -> None:
+    owner, dev = await _person(console_app), await _person(console_app)
+    try:
+        org = await account_of(owner)
+        await _join(console_app, org, dev, "developer")
+        _, raw = await create_key(dev, "doomed")
+        assert (await dev.post("/console/organizations/delete", {"confirm": org})).status_code == 403
+        await grant(console_app, org, "1")
+        r = await owner.post("/console/organizations/delete", {"confirm": org})
+        assert r.status_code == 303 and r.headers["location"] == "/console/organizations"
+        assert await Members(console_app.state.gateway.services.database).get(org, (await Users(
+            console_app.state.gateway.services.database).by_email(dev.email)).id) is not None  # type: ignore[union-attr]
+        ledger = console_app.state.gateway.services.ledger
+        await ledger.grant(org, -(await ledger.balance(org))[0], kind="adjustment")
+        assert (await owner.post("/console/organizations/delete", {"confirm": "wrong"})).status_code == 303
+        r = await owner.post("/console/organizations/delete", {"confirm": org})
+        assert r.status_code == 303 and r.headers["location"] == "/console/signin"
+        assert (await dev.get("/console/dashboard")).status_code == 303  # signed out of it
+        async with api(console_app, raw) as client:
+            reply = await client.get("/v1/models")
+            assert reply.status_code == 401
+    finally:
+        await owner.aclose()
+        await dev.aclose()

@@ -17,10 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.keys import new_id
 from mesh.accounts.roles import Role, is_role
-from mesh.console.tables import console_sessions, console_users, memberships
+from mesh.console.tables import console_sessions, console_users, invitations, memberships, sso_settings
 from mesh.errors import InvalidRequest, NotFound, PermissionDenied
 from mesh.store import Database, utcnow
-from mesh.store.tables import accounts
+from mesh.store.tables import accounts, api_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +141,29 @@ class Members:
                 )
             )
         return found
+
+
+    async def delete_organization(self, account_id: str) -> list[str]:
+        """Close the organization: every member and pending invitation goes, every session in
+        it ends. The ``accounts`` row and its ledger stay (the books keep their history);
+        refused while credit is left. Returns the ids of its live keys, for the caller to
+        revoke through ``KeyAuthenticator.revoke`` (so every gateway drops them at once)."""
+        async with self.db.write() as conn:
+            row = (await conn.execute(
+                select(accounts.c.balance).where(accounts.c.id == account_id).with_for_update())).first()
+            if row is None:
+                raise NotFound("There is no such organization.", code="account_not_found")
+            if row.balance > 0:
+                raise InvalidRequest("The organization still has credit: use it up, or ask the operator for a "
+                                     "refund, before deleting it.", code="credit_left")
+            await conn.execute(delete(memberships).where(memberships.c.account_id == account_id))
+            await conn.execute(delete(invitations).where(invitations.c.account_id == account_id,
+                                                         invitations.c.accepted_at.is_(None)))
+            await conn.execute(delete(sso_settings).where(sso_settings.c.account_id == account_id))
+            await conn.execute(delete(console_sessions).where(console_sessions.c.account_id == account_id))
+            keys = await conn.execute(select(api_keys.c.id).where(api_keys.c.account_id == account_id,
+                                                                  api_keys.c.revoked_at.is_(None)))
+            return [k.id for k in keys]
 
 
 async def add_member(conn: AsyncConnection, user_id: str, account_id: str, role: Role) -> None:

@@ -12,17 +12,16 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
 from starlette.responses import Response
 from starlette.routing import Route
 
 from mesh.accounts.service import ApiKeyInfo
 from mesh.billing.budgets import PERIODS
 from mesh.billing.money import format_credits, parse_credits
+from mesh.billing.usage import last_use_by_key
 from mesh.console.web import PREFIX, Console, Page
 from mesh.errors import MeshError, NotFound
 from mesh.store import utcnow
-from mesh.store.tables import usage_records
 
 MAX_KEYS_SHOWN = 200
 
@@ -68,13 +67,7 @@ def _form_errors(page: Page) -> tuple[dict[str, str], dict[str, Any]]:
 async def last_used(page: Page, keys: list[ApiKeyInfo]) -> dict[str, datetime]:
     """When each key was last used: the later of its ``last_used_at`` (written in batches,
     up to a minute late) and its newest usage record."""
-    q = (
-        select(usage_records.c.key_id, func.max(usage_records.c.created_at).label("at"))
-        .where(usage_records.c.account_id == page.account_id)
-        .group_by(usage_records.c.key_id)
-    )
-    async with page.services.database.read() as conn:
-        seen = {r.key_id: r.at for r in await conn.execute(q) if r.key_id is not None}
+    seen = await last_use_by_key(page.services.database, page.account_id)
     out: dict[str, datetime] = {}
     for k in keys:
         times = [t for t in (k.last_used_at, seen.get(k.id)) if t is not None]

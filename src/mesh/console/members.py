@@ -97,6 +97,20 @@ async def leave(page: Page) -> Response:
     return page.redirect(PREFIX + "/signin", f"You left {found.account_name}. Sign in again to continue.")
 
 
+async def delete_organization(page: Page) -> Response:
+    account_id = page.account_id
+    if page.field("confirm").strip() != account_id:
+        return page.redirect(PREFIX + "/organizations", "Type the organization's id to confirm.", "error")
+    try:
+        key_ids = await page.bound.members.delete_organization(account_id)
+    except MeshError as err:
+        return page.redirect(PREFIX + "/organizations", err.message, "error")
+    for key_id in key_ids:
+        await page.services.authenticator.revoke(key_id)
+    await page.audit("organization.deleted", account_id, account_id=account_id, keys_revoked=len(key_ids))
+    return page.redirect(PREFIX + "/signin", "The organization was deleted and its keys revoked. Sign in again.")
+
+
 def members_routes(console: Console) -> list[Route]:
     r = console.route
     return [
@@ -104,6 +118,7 @@ def members_routes(console: Console) -> list[Route]:
         r("/organizations", create_organization, methods=("POST",)),
         r("/organizations/switch", switch_organization, methods=("POST",)),
         r("/organizations/leave", leave, methods=("POST",), need="usage"),
+        r("/organizations/delete", delete_organization, methods=("POST",), need="organization"),
         r("/members", members_page, need="members"),
         r("/members/{user_id}/role", change_role, methods=("POST",), need="members"),
         r("/members/{user_id}/remove", remove_member, methods=("POST",), need="members"),
