@@ -39,7 +39,10 @@ async def landing_organization(page: Page, user: ConsoleUser) -> str | None:
 
 
 async def start_session(page: Page, user: ConsoleUser, target: str, flash: str | None = None) -> Response:
-    token = await page.bound.sessions.create(user.id, await landing_organization(page, user))
+    organization = await landing_organization(page, user)
+    token = await page.bound.sessions.create(user.id, organization)
+    if organization is None:
+        target = PREFIX + "/organizations"  # in none: accept an invitation or create one
     page.set_cookie(SESSION_COOKIE, token, page.console.config.session_hours * 3600)
     return page.redirect(target, flash)
 
