@@ -144,3 +144,89 @@ async def test_a_forged_or_replayed_state_is_refused(sso_app: Starlette, oidc: O
         assert (await b.get("/console/sso/nobody")).status_code == 404
     finally:
         await b.aclose()
+
+
+async def test_an_invitation_is_no_way_around_required_sso(sso_app: Starlette, oidc: OidcProvider) -> None:
+    """Red team (issue 18): accepting an invitation to an organization that requires SSO
+    must not hand out a password-made session in it, signed out (signing up through the
+    link) or signed in with a password; the person joins and then signs in through SSO."""
+    import logging
+    import re
+
+    mails: list[str] = []
+
+    class Box(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            mails.append(record.getMessage())
+
+    box = Box(logging.WARNING)
+    logging.getLogger("mesh.console.mail").addHandler(box)
+    owner, newcomer, existing = Browser(sso_app), Browser(sso_app), Browser(sso_app)
+    try:
+        await owner.sign_up()
+        await existing.sign_up()
+        org = await account_of(owner)
+        for email in ("new@guarded.test", existing.email):
+            r = await owner.post("/console/members/invite", {"email": email, "role": "developer"})
+            assert r.status_code == 303, r.text
+        await _claim(sso_app, org, domains=["guarded.test"], default_role="viewer", require_sso=True)
+
+        def link(email: str) -> str:
+            mail = next(m for m in reversed(mails) if f"mail to {email} " in m)
+            found = re.search(r"(/console/invitations/[A-Za-z0-9_-]{20,})", mail)
+            assert found, mail
+            return found.group(1)
+
+        # Signed out: signing up through the link joins, but opens no session.
+        new_link = link("new@guarded.test")
+        r = await newcomer.post(new_link, {"password": PASSWORD, "password_confirm": PASSWORD}, token_from=new_link)
+        assert r.status_code == 303 and r.headers["location"] == "/console/signin", r.text
+        assert (await newcomer.get("/console/dashboard")).status_code == 303
+        fresh = Browser(sso_app)
+        r = await fresh.sign_in("new@guarded.test", PASSWORD)
+        assert r.status_code == 403 and "requires single sign-on" in r.text
+        await fresh.aclose()
+        # Signed in with a password: accepting joins, and that session ends.
+        old_link = link(existing.email)
+        r = await existing.post(old_link, {}, token_from=old_link)
+        assert r.status_code == 303 and r.headers["location"] == "/console/signin", r.text
+        assert (await existing.get("/console/keys")).status_code == 303
+        # The owner's own password session ended when SSO became required: back through SSO.
+        oidc.user = {"sub": "u-owner", "email": owner.email, "email_verified": True}
+        assert (await _sso_sign_in(owner)).status_code == 303
+        members = (await owner.get("/console/members")).text
+        assert 'data-member="new@guarded.test"' in members and f'data-member="{existing.email}"' in members
+        # Through SSO the newcomer works in the organization with the invited role.
+        oidc.user = {"sub": "u-guarded", "email": "new@guarded.test", "email_verified": True}
+        via_sso = Browser(sso_app)
+        assert (await _sso_sign_in(via_sso)).status_code == 303
+        assert await account_of(via_sso) == org
+        assert (await via_sso.get("/console/keys")).status_code == 200
+        await via_sso.aclose()
+    finally:
+        logging.getLogger("mesh.console.mail").removeHandler(box)
+        for b in (owner, newcomer, existing):
+            await b.aclose()
+
+
+async def test_requiring_sso_ends_the_members_password_sessions(sso_app: Starlette, oidc: OidcProvider) -> None:
+    """Red team (issue 18): a member signed in with a password before the operator required
+    SSO must not keep working in the organization through that session."""
+    owner, outsider = Browser(sso_app), Browser(sso_app)
+    try:
+        await owner.sign_up()
+        await outsider.sign_up()
+        org = await account_of(owner)
+        assert (await owner.get("/console/keys")).status_code == 200
+        await _claim(sso_app, org, domains=["late.test"], default_role="viewer", require_sso=True)
+        assert (await owner.get("/console/keys")).status_code == 303  # signed out
+        assert (await outsider.get("/console/keys")).status_code == 200  # another organization: untouched
+        # Changing other settings while SSO stays required ends nothing more than needed.
+        oidc.user = {"sub": "u-late", "email": "late@late.test", "email_verified": True}
+        via_sso = Browser(sso_app)
+        assert (await _sso_sign_in(via_sso)).status_code == 303
+        assert await account_of(via_sso) == org
+        await via_sso.aclose()
+    finally:
+        for b in (owner, outsider):
+            await b.aclose()

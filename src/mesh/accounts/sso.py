@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from mesh.accounts.members import add_member
 from mesh.accounts.roles import Role, is_role
-from mesh.console.tables import memberships, sso_settings
+from mesh.console.tables import console_sessions, memberships, sso_settings
 from mesh.errors import InvalidRequest, NotFound
 from mesh.store import Database, utcnow
 from mesh.store.tables import accounts
@@ -60,13 +60,18 @@ class SingleSignOn:
             if (await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))).first() is None:
                 raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
             mine = sso_settings.c.account_id == account_id
-            exists = await conn.execute(select(sso_settings.c.account_id).where(mine))
-            if exists.first() is None:
+            before = (await conn.execute(select(sso_settings.c.require_sso).where(mine))).first()
+            if before is None:
                 await conn.execute(sso_settings.insert().values(account_id=account_id, **values))
             else:
                 await conn.execute(
                     sso_settings.update().where(sso_settings.c.account_id == account_id).values(**values)
                 )
+            if require_sso and not (before is not None and before.require_sso):
+                # Sessions its members opened with a password end now (password sign-in is
+                # refused from here on); a session does not record how it began, so all go.
+                members = select(memberships.c.user_id).where(memberships.c.account_id == account_id)
+                await conn.execute(delete(console_sessions).where(console_sessions.c.user_id.in_(members)))
         found = await self.get(account_id)
         assert found is not None
         return found

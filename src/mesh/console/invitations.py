@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from mesh.accounts.audit_log import Actor
 from mesh.accounts.invitations import Invitation
+from mesh.accounts.sso import SingleSignOn
 from mesh.console.passwords import normalize_email
 from mesh.console.users import SignUpError
 from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
@@ -115,6 +116,14 @@ async def _join(page: Page, token: str, user_id: str, email: str, session: str |
         account_id=invitation.account_id, target=email, detail={"role": invitation.role, "invitation": invitation.id},
     )
     flash = f"Welcome to {invitation.account_name}: you are {invitation.role}."
+    sso = await SingleSignOn(page.services.database).get(invitation.account_id)
+    if sso is not None and sso.require_sso:
+        # The link proves the email, not a sign-in through the organization's provider: no
+        # session made here (or by a password earlier) may work in it.
+        if session is not None:
+            await page.bound.sessions.end(session)
+        page.set_cookie(SESSION_COOKIE, None)
+        return page.redirect(PREFIX + "/signin", flash + " It requires single sign-on: sign in with its provider.")
     if session is not None:
         await page.bound.sessions.switch(session, user_id, invitation.account_id)
         return page.redirect(PREFIX + "/dashboard", flash)
