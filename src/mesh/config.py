@@ -370,6 +370,10 @@ class OidcProvider(_Frozen):
     client_id: str
     client_secret: SecretStr
     scopes: str = "openid email profile"
+    # The email domains this provider vouches for; empty: any. Accounts are matched by email,
+    # so an IdP whose administrators are not the operator's (a customer's Okta or Keycloak)
+    # must be limited to that customer's domains, or it could sign in as anyone.
+    domains: tuple[str, ...] = ()
 
 
 class ConsoleConfig(_Frozen):

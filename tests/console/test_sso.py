@@ -230,3 +230,30 @@ async def test_requiring_sso_ends_the_members_password_sessions(sso_app: Starlet
     finally:
         for b in (owner, outsider):
             await b.aclose()
+
+
+async def test_a_provider_limited_to_domains_cannot_sign_in_anyone_else(
+    engine: EngineProcess, oidc: OidcProvider, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Red team (issue 18): accounts are matched by email, so an IdP the operator set up for
+    one customer (its administrators choose any "verified" email) could sign in as anyone
+    else, the operator included. A provider given ``domains`` vouches only for those."""
+    provider = {"id": "local", "name": "Local IdP", "issuer": oidc.issuer, "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET, "domains": ["acme.test"]}
+    app = create_app(console_settings(tmp_path_factory.mktemp("sso-domains"), engine.base_url, sso=[provider],
+                                      admins=["boss@example.com"]))
+    async with app.router.lifespan_context(app):
+        boss, attacker, insider = Browser(app), Browser(app), Browser(app)
+        try:
+            await boss.sign_up("boss@example.com")
+            for email in ("boss@example.com", "BOSS@Example.com", "boss@sub.acme.test.example.com"):
+                oidc.user = {"sub": "u-evil", "email": email, "email_verified": True}
+                r = await _sso_sign_in(attacker)
+                assert r.status_code == 403 and "does not vouch" in r.text, (email, r.text)
+                assert (await attacker.get("/console/dashboard")).status_code == 303
+            oidc.user = {"sub": "u-ok", "email": "Someone@ACME.test", "email_verified": True}
+            assert (await _sso_sign_in(insider)).status_code == 303
+            assert (await insider.get("/console/dashboard")).status_code == 200
+        finally:
+            for b in (boss, attacker, insider):
+                await b.aclose()

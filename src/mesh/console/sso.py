@@ -167,6 +167,10 @@ async def callback(page: Page) -> Response:
         email = await _verified_email(page, provider, state)
     except SsoFailed as err:
         return _error(page, str(err))
+    vouched = {d.strip().lower().lstrip("@") for d in provider.domains}
+    if vouched and email.rsplit("@", 1)[-1] not in vouched:
+        log.warning("OIDC provider %s asserted %s, outside its domains", provider.id, email)
+        return _error(page, f"{provider.name} does not vouch for that email's domain here.", 403)
     sso = SingleSignOn(page.services.database)
     users = page.bound.users
     user = await users.by_email(email)
