@@ -83,3 +83,34 @@ async def test_without_a_host_the_mail_is_logged() -> None:
     finally:
         logger.removeHandler(handler)
     assert any("mail to x@example.com" in r and "the link" in r for r in records)
+
+
+async def test_a_name_with_line_breaks_neither_breaks_nor_injects_headers() -> None:
+    """Red team (issue 18): an organization's name (its owner's text, with inner line breaks
+    allowed) goes into the invitation's subject; it must neither add headers nor make the
+    mail fail (which answered the invitation with a 500). Without a host the body, link and
+    all, is logged on purpose; with one, a failing send logs no link."""
+    sink = SmtpSink()
+    server = await asyncio.start_server(sink.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = SmtpConfig(host="127.0.0.1", port=port, starttls=False, sender="Mesh <mesh@example.com>")
+    try:
+        await Mailer(config).send("dev@example.com", "You are invited to Acme\r\nBcc: victim@example.com",
+                                  "Open https://mesh.example/console/invitations/abc\n")
+    finally:
+        server.close()
+        await server.wait_closed()
+    [(_, rcpts, data)] = sink.messages
+    assert rcpts == ["<dev@example.com>"] and "\nBcc:" not in data
+    assert "Subject: You are invited to Acme Bcc: victim@example.com" in data
+    # Now nothing listens on that port: the failure is logged without the link.
+    logger = logging.getLogger("mesh.console.mail")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        await Mailer(config).send("dev@example.com", "Reset", "Open https://mesh.example/console/reset/secret-token\n")
+    finally:
+        logger.removeHandler(handler)
+    assert records and not any("secret-token" in r for r in records)

@@ -29,7 +29,8 @@ class Mailer:
         message = EmailMessage()
         message["From"] = self.config.sender
         message["To"] = to
-        message["Subject"] = subject
+        # The subject carries an organization's name (its owner's text): one line, always.
+        message["Subject"] = " ".join(subject.split())
         message.set_content(body)
         try:
             await asyncio.to_thread(self._send, message)
