@@ -106,8 +106,13 @@ async def test_a_name_with_line_breaks_neither_breaks_nor_injects_headers() -> N
     # Now nothing listens on that port: the failure is logged without the link.
     logger = logging.getLogger("mesh.console.mail")
     records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+
+    class Records(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage() + (self.formatter or logging.Formatter()).formatException(
+                record.exc_info) if record.exc_info else record.getMessage())
+
+    handler = Records()
     logger.addHandler(handler)
     try:
         await Mailer(config).send("dev@example.com", "Reset", "Open https://mesh.example/console/reset/secret-token\n")
