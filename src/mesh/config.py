@@ -395,6 +395,8 @@ class ConsoleConfig(_Frozen):
     signups_per_ip_per_hour: int = Field(default=10, ge=1)  # accounts one address may create
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
     invitation_hours: int = Field(default=72, ge=1)  # how long an invitation link works
+    # Invitation mails per inviting person and per client address (anyone can own an organization).
+    invitations_per_hour: int = Field(default=50, ge=1)
     sso: tuple[OidcProvider, ...] = ()
     # Password accounts: sign-in waits until the mailed link proved the email.
     verify_email: bool = True

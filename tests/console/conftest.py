@@ -39,6 +39,7 @@ def console_settings(work: Path, engine_url: str, **console: Any) -> Settings:
             "payments": {"provider": "test", "stripe_webhook_secret": WEBHOOK_SECRET},
             "admins": [ADMIN_EMAIL],
             "signups_per_ip_per_hour": 10_000,  # the suite signs many users up from one address
+            "invitations_per_hour": 10_000,  # and invites many from it
             # Sign-up signs in at once here; test_email.py runs its own app with verification.
             "verify_email": False,
             **console,

@@ -9,14 +9,17 @@ import io
 import re
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 from starlette.applications import Starlette
 
+from mesh.app import create_app
 from mesh.console.tables import invitations
 from mesh.store import utcnow
 from support.gateway import ADMIN_KEY
+from testengine.harness import EngineProcess
 
-from .conftest import PASSWORD, Browser, Mailbox, account_of, api, create_key
+from .conftest import PASSWORD, Browser, Mailbox, account_of, api, console_settings, create_key
 
 
 async def _invite(owner: Browser, email: str, role: str) -> None:
@@ -166,3 +169,31 @@ async def test_admin_api_actions_are_in_the_operator_log_and_the_organizations(c
             assert (await client.get("/admin/v1/audit-log")).status_code == 401
     finally:
         await owner.aclose()
+
+
+async def test_invitations_are_throttled_per_person_and_address(
+    engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory, mailbox: Mailbox
+) -> None:
+    """Red team (issue 18): anyone may sign up and own an organization, and its name goes
+    into every invitation mail: without a limit the console mails any address, unboundedly,
+    through the operator's SMTP."""
+    app = create_app(console_settings(tmp_path_factory.mktemp("invite-flood"), engine.base_url,
+                                      invitations_per_hour=3))
+    async with app.router.lifespan_context(app):
+        spammer, same_address, elsewhere = Browser(app), Browser(app), Browser(app, ip="10.9.8.7")
+        try:
+            for b in (spammer, same_address, elsewhere):
+                await b.sign_up()
+            for n in range(3):
+                await _invite(spammer, f"target{n}@example.com", "viewer")
+            r = await spammer.post("/console/members/invite", {"email": "target9@example.com", "role": "viewer"})
+            assert r.status_code == 429 and "Too many invitations" in r.text
+            assert not any("target9@example.com" in m for m in mailbox.mails)
+            assert "target9@example.com" not in (await spammer.get("/console/members")).text
+            # Another person from the same address shares its limit; another address does not.
+            r = await same_address.post("/console/members/invite", {"email": "t@example.com", "role": "viewer"})
+            assert r.status_code == 429
+            await _invite(elsewhere, "colleague@example.com", "developer")
+        finally:
+            for b in (spammer, same_address, elsewhere):
+                await b.aclose()

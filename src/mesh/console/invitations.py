@@ -36,6 +36,13 @@ async def invite(page: Page) -> Response:
         return page.redirect(PREFIX + "/members", "Enter a valid email address.", "error")
     if role == "owner" and not page.can("organization"):
         return page.render("error.html", status=403, title="Not allowed", message="Only owners invite owners.")
+    limiter, keys = page.console.invite_limiter, (f"user:{page.user.id}", f"ip:{page.client_ip}")
+    wait = max(limiter.retry_after(k) for k in keys)
+    if wait:
+        return page.render("error.html", status=429, title="Too many invitations",
+                           message=f"Too many invitations sent; try again in {wait} s.")
+    for k in keys:
+        limiter.fail(k)
     try:
         invitation, token = await page.bound.invitations.create(page.account_id, email, role, page.user.id)
     except MeshError as err:

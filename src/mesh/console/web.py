@@ -124,6 +124,7 @@ class Console:
         # Verification and reset mails: per address mailed and per client address.
         self.mail_limiter = AttemptLimiter(self.config.mails_per_email_per_hour, window=3600)
         self.mail_ip_limiter = AttemptLimiter(self.config.mails_per_ip_per_hour, window=3600)
+        self.invite_limiter = AttemptLimiter(self.config.invitations_per_hour, window=3600)
         # Read once at start (a missing or short secret stops the gateway there).
         self.secret = load_secret(self.config) if self.config.enabled else b""
         self._bound: Bound | None = None
