@@ -102,3 +102,56 @@ async def test_mails_are_throttled_per_email(strict_app: Starlette, mailbox: Mai
         assert answers == [200, 200, 200, 429]
     finally:
         await b.aclose()
+
+
+async def test_mail_is_sent_after_the_answer_so_its_time_tells_nothing(
+    engine: EngineProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Red team (issue 18): over SMTP, a reset (or sign-up, or a new verification link) for a
+    registered email waited for the mail server and one for an unknown email did not, so the
+    answer's time said which emails have accounts. Here the SMTP server says nothing until the
+    answer has arrived; a mailer that makes the answer wait gives up first (its own timeout)."""
+    import asyncio
+
+    answered = asyncio.Event()
+    order: list[str] = []
+    reported = asyncio.Event()
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        gave_up = asyncio.ensure_future(reader.read())
+        first = asyncio.ensure_future(answered.wait())
+        done, _ = await asyncio.wait({gave_up, first}, return_when=asyncio.FIRST_COMPLETED)
+        order.append("answered first" if first in done else "mailer gave up first")
+        reported.set()
+        gave_up.cancel()
+        first.cancel()
+        writer.close()
+
+    server = await asyncio.start_server(stalled, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = console_settings(tmp_path_factory.mktemp("email-timing"), engine.base_url, verify_email=True,
+                                smtp={"host": "127.0.0.1", "port": port, "starttls": False})
+    app = create_app(settings)
+    email = "known@example.com"
+    steps = [("/console/signup", {"email": email, "password": PASSWORD, "password_confirm": PASSWORD},
+              "/console/signup", 303),
+             ("/console/reset", {"email": email}, "/console/reset", 200),
+             ("/console/verify", {"email": email}, "/console/reset", 303)]
+    try:
+        async with app.router.lifespan_context(app):
+            b = Browser(app)
+            try:
+                for path, form, token_from, status in steps:
+                    answered.clear()
+                    reported.clear()
+                    r = await b.post(path, form, token_from=token_from)
+                    assert r.status_code == status, r.text
+                    answered.set()
+                    await reported.wait()  # the mail's connection reports which came first
+                assert order == ["answered first"] * 3
+            finally:
+                answered.set()
+                await b.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -130,7 +130,7 @@ def _too_many(page: Page, email_text: str, nxt: str, wait: int) -> Response:
 async def send_verification(page: Page, user: ConsoleUser) -> None:
     config = page.console.config
     token = await page.bound.email_tokens.issue(user.id, "verify", timedelta(hours=config.verification_hours))
-    await page.bound.mailer.send(
+    page.bound.mailer.post(
         user.email, "Verify your email for Mesh",
         f"Open this link to verify your email and finish creating your Mesh account "
         f"(it works once, for {config.verification_hours} hours):\n{site_base(page)}{PREFIX}/verify/{token}\n",

@@ -63,7 +63,7 @@ async def reset_request(page: Page) -> Response:
     if user is not None:
         minutes = page.console.config.reset_minutes
         token = await page.bound.email_tokens.issue(user.id, "reset", timedelta(minutes=minutes))
-        await page.bound.mailer.send(
+        page.bound.mailer.post(
             user.email, "Reset your Mesh password",
             f"Someone (we hope you) asked to reset your Mesh password. Open this link to choose a new one "
             f"(it works once, for {minutes} minutes):\n{site_base(page)}{PREFIX}/reset/{token}\n\n"

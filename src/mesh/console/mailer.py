@@ -21,6 +21,18 @@ log = logging.getLogger("mesh.console.mail")
 class Mailer:
     def __init__(self, config: SmtpConfig) -> None:
         self.config = config
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def post(self, to: str, subject: str, body: str) -> None:
+        """Send without waiting: an answer that waited for the mail server only when the
+        email has an account would tell, by its time, which emails do. (Without a host the
+        mail is logged at once: that costs no wait worth measuring.)"""
+        if not self.config.host:
+            log.warning("mail to %s (no SMTP configured, so it is logged): %s\n%s", to, subject, body)
+            return
+        task = asyncio.create_task(self.send(to, subject, body))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def send(self, to: str, subject: str, body: str) -> None:
         if not self.config.host:
