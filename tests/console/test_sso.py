@@ -257,3 +257,24 @@ async def test_a_provider_limited_to_domains_cannot_sign_in_anyone_else(
         finally:
             for b in (boss, attacker, insider):
                 await b.aclose()
+
+
+async def test_an_email_that_only_lowercases_into_someone_elses_is_refused(
+    sso_app: Starlette, oidc: OidcProvider
+) -> None:
+    """Red team (issue 18): "\u212aate@…" (KELVIN SIGN) is another mailbox to the provider, but
+    Python's lower() makes it "kate@…": it must not sign in as the account of kate@…, nor
+    may a two-@ address pass for one at the last domain."""
+    victim, attacker = Browser(sso_app), Browser(sso_app)
+    try:
+        await victim.sign_up("kate@lookalike.test")
+        for email in ("\u212aate@lookalike.test", "kate@evil.test@lookalike.test"):
+            oidc.user = {"sub": "u-kelvin", "email": email, "email_verified": True}
+            r = await _sso_sign_in(attacker)
+            assert r.status_code == 400 and "verified email" in r.text, (email, r.text)
+            assert (await attacker.get("/console/dashboard")).status_code == 303
+        oidc.user = {"sub": "u-kate", "email": "Kate@LookAlike.test", "email_verified": True}
+        assert (await _sso_sign_in(attacker)).status_code == 303  # case alone is the same person
+    finally:
+        await victim.aclose()
+        await attacker.aclose()

@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+import unicodedata
 from typing import Any
 
 import httpx
@@ -151,7 +152,14 @@ async def _verified_email(page: Page, provider: OidcProvider, state: dict[str, A
         claims = dict(decoded.claims)
         if "email" not in claims and meta.get("userinfo_endpoint"):
             claims.update((await client.get(meta["userinfo_endpoint"])).json())
-    email = normalize_email(str(claims.get("email") or ""))
+    raw = str(claims.get("email") or "")
+    email = normalize_email(raw)
+    # Only an address that lower case alone maps to ours: "\u212aate@…" (KELVIN SIGN) is another
+    # mailbox to the provider, yet lower() makes it "kate@…", someone else's account here.
+    stripped = raw.strip()
+    if email is not None and (unicodedata.normalize("NFKC", stripped) != stripped
+                              or any(not c.isascii() and c.lower().isascii() for c in stripped)):
+        email = None
     if email is None or claims.get("email_verified") is not True:
         raise SsoFailed(f"{provider.name} did not give a verified email address.")
     return email
