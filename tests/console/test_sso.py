@@ -111,7 +111,10 @@ async def test_an_organization_that_requires_sso_refuses_password_sign_in(
         for who in (member, owner):
             fresh = Browser(sso_app)
             r = await fresh.sign_in(who.email, PASSWORD)
-            assert r.status_code == 403 and "requires single sign-on" in r.text
+            if who is member:  # never verified (verify_email is off here): SSO voided that password
+                assert r.status_code == 400 and "Wrong email or password" in r.text
+            else:
+                assert r.status_code == 403 and "requires single sign-on" in r.text
             assert (await fresh.get("/console/dashboard")).status_code == 303
             await fresh.aclose()
         # Someone in no such organization still signs in with a password.
@@ -278,3 +281,32 @@ async def test_an_email_that_only_lowercases_into_someone_elses_is_refused(
     finally:
         await victim.aclose()
         await attacker.aclose()
+
+
+async def test_an_unverified_password_account_is_not_handed_over_by_sso(
+    engine: EngineProcess, oidc: OidcProvider, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Red team (issue 18), account pre-hijacking: someone signs up with another person's
+    email and a password of their own (never verified). When the real person later signs in
+    through SSO, which verifies the email, the stranger's password must not start working."""
+    provider = {"id": "local", "name": "Local IdP", "issuer": oidc.issuer, "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET}
+    app = create_app(console_settings(tmp_path_factory.mktemp("sso-prehijack"), engine.base_url, sso=[provider],
+                                      verify_email=True))
+    async with app.router.lifespan_context(app):
+        attacker, victim = Browser(app), Browser(app)
+        try:
+            chosen = "attacker chose this"
+            r = await attacker.post("/console/signup", {"email": "ann@prehijack.test", "password": chosen,
+                                                        "password_confirm": chosen}, token_from="/console/signup")
+            assert r.status_code == 303
+            assert (await attacker.sign_in("ann@prehijack.test", "attacker chose this")).status_code == 403
+            oidc.user = {"sub": "u-ann", "email": "ann@prehijack.test", "email_verified": True}
+            assert (await _sso_sign_in(victim)).status_code == 303
+            assert (await victim.get("/console/dashboard")).status_code == 200
+            r = await attacker.sign_in("ann@prehijack.test", "attacker chose this")
+            assert r.status_code == 400 and "Wrong email or password" in r.text
+            assert (await attacker.get("/console/dashboard")).status_code == 303
+        finally:
+            await attacker.aclose()
+            await victim.aclose()

@@ -193,6 +193,11 @@ async def callback(page: Page) -> Response:
         user = created or await users.by_email(email)
         if user is None:
             return _error(page, "The account could not be created; try again.", 500)
+    if user.email_verified_at is None:
+        # Whoever set this account's password never proved the email (maybe a stranger who
+        # signed up with it first): that password must not start working now. A new, unknown
+        # one replaces it (the person can reset it by mail) and any session ends.
+        await users.reset_password(user.id, secrets.token_urlsafe(32))
     await users.mark_verified(user.id)  # the provider verified it
     joined = await sso.join_by_domain(user.id, email)
     for account_id, role in joined:
