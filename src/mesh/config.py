@@ -437,6 +437,34 @@ class PaymentsConfig(_Frozen):
         return self
 
 
+class ConsoleMailConfig(_Frozen):
+    """The mail server the console's invitations, verification and reset mails go through;
+    no host: the links are written to the log (the quick start)."""
+
+    host: str | None = None
+    port: int = 587
+    username: str | None = None
+    password: SecretStr | None = None
+    starttls: bool = True
+    sender: str = "Mesh <mesh@localhost>"
+
+
+class OidcProvider(_Frozen):
+    """A single sign-on provider speaking OpenID Connect (Google, Entra, Okta, Keycloak…):
+    its endpoints come from ``{issuer}/.well-known/openid-configuration``."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")  # in the callback URL
+    name: str  # on the sign-in button
+    issuer: str
+    client_id: str
+    client_secret: SecretStr
+    scopes: str = "openid email profile"
+    # The email domains this provider vouches for; empty: any. Accounts are matched by email,
+    # so an IdP whose administrators are not the operator's (a customer's Okta or Keycloak)
+    # must be limited to that customer's domains, or it could sign in as anyone.
+    domains: tuple[str, ...] = ()
+
+
 class ConsoleConfig(_Frozen):
     """The web console under ``/console``."""
 
@@ -455,6 +483,19 @@ class ConsoleConfig(_Frozen):
     signin_attempts_per_ip: int = Field(default=20, ge=1)
     signups_per_ip_per_hour: int = Field(default=10, ge=1)  # accounts one address may create
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
+    invitation_hours: int = Field(default=72, ge=1)  # how long an invitation link works
+    # Invitation mails per inviting person and per client address (anyone can own an organization).
+    invitations_per_hour: int = Field(default=50, ge=1)
+    sso: tuple[OidcProvider, ...] = ()
+    # Password accounts: sign-in waits until the mailed link proved the email.
+    verify_email: bool = True
+    verification_hours: int = Field(default=48, ge=1)
+    reset_minutes: int = Field(default=60, ge=5)  # how long a password-reset link works
+    mails_per_email_per_hour: int = Field(default=3, ge=1)  # verification and reset mails
+    mails_per_ip_per_hour: int = Field(default=20, ge=1)
+    # Mail (invitations, verification, password reset). No SMTP host: each mail is written to
+    # the gateway's log instead (the quick start), so an operator can pass the link on.
+    smtp: ConsoleMailConfig = Field(default_factory=lambda: ConsoleMailConfig())
 
     @field_validator("secret")
     @classmethod
@@ -471,6 +512,8 @@ class Settings(_Frozen):
     # runs) can share one Redis.
     redis_prefix: str = DEFAULT_REDIS_PREFIX
     admin_key: str | None = None
+    # How long the audit log (organizations' and the operator's) keeps its events.
+    audit_retention_days: int = Field(default=365, ge=1)
     server: ServerConfig = Field(default_factory=ServerConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)

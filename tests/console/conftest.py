@@ -4,9 +4,10 @@ session; every test signs up its own users, so tests never share accounts."""
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ def console_settings(work: Path, engine_url: str, **console: Any) -> Settings:
             "payments": {"provider": "test", "stripe_webhook_secret": WEBHOOK_SECRET},
             "admins": [ADMIN_EMAIL],
             "signups_per_ip_per_hour": 10_000,  # the suite signs many users up from one address
+            "invitations_per_hour": 10_000,  # and invites many from it
+            # Sign-up signs in at once here; test_email.py runs its own app with verification.
+            "verify_email": False,
             **console,
         },
     })
@@ -164,3 +168,31 @@ async def grant(app: Starlette, account_id: str, credits: str) -> None:
     from mesh.billing.money import parse_credits
 
     await app.state.gateway.services.ledger.grant(account_id, parse_credits(credits))
+
+
+class Mailbox(logging.Handler):
+    """The quick start's mail: written to the log (no SMTP configured)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.mails: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.mails.append(record.getMessage())
+
+    def link_for(self, email: str) -> str:
+        mail = next(m for m in reversed(self.mails) if f"mail to {email} " in m)
+        found = re.search(r"(/console/[a-z]+/[A-Za-z0-9_-]{20,})", mail)
+        assert found, mail
+        return found.group(1)
+
+
+@pytest.fixture
+def mailbox() -> Iterator[Mailbox]:
+    box = Mailbox()
+    logger = logging.getLogger("mesh.console.mail")
+    logger.addHandler(box)
+    try:
+        yield box
+    finally:
+        logger.removeHandler(box)

@@ -41,7 +41,8 @@ def console_gateway(engine: EngineProcess, tmp_path_factory: pytest.TempPathFact
         "database": f"sqlite:///{work}/mesh.db",
         "models": engine_models(engine.base_url),
         "billing": {"usage_flush_interval": 0.1},
-        "console": {"payments": {"provider": "test"}, "admins": [ADMIN_EMAIL]},
+        # Email verification has its own tests (tests/console/test_email.py).
+        "console": {"payments": {"provider": "test"}, "admins": [ADMIN_EMAIL], "verify_email": False},
     }
     with GatewayProcess(config, work) as gw:
         yield gw

@@ -64,6 +64,7 @@ class ApiKeyInfo:
     budget_reset_day: int | None = None
     budget_resets_at: datetime | None = None
     user_budget: MicroCredits | None = None  # per end user, per budget period
+    created_by: str | None = None  # the console user who created it; None: the admin API
 
     @property
     def remaining(self) -> MicroCredits | None:
@@ -120,6 +121,7 @@ def key_info(row: Any) -> ApiKeyInfo:
         budget_reset_day=reset_day,
         budget_resets_at=resets_at,
         user_budget=None if getattr(row, "user_budget", None) is None else MicroCredits(row.user_budget),
+        created_by=getattr(row, "created_by", None),
     )
 
 
@@ -200,6 +202,7 @@ class Accounts:
         budget_period: str = "none",
         budget_reset_day: int | None = None,
         user_budget: MicroCredits | None = None,
+        created_by: str | None = None,
     ) -> CreatedKey:
         """Mint a key for the account and return it in full, once.
 
@@ -229,6 +232,7 @@ class Accounts:
             "revoked_at": None,
             "last_used_at": None,
             "created_at": utcnow(),
+            "created_by": created_by,
             "rate_limits": _limits_patch(None, rate_limits or {}),
             "user_budget": user_budget,
             **_period_columns(period, reset_day),

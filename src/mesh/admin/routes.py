@@ -29,6 +29,12 @@ A change reaches every gateway at once (the key caches are invalidated through R
     DELETE /admin/v1/keys/{id}
     GET    /admin/v1/usage                    ?account_id=&days=
     POST   /admin/v1/redeem-codes             {amount, count?}
+    GET    /admin/v1/audit-log                ?account_id=&limit=
+    GET    /admin/v1/accounts/{id}/sso
+    PUT    /admin/v1/accounts/{id}/sso        {domains, default_role?, require_sso?}
+
+Every call that changes something is recorded in the operator's audit log (and in the
+organization's, when it touches one): see ``mesh.admin.audit_trail``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mesh.accounts.sso import SingleSignOn, SsoSettings
+from mesh.admin import audit_trail
 from mesh.admin.http import ServicesSource, credits_param, guarded, int_query, json_response, read_body, resolve
 from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
 from mesh.billing.budgets import Period
@@ -51,6 +59,7 @@ from mesh.billing.usage import daily_usage
 from mesh.console import topups
 from mesh.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from mesh.http.credentials import presented_credential, single
+from mesh.http.ids import request_id as new_request_id
 from mesh.limits.policy import MAX_LIMIT
 
 PREFIX = "/admin/v1"
@@ -139,6 +148,12 @@ async def get_auto_topup(request: Request, svc: Services) -> Response:
     return json_response(auto_topup_json(found))
 
 
+class SsoBody(_Body):
+    domains: list[str] = Field(max_length=50)
+    default_role: str = "viewer"
+    require_sso: bool = False
+
+
 class NewCodes(_Body):
     amount: Any
     count: int = Field(default=1, ge=1, le=1000)
@@ -163,7 +178,11 @@ def admin_routes(services: ServicesSource) -> list[Route]:
         async def endpoint(request: Request) -> Response:
             svc = resolve(services, request)
             check_admin(request, svc.settings.admin_key)
-            return await handler(request, svc)
+            rid = new_request_id()
+            response = await handler(request, svc)
+            response.headers["x-request-id"] = rid
+            await audit_trail.record(request, svc, handler.__name__, response, rid)
+            return response
 
         endpoint.__name__ = handler.__name__
         return Route(PREFIX + path, guarded(endpoint), methods=[method])
@@ -183,6 +202,9 @@ def admin_routes(services: ServicesSource) -> list[Route]:
         route("/keys/{key_id}", revoke_key, "DELETE"),
         route("/usage", usage, "GET"),
         route("/redeem-codes", mint_codes, "POST"),
+        route("/audit-log", audit_trail.audit_log, "GET"),
+        route("/accounts/{account_id}/sso", get_sso, "GET"),
+        route("/accounts/{account_id}/sso", put_sso, "PUT"),
     ]
 
 
@@ -289,6 +311,27 @@ async def usage(request: Request, svc: Services) -> Response:
     days = int_query(request, "days", 30, 1, 3660)
     rows = await daily_usage(svc.database, account_id=account_id, days=days)
     return json_response({"object": "list", "days": days, "data": [daily_json(d) for d in rows]})
+
+
+def _sso_json(s: SsoSettings) -> dict[str, Any]:
+    return {"object": "sso_settings", "account_id": s.account_id, "domains": list(s.domains),
+            "default_role": s.default_role, "require_sso": s.require_sso}
+
+
+async def get_sso(request: Request, svc: Services) -> Response:
+    account_id = request.path_params["account_id"]
+    await svc.accounts.get(account_id)
+    found = await SingleSignOn(svc.database).get(account_id)
+    if found is None:
+        found = SsoSettings(account_id=account_id, domains=(), default_role="viewer", require_sso=False)
+    return json_response(_sso_json(found))
+
+
+async def put_sso(request: Request, svc: Services) -> Response:
+    body = await read_body(request, SsoBody)
+    found = await SingleSignOn(svc.database).put(request.path_params["account_id"], domains=body.domains,
+                                                 default_role=body.default_role, require_sso=body.require_sso)
+    return json_response(_sso_json(found))
 
 
 async def mint_codes(request: Request, svc: Services) -> Response:

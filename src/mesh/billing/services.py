@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from mesh.accounts.audit_log import AuditLog
 from mesh.accounts.auth import KeyAuthenticator
 from mesh.accounts.invalidation import INVALIDATION_SUFFIX
 from mesh.accounts.service import Accounts
@@ -43,6 +44,7 @@ class Services:
     authenticator: KeyAuthenticator
     usage: UsageWriter
     redeem: RedeemCodes
+    audit: AuditLog
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     async def start(self) -> None:
@@ -108,6 +110,7 @@ async def open_services(settings: Settings, *, migrate: bool = True, background:
             ),
             usage=usage,
             redeem=RedeemCodes(db),
+            audit=AuditLog(db, settings.audit_retention_days),
         )
     except BaseException:
         await db.aclose()

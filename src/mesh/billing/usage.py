@@ -284,6 +284,17 @@ async def daily_usage(
         ]
 
 
+async def last_use_by_key(db: Database, account_id: str) -> dict[str, datetime]:
+    """Key id → the time of its newest usage record (the console's key list)."""
+    q = (
+        select(usage_records.c.key_id, func.max(usage_records.c.created_at).label("at"))
+        .where(usage_records.c.account_id == account_id)
+        .group_by(usage_records.c.key_id)
+    )
+    async with db.read() as conn:
+        return {r.key_id: r.at for r in await conn.execute(q) if r.key_id is not None}
+
+
 async def recent_requests(db: Database, account_id: str, *, limit: int = 50) -> list[UsageRecord]:
     """The account's latest usage records, newest first."""
     q = (

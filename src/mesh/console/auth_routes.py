@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mesh.accounts.sso import SingleSignOn
 from mesh.console.passwords import normalize_email
-from mesh.console.users import SignUpError
+from mesh.console.users import ConsoleUser, SignUpError
 from mesh.console.web import PREFIX, SESSION_COOKIE, Console, Page
 
 SIGNUP_DONE = "Your account is ready: sign in with your email and password."
+SIGNUP_VERIFY = "Almost there: open the link we sent to your email, then sign in."
+UNVERIFIED = "Verify your email first: open the link we sent you (or send it again below)."
 
 
 def _next_url(raw: str) -> str:
@@ -24,8 +29,20 @@ def _client(page: Page) -> str:
     return client.host if client else "unknown"
 
 
-async def _start_session(page: Page, user_id: str, target: str, flash: str | None = None) -> Response:
-    token = await page.bound.sessions.create(user_id)
+async def landing_organization(page: Page, user: ConsoleUser) -> str | None:
+    """Where a new session opens: the organization used last, if still a member, else the
+    first one; ``None`` for a person in none."""
+    mine = await page.bound.members.of_user(user.id)
+    if any(m.account_id == user.account_id for m in mine):
+        return user.account_id
+    return mine[0].account_id if mine else None
+
+
+async def start_session(page: Page, user: ConsoleUser, target: str, flash: str | None = None) -> Response:
+    organization = await landing_organization(page, user)
+    token = await page.bound.sessions.create(user.id, organization)
+    if organization is None:
+        target = PREFIX + "/organizations"  # in none: accept an invitation or create one
     page.set_cookie(SESSION_COOKIE, token, page.console.config.session_hours * 3600)
     return page.redirect(target, flash)
 
@@ -51,7 +68,7 @@ async def signup(page: Page) -> Response:
         errors = {"password_confirm": "The two passwords differ."}
         return page.render("signup.html", status=400, title="Create your account", errors=errors, email=email)
     try:
-        await page.bound.users.sign_up(email, password)
+        created = await page.bound.users.sign_up(email, password)
     except SignUpError as err:
         return page.render("signup.html", status=400, title="Create your account",
                            errors={err.field: err.message}, email=email)
@@ -59,12 +76,17 @@ async def signup(page: Page) -> Response:
     page.console.signup_limiter.fail(ip)
     # The same answer whether the email was free or taken (its owner signs in as usual):
     # sign-up never says which emails are registered.
-    return page.redirect(PREFIX + "/signin", SIGNUP_DONE)
+    if not page.console.config.verify_email:
+        return page.redirect(PREFIX + "/signin", SIGNUP_DONE)
+    if created is not None:
+        await send_verification(page, created)
+    return page.redirect(PREFIX + "/signin", SIGNUP_VERIFY)
 
 
 async def signin_form(page: Page) -> Response:
     nxt = _next_url(page.request.query_params.get("next", ""))
-    return page.render("signin.html", title="Sign in", error=None, email="", next=nxt)
+    return page.render("signin.html", title="Sign in", error=None, email="", next=nxt,
+                       providers=page.console.config.sso)
 
 
 async def signin(page: Page) -> Response:
@@ -87,14 +109,37 @@ async def signin(page: Page) -> Response:
         if ip_wait:
             return _too_many(page, email_text, nxt, ip_wait)
         return page.render("signin.html", status=400, title="Sign in", email=email_text, next=nxt,
-                           error="Wrong email or password.")
+                           providers=console.config.sso, error="Wrong email or password.")
     console.email_limiter.reset(email)
-    return await _start_session(page, user.id, nxt)
+    if console.config.verify_email and user.email_verified_at is None:
+        return page.render("signin.html", status=403, title="Sign in", email=email_text, next=nxt,
+                           providers=console.config.sso, error=UNVERIFIED, unverified=True)
+    if await SingleSignOn(page.services.database).requires_sso(user.id):
+        return page.render("signin.html", status=403, title="Sign in", email=email_text, next=nxt,
+                           providers=console.config.sso,
+                           error="Your organization requires single sign-on: use its sign-in button.")
+    return await start_session(page, user, nxt)
 
 
 def _too_many(page: Page, email_text: str, nxt: str, wait: int) -> Response:
     return page.render("signin.html", status=429, title="Sign in", email=email_text, next=nxt,
+                       providers=page.console.config.sso,
                        error=f"Too many attempts, try again in {wait} s.")
+
+
+async def send_verification(page: Page, user: ConsoleUser) -> None:
+    config = page.console.config
+    token = await page.bound.email_tokens.issue(user.id, "verify", timedelta(hours=config.verification_hours))
+    page.bound.mailer.post(
+        user.email, "Verify your email for Mesh",
+        f"Open this link to verify your email and finish creating your Mesh account "
+        f"(it works once, for {config.verification_hours} hours):\n{site_base(page)}{PREFIX}/verify/{token}\n",
+    )
+
+
+def site_base(page: Page) -> str:
+    configured = page.console.settings.server.public_url
+    return configured.rstrip("/").removesuffix("/v1") if configured else str(page.request.base_url).rstrip("/")
 
 
 async def signout(page: Page) -> Response:

@@ -22,7 +22,8 @@ HISTORY_KINDS = frozenset({"grant", "purchase", "redeem", "refund", "adjustment"
 
 
 def payments_of(console: Console, bound: Bound) -> Payments:
-    return Payments(bound.services.database, bound.services.ledger, console.config.payments, bound.secret)
+    return Payments(bound.services.database, bound.services.ledger, console.config.payments, bound.secret,
+                    audit=bound.services.audit)
 
 
 def site_url(page: Page) -> str:
@@ -32,7 +33,7 @@ def site_url(page: Page) -> str:
 
 
 async def billing_page(page: Page) -> Response:
-    account_id = page.user.account_id
+    account_id = page.account_id
     payments = payments_of(page.console, page.bound)
     balance, held = await page.services.ledger.balance(account_id)
     entries = [e for e in await page.services.ledger.entries(account_id, limit=200) if e.kind in HISTORY_KINDS]
@@ -70,16 +71,17 @@ async def checkout(page: Page) -> Response:
     payments = payments_of(page.console, page.bound)
     try:
         url = await payments.checkout(
-            page.user.account_id, page.user.id, page.user.email, page.field("pack"), site_url(page)
+            page.account_id, page.user.id, page.user.email, page.field("pack"), site_url(page)
         )
     except PaymentError as err:
         return page.redirect(PREFIX + "/billing", str(err), "error")
+    await page.audit("credits.checkout_started", page.field("pack"))
     return page.redirect(url)
 
 
 async def _test_payment(page: Page) -> tuple[Payments, Payment] | Response:
     payments = payments_of(page.console, page.bound)
-    payment = await payments.get(page.request.path_params["payment_id"], page.user.account_id)
+    payment = await payments.get(page.request.path_params["payment_id"], page.account_id)
     if payments.config.provider != "test" or payment is None:
         return page.render("error.html", status=404, title="Not found", message="There is no such checkout.")
     return payments, payment
@@ -120,9 +122,10 @@ async def test_checkout_cancel(page: Page) -> Response:
 async def redeem(page: Page) -> Response:
     code = page.field("code")
     try:
-        entry = await page.services.redeem.redeem(page.user.account_id, code)
+        entry = await page.services.redeem.redeem(page.account_id, code)
     except MeshError as err:
         return page.redirect(PREFIX + "/billing", err.message + ".", "error")
+    await page.audit("credits.redeemed", None, amount=credits(entry.amount))
     return page.redirect(PREFIX + "/billing", f"Code redeemed: {credits(entry.amount)} credits added.")
 
 
@@ -144,11 +147,11 @@ def billing_routes(console: Console) -> list[Route]:
 
     r = console.route
     return [
-        r("/billing", billing_page),
-        r("/billing/checkout", checkout, methods=("POST",)),
-        r("/billing/checkout/{payment_id}", test_checkout_page),
-        r("/billing/checkout/{payment_id}/pay", test_checkout_pay, methods=("POST",)),
-        r("/billing/checkout/{payment_id}/cancel", test_checkout_cancel, methods=("POST",)),
-        r("/billing/redeem", redeem, methods=("POST",)),
+        r("/billing", billing_page, need="billing"),
+        r("/billing/checkout", checkout, methods=("POST",), need="billing"),
+        r("/billing/checkout/{payment_id}", test_checkout_page, need="billing"),
+        r("/billing/checkout/{payment_id}/pay", test_checkout_pay, methods=("POST",), need="billing"),
+        r("/billing/checkout/{payment_id}/cancel", test_checkout_cancel, methods=("POST",), need="billing"),
+        r("/billing/redeem", redeem, methods=("POST",), need="billing"),
         Route(PREFIX + "/webhooks/stripe", stripe_webhook, methods=["POST"]),
     ]

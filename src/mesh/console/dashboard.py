@@ -16,7 +16,7 @@ RECENT = 25
 
 
 async def dashboard(page: Page) -> Response:
-    account_id = page.user.account_id
+    account_id = page.account_id
     db = page.services.database
     today = utcnow().date()
     rows = await daily_usage(db, account_id=account_id, days=31)
@@ -42,4 +42,4 @@ async def dashboard(page: Page) -> Response:
 
 
 def dashboard_routes(console: Console) -> list[Route]:
-    return [console.route("/dashboard", dashboard)]
+    return [console.route("/dashboard", dashboard, need="usage")]

@@ -35,6 +35,6 @@ async def quickstart_page(page: Page) -> Response:
 
 def guide_routes(console: Console) -> list[Route]:
     return [
-        console.route("/models", models_page),
-        console.route("/quickstart", quickstart_page),
+        console.route("/models", models_page, need="usage"),
+        console.route("/quickstart", quickstart_page, need="usage"),
     ]

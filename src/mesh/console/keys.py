@@ -1,8 +1,9 @@
 """API keys: create (shown in full once), list with prefix, last use and spend (this budget
 period's), set a key's budget, revoke.
 
-Only keys of the signed-in user's account are ever listed or revocable; another
-account's key id answers 404, exactly like an unknown one. Revocation goes through
+Only keys of the session's organization are ever listed or revocable; another
+organization's key id answers 404, exactly like an unknown one. A developer revokes only
+the keys they created; owners and admins any key (mesh.accounts.roles). Revocation goes through
 ``KeyAuthenticator.revoke`` so every gateway's key cache drops the key at once.
 """
 
@@ -11,17 +12,16 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
 from starlette.responses import Response
 from starlette.routing import Route
 
 from mesh.accounts.service import ApiKeyInfo
 from mesh.billing.budgets import PERIODS
-from mesh.billing.money import parse_credits
+from mesh.billing.money import format_credits, parse_credits
+from mesh.billing.usage import last_use_by_key
 from mesh.console.web import PREFIX, Console, Page
 from mesh.errors import MeshError, NotFound
 from mesh.store import utcnow
-from mesh.store.tables import usage_records
 
 MAX_KEYS_SHOWN = 200
 
@@ -67,13 +67,7 @@ def _form_errors(page: Page) -> tuple[dict[str, str], dict[str, Any]]:
 async def last_used(page: Page, keys: list[ApiKeyInfo]) -> dict[str, datetime]:
     """When each key was last used: the later of its ``last_used_at`` (written in batches,
     up to a minute late) and its newest usage record."""
-    q = (
-        select(usage_records.c.key_id, func.max(usage_records.c.created_at).label("at"))
-        .where(usage_records.c.account_id == page.user.account_id)
-        .group_by(usage_records.c.key_id)
-    )
-    async with page.services.database.read() as conn:
-        seen = {r.key_id: r.at for r in await conn.execute(q) if r.key_id is not None}
+    seen = await last_use_by_key(page.services.database, page.account_id)
     out: dict[str, datetime] = {}
     for k in keys:
         times = [t for t in (k.last_used_at, seen.get(k.id)) if t is not None]
@@ -84,7 +78,7 @@ async def last_used(page: Page, keys: list[ApiKeyInfo]) -> dict[str, datetime]:
 
 async def _render(page: Page, *, status: int = 200, created: Any = None, errors: dict[str, str] | None = None,
                   form: dict[str, Any] | None = None) -> Response:
-    keys = await page.services.accounts.list_keys(page.user.account_id)
+    keys = await page.services.accounts.list_keys(page.account_id)
     now = utcnow()
     active = [k for k in keys if k.revoked_at is None and (k.expires_at is None or k.expires_at > now)]
     inactive = [k for k in keys if k not in active][:MAX_KEYS_SHOWN]
@@ -101,6 +95,8 @@ async def _render(page: Page, *, status: int = 200, created: Any = None, errors:
         models=page.console.settings.models,
         playground_key_id=page.user.playground_key_id,
         last_used=await last_used(page, keys),
+        creators={m.user_id: m.email for m in await page.bound.members.of_account(page.account_id)},
+        manage_all=page.can("keys.all"),
         base_url=page.base_url(),
         today=now.date().isoformat(),
     )
@@ -116,15 +112,17 @@ async def create_key(page: Page) -> Response:
         return await _render(page, status=400, errors=errors, form=values)
     try:
         created = await page.services.accounts.create_key(
-            page.user.account_id,
+            page.account_id,
             name=values["name"] or "Untitled key",
             allowed_models=values["models"],
             expires_at=values["expires_at"],
             spend_limit=values["spend_limit"],
             budget_period=values["budget_period"],
+            created_by=page.user.id,
         )
     except MeshError as err:
         return await _render(page, status=400, errors={"name": err.message}, form=values)
+    await page.audit("key.created", created.info.id, name=created.info.name, prefix=created.info.prefix + "…")
     return await _render(page, status=201, created=created)
 
 
@@ -134,14 +132,18 @@ async def owned_key(page: Page, key_id: str) -> ApiKeyInfo | None:
         key = await page.services.accounts.get_key(key_id)
     except NotFound:
         return None
-    return key if key.account_id == page.user.account_id else None
+    return key if key.account_id == page.account_id else None
 
 
 async def revoke_key(page: Page) -> Response:
     key = await owned_key(page, page.request.path_params["key_id"])
     if key is None:
         return page.render("error.html", status=404, title="Not found", message="There is no such API key.")
+    if key.created_by != page.user.id and not page.can("keys.all"):
+        return page.render("error.html", status=403, title="Not allowed",
+                           message="Your role lets you revoke only the keys you created.")
     await page.services.authenticator.revoke(key.id)
+    await page.audit("key.revoked", key.id, name=key.name, prefix=key.prefix + "…")
     return page.redirect(PREFIX + "/keys", f"Key {key.prefix}… ({key.name}) revoked. It stops working at once.")
 
 
@@ -162,6 +164,9 @@ async def change_budget(page: Page) -> Response:
     except MeshError as err:
         return page.redirect(PREFIX + "/keys", err.message, "err")
     await page.services.authenticator.key_changed(key.id)
+    await page.audit("key.budget_changed", key.id, name=key.name, prefix=key.prefix + "…",
+                     spend_limit=None if info.spend_limit is None else format_credits(info.spend_limit),
+                     period=info.budget_period)
     what = "no budget" if info.spend_limit is None else f"a {info.budget_period} budget"
     return page.redirect(PREFIX + "/keys", f"Key {key.prefix}… ({key.name}) now has {what}.")
 
@@ -169,8 +174,8 @@ async def change_budget(page: Page) -> Response:
 def keys_routes(console: Console) -> list[Route]:
     r = console.route
     return [
-        r("/keys", keys_page),
-        r("/keys", create_key, methods=("POST",)),
-        r("/keys/{key_id}/budget", change_budget, methods=("POST",)),
-        r("/keys/{key_id}/revoke", revoke_key, methods=("POST",)),
+        r("/keys", keys_page, need="keys"),
+        r("/keys", create_key, methods=("POST",), need="keys"),
+        r("/keys/{key_id}/budget", change_budget, methods=("POST",), need="keys.all"),
+        r("/keys/{key_id}/revoke", revoke_key, methods=("POST",), need="keys"),
     ]

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 
+from mesh.accounts.audit_log import Actor, AuditLog
 from mesh.accounts.keys import new_id
 from mesh.billing.ledger import Ledger
-from mesh.billing.money import MicroCredits, parse_credits
+from mesh.billing.money import MicroCredits, format_credits, parse_credits
 from mesh.config import CreditPack, PaymentsConfig
 from mesh.console import topups
 from mesh.console.display import credits as show_credits
@@ -123,7 +124,9 @@ class Payments:
         config: PaymentsConfig,
         secret: bytes,
         stripe_http: Callable[[], stripe.HTTPClient] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit
         self.db = db
         self.ledger = ledger
         self.config = config
@@ -298,7 +301,13 @@ class Payments:
                 await conn.execute(
                     update(console_payments).where(console_payments.c.id == payment.id).values(payment_intent=intent)
                 )
-        return "duplicate" if payment.status == "paid" else "credited"
+        if payment.status == "paid":
+            return "duplicate"
+        if self.audit is not None:
+            actor = Actor(name=f"{payment.provider} checkout", id=None, ip=None, request_id=session_id)
+            await self.audit.record(actor, "credits.purchased", account_id=payment.account_id, target=payment.id,
+                                    detail={"credits": format_credits(payment.credits), "pack": payment.pack_id})
+        return "credited"
 
     async def _topup(self, kind: str, obj: dict[str, Any]) -> str:
         """An automatic top-up's PaymentIntent (console/topups.py) succeeded or failed: credit
@@ -373,6 +382,7 @@ class Payments:
                 payment.account_id, f"{scope}refund:{refunded}", target=share(refunded), counted=f"{scope}refund:",
                 ceiling=payment.credits, scope=scope, memo=memo,
             )
+            await self._audit_reversal(entry is not None, "credits.refunded", payment, kind)
             return "duplicate" if entry is None else "reversed"
         dispute = str(obj.get("id") or "")
         status = str(obj.get("status") or "")
@@ -384,6 +394,7 @@ class Payments:
         if kind == "charge.dispute.closed" and status == "won":
             back = await self.ledger.reinstate(payment.account_id, f"{scope}dispute-won:{dispute}", of=taken,
                                                memo=memo + " (won)")
+            await self._audit_reversal(back is not None, "credits.reinstated", payment, kind)
             return "duplicate" if back is None else "reinstated"
         if kind == "charge.dispute.closed" and status != "lost":
             return "ignored"
@@ -391,7 +402,16 @@ class Payments:
             payment.account_id, taken, target=share(obj.get("amount")), counted=taken, ceiling=payment.credits,
             scope=scope, memo=memo,
         )
+        await self._audit_reversal(entry is not None, "credits.disputed", payment, kind)
         return "duplicate" if entry is None else "reversed"
+
+    async def _audit_reversal(self, moved: bool, action: str, payment: Any, kind: str) -> None:
+        """A refund or dispute that moved credit, in the organization's audit log."""
+        if moved and self.audit is not None:
+            actor = Actor(name=f"{payment.provider} webhook", id=None, ip=None, request_id=None)
+            await self.audit.record(actor, action, account_id=payment.account_id, target=payment.id,
+                                    detail={"event": kind})
+
 
 def _aiohttp_client() -> stripe.HTTPClient:
     import stripe

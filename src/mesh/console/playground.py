@@ -7,7 +7,7 @@ user's dedicated *playground key*, with ``stream`` and ``stream_options.include_
 on. So the playground takes exactly the public API's path (key cache, rate limits, credit
 hold, routing, settlement) and its requests show up in usage like any other.
 
-The playground key is an ordinary random API key named "Playground" in the user's account
+The playground key is an ordinary random API key named "Playground" in the organization
 (it shows in the key list, its spend is visible, revoking it is allowed: the next turn
 mints a new one). Only its hash is in ``api_keys``, as for every key; its raw value stays
 in the memory of the gateway process that minted it, never in the database or the browser.
@@ -20,19 +20,16 @@ from typing import Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import insert, select, update
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message
 
-from mesh.accounts.keys import generate_key, hash_key, key_prefix, new_id
 from mesh.api.chat import chat_completions
-from mesh.console.tables import console_users
 from mesh.console.users import ConsoleUser
 from mesh.console.web import AnyResponse, Bound, Console, HeldKey, Page
+from mesh.errors import NotFound
 from mesh.store import utcnow
-from mesh.store.tables import api_keys
 
 PLAYGROUND_KEY_NAME = "Playground"
 PLAYGROUND_KEY_TTL = timedelta(hours=24)
@@ -55,45 +52,40 @@ class ChatIn(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
-async def playground_key(bound: Bound, user: ConsoleUser) -> str:
-    """The user's playground key in this process, minted when there is none that still works.
+async def playground_key(bound: Bound, user: ConsoleUser, account_id: str) -> str:
+    """The user's playground key for the organization in this process, minted (through
+    ``Accounts.create_key``, like every key) when there is none that still works.
 
     A random key like any other, stored only as its hash; its raw value lives in this
     process's memory alone, so nothing in the database (or a dump of it) yields it. Each
     gateway process mints its own, expiring after :data:`PLAYGROUND_KEY_TTL`.
     """
-    db = bound.services.database
+    accounts = bound.services.accounts
     now = utcnow()
-    held = bound.playground_keys.get(user.id)
+    slot = f"{user.id}:{account_id}"
+    held = bound.playground_keys.get(slot)
     if held is not None and held.expires_at - now > PLAYGROUND_KEY_RENEW:
-        async with db.read() as conn:
-            row = (await conn.execute(select(api_keys).where(api_keys.c.id == held.key_id))).first()
-        if row is not None and row.account_id == user.account_id and row.revoked_at is None:
-            bound.playground_keys.move_to_end(user.id)
+        try:
+            info = await accounts.get_key(held.key_id)
+        except NotFound:
+            info = None
+        if info is not None and info.account_id == account_id and info.revoked_at is None:
+            bound.playground_keys.move_to_end(slot)
             return held.raw
-    raw, key_id, expires_at = generate_key(), new_id("key"), now + PLAYGROUND_KEY_TTL
-    async with db.write() as conn:
-        await conn.execute(
-            insert(api_keys).values(
-                id=key_id, account_id=user.account_id, name=PLAYGROUND_KEY_NAME, prefix=key_prefix(raw),
-                key_hash=hash_key(raw), allowed_models=None, expires_at=expires_at, spend_limit=None, spent=0,
-                held=0, revoked_at=None, last_used_at=None, created_at=now,
-            )
-        )
-        await conn.execute(
-            update(console_users).where(console_users.c.id == user.id).values(playground_key_id=key_id)
-        )
-    bound.playground_keys[user.id] = HeldKey(key_id, raw, expires_at)
+    created = await accounts.create_key(account_id, name=PLAYGROUND_KEY_NAME, expires_at=now + PLAYGROUND_KEY_TTL,
+                                        created_by=user.id)
+    await bound.users.set_playground_key(user.id, created.info.id)
+    bound.playground_keys[slot] = HeldKey(created.info.id, created.key, now + PLAYGROUND_KEY_TTL)
     while len(bound.playground_keys) > PLAYGROUND_KEYS_HELD:
         bound.playground_keys.popitem(last=False)
-    return raw
+    return created.key
 
 
 async def playground_page(page: Page) -> Response:
     gateway = page.gateway
     models = [(m, gateway.is_available(m.id)) for m in page.console.settings.models]
     chosen = page.request.query_params.get("model") or next((m.id for m, up in models if up), "")
-    balance, held = await page.services.ledger.balance(page.user.account_id)
+    balance, held = await page.services.ledger.balance(page.account_id)
     return page.render("playground.html", title="Playground", nav="playground", models=models, chosen=chosen,
                        available=balance - held)
 
@@ -121,7 +113,7 @@ async def chat(page: Page) -> AnyResponse:
         upstream["max_tokens"] = body.max_tokens
     if body.temperature is not None:
         upstream["temperature"] = body.temperature
-    key = await playground_key(page.bound, page.user)
+    key = await playground_key(page.bound, page.user, page.account_id)
     return await chat_completions(_as_api_request(request, orjson.dumps(upstream), key))
 
 
@@ -164,6 +156,6 @@ def _as_api_request(request: Request, payload: bytes, key: str) -> Request:
 def playground_routes(console: Console) -> list[Route]:
     r = console.route
     return [
-        r("/playground", playground_page),
-        r("/playground/chat", chat, methods=("POST",)),
+        r("/playground", playground_page, need="playground"),
+        r("/playground/chat", chat, methods=("POST",), need="playground"),
     ]

@@ -20,10 +20,10 @@ DAYS = (1, 7, 30, 90)
 
 async def generation_page(page: Page) -> Response:
     rid = request_id_of(page.request.path_params["generation_id"])
-    found = None if rid is None else await generation(page.services.database, page.user.account_id, rid)
+    found = None if rid is None else await generation(page.services.database, page.account_id, rid)
     if found is None:
         return page.render("error.html", status=404, title="Not found", message="There is no such request.")
-    keys = {k.id: k for k in await page.services.accounts.list_keys(page.user.account_id)}
+    keys = {k.id: k for k in await page.services.accounts.list_keys(page.account_id)}
     return page.render("generation.html", title="Request", nav="dashboard", g=found, key=keys.get(found.key_id or ""))
 
 
@@ -35,7 +35,7 @@ async def _groups(page: Page) -> tuple[str, int, list[UsageGroup]]:
     except ValueError:
         days = 30
     days = days if days in DAYS else 30
-    return group_by, days, await usage_by(page.services.database, page.user.account_id, group_by, days=days)
+    return group_by, days, await usage_by(page.services.database, page.account_id, group_by, days=days)
 
 
 async def breakdown_page(page: Page) -> Response:
@@ -43,7 +43,7 @@ async def breakdown_page(page: Page) -> Response:
     names: dict[str, str] = {}
     if group_by == "key":
         names = {k.id: f"{k.name or 'Untitled'} ({k.prefix}…)" for k in await page.services.accounts.list_keys(
-            page.user.account_id)}
+            page.account_id)}
     return page.render(
         "breakdown.html", title="Spend breakdown", nav="dashboard", groups=groups, group_by=group_by, days=days,
         choices=GROUPS, day_choices=DAYS, names=names, total=sum(g.cost for g in groups),
@@ -69,7 +69,7 @@ async def breakdown_csv(page: Page) -> Response:
 def spend_routes(console: Console) -> list[Route]:
     r = console.route
     return [
-        r("/generations/{generation_id}", generation_page),
-        r("/usage/breakdown", breakdown_page),
-        r("/usage/breakdown.csv", breakdown_csv),
+        r("/generations/{generation_id}", generation_page, need="usage"),
+        r("/usage/breakdown", breakdown_page, need="usage"),
+        r("/usage/breakdown.csv", breakdown_csv, need="usage"),
     ]

@@ -1,6 +1,8 @@
 """The console's tables, on the shared :data:`mesh.store.tables.metadata`.
 
-``console_users``    one row per person who signs in; each belongs to one account.
+``console_users``    one row per person who signs in; ``account_id`` is the organization
+                     their next session opens in (the one they used last).
+``memberships``      who belongs to which organization (an ``accounts`` row), with what role.
 ``console_sessions`` server-side sessions: the cookie carries a random token, the row
                      keeps only its SHA-256, the CSRF token and the expiry, so signing
                      out (or changing the password) ends a session everywhere at once.
@@ -9,15 +11,23 @@
                      every gateway replica on the database.
 
 Import this module wherever the metadata must be complete (the Alembic environment does).
-Migration ``0004`` creates these tables.
+``invitations``      a pending invitation to an organization: the link's token only as SHA-256.
+``sso_settings``     an organization's single sign-on: email domains whose verified SSO
+                     sign-ins join it (with a default role), and whether it requires SSO.
+``email_tokens``     single-use links mailed to a person (verify the email, reset the
+                     password): only their SHA-256, with an expiry.
+``audit_events``     who did what to an organization (``account_id``), or through the admin
+                     API (``account_id`` null: the operator's log); pruned after a retention.
+
+Migration ``0004`` creates these tables; ``0014`` adds memberships, invitations and the audit log.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, String, Table, Text, false
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, Column, ForeignKey, Index, String, Table, Text, false
 
 from mesh.store.tables import metadata
-from mesh.store.types import UTCDateTime
+from mesh.store.types import BigIntPK, UTCDateTime
 
 EMAIL_LENGTH = 254
 
@@ -32,6 +42,8 @@ console_users = Table(
     Column("playground_key_id", String(40), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("password_changed_at", UTCDateTime, nullable=False),
+    # When the person proved the email is theirs (a mailed link, an invitation, SSO).
+    Column("email_verified_at", UTCDateTime, nullable=True),
     Index("ix_console_users_email", "email", unique=True),
 )
 
@@ -43,6 +55,21 @@ console_sessions = Table(
     Column("csrf_token", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False, index=True),
+    # The organization this session works in (switched in the console); its membership is
+    # checked on every request, so a removed member's session ends at once.
+    Column("account_id", String(40), nullable=True),
+)
+
+ROLES = ("owner", "admin", "billing", "developer", "viewer")
+
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("user_id", String(40), ForeignKey("console_users.id", ondelete="CASCADE"), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True, index=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("role IN ('owner', 'admin', 'billing', 'developer', 'viewer')", name="role_known"),
 )
 
 console_payments = Table(
@@ -91,4 +118,59 @@ console_secrets = Table(
     Column("name", String(40), primary_key=True),
     Column("value", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+invitations = Table(
+    "invitations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("email", String(EMAIL_LENGTH), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("token_hash", String(64), nullable=False),
+    Column("invited_by", String(40), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("accepted_at", UTCDateTime, nullable=True),
+    Column("accepted_by", String(40), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Index("ix_invitations_token_hash", "token_hash", unique=True),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("account_id", String(40), nullable=True),
+    Column("actor", String(300), nullable=False),
+    Column("actor_id", String(40), nullable=True),
+    Column("ip", String(64), nullable=True),
+    Column("request_id", String(100), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("target", String(300), nullable=True),
+    Column("detail", JSON, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_audit_events_account_id_id", "account_id", "id"),
+    Index("ix_audit_events_created_at", "created_at"),
+)
+
+sso_settings = Table(
+    "sso_settings",
+    metadata,
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True),
+    Column("domains", JSON, nullable=False),
+    Column("default_role", String(16), nullable=False),
+    Column("require_sso", Boolean, nullable=False, server_default=false()),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+email_tokens = Table(
+    "email_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(40), ForeignKey("console_users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("purpose", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
 )

@@ -1,7 +1,8 @@
 """Console users: sign-up (a new account with its first user), look-ups, passwords, admins.
 
-A user belongs to exactly one account, created with it at sign-up in the same
-transaction. Only argon2 hashes of passwords are stored.
+Sign-up creates an organization (an account) with the new user as its owner, in the same
+transaction; ``account_id`` is the organization the user's next session opens in. Only
+argon2 hashes of passwords are stored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mesh.accounts.keys import new_id
+from mesh.accounts.members import add_member
 from mesh.console.passwords import hash_password, needs_rehash, normalize_email, password_problem, verify_password
 from mesh.console.tables import console_sessions, console_users
 from mesh.store import Database, utcnow
@@ -39,6 +41,7 @@ class ConsoleUser:
     playground_key_id: str | None
     created_at: datetime
     password_changed_at: datetime
+    email_verified_at: datetime | None = None
 
 
 def user_from_row(row: Any) -> ConsoleUser:
@@ -50,6 +53,7 @@ def user_from_row(row: Any) -> ConsoleUser:
         playground_key_id=row.playground_key_id,
         created_at=row.created_at,
         password_changed_at=row.password_changed_at,
+        email_verified_at=getattr(row, "email_verified_at", None),
     )
 
 
@@ -57,8 +61,11 @@ class Users:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def sign_up(self, email_text: str, password: str) -> ConsoleUser | None:
-        """Create an account named after the email and its first user, in one transaction.
+    async def sign_up(self, email_text: str, password: str, *, joining: str | None = None,
+                      verified: bool = False) -> ConsoleUser | None:
+        """Create an organization named after the email and its first user (its owner), in
+        one transaction; with ``joining`` (an organization whose invitation the caller holds)
+        only the user, who becomes a member when the invitation is accepted.
 
         Returns None when the email is taken, after the same work (a password hash) as a
         sign-up, so that neither the answer nor its timing says the email is registered.
@@ -74,7 +81,7 @@ class Users:
         if await self.by_email(email) is not None:
             return None
         now = utcnow()
-        account_id = new_id("acct")
+        account_id = joining or new_id("acct")
         row = {
             "id": new_id("user"),
             "email": email,
@@ -84,13 +91,17 @@ class Users:
             "playground_key_id": None,
             "created_at": now,
             "password_changed_at": now,
+            "email_verified_at": now if verified else None,
         }
         try:
             async with self.db.write() as conn:
-                await conn.execute(
-                    insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
-                )
+                if joining is None:
+                    await conn.execute(
+                        insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
+                    )
                 await conn.execute(insert(console_users).values(**row))
+                if joining is None:
+                    await add_member(conn, str(row["id"]), account_id, "owner")
         except IntegrityError:
             return None  # taken a moment ago, by a concurrent sign-up
         return user_from_row(SimpleNamespace(**row))
@@ -150,6 +161,40 @@ class Users:
                 )
             )
         return None
+
+    async def mark_verified(self, user_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(update(console_users).where(console_users.c.id == user_id,
+                                                           console_users.c.email_verified_at.is_(None))
+                               .values(email_verified_at=utcnow()))
+
+    async def reset_password(self, user_id: str, new: str) -> str | None:
+        """Set a new password from a reset link (which proved the email); every session of
+        the person ends. Returns a problem to show, or ``None``."""
+        problem = password_problem(new)
+        if problem:
+            return problem
+        new_hash = await hash_password(new)
+        now = utcnow()
+        async with self.db.write() as conn:
+            await conn.execute(update(console_users).where(console_users.c.id == user_id)
+                               .values(password_hash=new_hash, password_changed_at=now))
+            await conn.execute(update(console_users).where(console_users.c.id == user_id,
+                                                           console_users.c.email_verified_at.is_(None))
+                               .values(email_verified_at=now))
+            await conn.execute(delete(console_sessions).where(console_sessions.c.user_id == user_id))
+        return None
+
+    async def set_landing(self, user_id: str, account_id: str) -> None:
+        """Where the person's next session opens."""
+        async with self.db.write() as conn:
+            await conn.execute(update(console_users).where(console_users.c.id == user_id).values(account_id=account_id))
+
+    async def set_playground_key(self, user_id: str, key_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(console_users).where(console_users.c.id == user_id).values(playground_key_id=key_id)
+            )
 
     async def set_admin(self, email_text: str, is_admin: bool = True) -> bool:
         """Grant (or take away) operator rights; ``False`` if no user has that email."""

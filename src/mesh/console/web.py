@@ -37,15 +37,22 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from mesh.accounts.audit_log import Actor
+from mesh.accounts.invitations import Invitations
+from mesh.accounts.members import Members
+from mesh.accounts.roles import Permission, Role, allows
 from mesh.billing.services import Services
 from mesh.config import ConsoleConfig, Settings
 from mesh.console import display
+from mesh.console.email_tokens import EmailTokens
+from mesh.console.mailer import Mailer
 from mesh.console.ratelimit import AttemptLimiter
 from mesh.console.secrets import load_secret, sign, verify
 from mesh.console.sessions import Session, Sessions
 from mesh.console.users import ConsoleUser, Users
 from mesh.errors import MeshError
 from mesh.gateway import Gateway
+from mesh.http.ids import request_id as new_request_id
 from mesh.http.streaming import StreamResponse
 
 if TYPE_CHECKING:
@@ -91,6 +98,10 @@ class Bound:
     services: Services
     users: Users
     sessions: Sessions
+    members: Members
+    invitations: Invitations
+    mailer: Mailer
+    email_tokens: EmailTokens
     secret: bytes
     # user id -> the playground key this process minted (console/playground.py)
     playground_keys: OrderedDict[str, HeldKey] = field(default_factory=OrderedDict)
@@ -105,6 +116,10 @@ class Console:
         self.email_limiter = AttemptLimiter(self.config.signin_attempts_per_email)
         self.ip_limiter = AttemptLimiter(self.config.signin_attempts_per_ip)
         self.signup_limiter = AttemptLimiter(self.config.signups_per_ip_per_hour, window=3600)
+        # Verification and reset mails: per address mailed and per client address.
+        self.mail_limiter = AttemptLimiter(self.config.mails_per_email_per_hour, window=3600)
+        self.mail_ip_limiter = AttemptLimiter(self.config.mails_per_ip_per_hour, window=3600)
+        self.invite_limiter = AttemptLimiter(self.config.invitations_per_hour, window=3600)
         # Read once at start (a missing or short secret stops the gateway there).
         self.secret = load_secret(self.config) if self.config.enabled else b""
         self._bound: Bound | None = None
@@ -125,6 +140,10 @@ class Console:
                     services=gateway.services,
                     users=Users(db),
                     sessions=Sessions(db, timedelta(hours=self.config.session_hours)),
+                    members=Members(db),
+                    invitations=Invitations(db, timedelta(hours=self.config.invitation_hours)),
+                    mailer=Mailer(self.config.smtp),
+                    email_tokens=EmailTokens(db),
                     secret=self.secret,
                 )
             return self._bound
@@ -158,12 +177,17 @@ class Console:
             return public_url.lower().startswith("https://")
         return request.url.scheme == "https"
 
-    def route(self, path: str, handler: Handler, *,
-              methods: tuple[str, ...] = ("GET",), access: Access = "user") -> Route:
+    def route(self, path: str, handler: Handler, *, methods: tuple[str, ...] = ("GET",),
+              access: Access = "user", need: Permission | None = None) -> Route:
+        """``need``: the permission (mesh.accounts.roles) the user's role in the session's
+        organization must grant; ``None`` for pages of the person (settings, sign out)."""
+
         async def endpoint(request: Request) -> AnyResponse:
             page = await self._page(request, access)
             try:
                 response: AnyResponse | None = await self._guard(page, access)
+                if response is None and need is not None and page.session is not None:
+                    response = await self._role_guard(page, need)
                 if response is None:
                     response = await handler(page)
             except MeshError as err:
@@ -211,8 +235,22 @@ class Console:
                                            "Go back, reload the page and try again.")
         return None
 
+    async def _role_guard(self, page: Page, need: Permission) -> Response | None:
+        if page.session is None or page.session.account_id is None:
+            return page.render("error.html", status=403, title="No organization",
+                               message="You are not a member of any organization. Accept an invitation, "
+                                       "or create an organization from the settings page.")
+        if not allows(page.session.role, need):
+            # Refusals are in the organization's audit log too: who tried what.
+            await page.audit("access.denied", page.request.url.path, role=page.session.role, needs=need)
+            return page.render("error.html", status=403, title="Not allowed",
+                               message=f"Your role ({page.session.role}) in this organization does not "
+                                       "allow this page. Ask an owner or an admin.")
+        return None
+
     def _finish(self, page: Page, response: AnyResponse) -> AnyResponse:
         h = response.headers
+        h["x-request-id"] = page.request_id
         h.setdefault("cache-control", "no-store")
         h["x-content-type-options"] = "nosniff"
         h["referrer-policy"] = "same-origin"
@@ -242,6 +280,7 @@ class Page:
     request: Request
     session: Session | None
     form: FormData | None = None
+    request_id: str = field(default_factory=new_request_id)
     cookies: list[tuple[str, str | None, int | None]] = field(default_factory=list)
     _anon_csrf: str | None = None
 
@@ -249,6 +288,19 @@ class Page:
     def user(self) -> ConsoleUser:
         assert self.session is not None, "this page requires a signed-in user"
         return self.session.user
+
+    @property
+    def account_id(self) -> str:
+        """The organization this session works in (pages with a ``need`` always have one)."""
+        assert self.session is not None and self.session.account_id is not None, "no organization"
+        return self.session.account_id
+
+    @property
+    def role(self) -> Role | None:
+        return None if self.session is None else self.session.role
+
+    def can(self, permission: Permission) -> bool:
+        return allows(self.role, permission)
 
     @property
     def is_admin(self) -> bool:
@@ -261,6 +313,26 @@ class Page:
     @property
     def gateway(self) -> Gateway:
         return self.bound.gateway
+
+    @property
+    def client_ip(self) -> str:
+        client = self.request.client
+        return client.host if client else "unknown"
+
+    def actor_as(self, user: ConsoleUser) -> Actor:
+        """A person acting before their session exists (signing up or in right now)."""
+        return Actor(name=user.email, id=user.id, ip=self.client_ip, request_id=self.request_id)
+
+    def actor(self) -> Actor:
+        user = self.session.user if self.session is not None else None
+        return Actor(name=user.email if user else "anonymous", id=user.id if user else None, ip=self.client_ip,
+                     request_id=self.request_id)
+
+    async def audit(self, action: str, target: str | None = None, *, account_id: str | None = None,
+                    **detail: Any) -> None:
+        """Record in the organization's audit log (the session's, unless ``account_id``)."""
+        await self.services.audit.record(self.actor(), action, account_id=account_id or self.account_id,
+                                         target=target, detail=detail or None)
 
     def field(self, name: str, default: str = "") -> str:
         value = self.form.get(name) if self.form is not None else None
@@ -328,6 +400,9 @@ class Page:
         body = self.console.env.get_template(template).render(
             user=user,
             is_admin=self.is_admin,
+            role=self.role,
+            can=self.can,
+            account_id=None if self.session is None else self.session.account_id,
             csrf_token=self.csrf_token(),
             flash=self._take_flash(),
             path=self.request.url.path,

@@ -85,6 +85,8 @@ api_keys = Table(
     Column("budget_alert_period", UTCDateTime, nullable=True),
     # Per end user cap (the request's ``user``) per budget period; null: none (key_user_spend).
     Column("user_budget", BigInteger, nullable=True),
+    # The console user who created the key (None: the admin API, or before 0014).
+    Column("created_by", String(40), nullable=True),
     CheckConstraint("spent >= 0", name="spent_non_negative"),
     CheckConstraint("held >= 0", name="held_non_negative"),
     CheckConstraint("spend_limit IS NULL OR spend_limit >= 0", name="spend_limit_non_negative"),
