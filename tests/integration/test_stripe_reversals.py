@@ -48,6 +48,7 @@ def shop(
                 "secret": "s" * 48,
                 "payments": {"provider": "test", "stripe_webhook_secret": WEBHOOK_SECRET},
                 "signups_per_ip_per_hour": 10_000,
+                "verify_email": False,  # these customers sign in at once; verification has its own tests
             },
         }
         with GatewayProcess(config, work) as gw:
