@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.accounts.keys import generate_key, hash_key, key_prefix, new_id
 from mesh.billing import budgets
@@ -164,11 +165,7 @@ class Accounts:
         """Create an account with a zero balance. Raises ``InvalidRequest`` for a bad name."""
         account = Account(new_id("acct"), _clean_name(name, required=True), ZERO, ZERO, utcnow())
         async with self.db.write() as conn:
-            await conn.execute(
-                insert(accounts).values(
-                    id=account.id, name=account.name, balance=0, held=0, created_at=account.created_at
-                )
-            )
+            await insert_account(conn, account.id, account.name, account.created_at)
         return account
 
     async def get(self, account_id: str) -> Account:
@@ -346,3 +343,9 @@ def _limits_patch(current: object, patch: Mapping[str, int | None]) -> dict[str,
         return merge_overrides(current, patch)
     except ValueError as exc:
         raise InvalidRequest(f"rate_limits: {exc}", param="rate_limits") from None
+
+
+async def insert_account(conn: AsyncConnection, account_id: str, name: str, created_at: datetime) -> None:
+    """A new account (organization), empty, inside the caller's transaction: the one place
+    accounts are made, for the admin API and for the console's sign-up alike."""
+    await conn.execute(insert(accounts).values(id=account_id, name=name, balance=0, held=0, created_at=created_at))

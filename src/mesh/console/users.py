@@ -17,10 +17,10 @@ from sqlalchemy.exc import IntegrityError
 
 from mesh.accounts.keys import new_id
 from mesh.accounts.members import add_member
+from mesh.accounts.service import insert_account
 from mesh.console.passwords import hash_password, needs_rehash, normalize_email, password_problem, verify_password
 from mesh.console.tables import console_sessions, console_users
 from mesh.store import Database, utcnow
-from mesh.store.tables import accounts
 
 
 class SignUpError(Exception):
@@ -96,9 +96,7 @@ class Users:
         try:
             async with self.db.write() as conn:
                 if joining is None:
-                    await conn.execute(
-                        insert(accounts).values(id=account_id, name=email, balance=0, held=0, created_at=now)
-                    )
+                    await insert_account(conn, account_id, email, now)
                 await conn.execute(insert(console_users).values(**row))
                 if joining is None:
                     await add_member(conn, str(row["id"]), account_id, "owner")
