@@ -144,12 +144,16 @@ class MeshApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, tune_gc: bool = False) -> Starlette:
+    """The app; ``tune_gc`` (the served process only, not apps built inside a test run)
+    tunes the process's garbage collector once the gateway has started."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = await Gateway.start(settings)
         app.state.gateway = gateway
-        _tune_gc()
+        if tune_gc:
+            _tune_gc()
         try:
             yield
         finally:
@@ -169,4 +173,4 @@ def app_from_environment() -> Starlette:
 
     settings = load_settings()
     configure(settings.logging)
-    return create_app(settings)
+    return create_app(settings, tune_gc=True)
