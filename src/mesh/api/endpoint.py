@@ -41,9 +41,8 @@ def _with_request_id(render: ErrorRenderer, rid: str) -> ErrorRenderer:
     return render_with_id
 
 
-def _finisher(request: Request, ctx: RequestContext) -> Callable[[], Awaitable[None]]:
+def _finisher(gateway: Any, ctx: RequestContext) -> Callable[[], Awaitable[None]]:
     """``Pipeline.finish`` for this request: whatever it opened or held comes back."""
-    gateway = getattr(request.app.state, "gateway", None)
 
     async def finish() -> None:
         if gateway is not None:
@@ -67,8 +66,7 @@ def _chain(
     return both
 
 
-def _count_error(request: Request, protocol: str, kind: str) -> None:
-    gateway = getattr(request.app.state, "gateway", None)
+def _count_error(gateway: Any, protocol: str, kind: str) -> None:
     if gateway is not None:
         gateway.metrics.error(protocol, kind)
 
@@ -78,13 +76,11 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
             ctx = RequestContext(request_id=request_id(), protocol=protocol)
-            request.state.ctx = ctx
             gateway = getattr(request.app.state, "gateway", None)
             if traced and gateway is not None:
                 ctx.trace = gateway.tracing.start(request.headers, protocol, ctx.request_id, ctx.started)
             response: AnyResponse
-            render = _with_request_id(render_error, ctx.request_id)
-            finish = _finisher(request, ctx)
+            finish = _finisher(gateway, ctx)
             try:
                 ctx.tags = parse_tags(request.headers.get(TAGS_HEADER))
                 with ctx.trace.active():
@@ -92,15 +88,15 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
             except MeshError as err:
                 ctx.status = "error"
                 ctx.trace.fail(err.kind)
-                _count_error(request, protocol, err.kind)
-                response = error_response(err, render, limits_headers(ctx))
+                _count_error(gateway, protocol, err.kind)
+                response = error_response(err, _with_request_id(render_error, ctx.request_id), limits_headers(ctx))
             except Exception:
                 ctx.status = "error"
                 ctx.trace.fail("internal")
-                _count_error(request, protocol, "internal")
+                _count_error(gateway, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
                 internal = InternalError("The server had an error processing your request.")
-                response = error_response(internal, render)
+                response = error_response(internal, _with_request_id(render_error, ctx.request_id))
             except BaseException:
                 await finish()
                 raise

@@ -117,12 +117,13 @@ class RequestTrace:
         return {"trace_id": format(sc.trace_id, "032x"), "span_id": format(sc.span_id, "016x")}
 
     def fail(self, kind: str) -> None:
-        self.error_kind = kind
+        if self._recording:  # read only for a recording span (the untraced one is shared)
+            self.error_kind = kind
 
     def finish(self, ctx: Finished, *, charged: int | None = None,
                extra: Mapping[str, str | int] | None = None) -> None:
         """Name and annotate the request span, add its first-token and stream spans, end it (once)."""
-        if self._done:
+        if self._done or self.root is trace.INVALID_SPAN:
             return
         self._done = True
         root = self.root
@@ -200,7 +201,9 @@ class Tracing:
     def start(self, headers: Mapping[str, str], protocol: str, request_id: str, started: float) -> RequestTrace:
         """The request span from ``started`` (monotonic seconds), continuing the caller's
         ``traceparent`` if it sent one."""
-        parent = _PROPAGATOR.extract(headers) if self.enabled else None
+        if self._provider is None:
+            return _UNTRACED  # tracing off: nothing to build per request
+        parent = _PROPAGATOR.extract(headers)
         offset = time.time_ns() - time.monotonic_ns()
         root = self.tracer.start_span(
             protocol, context=parent, kind=SpanKind.SERVER, start_time=int(started * 1e9) + offset,
@@ -214,6 +217,10 @@ class Tracing:
             self._provider.shutdown()
 
 
+_UNTRACED = RequestTrace(trace.NoOpTracer(), trace.INVALID_SPAN, 0)  # stateless: every method is a no-op
+
+
 def not_traced() -> RequestTrace:
-    """The trace of a request that is not traced (tracing off, or not an inference endpoint)."""
-    return RequestTrace(trace.NoOpTracer(), trace.INVALID_SPAN, 0)
+    """The trace of a request that is not traced (tracing off, or not an inference endpoint):
+    one shared instance, since nothing on it changes."""
+    return _UNTRACED

@@ -147,7 +147,9 @@ class Delivered:
 
     def _relayed(self, chunks: list[dict[str, Any]]) -> None:
         """Engine chunks on the relay path (as ``RelayDecoder`` left them: a tool call's
-        first delta alone carries its ``id``)."""
+        first delta alone carries its ``id``). The ``add_*`` methods inlined: this runs for
+        every chunk of every relayed stream."""
+        choices = self.choices
         for chunk in chunks:
             for choice in chunk["choices"]:
                 c = choice.get("index") or 0
@@ -155,16 +157,23 @@ class Delivered:
                 if delta:
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if reasoning:
-                        self.add_reasoning(reasoning, c)
+                        choices.add(c)
+                        self._reasoning.append(reasoning)
+                        self.deltas += 1
                     text = delta.get("content")
                     if text:
-                        self.add_text(text, c)
-                    for call in delta.get("tool_calls") or ():
-                        if "id" in call:
-                            self.start_tool_call(c)
-                        self.add_tool_args((call.get("function") or {}).get("arguments") or "", c)
+                        choices.add(c)
+                        self._text.append(text)
+                        self.deltas += 1
+                    calls = delta.get("tool_calls")
+                    if calls:
+                        for call in calls:
+                            if "id" in call:
+                                self.start_tool_call(c)
+                            self.add_tool_args((call.get("function") or {}).get("arguments") or "", c)
                 if choice.get("finish_reason"):
-                    self.finish(c)
+                    choices.add(c)
+                    self.finished = True
 
     def final_usage(self) -> Usage:
         """Usage for an answer that ended without its engine's final report (input 0: unknown,
