@@ -19,7 +19,8 @@ Flow, for both providers::
             far do not cover is taken (the same event twice, or an older one, takes nothing);
         charge.dispute.created → reverse the disputed part ("...:dispute:<dispute id>";
             an inquiry, status warning_*, moves no money and is ignored);
-        charge.dispute.closed → won: Ledger.reinstate gives it back ("...:dispute-won:<id>");
+        charge.dispute.closed → won: Ledger.reinstate gives it back ("...:dispute-won:<id>"; won
+            before created arrived: a zero row under the dispute's key, so the late one takes nothing);
             lost: stays reversed (reversed now if the created event never came).
     A checkout's reversals never exceed the credits it bought.
 """
