@@ -52,8 +52,14 @@ def test_reversal_amounts_of_the_wrong_type_or_size(shop: tuple[GatewayProcess, 
                                  amount=bad))  # type: ignore[arg-type]
             assert r.status_code == 400, (bad, r.status_code, r.text)
         assert balance(admin, account) == 5
+        # A dispute id no ledger key can hold is not Stripe's.
+        r = send(gw, dispute(payment, "dp_" + "x" * 300, "charge.dispute.created", "needs_response"))
+        assert r.status_code == 400, r.text
+        assert balance(admin, account) == 5
         # More than was paid takes what the checkout bought, no more, whichever way it comes.
-        assert send(gw, refunded(payment, 10**30)).json()["outcome"] == "reversed"
+        r = send(gw, refunded(payment, 10**300))
+        assert r.status_code == 200 and r.json()["outcome"] == "reversed", r.text
+        assert send(gw, refunded(payment, 10**30)).json()["outcome"] == "duplicate"
         r = send(gw, dispute(payment, "dp_huge", "charge.dispute.created", "needs_response", amount=10**30))
         assert r.json()["outcome"] == "duplicate"
         assert balance(admin, account) == 0
