@@ -149,3 +149,30 @@ def test_a_refund_and_a_dispute_landing_on_requests_in_flight_keep_the_books(
         assert Decimal(admin.balance(account)["held"]) == 0
     finally:
         buyer.close()
+
+
+@pytest.mark.parametrize("protocol", ["messages", "responses"])
+def test_the_end_user_cap_holds_on_every_protocol(shop: tuple[GatewayProcess, Admin], protocol: str) -> None:
+    # The cap counts Anthropic's metadata.user_id and the Responses API's safety_identifier
+    # as the end user, as it counts Chat's user: the other protocols are no way around it.
+    gw, admin = shop
+    account = admin.account(f"cap-{protocol}", credits="1")
+    key = admin.key(account, user_budget="0.0003")["key"]
+    if protocol == "messages":
+        path, headers = "/messages", {"x-api-key": key, "anthropic-version": "2023-06-01"}
+        body: dict[str, object] = {"model": "test-model", "max_tokens": 8, "metadata": {"user_id": "carol"},
+                                   "messages": [{"role": "user", "content": "cap"}]}
+    else:
+        path, headers = "/responses", {"Authorization": f"Bearer {key}"}
+        body = {"model": "test-model", "max_output_tokens": 16, "safety_identifier": "carol", "input": "cap"}
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.base_url, headers=headers, timeout=60) as client:
+            return list(await asyncio.gather(*(client.post(path, json=body) for _ in range(40))))
+
+    answers = asyncio.run(race())
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 402} and 200 in codes and 402 in codes, (codes, answers[0].text)
+    refused = [r.json()["error"] for r in answers if r.status_code == 402]
+    assert all("end user" in e["message"] for e in refused), refused[:2]
+    gw.admin_call("POST", "/admin/v1/flush")
