@@ -176,3 +176,22 @@ def test_the_end_user_cap_holds_on_every_protocol(shop: tuple[GatewayProcess, Ad
     refused = [r.json()["error"] for r in answers if r.status_code == 402]
     assert all("end user" in e["message"] for e in refused), refused[:2]
     gw.admin_call("POST", "/admin/v1/flush")
+
+
+def test_a_blank_safety_identifier_does_not_hide_the_user_from_the_cap(shop: tuple[GatewayProcess, Admin]) -> None:
+    # safety_identifier wins over user when given; a blank one is not given, or any request
+    # could step out of its end user's cap with "safety_identifier": " ".
+    gw, admin = shop
+    account = admin.account("cap-blank", credits="1")
+    key = admin.key(account, user_budget="0.0003")["key"]
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "cap"}], "max_tokens": 8,
+            "user": "erin", "safety_identifier": " "}
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.base_url, headers={"Authorization": f"Bearer {key}"},
+                                     timeout=60) as client:
+            return list(await asyncio.gather(*(client.post("/chat/completions", json=body) for _ in range(40))))
+
+    codes = [r.status_code for r in asyncio.run(race())]
+    assert set(codes) <= {200, 402} and 402 in codes, codes
+    gw.admin_call("POST", "/admin/v1/flush")
