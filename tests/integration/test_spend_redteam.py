@@ -131,7 +131,6 @@ def test_a_refund_and_a_dispute_landing_on_requests_in_flight_keep_the_books(
         after = []
         while len(after) < 400 and 402 not in after:
             after.append(chat(gw, key).status_code)
-        print("answered after the reversal:", len(after) - 1)
         assert after[-1] == 402 and set(after[:-1]) <= {200}, after
         if cap:
             assert after == [402]
