@@ -20,6 +20,7 @@ MAX_TAGS = 10
 MAX_TAG = 64
 TAGS_HEADER = "x-mesh-tags"
 _TAG = re.compile(r"[A-Za-z0-9_.:/=+@-]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,16 @@ def parse_tags(header: str | None) -> tuple[str, ...]:
     return tags
 
 
+def storable(text: str) -> str:
+    """``text`` without what a database cannot store: NUL (PostgreSQL's text refuses it) and
+    lone surrogates (not UTF-8). Unfiltered, one such ``user`` failed admission on a capped key
+    and, on any key, the usage writer's batch, which it then retried forever."""
+    if "\x00" not in text and not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub("", text.replace("\x00", ""))
+
+
 def attribution(end_user: str | None, metadata: Mapping[str, str] | None, tags: tuple[str, ...]) -> Attribution:
-    user = (end_user or "").strip()[:MAX_USER] or None
-    return Attribution(user, tags, dict(metadata) if metadata else None)
+    user = storable(end_user or "").strip()[:MAX_USER] or None
+    meta = {storable(k): storable(v) for k, v in metadata.items()} if metadata else None
+    return Attribution(user, tags, meta)

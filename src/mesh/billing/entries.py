@@ -122,7 +122,8 @@ async def post_reversal(
     conn: AsyncConnection, *, account_id: str, amount: int, idempotency_key: str, memo: str | None = None
 ) -> LedgerEntry:
     """Take ``amount`` (> 0) back from the balance, or with a negative ``amount`` give it back
-    (a dispute won), moving ``accounts.reversed`` the other way: the only posting that may
+    (a dispute won; zero: a dispute won before it was taken, settled at nothing), moving
+    ``accounts.reversed`` the other way: the only posting that may
     leave the balance below what is held, or below zero, and only by what was reversed
     (the CHECK ``balance + reversed >= held`` holds it there). The caller holds the
     account's row lock and has decided the amount from the ledger under it."""

@@ -204,13 +204,18 @@ class Ledger:
         self, account_id: str, idempotency_key: str, *, of: str, memo: str | None = None
     ) -> LedgerEntry | None:
         """Give back what the reversal row ``of`` took (a dispute won), once. None when that
-        reversal was never written or this key was used before."""
+        reversal was never written or this key was used before. A reversal not yet written
+        (Stripe delivered the win before the dispute) is settled at nothing: a zero row under
+        ``of`` makes the late reversal a duplicate."""
 
         async def body(conn: AsyncConnection) -> LedgerEntry | None:
             await self._lock_account(conn, account_id)
             if await find_entry(conn, idempotency_key) is not None:
                 return None
             taken = await find_entry(conn, of)
+            if taken is None:
+                await post_reversal(conn, account_id=account_id, amount=0, idempotency_key=of, memo=memo)
+                return None
             if taken is None or taken.kind != "reversal" or taken.account_id != account_id or taken.amount >= 0:
                 return None
             return await post_reversal(conn, account_id=account_id, amount=int(taken.amount),

@@ -19,7 +19,8 @@ Flow, for both providers::
             far do not cover is taken (the same event twice, or an older one, takes nothing);
         charge.dispute.created → reverse the disputed part ("...:dispute:<dispute id>";
             an inquiry, status warning_*, moves no money and is ignored);
-        charge.dispute.closed → won: Ledger.reinstate gives it back ("...:dispute-won:<id>");
+        charge.dispute.closed → won: Ledger.reinstate gives it back ("...:dispute-won:<id>"; won
+            before created arrived: a zero row under the dispute's key, so the late one takes nothing);
             lost: stays reversed (reversed now if the created event never came).
     A checkout's reversals never exceed the credits it bought.
 """
@@ -30,6 +31,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ TOPUP_EVENTS = ("payment_intent.succeeded", "payment_intent.payment_failed")
 FAILED_EVENTS = ("checkout.session.expired", "checkout.session.async_payment_failed")
 TEST_SESSION_PREFIX = "cs_mesh_test_"
 TEST_INTENT_PREFIX = "pi_mesh_test_"
+_DISPUTE_ID = re.compile(r"d[pu]_[A-Za-z0-9_]{1,100}")
 
 
 class PaymentError(Exception):
@@ -377,16 +380,18 @@ class Payments:
 
         memo = f"{kind} of {payment.provider} checkout {payment.id}"
         if kind == "charge.refunded":
-            refunded = obj.get("amount_refunded")
+            refunded: Any = obj.get("amount_refunded")
+            target = share(refunded)  # checks it is a whole number; the key holds no more than was paid
             entry = await self.ledger.reverse(
-                payment.account_id, f"{scope}refund:{refunded}", target=share(refunded), counted=f"{scope}refund:",
+                payment.account_id, f"{scope}refund:{min(refunded, payment.amount_minor)}", target=target,
+                counted=f"{scope}refund:",
                 ceiling=payment.credits, scope=scope, memo=memo,
             )
             await self._audit_reversal(entry is not None, "credits.refunded", payment, kind)
             return "duplicate" if entry is None else "reversed"
         dispute = str(obj.get("id") or "")
         status = str(obj.get("status") or "")
-        if not dispute.startswith("dp_") and not dispute.startswith("du_"):
+        if not _DISPUTE_ID.fullmatch(dispute):  # and short enough for a ledger key
             raise WebhookRejected(f"{kind}: not a dispute id")
         taken = f"{scope}dispute:{dispute}"
         if status.startswith("warning_"):

@@ -112,7 +112,8 @@ def parse_request(body: bytes) -> tuple[CanonicalRequest, ChatOptions]:
         reasoning=ReasoningConfig(enabled=req.reasoning_effort != "none", effort=req.reasoning_effort)
         if req.reasoning_effort
         else None,
-        user=req.safety_identifier or req.user,
+        # a blank safety_identifier is not one: it would hide the user from a key's user_budget
+        user=req.safety_identifier if req.safety_identifier and req.safety_identifier.strip() else req.user,
         metadata=req.metadata,
         cache_key=req.prompt_cache_key,
         extra=extra,

@@ -226,7 +226,8 @@ def build_request(
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=_response_format(req.text),
         reasoning=ReasoningConfig(enabled=effort != "none", effort=effort) if effort else None,
-        user=req.safety_identifier or req.user,
+        # a blank safety_identifier is not one: it would hide the user from a key's user_budget
+        user=req.safety_identifier if req.safety_identifier and req.safety_identifier.strip() else req.user,
         metadata=req.metadata,
         cache_key=req.prompt_cache_key,
         extra=call.extra,
