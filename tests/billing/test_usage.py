@@ -169,3 +169,15 @@ async def test_every_field_reads_back_as_written_and_a_retry_adds_nothing(db: Da
     rows = await daily_usage(db, account_id="acct_a", days=2, now=datetime(2030, 5, 18, 12, tzinfo=UTC))
     # 23:30 at UTC-2 is 01:30 the next day in UTC: the roll-up counts it on that day.
     assert {(r.day.isoformat(), r.requests, r.cost) for r in rows} == {("2030-05-17", 1, 100), ("2030-05-18", 1, 12345)}
+
+
+async def test_a_record_the_database_refuses_does_not_block_the_others(db: Database) -> None:
+    writer = UsageWriter(db)
+    writer.enqueue(record(1))
+    writer.enqueue(replace(record(2), metadata={"unstorable": {1, 2}}))  # no JSON for a set
+    writer.enqueue(record(3))
+    assert await writer.flush() == 2  # the two good ones, in spite of the bad one between them
+    assert writer.pending == 0 and writer.failed_records == 1
+    assert await count_rows(db) == 2
+    writer.enqueue(record(4))  # and the queue moves on
+    assert await writer.flush() == 1 and await count_rows(db) == 3

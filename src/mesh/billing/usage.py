@@ -20,6 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import DataError, IntegrityError
 
 from mesh.billing.money import MicroCredits
 from mesh.billing.stream import outbox_row
@@ -33,6 +34,8 @@ ZERO = MicroCredits(0)
 _SUMS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost")
 
 log = logging.getLogger(__name__)
+# What a database answers for a record it will never take (not an outage): dropped, not retried.
+_REFUSED = (DataError, IntegrityError, ValueError, TypeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class UsageWriter:
         self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
+        self.failed_records = 0  # refused by the database (a bug or bad data), logged and dropped
 
     @property
     def pending(self) -> int:
@@ -129,10 +133,34 @@ class UsageWriter:
                 del self._buffer[: len(batch)]
                 try:
                     await write_batch(self.db, batch, outbox=self.outbox)
+                except _REFUSED:
+                    # One record the database refuses (bad data, a constraint) must not block
+                    # every later one, as the lease flusher isolates a bad charge: write them
+                    # one by one and drop only those refused. Anything else (an outage, a
+                    # lock, a deadlock) keeps them all queued. A record already written is
+                    # skipped, not doubled.
+                    log.exception("writing %d usage records failed; isolating the bad one", len(batch))
+                    written += await self._one_by_one(batch)
+                    continue
                 except BaseException:
                     self._buffer[:0] = batch
                     raise
                 written += len(batch)
+        return written
+
+    async def _one_by_one(self, batch: list[UsageRecord]) -> int:
+        written = 0
+        for i, record in enumerate(batch):
+            try:
+                await write_batch(self.db, [record], outbox=self.outbox)
+            except _REFUSED:
+                self.failed_records += 1
+                log.exception("dropping the usage record of %s: the database refuses it", record.request_id)
+            except BaseException:
+                self._buffer[:0] = batch[i:]
+                raise
+            else:
+                written += 1
         return written
 
     async def aclose(self) -> None:
