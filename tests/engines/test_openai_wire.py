@@ -47,3 +47,17 @@ def test_assistant_and_tool_parts_pass_through() -> None:
     assert out[1] == {"role": "tool", "tool_call_id": "call_1",
                       "content": [{"type": "text", "text": "r1"}, {"type": "text", "text": "r2"}]}
     assert out[2]["content"] == "Error: bad"
+
+
+def test_a_malformed_chunk_after_usage_in_the_same_read_fails_after_the_usage() -> None:
+    # The worker usage guard must see a liar's usage even when the engine breaks right after
+    # it in the same socket read (tests/integration/test_worker_redteam.py).
+    from mesh.canonical import Usage as _Usage
+    from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+
+    chunk = b'{"id":"x","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}'
+    usage = b'{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1}}'
+    for decoder in (ChunkDecoder(), RelayDecoder()):
+        events, done = decoder.decode_batch([chunk, usage, b"{broken"])
+        assert not done and decoder.failure is not None
+        assert [e for e in events if isinstance(e, _Usage)] == [_Usage(input_tokens=7, output_tokens=1)]

@@ -338,7 +338,14 @@ class ChunkDecoder:
             if payload == DONE:
                 done = True
                 break
-            chunk = orjson.loads(payload)
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                if not events and usage is None:
+                    raise
+                # What came before it in this read (its usage above all) is delivered first.
+                self.failure = EngineError("The engine sent malformed JSON.")
+                break
             reported = chunk.pop("usage", None) if isinstance(chunk, dict) else None
             if isinstance(reported, dict):
                 usage = reported  # cumulative: only the newest of the read counts
@@ -418,7 +425,13 @@ class RelayDecoder(ChunkDecoder):
             if payload == DONE:
                 done = True
                 break
-            chunk = orjson.loads(payload)
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                if not chunks and usage is None:
+                    raise
+                self.failure = EngineError("The engine sent malformed JSON.")  # after what came before
+                break
             try:
                 keep, n, said = self._inspect(chunk)
             except EngineError as err:
