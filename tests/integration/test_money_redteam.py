@@ -245,7 +245,9 @@ def test_leases_of_a_gateway_killed_mid_flush_go_back_without_traffic_elsewhere(
         async def hammer() -> None:
             async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
                 async def loop(j: int) -> None:
-                    for i in range(10_000):
+                    # At most 960 requests: the admin ledger listing the books are read from
+                    # stops at 1,000 rows (a fast gateway served more than that before the kill).
+                    for i in range(240):
                         try:
                             r = await client.post(victim.base_url + "/chat/completions", json={
                                 "model": "paid", "max_tokens": 5,
@@ -258,7 +260,7 @@ def test_leases_of_a_gateway_killed_mid_flush_go_back_without_traffic_elsewhere(
                 await asyncio.gather(*(loop(j) for j in range(4)))
 
         def kill_soon() -> None:
-            time.sleep(2.0)
+            time.sleep(1.0)
             assert victim.proc is not None
             victim.proc.kill()  # SIGKILL: no shutdown, no last flush
 
