@@ -329,6 +329,17 @@ class ChunkDecoder:
                 self.finished.add(idx)
                 yield Finish(_FINISH.get(reason, "stop"), idx, stop)
 
+    def _parse(self, payload: bytes, delivered: bool) -> Any:
+        """One payload's JSON; None (and ``failure`` set) when it is malformed after output or
+        usage of the same read, which is delivered first; raises when nothing came before."""
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            if not delivered:
+                raise
+            self.failure = EngineError("The engine sent malformed JSON.")
+            return None
+
     def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
         """The events of the SSE payloads of one read, and whether ``[DONE]`` was among them."""
         events: list[Event] = []
@@ -338,13 +349,8 @@ class ChunkDecoder:
             if payload == DONE:
                 done = True
                 break
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                if not events and usage is None:
-                    raise
-                # What came before it in this read (its usage above all) is delivered first.
-                self.failure = EngineError("The engine sent malformed JSON.")
+            chunk = self._parse(payload, bool(events) or usage is not None)
+            if chunk is None:
                 break
             reported = chunk.pop("usage", None) if isinstance(chunk, dict) else None
             if isinstance(reported, dict):
@@ -425,12 +431,8 @@ class RelayDecoder(ChunkDecoder):
             if payload == DONE:
                 done = True
                 break
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                if not chunks and usage is None:
-                    raise
-                self.failure = EngineError("The engine sent malformed JSON.")  # after what came before
+            chunk = self._parse(payload, bool(chunks) or usage is not None)
+            if chunk is None:
                 break
             try:
                 keep, n, said = self._inspect(chunk)
