@@ -17,13 +17,8 @@ import logging
 import secrets
 import time
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from authlib.integrations.httpx_client import AsyncOAuth2Client
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -33,6 +28,11 @@ from mesh.console.auth_routes import _next_url, start_session
 from mesh.console.passwords import normalize_email
 from mesh.console.secrets import sign, verify
 from mesh.console.web import PREFIX, Console, Page
+
+if TYPE_CHECKING:  # imported where used: httpx, Authlib and joserfc (cryptography) cost a
+    # gateway about half a second at start, and most gateways never sign anyone in with SSO
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+    from joserfc.jwk import KeySet
 
 log = logging.getLogger("mesh.console.sso")
 STATE_COOKIE = "mesh_sso"
@@ -55,6 +55,10 @@ class Discovery:
         hit = self._cache.get((provider.id, provider.issuer))
         if hit is not None and time.monotonic() - hit[0] < DISCOVERY_SECONDS:
             return hit[1], hit[2]
+        import httpx
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+
         url = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
         try:
             async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
@@ -84,6 +88,8 @@ def _callback_url(page: Page, provider: OidcProvider) -> str:
 
 
 def _client(page: Page, provider: OidcProvider) -> AsyncOAuth2Client:
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+
     return AsyncOAuth2Client(client_id=provider.client_id, client_secret=provider.client_secret.get_secret_value(),
                              scope=provider.scopes, redirect_uri=_callback_url(page, provider),
                              code_challenge_method="S256", timeout=HTTP_TIMEOUT)
@@ -127,6 +133,9 @@ def _state(page: Page, provider: OidcProvider) -> dict[str, Any]:
 
 
 async def _verified_email(page: Page, provider: OidcProvider, state: dict[str, Any]) -> str:
+    from joserfc import jwt
+    from joserfc.errors import JoseError
+
     meta, keys = await _discovery.get(provider)
     code = page.request.query_params.get("code")
     if not code:
