@@ -16,7 +16,8 @@ from mesh.canonical import CanonicalRequest, Event, TextDelta, Usage
 from mesh.config import ModelConfig, Settings
 from mesh.errors import EngineError, EngineTimeout, RateLimited
 from mesh.limits.memory import MemoryLimiter
-from mesh.pipeline import PendingStream, Pipeline, RequestContext, billed_prompt_tokens
+from mesh.pipeline import Pipeline, RequestContext, billed_prompt_tokens
+from mesh.routing.pending import PendingStream
 from mesh.routing.pool import ModelPool
 from mesh.routing.replica import Replica
 from mesh.routing.router import RoutedStream, Router

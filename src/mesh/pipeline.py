@@ -8,7 +8,6 @@ format: protocols turn bodies into canonical requests and events back into bytes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -35,6 +34,7 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.config import ModelConfig, Pricing, Settings
+from mesh.deadline import StreamDeadline
 from mesh.errors import (
     AuthenticationFailed,
     ContextLengthExceeded,
@@ -50,6 +50,8 @@ from mesh.observability.logging import AccessLog
 from mesh.observability.metrics import Metrics
 from mesh.observability.tracing import RequestTrace, not_traced
 from mesh.protocols.extensions import allow_extensions
+from mesh.routing.pending import PendingStream
+from mesh.routing.resume import resume_fields
 from mesh.routing.router import RoutedStream, Router
 
 log = logging.getLogger("mesh.pipeline")
@@ -407,7 +409,7 @@ class Pipeline:
         # even if this process dies; an aggregated answer delivers nothing until its end.
         admission = ctx.admission if ctx.request is not None and ctx.request.stream else None
         events = aiter(stream)
-        deadline = _Deadline(ctx.deadline)
+        deadline = StreamDeadline(ctx.deadline)
         try:
             while True:
                 if deadline.expired:
@@ -556,7 +558,7 @@ class Pipeline:
             if self.metrics is not None:
                 self.metrics.settlement_failures.inc()
         usage = ctx.usage or Usage()
-        resumed = _resume_fields(ctx.routed)
+        resumed = {} if ctx.routed is None else resume_fields(ctx.routed.resumes, ctx.routed.reprocessed_tokens)
         if self.metrics is not None and ctx.routed is not None and ctx.routed.resumes:
             self.metrics.resumes(ctx.model.id, [r.outcome for r in ctx.routed.resumes],
                                  ctx.routed.reprocessed_tokens)
@@ -614,72 +616,3 @@ class Pipeline:
             if count is not None:
                 return count
         return estimate_prompt_tokens(request)
-
-
-class _Deadline:
-    """The request's deadline over a whole stream with one timer instead of an
-    ``asyncio.timeout`` per event (which costs more than relaying the event). When it fires
-    while the stream's task waits for the engine, it cancels that wait, as a timeout would;
-    at any other moment (the client reading slowly) it only marks the stream expired, and
-    the stream ends with the deadline error before its next wait."""
-
-    __slots__ = ("_cancelling", "_fired", "_handle", "_task", "expired", "waiting")
-
-    def __init__(self, when: float | None) -> None:
-        self.expired = False
-        self.waiting = False  # the task is awaiting the engine's next event
-        self._fired = False  # the task was cancelled by this deadline
-        self._task = asyncio.current_task()
-        self._cancelling = self._task.cancelling() if self._task is not None else 0
-        self._handle = None if when is None else asyncio.get_running_loop().call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        if self.waiting and self._task is not None:
-            self._fired = True
-            self._task.cancel()
-
-    def cancelled_us(self) -> bool:
-        """Whether a CancelledError just caught is this deadline's (and only its): then the
-        cancellation is taken back, as ``asyncio.timeout`` does, and the caller raises."""
-        return self._fired and self._task is not None and self._task.uncancel() <= self._cancelling
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-
-
-def _resume_fields(stream: RoutedStream | None) -> dict[str, str | int]:
-    """What the log line and the request span say of failures after the first byte (nothing
-    when there were none): e.g. ``resume: "resumed r1->r2 at 12"``, ``reprocessed_tokens``."""
-    if stream is None or not stream.resumes:
-        return {}
-    said = "; ".join(
-        f"{r.outcome} {r.from_replica}->{r.to_replica or '-'} at {r.delivered_tokens} ({r.reason})"
-        for r in stream.resumes
-    )
-    return {"resume": said, "resume_outcome": stream.resumes[-1].outcome,
-            "reprocessed_tokens": stream.reprocessed_tokens}
-
-
-class PendingStream:
-    """A stream still waiting for a replica slot: iterating it waits, then relays."""
-
-    def __init__(self, task: asyncio.Task[RoutedStream]) -> None:
-        self.task = task
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Event]:
-        stream = await self.task
-        async for ev in stream:
-            yield ev
-
-    async def aclose(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, MeshError):
-                await self.task
-        elif not self.task.cancelled() and self.task.exception() is None:
-            await self.task.result().aclose()

@@ -123,6 +123,41 @@ async def test_accounts_and_credits(client: httpx.AsyncClient) -> None:
     assert [e["amount"] for e in ledger] == ["-0.600000", "0.100000", "12.500000"]
 
 
+async def test_the_ledger_listing_pages_by_cursor_through_every_row(client: httpx.AsyncClient) -> None:
+    acct = (await client.post("/admin/v1/accounts", json={"name": "paged"})).json()["id"]
+    other = (await client.post("/admin/v1/accounts", json={"name": "other"})).json()["id"]
+    for i in range(7):
+        await client.post(f"/admin/v1/accounts/{acct}/credits", json={"amount": str(i + 1)})
+        await client.post(f"/admin/v1/accounts/{other}/credits", json={"amount": "100"})
+    url = f"/admin/v1/accounts/{acct}/ledger"
+    seen: list[str] = []
+    params: dict[str, object] = {"limit": 3}
+    pages = 0
+    while True:
+        body = (await client.get(url, params=params)).json()
+        pages += 1
+        assert len(body["data"]) <= 3
+        assert {e["account_id"] for e in body["data"]} <= {acct}  # another account's rows never show
+        if body["data"]:
+            assert (body["first_id"], body["last_id"]) == (body["data"][0]["id"], body["data"][-1]["id"])
+        seen += [e["amount"] for e in body["data"]]
+        if not body["has_more"]:
+            break
+        params["after"] = body["last_id"]
+    assert pages == 3  # 3 + 3 + 1
+    assert seen == [f"{i}.000000" for i in range(7, 0, -1)]  # newest first, each row once
+    # A row written while paging does not shift the pages still to come.
+    first = (await client.get(url, params={"limit": 2})).json()
+    await client.post(f"/admin/v1/accounts/{acct}/credits", json={"amount": "50"})
+    second = (await client.get(url, params={"limit": 2, "after": first["last_id"]})).json()
+    assert [e["amount"] for e in second["data"]] == ["5.000000", "4.000000"]
+    past = (await client.get(url, params={"after": 1})).json()
+    assert past == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+    assert_error(await client.get(url, params={"after": "abc"}), 400, param="after")
+    assert_error(await client.get(url, params={"after": "-5"}), 400, param="after")
+    assert_error(await client.get(url, params={"limit": 0}), 400, param="limit")
+
+
 async def test_admin_bad_input_is_400_never_500(client: httpx.AsyncClient) -> None:
     acct = (await client.post("/admin/v1/accounts", json={"name": "a"})).json()["id"]
     url = f"/admin/v1/accounts/{acct}/credits"

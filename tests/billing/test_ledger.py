@@ -114,7 +114,7 @@ async def test_settle_charges_real_usage_and_releases_hold(db: Database) -> None
     # 80 * 1 + 10 * 0.5 + 20 * 2 = 125
     assert charged == 125
     assert await book.balance(p.account_id) == (10_000 - 125, 0)
-    rows = await book.entries(p.account_id)
+    rows, _ = await book.entries(p.account_id)
     assert rows[0].kind == "usage" and rows[0].amount == -125 and rows[0].idempotency_key == "usage:req_1"
     assert rows[0].request_id == "req_1" and rows[0].key_id == p.key_id
     async with db.read() as conn:
@@ -157,7 +157,7 @@ async def test_failed_request_pays_nothing(db: Database) -> None:
     adm2 = await book.admit(p, PRICING, "req_2", 100, 50)
     assert await book.settle(adm2, Usage(), status="error", model="m", pricing=PRICING) == 0
     assert await book.balance(p.account_id) == (10_000, 0)
-    assert len(await book.entries(p.account_id)) == 1
+    assert len((await book.entries(p.account_id))[0]) == 1
     assert writer.pending == 2
 
 
@@ -221,7 +221,7 @@ async def test_settle_shortfall_charges_what_balance_has(db: Database) -> None:
     assert charged == 700
     balance, held = await check_invariants(db, book, p.account_id)
     assert (balance, held) == (300, 300)  # the other request's hold is untouched
-    assert "shortfall" in ((await book.entries(p.account_id))[0].memo or "")
+    assert "shortfall" in ((await book.entries(p.account_id))[0][0].memo or "")
     assert (
         await book.settle(other, Usage(input_tokens=100, output_tokens=100), status="ok", model="m", pricing=PRICING)
         == 300

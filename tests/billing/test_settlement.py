@@ -187,7 +187,7 @@ async def test_cost_beyond_the_hold_is_charged_from_the_balance_and_output_is_ca
     charged = await book.settle(adm, Usage(input_tokens=300, output_tokens=500), status="ok", model="m",
                                 pricing=PRICING)
     assert charged == 300 + 20 * 2
-    assert (await book.entries(p.account_id))[0].memo is None  # no shortfall
+    assert (await book.entries(p.account_id))[0][0].memo is None  # no shortfall
     assert await check_invariants(db, book, p.account_id) == (10_000 - 340, 0)
 
 

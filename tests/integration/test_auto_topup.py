@@ -134,10 +134,7 @@ def shop(
 
 
 def _ledger(admin: Admin, account: str) -> list[dict[str, Any]]:
-    r = admin.client.get(f"/admin/v1/accounts/{account}/ledger", params={"limit": 1000})
-    r.raise_for_status()
-    rows: list[dict[str, Any]] = r.json()["data"]
-    return rows
+    return admin.ledger(account)
 
 
 def _until(check: Any, timeout: float = 15.0) -> None:

@@ -66,9 +66,7 @@ def cost_of(usage: Any) -> Decimal:
 
 
 def ledger_sum(admin: Admin, account: str) -> Decimal:
-    r = admin.client.get(f"/admin/v1/accounts/{account}/ledger", params={"limit": 1000})
-    r.raise_for_status()
-    return sum((Decimal(e["amount"]) for e in r.json()["data"]), Decimal(0))
+    return sum((Decimal(e["amount"]) for e in admin.ledger(account)), Decimal(0))
 
 
 def settled(admin: Admin, account: str, timeout: float = 10.0) -> dict[str, Any]:

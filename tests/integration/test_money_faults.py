@@ -93,10 +93,7 @@ def micro(text: str) -> int:
 
 
 def entries(admin: Admin, account: str) -> list[dict[str, Any]]:
-    r = admin.client.get(f"/admin/v1/accounts/{account}/ledger", params={"limit": 1000})
-    r.raise_for_status()
-    data: list[dict[str, Any]] = r.json()["data"]
-    return data
+    return admin.ledger(account)
 
 
 def settled(admin: Admin, account: str, timeout: float = 30.0) -> tuple[int, int]:

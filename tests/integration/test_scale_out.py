@@ -146,7 +146,7 @@ def test_credit_holds_across_both_gateways(pair: Pair) -> None:
     balance = Decimal(acct["balance"])
     assert balance >= 0 and Decimal(acct["held"]) == 0
     assert balance == start - sum(ok, Decimal(0))
-    entries = admin.client.get(f"/admin/v1/accounts/{account}/ledger", params={"limit": 1000}).json()["data"]
+    entries = admin.ledger(account)
     assert sum((Decimal(e["amount"]) for e in entries), Decimal(0)) == balance
     other = Admin(b.url)  # b reads the same balance: one database behind both
     try:

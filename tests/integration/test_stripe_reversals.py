@@ -133,10 +133,7 @@ def balance(admin: Admin, account: str) -> Decimal:
 
 
 def ledger(admin: Admin, account: str) -> list[dict[str, Any]]:
-    r = admin.client.get(f"/admin/v1/accounts/{account}/ledger", params={"limit": 1000})
-    r.raise_for_status()
-    rows: list[dict[str, Any]] = r.json()["data"]
-    return rows
+    return admin.ledger(account)
 
 
 def chat(gw: GatewayProcess, key: str) -> httpx.Response:

@@ -171,6 +171,19 @@ class Admin:
         out: dict[str, Any] = r.json()
         return out
 
+    def ledger(self, account_id: str, page: int = 1000) -> list[dict[str, Any]]:
+        """Every ledger row of the account, newest first, page by page (``after`` cursor)."""
+        rows: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": page}
+        while True:
+            r = self.client.get(f"/admin/v1/accounts/{account_id}/ledger", params=params)
+            r.raise_for_status()
+            body = r.json()
+            rows += body["data"]
+            if not body["has_more"]:
+                return rows
+            params["after"] = body["last_id"]
+
     def revoke(self, key_id: str) -> None:
         self.client.delete(f"/admin/v1/keys/{key_id}").raise_for_status()
 

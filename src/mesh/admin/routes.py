@@ -18,7 +18,7 @@ A change reaches every gateway at once (the key caches are invalidated through R
     GET    /admin/v1/accounts/{id}
     PATCH  /admin/v1/accounts/{id}            {rate_limits: {rpm?, tpm?, concurrent?} | null}
     POST   /admin/v1/accounts/{id}/credits    {amount, idempotency_key?, kind?, memo?}
-    GET    /admin/v1/accounts/{id}/ledger     ?limit=
+    GET    /admin/v1/accounts/{id}/ledger     ?limit=&after=   (newest first; after: the last_id of the page before)
     POST   /admin/v1/accounts/{id}/keys       {name?, allowed_models?, expires_at?, spend_limit?, budget_period?,
                                                budget_reset_day?, rate_limits?}
     GET    /admin/v1/accounts/{id}/keys
@@ -245,8 +245,15 @@ async def add_credits(request: Request, svc: Services) -> Response:
 async def list_ledger(request: Request, svc: Services) -> Response:
     account_id = request.path_params["account_id"]
     await svc.accounts.get(account_id)
-    entries = await svc.ledger.entries(account_id, limit=int_query(request, "limit", 50, 1, 1000))
-    return json_response({"object": "list", "data": [entry_json(e) for e in entries]})
+    after = request.query_params.get("after")
+    entries, more = await svc.ledger.entries(
+        account_id, limit=int_query(request, "limit", 50, 1, 1000),
+        after=None if after is None else int_query(request, "after", 0, 1, 2**63 - 1),
+    )
+    return json_response({
+        "object": "list", "data": [entry_json(e) for e in entries], "has_more": more,
+        "first_id": entries[0].id if entries else None, "last_id": entries[-1].id if entries else None,
+    })
 
 
 async def create_key(request: Request, svc: Services) -> Response:

@@ -17,7 +17,8 @@ from mesh.api.responses import JSON, ErrorRenderer
 from mesh.canonical import CanonicalRequest, Event, Result
 from mesh.gateway import Gateway
 from mesh.http.streaming import StreamResponse
-from mesh.pipeline import PendingStream, RequestContext
+from mesh.pipeline import RequestContext
+from mesh.routing.pending import PendingStream
 
 
 class Output(Protocol):

@@ -242,11 +242,19 @@ class Ledger:
             raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
         return MicroCredits(row.balance), MicroCredits(row.held)
 
-    async def entries(self, account_id: str, *, limit: int = 50) -> list[LedgerEntry]:
-        """The account's latest ledger rows, newest first."""
-        q = select(ledger).where(ledger.c.account_id == account_id).order_by(ledger.c.id.desc()).limit(limit)
+    async def entries(
+        self, account_id: str, *, limit: int = 50, after: int | None = None
+    ) -> tuple[list[LedgerEntry], bool]:
+        """A page of the account's ledger rows, newest first: up to ``limit`` rows older than
+        the row ``after`` (a cursor: rows written meanwhile never shift a page), and whether
+        older rows remain."""
+        q = select(ledger).where(ledger.c.account_id == account_id)
+        if after is not None:
+            q = q.where(ledger.c.id < after)
+        q = q.order_by(ledger.c.id.desc()).limit(limit + 1)
         async with self.db.read() as conn:
-            return [entry_from_row(r) for r in await conn.execute(q)]
+            rows = [entry_from_row(r) for r in await conn.execute(q)]
+        return rows[:limit], len(rows) > limit
 
     async def ledger_sum(self, account_id: str) -> MicroCredits:
         """The sum of the account's ledger amounts (equal to its balance, always)."""

@@ -36,7 +36,7 @@ async def billing_page(page: Page) -> Response:
     account_id = page.account_id
     payments = payments_of(page.console, page.bound)
     balance, held = await page.services.ledger.balance(account_id)
-    entries = [e for e in await page.services.ledger.entries(account_id, limit=200) if e.kind in HISTORY_KINDS]
+    entries = [e for e in (await page.services.ledger.entries(account_id, limit=200))[0] if e.kind in HISTORY_KINDS]
     notice = None
     paid = page.request.query_params.get("paid")
     if paid:

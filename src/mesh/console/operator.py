@@ -50,7 +50,7 @@ async def _account_page(page: Page, *, status: int = 200, error: str | None = No
         account = await page.services.accounts.get(page.request.path_params["account_id"])
     except NotFound:
         return page.render("error.html", status=404, title="Not found", message="There is no such account.")
-    entries = await page.services.ledger.entries(account.id, limit=50)
+    entries, _ = await page.services.ledger.entries(account.id, limit=50)
     keys = await page.services.accounts.list_keys(account.id)
     rows = await daily_usage(page.services.database, account_id=account.id, days=31)
     emails = (await page.bound.users.for_accounts([account.id])).get(account.id, [])

@@ -288,3 +288,16 @@ class ResumeRecord:
     from_replica: str
     to_replica: str | None
     delivered_tokens: int
+
+
+def resume_fields(resumes: list[ResumeRecord], reprocessed_tokens: int) -> dict[str, str | int]:
+    """What the log line and the request span say of failures after the first byte (nothing
+    when there were none): e.g. ``resume: "resumed r1->r2 at 12"``, ``reprocessed_tokens``."""
+    if not resumes:
+        return {}
+    said = "; ".join(
+        f"{r.outcome} {r.from_replica}->{r.to_replica or '-'} at {r.delivered_tokens} ({r.reason})"
+        for r in resumes
+    )
+    return {"resume": said, "resume_outcome": resumes[-1].outcome,
+            "reprocessed_tokens": reprocessed_tokens}

@@ -18,14 +18,24 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from mesh.config.base import Frozen as _Frozen
+from mesh.config.billing import AlertsConfig as AlertsConfig
+from mesh.config.billing import BillingConfig as BillingConfig
+from mesh.config.billing import SettlementStreamConfig as SettlementStreamConfig
+from mesh.config.billing import SmtpConfig as SmtpConfig
+from mesh.config.console import DEFAULT_CREDIT_PACKS as DEFAULT_CREDIT_PACKS
+from mesh.config.console import AutoTopupConfig as AutoTopupConfig
+from mesh.config.console import ConsoleConfig as ConsoleConfig
+from mesh.config.console import ConsoleMailConfig as ConsoleMailConfig
+from mesh.config.console import CreditPack as CreditPack
+from mesh.config.console import OidcProvider as OidcProvider
+from mesh.config.console import PaymentsConfig as PaymentsConfig
 
 DEFAULT_DATABASE = "sqlite:///./.mesh/mesh.db"
 DEFAULT_HOST = "127.0.0.1"
@@ -44,8 +54,6 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the field."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Pricing(_Frozen):
@@ -194,99 +202,6 @@ class RoutingConfig(_Frozen):
     resume_timeout: float = Field(default=30.0, gt=0)
 
 
-class SmtpConfig(_Frozen):
-    """The mail server alerts are sent through. The password comes from the environment
-    (``MESH_BILLING__ALERTS__SMTP__PASSWORD``) or a file (``password_file``); never the database."""
-
-    host: str = Field(min_length=1)
-    port: int = Field(default=587, ge=1, le=65535)
-    # starttls: plain connection upgraded (587); ssl: TLS from the start (465); none: local relays only.
-    tls: Literal["starttls", "ssl", "none"] = "starttls"
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: str | None = None
-    timeout: float = Field(default=10.0, gt=0)
-
-    def secret(self) -> str | None:
-        """The password: ``password`` if set, else the first line of ``password_file``."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            with open(self.password_file, encoding="utf-8") as f:
-                return f.readline().strip()
-        return None
-
-
-class AlertsConfig(_Frozen):
-    """Spend alerts (billing/alerts.py) to the operator, once per crossing, as a signed
-    webhook to ``webhook_url`` and/or an email to ``email_to``: an account's balance falling
-    under ``low_balance`` credits; a key's spend this budget period reaching each of
-    ``budget_thresholds`` (percent of its budget)."""
-
-    webhook_url: str | None = None
-    # HMAC-SHA256 key of the ``mesh-signature`` header; required with webhook_url.
-    webhook_secret: SecretStr | None = None
-    low_balance: Decimal | None = Field(default=None, ge=0)
-    budget_thresholds: tuple[int, ...] = ()  # e.g. [80, 100]
-    email_to: tuple[str, ...] = ()
-    email_from: str | None = None
-    smtp: SmtpConfig | None = None
-    interval: float = Field(default=10.0, gt=0)  # seconds between checks
-
-    @model_validator(mode="after")
-    def _signed(self) -> AlertsConfig:
-        if self.webhook_url is not None and self.webhook_secret is None:
-            raise ValueError("billing.alerts.webhook_url needs billing.alerts.webhook_secret (to sign)")
-        if self.email_to and (self.smtp is None or not self.email_from):
-            raise ValueError("billing.alerts.email_to needs billing.alerts.smtp and billing.alerts.email_from")
-        if any(not 1 <= t <= 1000 for t in self.budget_thresholds):
-            raise ValueError("billing.alerts.budget_thresholds are percentages from 1 to 1000")
-        return self
-
-    @property
-    def delivers(self) -> bool:
-        """Whether an alert has anywhere to go."""
-        return self.webhook_url is not None or bool(self.email_to)
-
-
-class SettlementStreamConfig(_Frozen):
-    """The settlement webhook stream (billing/stream.py): every settled request, batched and
-    signed, to an operator who bills elsewhere. Off without ``url``."""
-
-    url: str | None = None
-    secret: SecretStr | None = None  # HMAC-SHA256 key of mesh-signature; required with url
-    interval: float = Field(default=5.0, gt=0)  # seconds: a batch at least this often
-    batch_size: int = Field(default=100, ge=1, le=10_000)  # or as soon as this many wait
-    max_backoff: float = Field(default=60.0, gt=0)  # seconds between retries, at most
-    claim_seconds: float = Field(default=60.0, gt=0)  # a batch in flight; then another process may send it
-
-    @model_validator(mode="after")
-    def _signed(self) -> SettlementStreamConfig:
-        if self.url is not None and self.secret is None:
-            raise ValueError("billing.settlement_stream.url needs billing.settlement_stream.secret (to sign)")
-        return self
-
-
-class BillingConfig(_Frozen):
-    # Output tokens held for a request that names no max_tokens (capped by the context).
-    default_hold_output_tokens: int = Field(default=4096, ge=1)
-    # Raw usage rows older than this are dropped; daily roll-ups are kept.
-    usage_retention_days: int = Field(default=90, ge=1)
-    usage_flush_interval: float = Field(default=0.5, gt=0)
-    # Credit leases (billing/leases.py): admit and settle in memory against a block of held
-    # credit, writing charges every lease_flush_interval seconds. Off: one hold and one
-    # settlement transaction per request.
-    leases: bool = True
-    lease_flush_interval: float = Field(default=0.1, gt=0)
-    # A long stream's usage so far is charged this often, so a process that dies loses at
-    # most this (plus lease_flush_interval) of each stream's tokens.
-    checkpoint_interval: float = Field(default=2.0, gt=0)
-    # New accounts from the quick start get this many credits.
-    quickstart_credits: Decimal = Decimal(10)
-    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
-    settlement_stream: SettlementStreamConfig = Field(default_factory=SettlementStreamConfig)
-
-
 class ResponsesConfig(_Frozen):
     """Stored responses of the Responses API (``store``, ``previous_response_id``, GET)."""
 
@@ -386,123 +301,6 @@ class WorkersConfig(_Frozen):
     allow_static: bool = False
     # A worker replica that reported impossible usage stays out for this long.
     quarantine_seconds: float = Field(default=3600.0, gt=0)
-
-
-class CreditPack(_Frozen):
-    """A pack customers buy in the console: ``credits`` for ``price`` (``currency`` units)."""
-
-    id: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
-    credits: Decimal = Field(gt=0, decimal_places=6)
-    price: Decimal = Field(gt=0, decimal_places=2)  # charged in cents: price * 100
-    currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
-    name: str | None = None
-
-
-DEFAULT_CREDIT_PACKS = (
-    CreditPack(id="starter", credits=Decimal(5), price=Decimal(5)),
-    CreditPack(id="builder", credits=Decimal(20), price=Decimal(20)),
-    CreditPack(id="scale", credits=Decimal(100), price=Decimal(100)),
-)
-
-
-class AutoTopupConfig(_Frozen):
-    """Automatic top-ups (console/topups.py) through Stripe's saved payment methods, for the
-    accounts an operator enabled them on (``PUT /admin/v1/accounts/{id}/auto_topup``)."""
-
-    enabled: bool = True
-    interval: float = Field(default=30.0, gt=0)  # seconds between balance checks
-    max_failures: int = Field(default=3, ge=1)  # declined charges in a row before it turns itself off
-
-
-class PaymentsConfig(_Frozen):
-    # none: buying is off (redeem codes still work); stripe: Stripe Checkout, credited by
-    # its signed webhook; test: a fake checkout page that pays at once (development only).
-    provider: Literal["none", "test", "stripe"] = "none"
-    stripe_secret_key: SecretStr | None = None
-    stripe_webhook_secret: SecretStr | None = None  # test: derived from the console secret if unset
-    # The test provider on a non-loopback address lets anyone mint credits: mesh serve
-    # refuses it unless this says the operator means it.
-    allow_test_provider: bool = False
-    packs: tuple[CreditPack, ...] = DEFAULT_CREDIT_PACKS
-    auto_topup: AutoTopupConfig = Field(default_factory=AutoTopupConfig)
-    # Stripe's API address: only for a local stand-in (stripe-mock, tests); unset: Stripe.
-    stripe_api_base: str | None = None
-
-    @model_validator(mode="after")
-    def _complete(self) -> PaymentsConfig:
-        if self.provider == "stripe" and not (self.stripe_secret_key and self.stripe_webhook_secret):
-            raise ValueError("the stripe provider needs stripe_secret_key and stripe_webhook_secret")
-        if len({p.id for p in self.packs}) != len(self.packs):
-            raise ValueError("credit pack ids must be unique")
-        return self
-
-
-class ConsoleMailConfig(_Frozen):
-    """The mail server the console's invitations, verification and reset mails go through;
-    no host: the links are written to the log (the quick start)."""
-
-    host: str | None = None
-    port: int = 587
-    username: str | None = None
-    password: SecretStr | None = None
-    starttls: bool = True
-    sender: str = "Mesh <mesh@localhost>"
-
-
-class OidcProvider(_Frozen):
-    """A single sign-on provider speaking OpenID Connect (Google, Entra, Okta, Keycloak…):
-    its endpoints come from ``{issuer}/.well-known/openid-configuration``."""
-
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")  # in the callback URL
-    name: str  # on the sign-in button
-    issuer: str
-    client_id: str
-    client_secret: SecretStr
-    scopes: str = "openid email profile"
-    # The email domains this provider vouches for; empty: any. Accounts are matched by email,
-    # so an IdP whose administrators are not the operator's (a customer's Okta or Keycloak)
-    # must be limited to that customer's domains, or it could sign in as anyone.
-    domains: tuple[str, ...] = ()
-
-
-class ConsoleConfig(_Frozen):
-    """The web console under ``/console``."""
-
-    enabled: bool = True
-    # Signs CSRF tokens of signed-out forms, flash messages and the test provider's webhook.
-    # Never stored in the database. Unset: read from secret_file, which is generated when
-    # missing (fine for one host; several gateway hosts must share one secret).
-    secret: SecretStr | None = None
-    secret_file: str = ".mesh/console-secret"
-    # None: Secure when public_url (else the request) is https.
-    secure_cookies: bool | None = None
-    session_hours: int = Field(default=14 * 24, ge=1)
-    allow_signup: bool = True
-    admins: tuple[str, ...] = ()  # emails of operators (also: mesh console make-admin EMAIL)
-    signin_attempts_per_email: int = Field(default=5, ge=1)  # failed sign-ins per minute
-    signin_attempts_per_ip: int = Field(default=20, ge=1)
-    signups_per_ip_per_hour: int = Field(default=10, ge=1)  # accounts one address may create
-    payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
-    invitation_hours: int = Field(default=72, ge=1)  # how long an invitation link works
-    # Invitation mails per inviting person and per client address (anyone can own an organization).
-    invitations_per_hour: int = Field(default=50, ge=1)
-    sso: tuple[OidcProvider, ...] = ()
-    # Password accounts: sign-in waits until the mailed link proved the email.
-    verify_email: bool = True
-    verification_hours: int = Field(default=48, ge=1)
-    reset_minutes: int = Field(default=60, ge=5)  # how long a password-reset link works
-    mails_per_email_per_hour: int = Field(default=3, ge=1)  # verification and reset mails
-    mails_per_ip_per_hour: int = Field(default=20, ge=1)
-    # Mail (invitations, verification, password reset). No SMTP host: each mail is written to
-    # the gateway's log instead (the quick start), so an operator can pass the link on.
-    smtp: ConsoleMailConfig = Field(default_factory=lambda: ConsoleMailConfig())
-
-    @field_validator("secret")
-    @classmethod
-    def _long_secret(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value()) < 32:
-            raise ValueError("the console secret must be at least 32 characters")
-        return v
 
 
 class Settings(_Frozen):
