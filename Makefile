@@ -1,6 +1,8 @@
 # Everything installs from the lock (uv.lock) into the repo's own .venv; nothing else.
 # uv itself is bootstrapped, pinned by hash, into .tools/.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The first of python3.11, python3 that runs and is 3.11 or newer (a pyenv shim may exist
+# for a version that is not installed).
+PYTHON ?= $(shell for p in python3.11 python3; do $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && command -v $$p && break; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 UV     := .tools/bin/uv
@@ -21,7 +23,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # first answer instead of 1.3 (bench/README.md).
 export UV_COMPILE_BYTECODE ?= 1
 
-.PHONY: run test install dev compile lint typecheck bench lock check-user-path clean
+# One recipe at a time: `make -j test` would otherwise run the runtime-only and the dev
+# `uv sync` at once into the same .venv.
+.NOTPARALLEL:
+
+.PHONY: run test install dev compile lint typecheck bench lock lock-check check-user-path clean
 
 $(UV):
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
@@ -49,12 +55,13 @@ dev: $(VENV)/.dev-installed
 # Mesh's own modules too (quick when nothing changed; an edited module is compiled again
 # in memory until the next run).
 compile: install
-	@$(BIN)/python -m compileall -q src/mesh >/dev/null
+	@$(BIN)/python -m compileall -q src/mesh
 
 run: install compile
 	$(BIN)/mesh serve --quickstart
 
 test: dev compile
+	@bash scripts/install-agents.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -71,6 +78,10 @@ bench: dev compile
 # Refresh the lock on purpose; commit the upgrade on its own after `make test` passes.
 lock: | $(UV)
 	$(UV) lock --upgrade
+
+# Whether uv.lock still matches pyproject.toml (CI checks it before make test).
+lock-check: | $(UV)
+	$(UV) lock --check
 
 # What a new user's `make run` does, in a fresh runtime-only environment (CI runs it).
 check-user-path: dev

@@ -301,6 +301,10 @@ class Bench:
         say(f"starting {one.label} with 2 workers")
         config = json.loads(json.dumps(mesh_config("", self.targets["engine"].url)))
         config["database"] = _database_of(self.work / f"{one.name}.yaml")
+        # Several processes share key revocations through Redis (mesh serve refuses --workers
+        # without it); a prefix of this run's own keeps other users of the server apart.
+        config["redis"] = os.environ.get("MESH_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+        config["redis_prefix"] = f"mesh-bench-{os.getpid()}:"
         two = start_mesh(f"{one.name}-2w", one.label + " x2", self.work, config, workers=2, key=one.key)
         self.extra.append(two)
         point = Point("chat", 64)

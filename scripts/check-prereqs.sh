@@ -8,6 +8,10 @@ if ! command -v "$py" >/dev/null 2>&1; then
   echo "error: no Python found (need Python 3.11 or newer as python3.11 or python3)" >&2
   exit 1
 fi
+if ! "$py" -c 'import sys' >/dev/null 2>&1; then
+  echo "error: $py is there but does not run (a pyenv shim of a version not installed?); make PYTHON=... picks another" >&2
+  exit 1
+fi
 if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
   echo "error: $("$py" --version 2>&1) is too old; Mesh needs Python 3.11 or newer" >&2
   exit 1

@@ -29,7 +29,10 @@ done_step() {
 }
 
 step "copy the checkout (tracked and new files; no .venv, .tools or .mesh)"
-(cd "$here" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$work"
+# (a tracked file deleted in the work tree is left out, as a commit of this tree would)
+(cd "$here" && git ls-files -co --exclude-standard -z \
+  | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+  | tar --null -T - -cf -) | tar -xf - -C "$work"
 done_step "copy"
 
 port="$("$dev_python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
