@@ -78,6 +78,8 @@ bench: dev compile
 # Refresh the lock on purpose; commit the upgrade on its own after `make test` passes.
 lock: | $(UV)
 	$(UV) lock --upgrade
+	$(UV) pip compile bench/litellm-requirements.in --generate-hashes --python-version 3.11 --upgrade -q \
+	  -o bench/litellm-requirements.txt
 
 # Whether uv.lock still matches pyproject.toml (CI checks it before make test).
 lock-check: | $(UV)
