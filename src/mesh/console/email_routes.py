@@ -28,11 +28,22 @@ def _throttled(page: Page, email: str) -> int:
     return wait
 
 
+_USED = "This link was used or has expired. Sign in to have a new one sent."
+
+
+async def verify_form(page: Page) -> Response:
+    """The link shows a button and uses nothing up: mail scanners (and link previews) fetch
+    every link in a mail, and a GET that spent the token left the person a dead link."""
+    token = page.request.path_params["token"]
+    if await page.bound.email_tokens.peek(token, "verify") is None:
+        return page.render("error.html", status=404, title="Link not valid", message=_USED)
+    return page.render("verify.html", title="Verify your email", token=token)
+
+
 async def verify(page: Page) -> Response:
     user_id = await page.bound.email_tokens.use(page.request.path_params["token"], "verify")
     if user_id is None:
-        return page.render("error.html", status=404, title="Link not valid",
-                           message="This link was used or has expired. Sign in to have a new one sent.")
+        return page.render("error.html", status=404, title="Link not valid", message=_USED)
     await page.bound.users.mark_verified(user_id)
     return page.redirect(PREFIX + "/signin", "Your email is verified: sign in.")
 
@@ -102,7 +113,8 @@ async def reset(page: Page) -> Response:
 def email_routes(console: Console) -> list[Route]:
     r = console.route
     return [
-        r("/verify/{token}", verify, access="any"),
+        r("/verify/{token}", verify_form, access="any"),
+        r("/verify/{token}", verify, methods=("POST",), access="any"),
         r("/verify", resend, methods=("POST",), access="any"),
         r("/reset", reset_request_form, access="any"),
         r("/reset", reset_request, methods=("POST",), access="any"),
