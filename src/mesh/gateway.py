@@ -29,7 +29,8 @@ from mesh.observability.health import Readiness
 from mesh.observability.metrics import BreakerWatch, Metrics
 from mesh.observability.stale_holds import StaleHolds
 from mesh.observability.tracing import Tracing
-from mesh.pipeline import Pipeline, RequestContext
+from mesh.pipeline import Pipeline
+from mesh.request_context import RequestContext
 from mesh.routing.breaker import CircuitBreaker
 from mesh.routing.health import HealthMonitor
 from mesh.routing.policy import make_policy

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from mesh.accounts.principal import Principal
@@ -20,7 +20,6 @@ from mesh.billing.estimate import (
     BYTES_PER_TOKEN_LOW,
     estimate_prompt_tokens,
     estimate_prompt_tokens_low,
-    typical_prompt_tokens,
 )
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
@@ -36,7 +35,6 @@ from mesh.canonical import (
 from mesh.config import ModelConfig, Pricing, Settings
 from mesh.deadline import StreamDeadline
 from mesh.errors import (
-    AuthenticationFailed,
     ContextLengthExceeded,
     EngineTimeout,
     InvalidRequest,
@@ -45,11 +43,12 @@ from mesh.errors import (
     PermissionDenied,
 )
 from mesh.http.credentials import presented_credential
-from mesh.limits.base import Lease, Limiter, LimitExceeded, LimitState
+from mesh.limits.base import Limiter, LimitExceeded
 from mesh.observability.logging import AccessLog
 from mesh.observability.metrics import Metrics
-from mesh.observability.tracing import RequestTrace, not_traced
 from mesh.protocols.extensions import allow_extensions
+from mesh.request_context import RequestContext as RequestContext
+from mesh.request_context import billed_prompt_tokens as billed_prompt_tokens
 from mesh.routing.pending import PendingStream
 from mesh.routing.resume import resume_fields
 from mesh.routing.router import RoutedStream, Router
@@ -104,58 +103,6 @@ class Ledger(Protocol):
         attribution: Attribution | None = None,
         finish_reason: str | None = None,
     ) -> int: ...
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """Everything one request accumulates on its way through the pipeline."""
-
-    request_id: str
-    protocol: str
-    started: float = field(default_factory=time.monotonic)
-    principal: Principal | None = None
-    model: ModelConfig | None = None
-    model_id: str = ""  # the model the client asked for
-    models: tuple[str, ...] = ()  # that model, then the fallbacks to try in order
-    route_reason: str | None = None
-    request: CanonicalRequest | None = None
-    admission: Admission | None = None
-    prompt_estimate: int = 0
-    replica: str | None = None
-    first_token_at: float | None = None
-    usage: Usage | None = None
-    status: str = "ok"
-    finish_reason: str | None = None  # the engine's, for the first choice (the usage record)
-    settled: bool = False
-    lease: Lease | None = None  # rate limits taken at admission, given back at settlement
-    limit_state: LimitState | None = None  # what the rate-limit headers show
-    tags: tuple[str, ...] = ()  # x-mesh-tags, for the usage record
-    session_hint: str | None = None  # the client's x-session-id header: keeps a session on one replica
-    stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
-    routed: RoutedStream | None = None  # the replica's stream once one answered (its resumes, at settlement)
-    metering: bool = False  # metered() started: it closes the stream and settles
-    deadline: float | None = None  # loop time by which the whole request must end
-    relay: bool = False  # engines that can are asked for their chunks as they are (Relayed)
-    trace: RequestTrace = field(default_factory=not_traced)  # its spans (no-op unless tracing)
-
-    @property
-    def ttft_ms(self) -> int | None:
-        return None if self.first_token_at is None else int((self.first_token_at - self.started) * 1000)
-
-    @property
-    def who(self) -> Principal:
-        """The authenticated caller; every step after ``authenticate`` has one."""
-        if self.principal is None:
-            raise AuthenticationFailed("Not authenticated.")
-        return self.principal
-
-
-def billed_prompt_tokens(ctx: RequestContext) -> int:
-    """Prompt tokens to bill when the engine reported none: a typical-density estimate, not
-    the hold's (which leans high on purpose so the hold covers any script)."""
-    if ctx.request is None:
-        return ctx.prompt_estimate
-    return min(ctx.prompt_estimate, typical_prompt_tokens(ctx.request))
 
 
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)

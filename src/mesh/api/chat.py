@@ -10,28 +10,15 @@ pipeline.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import Request
 
-from mesh.api.inference import inference
-from mesh.canonical import CanonicalRequest, Event, Result
+from mesh.api.inference import MetaOutput, inference
+from mesh.canonical import CanonicalRequest
 from mesh.gateway import Gateway
-from mesh.pipeline import RequestContext
 from mesh.protocols import openai_chat
-
-
-@dataclass(frozen=True, slots=True)
-class _Output:
-    meta: openai_chat.StreamMeta
-
-    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        return openai_chat.encode_stream(events, self.meta)
-
-    async def render(self, result: Result) -> dict[str, Any]:
-        return openai_chat.render_response(result, self.meta)
+from mesh.request_context import RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +26,18 @@ class _Call:
     request: CanonicalRequest
     options: openai_chat.ChatOptions
 
-    def output(self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest) -> _Output:
+    def output(
+        self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest
+    ) -> MetaOutput[openai_chat.StreamMeta]:
         assert ctx.model is not None
-        return _Output(openai_chat.StreamMeta(
+        return MetaOutput(openai_chat.StreamMeta(
             id="chatcmpl-" + ctx.request_id.removeprefix("req_"),
             created=int(time.time()),
             model=ctx.model.id,
             include_usage=self.options.include_usage,
             usage_extras=gw.usage_extras(ctx.model),
             reasoning_fields=gw.reasoning_fields,
-        ))
+        ), openai_chat.encode_stream, openai_chat.render_response)
 
 
 class Chat:

@@ -10,7 +10,7 @@ from mesh.canonical import Aggregator, Event, Result
 from mesh.gateway import Gateway
 from mesh.http.body import read_body
 from mesh.http.credentials import single
-from mesh.pipeline import RequestContext
+from mesh.request_context import RequestContext
 
 # A streaming request still queued after this long starts its response and sends
 # keep-alives (SSE comments, or Anthropic pings) while it waits.

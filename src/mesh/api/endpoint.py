@@ -20,7 +20,7 @@ from mesh.errors import InternalError, MeshError
 from mesh.http.ids import request_id
 from mesh.http.streaming import StreamResponse
 from mesh.limits.headers import limits_headers
-from mesh.pipeline import RequestContext
+from mesh.request_context import RequestContext
 
 log = logging.getLogger("mesh.api")
 

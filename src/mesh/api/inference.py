@@ -6,8 +6,9 @@ become its wire format.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from starlette.requests import Request
 
@@ -17,7 +18,7 @@ from mesh.api.responses import JSON, ErrorRenderer
 from mesh.canonical import CanonicalRequest, Event, Result
 from mesh.gateway import Gateway
 from mesh.http.streaming import StreamResponse
-from mesh.pipeline import RequestContext
+from mesh.request_context import RequestContext
 from mesh.routing.pending import PendingStream
 
 
@@ -31,6 +32,25 @@ class Output(Protocol):
     def render(self, result: Result) -> Awaitable[dict[str, Any]]:
         """The JSON body of a non-streamed answer."""
         ...
+
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True, slots=True)
+class MetaOutput(Generic[M]):
+    """The :class:`Output` of a protocol that is two functions over one request's meta
+    (its id, public model name, options): Chat Completions and Messages."""
+
+    meta: M
+    encode_stream: Callable[[AsyncIterator[Event], M], AsyncIterator[bytes]]
+    render_response: Callable[[Result, M], dict[str, Any]]
+
+    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        return self.encode_stream(events, self.meta)
+
+    async def render(self, result: Result) -> dict[str, Any]:
+        return self.render_response(result, self.meta)
 
 
 class Call(Protocol):

@@ -8,31 +8,18 @@ long first thought), so proxies and clients do not time out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import Request
 
 from mesh.api.common import authenticated_body
 from mesh.api.endpoint import AnyResponse, endpoint
-from mesh.api.inference import inference
+from mesh.api.inference import MetaOutput, inference
 from mesh.api.responses import JSON
-from mesh.canonical import CanonicalRequest, Event, Result
+from mesh.canonical import CanonicalRequest
 from mesh.gateway import Gateway
-from mesh.pipeline import RequestContext
 from mesh.protocols import anthropic_messages
-
-
-@dataclass(frozen=True, slots=True)
-class _Output:
-    meta: anthropic_messages.StreamMeta
-
-    def encode(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        return anthropic_messages.encode_stream(events, self.meta)
-
-    async def render(self, result: Result) -> dict[str, Any]:
-        return anthropic_messages.render_response(result, self.meta)
+from mesh.request_context import RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +27,11 @@ class _Call:
     request: CanonicalRequest
     options: anthropic_messages.MessagesOptions
 
-    def output(self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest) -> _Output:
+    def output(
+        self, gw: Gateway, ctx: RequestContext, request: CanonicalRequest
+    ) -> MetaOutput[anthropic_messages.StreamMeta]:
         assert ctx.model is not None
-        return _Output(anthropic_messages.StreamMeta(
+        return MetaOutput(anthropic_messages.StreamMeta(
             id="msg_" + ctx.request_id.removeprefix("req_"),
             model=ctx.model.id,
             signature=anthropic_messages.new_signature(),
@@ -51,7 +40,7 @@ class _Call:
             stop_sequences=request.stop,
             omit_thinking=self.options.omit_thinking,
             usage_extras=gw.usage_extras(ctx.model),
-        ))
+        ), anthropic_messages.encode_stream, anthropic_messages.render_response)
 
 
 class Messages:

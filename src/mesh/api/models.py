@@ -17,8 +17,8 @@ from mesh.config import ModelConfig
 from mesh.errors import ModelNotFound
 from mesh.gateway import Gateway
 from mesh.http.credentials import single
-from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
+from mesh.request_context import RequestContext
 
 _CREATED = 1735689600  # a fixed epoch: Mesh has no per-model creation time
 

@@ -27,8 +27,8 @@ from mesh.conversations import ResponseStore
 from mesh.errors import InvalidRequest, NotFound
 from mesh.gateway import Gateway
 from mesh.http.credentials import single
-from mesh.pipeline import RequestContext
 from mesh.protocols import openai_responses
+from mesh.request_context import RequestContext
 
 log = logging.getLogger("mesh.api.responses")
 

@@ -34,9 +34,9 @@ from mesh.gateway import Gateway
 from mesh.http.body import read_body
 from mesh.http.credentials import presented_credential, single
 from mesh.http.ids import prefixed
-from mesh.pipeline import RequestContext
 from mesh.protocols import openai_errors
 from mesh.protocols.validation import loads_object, validate
+from mesh.request_context import RequestContext
 from mesh.workers.admission import check_engine_host, engine_hosts, normalise_engine_url
 from mesh.workers.registry import Registration
 
