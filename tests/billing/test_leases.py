@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select, update
 
 from billing.test_ledger import PRICING, check_invariants, setup
-from mesh.billing.leases import LEASE_PREFIX, LeaseAdmission, LeasedLedger
+from mesh.billing.leases import LEASE_PREFIX, LeaseAdmission, LeasedLedger, _Hold, _Pending
 from mesh.billing.ledger import Admission
+from mesh.billing.settlement import Captured
 from mesh.canonical import Usage
+from mesh.errors import DatabaseUnavailable
 from mesh.store import Database, utcnow
 from mesh.store.tables import api_keys, holds, ledger
 
@@ -109,3 +112,37 @@ async def test_a_dead_processes_lease_is_released_by_another(db: Database) -> No
     await alive.aclose()
     if dead._task is not None:
         dead._task.cancel()
+
+
+async def test_billing_is_ready_again_only_after_a_flush_wrote_the_whole_backlog(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A flush that spans the database's recovery writes some holds and not others: readiness
+    # (and so /health/ready) must not come back while the backlog is still queued.
+    book, p, writer = await setup(db, 100)  # too little for a lease: exact holds
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    capture = leased._capture
+    unreachable: set[str] = {"*"}
+
+    async def faulty(hold: _Hold, batch: list[_Pending], *, close: bool) -> Captured:
+        if "*" in unreachable or hold.id in unreachable:
+            raise DatabaseUnavailable()
+        return await capture(hold, batch, close=close)
+
+    monkeypatch.setattr(leased, "_capture", faulty)
+    first = await leased.admit(p, PRICING, "first", 10, 1)
+    second = await leased.admit(p, PRICING, "second", 10, 1)
+    assert first.hold_id and second.hold_id and not isinstance(first, LeaseAdmission)
+    for adm in (first, second):
+        await leased.settle(adm, Usage(input_tokens=10, output_tokens=1), status="ok", model="m", pricing=PRICING)
+    assert not leased.ready and leased.queued == 2
+    unreachable.clear()
+    unreachable.add(first.hold_id)  # back, but the first hold's write still fails
+    await leased.flush()
+    assert leased.queued == 1 and not leased.ready
+    unreachable.clear()
+    await leased.flush()
+    assert leased.queued == 0 and leased.ready
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (100 - 2 * 12, 0)
+    await writer.flush()

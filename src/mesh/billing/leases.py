@@ -21,7 +21,8 @@ Failures, and what they cost:
 * the database is unreachable (or a COMMIT reply is lost): charges, checkpoints and exact
   settlements stay queued in memory and are written when it answers again — a re-run of
   a batch that did commit is a no-op (see :mod:`mesh.billing.settlement`);
-  :attr:`LeasedLedger.ready` is False meanwhile;
+  :attr:`LeasedLedger.ready` is False meanwhile, and turns True again only after a flush
+  in which every queued hold was written (the outage's backlog is in the books);
 * the process dies: streams still open have had their usage written every
   ``checkpoint_interval`` seconds (``usage:<request>:<n>`` rows), so what is lost is at
   most ``checkpoint_interval + flush_interval`` seconds of each stream's tokens plus the
@@ -156,6 +157,7 @@ class LeasedLedger:
         self._last_sweep = 0.0
         self._serial = 0
         self._unavailable_since: float | None = None
+        self._unreachable_in_pass = False  # a write found the database unreachable this flush
 
     def _hold(self, hold_id: str, account_id: str, key_id: str | None, *, held: int = 0) -> _Hold:
         now = self._clock()
@@ -384,6 +386,7 @@ class LeasedLedger:
                 if h.pending or (h.held and now - h.touched > self.stale_after / 4)
             ]
             written = 0
+            self._unreachable_in_pass = False
             for hold in (*work, *self._closing):
                 before = len(hold.pending)
                 if await self._write(hold):
@@ -391,8 +394,11 @@ class LeasedLedger:
             self._closing = [h for h in self._closing if not h.closed]
             for rid in [rid for rid, h in self._exact.items() if not h.pending]:
                 del self._exact[rid]
-            if self._unavailable_since is not None and not self.queued:
-                self._unavailable_since = None  # nothing left to write: the outage cost nothing more
+            if not self._unreachable_in_pass:
+                # Every hold that was queued when this pass began is written (or there was
+                # nothing to write): the outage is over for billing. One write succeeding is
+                # not enough: a pass that spans the recovery writes some holds and not others.
+                self._unavailable_since = None
             await self._sweep(now)
             return written
 
@@ -465,7 +471,6 @@ class LeasedLedger:
             self._apply(hold, batch, done)
             if hold.closing:
                 hold.closed = True
-            self._unavailable_since = None
             return True
 
     async def _capture(self, hold: _Hold, batch: list[_Pending], *, close: bool) -> settlement.Captured:
@@ -502,6 +507,7 @@ class LeasedLedger:
             open_.record = None
 
     def _unavailable(self, hold: _Hold) -> None:
+        self._unreachable_in_pass = True
         if self._unavailable_since is None:
             self._unavailable_since = self._clock()
             log.warning("database unreachable: %d charges queued in memory until it answers", self.queued)
