@@ -4,10 +4,13 @@ batched charges, and the same invariants as the per-request ledger."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.test_ledger import PRICING, check_invariants, setup
 from mesh.billing.leases import LEASE_PREFIX, LeaseAdmission, LeasedLedger, _Hold, _Pending
@@ -145,4 +148,37 @@ async def test_billing_is_ready_again_only_after_a_flush_wrote_the_whole_backlog
     assert leased.queued == 0 and leased.ready
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (100 - 2 * 12, 0)
+    await writer.flush()
+
+
+class _LosesOneCommitReply(Database):
+    """The same database, except that the next write commits and then reports the
+    connection lost, as when a COMMIT's reply never gets back."""
+
+    def __init__(self, db: Database) -> None:
+        self.__dict__.update(db.__dict__)
+        self.armed = True
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        async with super().write() as conn:
+            yield conn
+        if self.armed:
+            self.armed = False
+            raise DatabaseUnavailable()
+
+
+async def test_a_lease_whose_grow_reply_was_lost_still_admits_and_releases_all(db: Database) -> None:
+    # A lost reply on one connection is not an outage: the request is admitted (on a second
+    # grow), not refused with a 503, and closing the lease gives back all that its row holds.
+    book, p, writer = await setup(db, 1_000_000)
+    lossy = _LosesOneCommitReply(db)
+    leased = LeasedLedger(book, lossy, writer, flush_interval=3600)
+    adm = await leased.admit(p, PRICING, "lost", 10, 10)
+    assert isinstance(adm, LeaseAdmission) and not lossy.armed
+    _, held = await book.balance(p.account_id)
+    assert held > 0
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
     await writer.flush()

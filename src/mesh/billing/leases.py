@@ -250,13 +250,23 @@ class LeasedLedger:
         """Hold ``amount`` more for the lease (all of it or nothing). Under the lease's lock.
         The lease learns what its row holds from the row: after a lost reply, the next write
         corrects it, and a release always gives back what the row says."""
-        try:
-            async with self.db.write() as conn:
-                lease.held = await settlement.hold(
-                    conn, hold_id=lease.id, account_id=lease.account_id, key_id=lease.key_id, amount=amount, grow=True
-                )
-        except settlement.Uncovered:
-            return False
+        for attempt in range(2):
+            try:
+                async with self.db.write() as conn:
+                    lease.held = await settlement.hold(
+                        conn, hold_id=lease.id, account_id=lease.account_id, key_id=lease.key_id, amount=amount,
+                        grow=True,
+                    )
+                break
+            except settlement.Uncovered:
+                return False
+            except DatabaseUnavailable:
+                # One lost connection (or a COMMIT whose reply was lost) is not an outage: try
+                # once more on a fresh one before refusing the request. If the first grow did
+                # commit, the lease holds one block more until it closes, and knows it: the
+                # row's total comes back. In a known outage, refuse at once.
+                if attempt or not self.ready:
+                    raise
         lease.touched = self._clock()
         self.start()
         return True
