@@ -311,7 +311,7 @@ class Pipeline:
             except TimeoutError:
                 raise self._deadline_error() from None
         except BaseException as exc:
-            ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
+            ctx.status, ctx.error = ("error", exc.kind) if isinstance(exc, MeshError) else ("cancelled", None)
             await self._settle_now(ctx)
             raise
         if ctx.stream is None:
@@ -324,7 +324,7 @@ class Pipeline:
                     ctx.admission = await self.ledger.rehold(ctx.admission, ctx.model.pricing)
                 except BaseException as exc:
                     await stream.aclose()
-                    ctx.status = "error" if isinstance(exc, MeshError) else "cancelled"
+                    ctx.status, ctx.error = ("error", exc.kind) if isinstance(exc, MeshError) else ("cancelled", None)
                     await self._settle_now(ctx)
                     raise
         ctx.replica = stream.replica.name
@@ -398,8 +398,8 @@ class Pipeline:
                 yield ev
             ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))
             await self._settle_now(ctx)
-        except MeshError:
-            ctx.status = "error"
+        except MeshError as exc:
+            ctx.status, ctx.error = "error", exc.kind
             raise
         except BaseException:
             ctx.status = "cancelled"
@@ -472,6 +472,16 @@ class Pipeline:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
             await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
+            if not ctx.settled and ctx.status == "error":
+                # Refused before anything was held (401, 402, 429, 503...): still one line, as
+                # every error gets one, so an operator sees refusals in the log, not only in metrics.
+                self.access_log.request({
+                    "request_id": ctx.request_id,
+                    "account_id": ctx.principal.account_id if ctx.principal is not None else None,
+                    "model": ctx.model.id if ctx.model is not None else (ctx.model_id or None),
+                    "protocol": ctx.protocol, "status": ctx.status, "error": ctx.error,
+                    "duration_ms": int((time.monotonic() - ctx.started) * 1000), **ctx.trace.log_ids(),
+                })
             ctx.settled = True
             ctx.trace.finish(ctx)
             return
@@ -523,6 +533,7 @@ class Pipeline:
             "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_tokens": usage.cached_tokens, "charged_micro": charged,
             "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
+            **({"error": ctx.error} if ctx.error is not None else {}),
         })
         ctx.trace.finish(ctx, charged=charged, extra=resumed)
 

@@ -36,6 +36,7 @@ class RequestContext:
     first_token_at: float | None = None
     usage: Usage | None = None
     status: str = "ok"
+    error: str | None = None  # the error kind it was answered with (MeshError.kind), if any
     finish_reason: str | None = None  # the engine's, for the first choice (the usage record)
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement

@@ -140,3 +140,34 @@ def test_usage_backlog_and_settlement_failures_are_exported(setup: Setup) -> Non
                  "mesh_stale_holds"):
         assert re.search(rf"^{name} \S+$", httpx.get(setup.gw.url + "/metrics", headers={
             "Authorization": f"Bearer {ADMIN_KEY}"}).text, re.M), name
+
+
+def test_requests_refused_before_anything_was_held_get_one_access_line_with_the_error(setup: Setup) -> None:
+    secret = "prompt-text-that-must-never-reach-the-log"
+    body = {"model": "test-model", "max_tokens": 5, "messages": [{"role": "user", "content": secret}]}
+    bad_key = httpx.post(setup.gw.url + "/v1/chat/completions", json=body,
+                         headers={"Authorization": "Bearer sk-mesh-not-a-key-0123456789abcdef"})
+    assert bad_key.status_code == 401
+    unknown = httpx.post(setup.gw.url + "/v1/chat/completions", json={**body, "model": "no-such-model"},
+                         headers={"Authorization": f"Bearer {setup.key}"})
+    assert unknown.status_code == 404
+    served = httpx.post(setup.gw.url + "/v1/chat/completions", json=body,
+                        headers={"Authorization": f"Bearer {setup.key}"})
+    assert served.status_code == 200
+    deadline = time.monotonic() + 10
+    ids = {r.headers["x-request-id"] for r in (bad_key, unknown, served)}
+    while True:
+        lines = {e["request_id"]: e for e in setup.logs() if e["msg"] == "request" and e.get("request_id") in ids}
+        if len(lines) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    one = lines[bad_key.headers["x-request-id"]]
+    assert (one["status"], one["error"], one["account_id"]) == ("error", "authentication", None)
+    two = lines[unknown.headers["x-request-id"]]
+    assert (two["status"], two["error"], two["model"]) == ("error", "not_found", None)  # a name no model has is not logged
+    assert two["account_id"] is not None
+    ok = lines[served.headers["x-request-id"]]
+    assert ok["status"] == "ok" and "error" not in ok
+    assert secret not in setup.gw.log()
+    # Each request has exactly one line, however many times it was finished.
+    assert sum(1 for e in setup.logs() if e["msg"] == "request" and e.get("request_id") in ids) == 3

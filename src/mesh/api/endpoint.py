@@ -87,11 +87,13 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
                     response = await handler(request, ctx)
             except MeshError as err:
                 ctx.status = "error"
+                ctx.error = err.kind
                 ctx.trace.fail(err.kind)
                 _count_error(gateway, protocol, err.kind)
                 response = error_response(err, _with_request_id(render_error, ctx.request_id), limits_headers(ctx))
             except Exception:
                 ctx.status = "error"
+                ctx.error = "internal"
                 ctx.trace.fail("internal")
                 _count_error(gateway, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
