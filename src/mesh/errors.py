@@ -127,8 +127,15 @@ class DatabaseUnavailable(MeshError):
     status = 503
     kind = "unavailable"
 
-    def __init__(self, message: str = "The service is temporarily unavailable; please retry shortly.") -> None:
+    def __init__(
+        self, message: str = "The service is temporarily unavailable; please retry shortly.", *,
+        connection_lost: bool = False,
+    ) -> None:
         super().__init__(message, retry_after=DATABASE_RETRY_AFTER, should_retry=True)
+        # True when a connection was had and then lost mid-transaction (a reset, a COMMIT
+        # whose reply never came): the database answered a moment ago, and the transaction
+        # may or may not have committed. False: no connection could be had at all.
+        self.connection_lost = connection_lost
 
 
 # Seconds a client is asked to wait after DatabaseUnavailable.

@@ -165,7 +165,7 @@ class _LosesOneCommitReply(Database):
             yield conn
         if self.armed:
             self.armed = False
-            raise DatabaseUnavailable()
+            raise DatabaseUnavailable(connection_lost=True)  # as Database.write reports it
 
 
 async def test_a_lease_whose_grow_reply_was_lost_still_admits_and_releases_all(db: Database) -> None:

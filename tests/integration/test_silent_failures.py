@@ -164,7 +164,8 @@ def test_requests_refused_before_anything_was_held_get_one_access_line_with_the_
     one = lines[bad_key.headers["x-request-id"]]
     assert (one["status"], one["error"], one["account_id"]) == ("error", "authentication", None)
     two = lines[unknown.headers["x-request-id"]]
-    assert (two["status"], two["error"], two["model"]) == ("error", "not_found", None)  # a name no model has is not logged
+    # A name that no model has is not logged: it is the client's text.
+    assert (two["status"], two["error"], two["model"]) == ("error", "not_found", None)
     assert two["account_id"] is not None
     ok = lines[served.headers["x-request-id"]]
     assert ok["status"] == "ok" and "error" not in ok

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy import insert, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from mesh.errors import DatabaseUnavailable
 from mesh.store import Database, head_revision, normalize_url, utcnow
 from mesh.store import database as database_module
 from mesh.store.database import _head_from_files
@@ -138,3 +140,28 @@ async def test_session_reads(db: Database) -> None:
     await _new_account(db, 7)
     async with db.session() as session:
         assert (await session.execute(text("SELECT balance FROM accounts"))).scalar() == 7
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_connection_lost_mid_transaction_is_told_from_no_connection_at_all(db: Database) -> None:
+    # Lost mid-transaction (the server ends this very session): the database answered a
+    # moment ago and the write may or may not have committed; callers whose writes are safe
+    # to repeat try once more on a fresh connection.
+    with pytest.raises(DatabaseUnavailable) as lost:
+        async with db.write() as conn:
+            await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    assert lost.value.connection_lost
+    async with db.write() as conn:  # the pool hands out a live connection next
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    # Nothing listening: no connection at all, an outage.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    nowhere = Database(f"postgresql://postgres@127.0.0.1:{closed_port}/none")
+    try:
+        with pytest.raises(DatabaseUnavailable) as refused:
+            async with nowhere.write() as conn:
+                await conn.execute(text("SELECT 1"))
+        assert not refused.value.connection_lost
+    finally:
+        await nowhere.aclose()

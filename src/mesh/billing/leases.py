@@ -260,12 +260,12 @@ class LeasedLedger:
                 break
             except settlement.Uncovered:
                 return False
-            except DatabaseUnavailable:
-                # One lost connection (or a COMMIT whose reply was lost) is not an outage: try
-                # once more on a fresh one before refusing the request. If the first grow did
-                # commit, the lease holds one block more until it closes, and knows it: the
-                # row's total comes back. In a known outage, refuse at once.
-                if attempt or not self.ready:
+            except DatabaseUnavailable as err:
+                # A connection lost mid-transaction (or a COMMIT whose reply never came) is not
+                # an outage: try once more on a fresh one before refusing the request. If the
+                # first grow did commit, the lease holds one block more until it closes, and
+                # knows it: the row's total comes back. No connection at all: refuse at once.
+                if attempt or not err.connection_lost:
                     raise
         lease.touched = self._clock()
         self.start()

@@ -44,8 +44,17 @@ _NO_FOREIGN_KEYS = "mesh_no_foreign_keys"
 Dialect = Literal["sqlite", "postgresql"]
 
 
+class _Checkout:
+    """Whether a connection was had: a failure after it is a lost connection, not an outage."""
+
+    __slots__ = ("connected",)
+
+    def __init__(self) -> None:
+        self.connected = False
+
+
 @contextmanager
-def _mapped_errors() -> Iterator[None]:
+def _mapped_errors(checkout: _Checkout | None = None) -> Iterator[None]:
     """Connection failures become DatabaseUnavailable; everything else passes through."""
     try:
         yield
@@ -53,7 +62,7 @@ def _mapped_errors() -> Iterator[None]:
         raise
     except Exception as exc:
         if is_unavailable(exc):
-            raise DatabaseUnavailable() from exc
+            raise DatabaseUnavailable(connection_lost=checkout is not None and checkout.connected) from exc
         raise
 
 
@@ -120,8 +129,10 @@ class Database:
         callers lock rows (``FOR UPDATE``) or use conditional updates.
         """
         lock: AbstractAsyncContextManager[Any] = self._write_lock or nullcontext()
-        with _mapped_errors():
+        checkout = _Checkout()
+        with _mapped_errors(checkout):
             async with lock, self.engine.connect() as conn:
+                checkout.connected = True
                 if self.dialect == "sqlite":
                     await conn.execution_options(**{_IMMEDIATE: True})
                 async with conn.begin():
