@@ -80,6 +80,8 @@ lock: | $(UV)
 	$(UV) lock --upgrade
 	$(UV) pip compile bench/litellm-requirements.in --generate-hashes --python-version 3.11 --upgrade -q \
 	  -o bench/litellm-requirements.txt
+	$(UV) pip compile bench/granian-requirements.in --generate-hashes --python-version 3.11 --upgrade -q \
+	  -o bench/granian-requirements.txt
 
 # Whether uv.lock still matches pyproject.toml (CI checks it before make test).
 lock-check: | $(UV)
