@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from mesh.canonical import CanonicalRequest, Event, TextDelta, Usage
 from mesh.config import ModelConfig, Settings
 from mesh.errors import EngineError, EngineTimeout, RateLimited
 from mesh.limits.memory import MemoryLimiter
+from mesh.observability.logging import AccessLog
 from mesh.pipeline import Pipeline, RequestContext, billed_prompt_tokens
 from mesh.routing.pending import PendingStream
 from mesh.routing.pool import ModelPool
@@ -267,3 +269,36 @@ async def test_count_tokens_takes_a_request_of_the_rate_limit_and_gives_its_slot
     assert await r.free(principal)  # the concurrency slot came back (and took the 2nd request)
     with pytest.raises(RateLimited):
         await r.pipeline.count_tokens(RequestContext(request_id="req_d", protocol="test", principal=principal), creq)
+
+
+class _Lines(AccessLog):
+    """The access log, keeping its lines instead of writing them."""
+
+    def __init__(self, sample: float) -> None:
+        logger = logging.getLogger("test.access")
+        logger.setLevel(logging.INFO)
+        super().__init__(logger, sample=sample)
+        self.lines: list[dict[str, Any]] = []
+
+    def write(self, msg: str, fields: dict[str, Any]) -> None:
+        self.lines.append(fields)
+
+
+@pytest.mark.parametrize(("protocol", "status", "logged"), [
+    ("openai.chat", 503, True),  # the server's failure: always a line
+    ("anthropic.messages", 500, True),
+    ("openai.chat", 401, False),  # a client's (bad key, rate limit): sampled like a success
+    ("openai.chat", 429, False),
+    ("workers", 503, False),  # not an inference request
+])
+async def test_a_request_refused_before_anything_was_held_gets_a_line_unless_sampled_out(
+    protocol: str, status: int, logged: bool
+) -> None:
+    r = rig()
+    r.pipeline.access_log = lines = _Lines(sample=0.0)
+    ctx = RequestContext(request_id="req_refused", protocol=protocol)
+    ctx.status, ctx.error, ctx.error_status = "error", "some_kind", status
+    await r.pipeline.finish(ctx)
+    await r.pipeline.finish(ctx)  # finished twice: still one line at most
+    assert [(x["request_id"], x["error"]) for x in lines.lines] == ([("req_refused", "some_kind")] if logged else [])
+    assert_all_given_back(r)

@@ -61,6 +61,8 @@ _CHECKPOINT_DELTAS = 16
 # than the context at this density cannot fit, and count_tokens refuses it without asking
 # an engine.
 _MOST_BYTES_PER_TOKEN = 16
+# The protocols whose refused requests get a request line (not the worker or model-list APIs).
+_INFERENCE = ("openai.", "anthropic.")
 
 
 
@@ -472,16 +474,18 @@ class Pipeline:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
             await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
-            if not ctx.settled and ctx.status == "error":
-                # Refused before anything was held (401, 402, 429, 503...): still one line, as
-                # every error gets one, so an operator sees refusals in the log, not only in metrics.
+            if not ctx.settled and ctx.status == "error" and ctx.protocol.startswith(_INFERENCE):
+                # Refused before anything was held (401, 402, 429, 503...): one line too, so an
+                # operator sees refusals in the log, not only in metrics. The server's own
+                # failures always; a client's (a bad key, a rate limit) sampled like successes,
+                # so that anyone without a key cannot make every one of their requests a line.
                 self.access_log.request({
                     "request_id": ctx.request_id,
                     "account_id": ctx.principal.account_id if ctx.principal is not None else None,
                     "model": ctx.model.id if ctx.model is not None else (ctx.model_id or None),
                     "protocol": ctx.protocol, "status": ctx.status, "error": ctx.error,
                     "duration_ms": int((time.monotonic() - ctx.started) * 1000), **ctx.trace.log_ids(),
-                })
+                }, always=ctx.error_status >= 500)
             ctx.settled = True
             ctx.trace.finish(ctx)
             return

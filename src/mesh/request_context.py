@@ -37,6 +37,7 @@ class RequestContext:
     usage: Usage | None = None
     status: str = "ok"
     error: str | None = None  # the error kind it was answered with (MeshError.kind), if any
+    error_status: int = 0  # and that error's HTTP status
     finish_reason: str | None = None  # the engine's, for the first choice (the usage record)
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement

@@ -13,8 +13,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.test_ledger import PRICING, check_invariants, setup
-from mesh.billing.leases import LEASE_PREFIX, LeaseAdmission, LeasedLedger, _Hold, _Pending
+from mesh.billing.leases import LEASE_PREFIX, LEASE_REQUESTS, LeaseAdmission, LeasedLedger, _Hold, _Pending
 from mesh.billing.ledger import Admission
+from mesh.billing.pricing import hold_cost
 from mesh.billing.settlement import Captured
 from mesh.canonical import Usage
 from mesh.errors import DatabaseUnavailable
@@ -143,9 +144,25 @@ async def test_billing_is_ready_again_only_after_a_flush_wrote_the_whole_backlog
     unreachable.add(first.hold_id)  # back, but the first hold's write still fails
     await leased.flush()
     assert leased.queued == 1 and not leased.ready
+    # The held-up hold is written while another loses its connection in the same pass (an
+    # admission refused with a 503 leaves an orphan to release, first tried in this pass):
+    # the outage's backlog is in, and the stray failure is the next pass's to retry.
+    async def refused(*args: object, **kwargs: object) -> Admission:
+        raise DatabaseUnavailable()
+
+    real_admit = book.admit
+    monkeypatch.setattr(book, "admit", refused)
+    with pytest.raises(DatabaseUnavailable):
+        await leased.admit(p, PRICING, "orphan", 10, 1)
+    monkeypatch.setattr(book, "admit", real_admit)
     unreachable.clear()
+    unreachable.add("orphan")
     await leased.flush()
     assert leased.queued == 0 and leased.ready
+    assert [h.id for h in leased._closing] == ["orphan"]  # still to release
+    unreachable.clear()
+    await leased.flush()
+    assert leased.ready and not leased._closing
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (100 - 2 * 12, 0)
     await writer.flush()
@@ -177,7 +194,47 @@ async def test_a_lease_whose_grow_reply_was_lost_still_admits_and_releases_all(d
     adm = await leased.admit(p, PRICING, "lost", 10, 10)
     assert isinstance(adm, LeaseAdmission) and not lossy.armed
     _, held = await book.balance(p.account_id)
-    assert held > 0
+    # The first grow committed: one block is held, not a second one on top.
+    assert held == hold_cost(PRICING, 10, 10) * LEASE_REQUESTS == leased._leases[p.key_id or ""].held
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
+    await writer.flush()
+
+
+class _RollsBackThenDown(Database):
+    """The same database, except that the next write loses its connection before COMMIT
+    (rolled back), and the one after finds no connection at all."""
+
+    def __init__(self, db: Database) -> None:
+        self.__dict__.update(db.__dict__)
+        self.faults = ["rolled back", "down"]
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "down":
+            raise DatabaseUnavailable()
+        async with super().write() as conn:
+            yield conn
+            if fault == "rolled back":
+                raise DatabaseUnavailable(connection_lost=True)
+
+
+async def test_a_grow_that_never_committed_leaves_the_lease_holding_nothing(db: Database) -> None:
+    # The lease must not believe in credit its row never got: requests admitted against it
+    # would have nothing held in the database.
+    book, p, writer = await setup(db, 1_000_000)
+    faulty = _RollsBackThenDown(db)
+    leased = LeasedLedger(book, faulty, writer, flush_interval=3600)
+    with pytest.raises(DatabaseUnavailable):
+        await leased.admit(p, PRICING, "refused", 10, 10)
+    lease = leased._leases.get(p.key_id or "")
+    assert lease is None or lease.held == 0
+    assert await book.balance(p.account_id) == (1_000_000, 0)
+    adm = await leased.admit(p, PRICING, "after", 10, 10)  # the database answers again
+    assert isinstance(adm, LeaseAdmission)
+    assert (await book.balance(p.account_id))[1] == hold_cost(PRICING, 10, 10) * LEASE_REQUESTS
     assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)

@@ -86,14 +86,12 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
                 with ctx.trace.active():
                     response = await handler(request, ctx)
             except MeshError as err:
-                ctx.status = "error"
-                ctx.error = err.kind
+                ctx.status, ctx.error, ctx.error_status = "error", err.kind, err.status
                 ctx.trace.fail(err.kind)
                 _count_error(gateway, protocol, err.kind)
                 response = error_response(err, _with_request_id(render_error, ctx.request_id), limits_headers(ctx))
             except Exception:
-                ctx.status = "error"
-                ctx.error = "internal"
+                ctx.status, ctx.error, ctx.error_status = "error", "internal", 500
                 ctx.trace.fail("internal")
                 _count_error(gateway, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)

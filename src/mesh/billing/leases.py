@@ -21,8 +21,8 @@ Failures, and what they cost:
 * the database is unreachable (or a COMMIT reply is lost): charges, checkpoints and exact
   settlements stay queued in memory and are written when it answers again — a re-run of
   a batch that did commit is a no-op (see :mod:`mesh.billing.settlement`);
-  :attr:`LeasedLedger.ready` is False meanwhile, and turns True again only after a flush
-  in which every queued hold was written (the outage's backlog is in the books);
+  :attr:`LeasedLedger.ready` is False meanwhile, and turns True again after a flush that
+  wrote every hold a failed write had held up before it (the outage's backlog is in the books);
 * the process dies: streams still open have had their usage written every
   ``checkpoint_interval`` seconds (``usage:<request>:<n>`` rows), so what is lost is at
   most ``checkpoint_interval + flush_interval`` seconds of each stream's tokens plus the
@@ -157,7 +157,7 @@ class LeasedLedger:
         self._last_sweep = 0.0
         self._serial = 0
         self._unavailable_since: float | None = None
-        self._unreachable_in_pass = False  # a write found the database unreachable this flush
+        self._unwritten: set[str] = set()  # ids of holds whose last write found the database unreachable
 
     def _hold(self, hold_id: str, account_id: str, key_id: str | None, *, held: int = 0) -> _Hold:
         now = self._clock()
@@ -247,26 +247,34 @@ class LeasedLedger:
             return admission, lease
 
     async def _grow(self, lease: _Hold, amount: int) -> bool:
-        """Hold ``amount`` more for the lease (all of it or nothing). Under the lease's lock.
-        The lease learns what its row holds from the row: after a lost reply, the next write
-        corrects it, and a release always gives back what the row says."""
+        """Hold ``amount`` more for the lease (all of it or nothing). Under the lease's lock,
+        so nothing else of this process writes its row meanwhile. The lease learns what it
+        holds from the row, and only from a committed transaction."""
+        want = lease.held + amount
         for attempt in range(2):
             try:
                 async with self.db.write() as conn:
-                    lease.held = await settlement.hold(
+                    held = await settlement.hold(
                         conn, hold_id=lease.id, account_id=lease.account_id, key_id=lease.key_id, amount=amount,
                         grow=True,
                     )
+                lease.held = held  # committed: before that, a rollback would leave it holding nothing
                 break
             except settlement.Uncovered:
                 return False
             except DatabaseUnavailable as err:
                 # A connection lost mid-transaction (or a COMMIT whose reply never came) is not
-                # an outage: try once more on a fresh one before refusing the request. If the
-                # first grow did commit, the lease holds one block more until it closes, and
-                # knows it: the row's total comes back. No connection at all: refuse at once.
+                # an outage: ask a fresh connection what the row holds. The grow committed if
+                # the row has what was wanted (growing again would hold a second block and
+                # could refuse a customer who has credit for one); else grow once more. No
+                # connection at all: refuse at once, the lease keeping what it knew it had.
                 if attempt or not err.connection_lost:
                     raise
+                async with self.db.read() as conn:
+                    row = await settlement.held_by(conn, lease.id)
+                if row >= want:
+                    lease.held = row
+                    break
         lease.touched = self._clock()
         self.start()
         return True
@@ -396,7 +404,7 @@ class LeasedLedger:
                 if h.pending or (h.held and now - h.touched > self.stale_after / 4)
             ]
             written = 0
-            self._unreachable_in_pass = False
+            held_up = set(self._unwritten)
             for hold in (*work, *self._closing):
                 before = len(hold.pending)
                 if await self._write(hold):
@@ -404,10 +412,12 @@ class LeasedLedger:
             self._closing = [h for h in self._closing if not h.closed]
             for rid in [rid for rid, h in self._exact.items() if not h.pending]:
                 del self._exact[rid]
-            if not self._unreachable_in_pass:
-                # Every hold that was queued when this pass began is written (or there was
-                # nothing to write): the outage is over for billing. One write succeeding is
-                # not enough: a pass that spans the recovery writes some holds and not others.
+            if not held_up & self._unwritten:
+                # Every hold that a failed write had held up before this pass is written now:
+                # the outage is over for billing. One write succeeding is not enough (a pass
+                # that spans the recovery writes some holds and not others), nor is a perfect
+                # pass needed: a stray lost connection in this pass is retried in the next, and
+                # with many holds it would otherwise keep a healthy process unready for good.
                 self._unavailable_since = None
             await self._sweep(now)
             return written
@@ -477,10 +487,12 @@ class LeasedLedger:
                         hold.charged -= one.from_hold
                         if one.final:
                             self._enqueue(one.request, one.request.charged)
+                self._written(hold)
                 return True
             self._apply(hold, batch, done)
             if hold.closing:
                 hold.closed = True
+            self._written(hold)
             return True
 
     async def _capture(self, hold: _Hold, batch: list[_Pending], *, close: bool) -> settlement.Captured:
@@ -516,8 +528,11 @@ class LeasedLedger:
             self.usage.enqueue(replace(open_.record, cost=MicroCredits(charged)))
             open_.record = None
 
+    def _written(self, hold: _Hold) -> None:
+        self._unwritten.discard(hold.id)
+
     def _unavailable(self, hold: _Hold) -> None:
-        self._unreachable_in_pass = True
+        self._unwritten.add(hold.id)
         if self._unavailable_since is None:
             self._unavailable_since = self._clock()
             log.warning("database unreachable: %d charges queued in memory until it answers", self.queued)

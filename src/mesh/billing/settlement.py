@@ -239,6 +239,12 @@ async def hold(
     return amount
 
 
+async def held_by(conn: AsyncConnection, hold_id: str) -> int:
+    """What ``hold_id``'s row holds now (0 when there is no row)."""
+    amount = (await conn.execute(select(holds.c.amount).where(holds.c.request_id == hold_id))).scalar_one_or_none()
+    return int(amount or 0)
+
+
 def _shortfall(due: int, charge: int) -> str | None:
     if charge >= due:
         return None

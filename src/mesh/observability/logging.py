@@ -117,10 +117,12 @@ class AccessLog:
             return True
         return random.random() < self.sample
 
-    def request(self, fields: dict[str, Any]) -> None:
+    def request(self, fields: dict[str, Any], *, always: bool | None = None) -> None:
         """The ``request`` line of a finished request (``fields`` has its ``status`` and
-        ``duration_ms``), if :meth:`wanted`."""
-        if self.wanted(error=fields["status"] != "ok", duration_ms=fields["duration_ms"]):
+        ``duration_ms``), if :meth:`wanted`: ``always`` (default: its status is not ``ok``)
+        says whether it is written whatever the sample."""
+        error = fields["status"] != "ok" if always is None else always
+        if self.wanted(error=error, duration_ms=fields["duration_ms"]):
             self.write("request", fields)
 
     def write(self, msg: str, fields: dict[str, Any]) -> None:
