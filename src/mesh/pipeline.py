@@ -20,6 +20,7 @@ from mesh.billing.estimate import (
     BYTES_PER_TOKEN_LOW,
     estimate_prompt_tokens,
     estimate_prompt_tokens_low,
+    typical_prompt_tokens,
 )
 from mesh.billing.ledger import Admission
 from mesh.canonical import (
@@ -264,18 +265,32 @@ class Pipeline:
             log.exception("rate-limit settlement failed for %s", ctx.request_id)
 
     async def _hold(self, ctx: RequestContext, request: CanonicalRequest, model: ModelConfig) -> CanonicalRequest:
+        """Hold credit for the prompt and the most output the request can produce, and make
+        sure no engine can produce more than was held: output beyond the admission's limit
+        is never charged (an engine reporting more is not trusted)."""
         wanted = request.max_tokens
+        contexts = [self._models[m].context_length if m in self._models else None for m in ctx.models or (model.id,)]
+        bounded = wanted is not None or all(contexts)
         if wanted is None:
-            if model.context_length:
-                wanted = max(1, model.context_length - ctx.prompt_estimate)
-            else:
-                wanted = self.settings.billing.default_hold_output_tokens
+            # No max_tokens: an engine may write until its context is full. Its prompt takes
+            # at least a token, but how many is only known to its tokenizer (the high estimate
+            # runs 3x for English): hold for the whole context of the largest model that may
+            # serve it, so that whatever the engine writes is held for and charged.
+            wanted = max(c for c in contexts if c) if bounded else self.settings.billing.default_hold_output_tokens
         ctx.admission = await self.ledger.admit(
             ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n,
             end_user=attribution(request.user, None, ()).end_user,  # a key's user_budget counts it
         )
         allowed = int(ctx.admission.max_output_tokens)
-        if allowed < wanted or (request.max_tokens is None and not model.context_length):
+        if not bounded:
+            request = request.with_max_tokens(allowed)
+        elif allowed < wanted:
+            if request.max_tokens is None:
+                # The credit covers less than a full context: cap the engine there, and not
+                # above the room a typical prompt of this size leaves (more, an engine would
+                # refuse as a context overflow; the high estimate would squeeze English answers).
+                room = min(c - typical_prompt_tokens(request) for c in contexts if c)
+                allowed = max(1, min(allowed, room))
             request = request.with_max_tokens(allowed)
         ctx.request = request
         return request

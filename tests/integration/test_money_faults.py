@@ -208,6 +208,46 @@ def test_a_free_model_falling_back_to_a_paid_one_on_zero_balance_is_402(
     assert settled(admin, rich) == (1_000_000 - cost(r.json()["usage"]), 0)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_without_max_tokens_is_charged_whatever_the_prompt_estimate(
+    priced: tuple[GatewayProcess, Admin], stream: bool
+) -> None:
+    # A prompt whose high estimate fills the 4,096-token context (8,000 letters: 4,801 by the
+    # estimate, 2 words to the engine) and no max_tokens: the engine may write until its
+    # context is full. Every token it writes must be held for and charged; the hold used to
+    # cover context minus the high estimate (1 token here), and the rest went out free.
+    gw, admin = priced
+    prompt = "[tokens:300] " + "a" * 8000
+    body: dict[str, Any] = {"model": "paid", "messages": [{"role": "user", "content": prompt}]}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    rich = admin.account("no-max-tokens", credits="1")
+    rich_key = admin.key(rich)["key"]
+
+    def usage_of(r: httpx.Response) -> dict[str, Any]:
+        if not stream:
+            return dict(r.json()["usage"])
+        chunks = [httpx.Response(200, content=line[6:]).json() for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        return dict(next(c["usage"] for c in chunks if c.get("usage")))
+
+    r = chat(gw, rich_key, body)
+    assert r.status_code == 200, r.text
+    usage = usage_of(r)
+    assert usage["completion_tokens"] == 300
+    assert settled(admin, rich) == (1_000_000 - cost(usage), 0)
+    assert charged_by_request(admin, rich) == {r.headers["x-request-id"]: cost(usage)}
+    # Credit for far less than a full context: the engine is capped at what is held.
+    poor = admin.account("no-max-tokens-poor", credits="0.06")  # the prompt (48,010) and ~100 tokens
+    poor_key = admin.key(poor)["key"]
+    r = chat(gw, poor_key, body)
+    assert r.status_code == 200, r.text
+    usage = usage_of(r)
+    assert 0 < usage["completion_tokens"] < 300
+    assert settled(admin, poor) == (60_000 - cost(usage), 0)
+    assert charged_by_request(admin, poor) == {r.headers["x-request-id"]: cost(usage)}
+
+
 # -- faults on PostgreSQL, through a proxy of the test's own ----------------------------------
 
 @pytest.fixture
