@@ -15,7 +15,7 @@ import pytest
 from fakes import FakeEngine, FakeLedger, FakePrincipal, limited, request
 from mesh.canonical import CanonicalRequest, Event, TextDelta, Usage
 from mesh.config import ModelConfig, Settings
-from mesh.errors import EngineError, EngineTimeout, RateLimited
+from mesh.errors import EngineError, EngineTimeout, MeshError, RateLimited
 from mesh.limits.memory import MemoryLimiter
 from mesh.observability.logging import AccessLog
 from mesh.pipeline import Pipeline, RequestContext, billed_prompt_tokens
@@ -297,7 +297,9 @@ async def test_a_request_refused_before_anything_was_held_gets_a_line_unless_sam
     r = rig()
     r.pipeline.access_log = lines = _Lines(sample=0.0)
     ctx = RequestContext(request_id="req_refused", protocol=protocol)
-    ctx.status, ctx.error, ctx.error_status = "error", "some_kind", status
+    error = MeshError("refused")
+    error.kind, error.status = "some_kind", status
+    ctx.status, ctx.error = "error", error
     await r.pipeline.finish(ctx)
     await r.pipeline.finish(ctx)  # finished twice: still one line at most
     assert [(x["request_id"], x["error"]) for x in lines.lines] == ([("req_refused", "some_kind")] if logged else [])

@@ -48,6 +48,7 @@ from mesh.limits.base import Limiter, LimitExceeded
 from mesh.observability.logging import AccessLog
 from mesh.observability.metrics import Metrics
 from mesh.protocols.extensions import allow_extensions
+from mesh.request_context import INFERENCE_PROTOCOLS
 from mesh.request_context import RequestContext as RequestContext
 from mesh.request_context import billed_prompt_tokens as billed_prompt_tokens
 from mesh.routing.pending import PendingStream
@@ -62,8 +63,6 @@ _CHECKPOINT_DELTAS = 16
 # than the context at this density cannot fit, and count_tokens refuses it without asking
 # an engine.
 _MOST_BYTES_PER_TOKEN = 16
-# The protocols whose refused requests get a request line (not the worker or model-list APIs).
-_INFERENCE = ("openai.", "anthropic.")
 
 
 
@@ -269,14 +268,15 @@ class Pipeline:
         sure no engine can produce more than was held: output beyond the admission's limit
         is never charged (an engine reporting more is not trusted)."""
         wanted = request.max_tokens
-        contexts = [self._models[m].context_length if m in self._models else None for m in ctx.models or (model.id,)]
-        bounded = wanted is not None or all(contexts)
+        contexts = [self._models[m].context_length for m in ctx.models or (model.id,)]  # known models only
+        sizes = [c for c in contexts if c]
+        bounded = wanted is not None or len(sizes) == len(contexts)
         if wanted is None:
             # No max_tokens: an engine may write until its context is full. Its prompt takes
             # at least a token, but how many is only known to its tokenizer (the high estimate
             # runs 3x for English): hold for the whole context of the largest model that may
             # serve it, so that whatever the engine writes is held for and charged.
-            wanted = max(c for c in contexts if c) if bounded else self.settings.billing.default_hold_output_tokens
+            wanted = max(sizes) if bounded else self.settings.billing.default_hold_output_tokens
         ctx.admission = await self.ledger.admit(
             ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n,
             end_user=attribution(request.user, None, ()).end_user,  # a key's user_budget counts it
@@ -289,8 +289,7 @@ class Pipeline:
                 # The credit covers less than a full context: cap the engine there, and not
                 # above the room a typical prompt of this size leaves (more, an engine would
                 # refuse as a context overflow; the high estimate would squeeze English answers).
-                room = min(c - typical_prompt_tokens(request) for c in contexts if c)
-                allowed = max(1, min(allowed, room))
+                allowed = max(1, min(allowed, min(sizes) - typical_prompt_tokens(request)))
             request = request.with_max_tokens(allowed)
         ctx.request = request
         return request
@@ -328,7 +327,7 @@ class Pipeline:
             except TimeoutError:
                 raise self._deadline_error() from None
         except BaseException as exc:
-            ctx.status, ctx.error = ("error", exc.kind) if isinstance(exc, MeshError) else ("cancelled", None)
+            ctx.status, ctx.error = ("error", exc) if isinstance(exc, MeshError) else ("cancelled", None)
             await self._settle_now(ctx)
             raise
         if ctx.stream is None:
@@ -341,7 +340,7 @@ class Pipeline:
                     ctx.admission = await self.ledger.rehold(ctx.admission, ctx.model.pricing)
                 except BaseException as exc:
                     await stream.aclose()
-                    ctx.status, ctx.error = ("error", exc.kind) if isinstance(exc, MeshError) else ("cancelled", None)
+                    ctx.status, ctx.error = ("error", exc) if isinstance(exc, MeshError) else ("cancelled", None)
                     await self._settle_now(ctx)
                     raise
         ctx.replica = stream.replica.name
@@ -416,7 +415,7 @@ class Pipeline:
             ctx.usage = usage = self._guarded(ctx, _at_least(usage, produced))
             await self._settle_now(ctx)
         except MeshError as exc:
-            ctx.status, ctx.error = "error", exc.kind
+            ctx.status, ctx.error = "error", exc
             raise
         except BaseException:
             ctx.status = "cancelled"
@@ -489,7 +488,9 @@ class Pipeline:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
             await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
-            if not ctx.settled and ctx.status == "error" and ctx.protocol.startswith(_INFERENCE):
+            error = ctx.error
+            if not ctx.settled and ctx.status == "error" and error is not None \
+                    and ctx.protocol.startswith(INFERENCE_PROTOCOLS):
                 # Refused before anything was held (401, 402, 429, 503...): one line too, so an
                 # operator sees refusals in the log, not only in metrics. The server's own
                 # failures always; a client's (a bad key, a rate limit) sampled like successes,
@@ -498,9 +499,9 @@ class Pipeline:
                     "request_id": ctx.request_id,
                     "account_id": ctx.principal.account_id if ctx.principal is not None else None,
                     "model": ctx.model.id if ctx.model is not None else (ctx.model_id or None),
-                    "protocol": ctx.protocol, "status": ctx.status, "error": ctx.error,
+                    "protocol": ctx.protocol, "status": ctx.status, "error": error.kind,
                     "duration_ms": int((time.monotonic() - ctx.started) * 1000), **ctx.trace.log_ids(),
-                }, always=ctx.error_status >= 500)
+                }, always=error.status >= 500)
             ctx.settled = True
             ctx.trace.finish(ctx)
             return
@@ -552,7 +553,7 @@ class Pipeline:
             "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_tokens": usage.cached_tokens, "charged_micro": charged,
             "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
-            **({"error": ctx.error} if ctx.error is not None else {}),
+            **({"error": ctx.error.kind} if ctx.error is not None else {}),
         })
         ctx.trace.finish(ctx, charged=charged, extra=resumed)
 

@@ -10,11 +10,15 @@ from mesh.billing.estimate import typical_prompt_tokens
 from mesh.billing.ledger import Admission
 from mesh.canonical import CanonicalRequest, Usage
 from mesh.config import ModelConfig
-from mesh.errors import AuthenticationFailed
+from mesh.errors import AuthenticationFailed, MeshError
 from mesh.limits.base import Lease, LimitState
 from mesh.observability.tracing import RequestTrace, not_traced
 from mesh.routing.pending import PendingStream
 from mesh.routing.router import RoutedStream
+
+# The protocols of inference requests (not the worker or model-list APIs): traced, and
+# logged when refused.
+INFERENCE_PROTOCOLS = ("openai.", "anthropic.")
 
 
 @dataclass(slots=True)
@@ -36,8 +40,7 @@ class RequestContext:
     first_token_at: float | None = None
     usage: Usage | None = None
     status: str = "ok"
-    error: str | None = None  # the error kind it was answered with (MeshError.kind), if any
-    error_status: int = 0  # and that error's HTTP status
+    error: MeshError | None = None  # what it was answered with, if it failed
     finish_reason: str | None = None  # the engine's, for the first choice (the usage record)
     settled: bool = False
     lease: Lease | None = None  # rate limits taken at admission, given back at settlement

@@ -20,7 +20,7 @@ from mesh.errors import InternalError, MeshError
 from mesh.http.ids import request_id
 from mesh.http.streaming import StreamResponse
 from mesh.limits.headers import limits_headers
-from mesh.request_context import RequestContext
+from mesh.request_context import INFERENCE_PROTOCOLS, RequestContext
 
 log = logging.getLogger("mesh.api")
 
@@ -72,7 +72,7 @@ def _count_error(gateway: Any, protocol: str, kind: str) -> None:
 
 
 def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], Endpoint]:
-    traced = protocol.startswith(("openai.", "anthropic."))  # inference, not the worker or model lists
+    traced = protocol.startswith(INFERENCE_PROTOCOLS)
     def wrap(handler: Handler) -> Endpoint:
         async def run(request: Request) -> AnyResponse:
             ctx = RequestContext(request_id=request_id(), protocol=protocol)
@@ -86,16 +86,16 @@ def endpoint(protocol: str, render_error: ErrorRenderer) -> Callable[[Handler], 
                 with ctx.trace.active():
                     response = await handler(request, ctx)
             except MeshError as err:
-                ctx.status, ctx.error, ctx.error_status = "error", err.kind, err.status
+                ctx.status, ctx.error = "error", err
                 ctx.trace.fail(err.kind)
                 _count_error(gateway, protocol, err.kind)
                 response = error_response(err, _with_request_id(render_error, ctx.request_id), limits_headers(ctx))
             except Exception:
-                ctx.status, ctx.error, ctx.error_status = "error", "internal", 500
+                internal = InternalError("The server had an error processing your request.")
+                ctx.status, ctx.error = "error", internal
                 ctx.trace.fail("internal")
                 _count_error(gateway, protocol, "internal")
                 log.exception("unhandled error in %s (request %s)", protocol, ctx.request_id)
-                internal = InternalError("The server had an error processing your request.")
                 response = error_response(internal, _with_request_id(render_error, ctx.request_id))
             except BaseException:
                 await finish()

@@ -44,25 +44,17 @@ _NO_FOREIGN_KEYS = "mesh_no_foreign_keys"
 Dialect = Literal["sqlite", "postgresql"]
 
 
-class _Checkout:
-    """Whether a connection was had: a failure after it is a lost connection, not an outage."""
-
-    __slots__ = ("connected",)
-
-    def __init__(self) -> None:
-        self.connected = False
-
-
 @contextmanager
-def _mapped_errors(checkout: _Checkout | None = None) -> Iterator[None]:
-    """Connection failures become DatabaseUnavailable; everything else passes through."""
+def _mapped_errors(*, connected: bool = False) -> Iterator[None]:
+    """Connection failures become DatabaseUnavailable; everything else passes through.
+    ``connected``: a connection was had, so a failure is one lost mid-transaction."""
     try:
         yield
     except DatabaseUnavailable:
         raise
     except Exception as exc:
         if is_unavailable(exc):
-            raise DatabaseUnavailable(connection_lost=checkout is not None and checkout.connected) from exc
+            raise DatabaseUnavailable(connection_lost=connected) from exc
         raise
 
 
@@ -129,14 +121,13 @@ class Database:
         callers lock rows (``FOR UPDATE``) or use conditional updates.
         """
         lock: AbstractAsyncContextManager[Any] = self._write_lock or nullcontext()
-        checkout = _Checkout()
-        with _mapped_errors(checkout):
+        with _mapped_errors():
             async with lock, self.engine.connect() as conn:
-                checkout.connected = True
-                if self.dialect == "sqlite":
-                    await conn.execution_options(**{_IMMEDIATE: True})
-                async with conn.begin():
-                    yield conn
+                with _mapped_errors(connected=True):
+                    if self.dialect == "sqlite":
+                        await conn.execution_options(**{_IMMEDIATE: True})
+                    async with conn.begin():
+                        yield conn
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
