@@ -18,14 +18,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from bench.measure import Point, Sample, run_load, summarize
-from bench.procs import Server
-from bench.targets import ROOT, Target, create_key, free_port, mesh_config, start_engine, start_proxy
+from bench.targets import ROOT, Target, mesh_config, start_engine, start_mesh, start_proxy
 
 TARGET_DIR = ROOT / "bench" / ".granian"
 REQUIREMENTS = ROOT / "bench" / "granian-requirements.txt"
@@ -43,19 +39,6 @@ def ensure_granian() -> Path:
     return TARGET_DIR
 
 
-def _mesh(work: Path, name: str, engine_url: str, argv: Callable[[Path, int], list[str]],
-          pythonpath: str = "") -> Target:
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(mesh_config(f"sqlite:///{work}/{name}.db", engine_url)))
-    port = free_port()
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "MESH_CONFIG": str(path), "PYTHONPATH": pythonpath}
-    server = Server(name, argv(path, port), work / f"{name}.log", env=env, cwd=work)
-    server.start_health(f"http://127.0.0.1:{port}", "/health", timeout=90)
-    target = Target(name, name, server)
-    target.key = create_key(target.url)
-    return target
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--rounds", type=int, default=3)
@@ -67,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     targets: dict[str, Target] = {}
     try:
         targets["proxy"] = start_proxy(work, engine.url)
-        targets["uvicorn"] = _mesh(work, "uvicorn", engine.url, lambda cfg, port: [
-            sys.executable, "-m", "mesh", "--config", str(cfg), "serve", "--port", str(port)])
-        src = str(ROOT / "src")
-        targets["granian"] = _mesh(work, "granian", engine.url, lambda cfg, port: [
-            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
-            "--port", str(port), "--loop", "uvloop", "--workers", "1", "--no-ws", "--log-level", "warning",
-            "mesh.app:app_from_environment"], pythonpath=os.pathsep.join([str(granian), src]))
+        targets["uvicorn"] = start_mesh("uvicorn", "uvicorn", work, mesh_config(f"sqlite:///{work}/u.db", engine.url))
+        targets["granian"] = start_mesh(
+            "granian", "granian", work, mesh_config(f"sqlite:///{work}/g.db", engine.url),
+            command=lambda cfg, port: [
+                sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
+                "--port", str(port), "--loop", "uvloop", "--workers", "1", "--no-ws", "--log-level", "warning",
+                "mesh.app:app_from_environment"],
+            env={"MESH_CONFIG": str(work / "granian.yaml"),
+                 "PYTHONPATH": os.pathsep.join([str(granian), str(ROOT / "src")])})
         totals: dict[tuple[str, str], Sample] = {}
         for rnd in range(1, args.rounds + 1):
             for point in POINTS:

@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,15 +76,19 @@ def mesh_config(database: str, engine_url: str | None) -> dict[str, Any]:
 
 
 def start_mesh(name: str, label: str, work: Path, config: dict[str, Any], *, workers: int = 1,
-               key: str | None = None, timeout: float = 90.0) -> Target:
-    """A Mesh gateway process; creates an account with credits and a key unless given one."""
+               key: str | None = None, timeout: float = 90.0,
+               command: Callable[[Path, int], list[str]] | None = None, env: dict[str, str] | None = None) -> Target:
+    """A Mesh gateway process; creates an account with credits and a key unless given one.
+    ``command(config path, port)``: another way to serve the app than ``mesh serve``."""
     port = free_port()
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     argv = [sys.executable, "-m", "mesh", "--config", str(path), "serve", "--port", str(port)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    env = {"OMP_WAIT_POLICY": "PASSIVE", "MESH_CONFIG": ""}
+    if command is not None:
+        argv = command(path, port)
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "MESH_CONFIG": "", **(env or {})}
     server = Server(name, argv, work / f"{name}.log", env=env, cwd=work)
     server.start_health(f"http://127.0.0.1:{port}", "/health", timeout=timeout)
     target = Target(name, label, server)
