@@ -183,6 +183,30 @@ async def test_a_hang_up_after_the_first_token_pays_for_what_was_generated_once(
     assert_all_given_back(r)
 
 
+async def test_an_encoder_closed_while_it_waits_on_the_client_still_pays_for_what_was_generated() -> None:
+    """A protocol's encoder closed at its own ``yield`` (the response cancelled inside
+    ``send``) leaves the metered stream suspended, not closed; finish() closes it, so the
+    settlement carries the usage rather than waiting for the garbage collector."""
+    r = rig()
+    r.engine.tokens = 50
+    ctx, routed = await r.start()
+
+    async def encoder() -> Any:
+        async for ev in r.pipeline.metered(ctx, routed):
+            yield ev  # a chunk for the socket
+
+    body = encoder()
+    for _ in range(3):
+        assert isinstance(await anext(body), TextDelta)
+    await body.aclose()
+    await r.pipeline.finish(ctx)
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "cancelled"
+    assert settled["usage"] == Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=3)
+    assert_all_given_back(r)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_engine_error_after_the_first_token_bills_only_what_was_delivered(stream: bool) -> None:
     r = rig()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -354,8 +354,12 @@ class Pipeline:
         )
 
     # 5. stream, metering what passes -----------------------------------------------------------
-    async def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncIterator[Event]:
+    def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncGenerator[Event, None]:
         """Pass events through, remembering usage; settle when the stream ends in any way.
+
+        The generator is kept on ``ctx`` so that :meth:`finish` can close it: a protocol's
+        encoder that is itself closed while it waits on the client stops iterating it
+        without closing it, and it must not wait for the garbage collector to settle.
 
         A normal end settles before the protocol writes its final event, so the balance is
         current when the client sees the end; a disconnect or failure settles in the
@@ -364,6 +368,11 @@ class Pipeline:
         nothing when the answer was not streamed (the client got only the error); a client
         that hangs up pays for what was generated.
         """
+        events = self._metered(ctx, stream)
+        ctx.metered = events
+        return events
+
+    async def _metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncGenerator[Event, None]:
         usage: Usage | None = None
         produced = 0
         checkpoint_at = _CHECKPOINT_DELTAS
@@ -464,6 +473,12 @@ class Pipeline:
         :meth:`metered` never started is closed here (a route still waiting is cancelled,
         which gives back its queue place, replica slot and breaker probe), then the request
         is settled if nothing settled it yet. The response calls this when it is done."""
+        metered, ctx.metered = ctx.metered, None
+        if metered is not None and not ctx.settled:
+            try:  # left suspended at an event: its own finally settles for what it passed on
+                await metered.aclose()
+            except Exception:
+                log.exception("closing the metered stream of %s failed", ctx.request_id)
         stream = ctx.stream
         if stream is not None and not ctx.metering:
             ctx.stream = None

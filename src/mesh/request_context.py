@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from mesh.accounts.principal import Principal
 from mesh.billing.estimate import typical_prompt_tokens
 from mesh.billing.ledger import Admission
-from mesh.canonical import CanonicalRequest, Usage
+from mesh.canonical import CanonicalRequest, Event, Usage
 from mesh.config import ModelConfig
 from mesh.errors import AuthenticationFailed, MeshError
 from mesh.limits.base import Lease, LimitState
@@ -50,6 +51,7 @@ class RequestContext:
     stream: RoutedStream | PendingStream | None = None  # what route() opened, until metered owns it
     routed: RoutedStream | None = None  # the replica's stream once one answered (its resumes, at settlement)
     metering: bool = False  # metered() started: it closes the stream and settles
+    metered: AsyncGenerator[Event, None] | None = None  # what metered() returned, for finish() to close
     deadline: float | None = None  # loop time by which the whole request must end
     relay: bool = False  # engines that can are asked for their chunks as they are (Relayed)
     trace: RequestTrace = field(default_factory=not_traced)  # its spans (no-op unless tracing)

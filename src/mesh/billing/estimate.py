@@ -24,7 +24,7 @@ _LETTERS = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z")
 # spaces that open a word (one token with it: " word"), become countable with bytes.count.
 _SHAPE = bytes(ord("a") if bytes([b]) in _LETTERS else b if b == ord(" ") else ord(".") for b in range(256))
 _TOKENS_PER_MESSAGE = 16  # role markers and separators of a chat template
-_TOKENS_PER_IMAGE = 1600
+TOKENS_PER_IMAGE = 1600
 _OVERHEAD = 16
 
 
@@ -49,7 +49,7 @@ def typical_prompt_tokens(request: CanonicalRequest) -> int:
         size += _TOKENS_PER_MESSAGE
         for p in m.parts:
             if isinstance(p, ImagePart):
-                size += 2 * _TOKENS_PER_IMAGE
+                size += 2 * TOKENS_PER_IMAGE
             elif isinstance(p, TextPart):
                 size += len(p.text.encode())
             else:
@@ -66,7 +66,7 @@ def estimate_prompt_tokens(request: CanonicalRequest) -> int:
         tokens += _TOKENS_PER_MESSAGE
         for p in m.parts:
             if isinstance(p, ImagePart):
-                tokens += _TOKENS_PER_IMAGE
+                tokens += TOKENS_PER_IMAGE
             elif isinstance(p, TextPart):
                 tokens += estimate_text_tokens(p.text)
             else:
