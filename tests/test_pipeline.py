@@ -16,6 +16,7 @@ from fakes import FakeEngine, FakeLedger, FakePrincipal, limited, request
 from mesh.canonical import CanonicalRequest, Event, TextDelta, Usage
 from mesh.config import ModelConfig, Settings
 from mesh.errors import EngineError, EngineTimeout, MeshError, RateLimited
+from mesh.http.streaming import StreamResponse
 from mesh.limits.memory import MemoryLimiter
 from mesh.observability.logging import AccessLog
 from mesh.pipeline import Pipeline, RequestContext, billed_prompt_tokens
@@ -204,6 +205,70 @@ async def test_an_encoder_closed_while_it_waits_on_the_client_still_pays_for_wha
     [settled] = r.ledger.settled
     assert settled["status"] == "cancelled"
     assert settled["usage"] == Usage(input_tokens=billed_prompt_tokens(ctx), output_tokens=3)
+    assert_all_given_back(r)
+
+
+class _Client:
+    """An ASGI peer that takes ``reads`` body messages, then stops reading (``send`` blocks,
+    as on a full socket) and hangs up."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads = reads
+        self.bodies = 0
+        self.gone = asyncio.Event()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            self.bodies += 1
+            if self.bodies > self.reads:
+                self.gone.set()
+                await asyncio.Event().wait()  # cancelled by the response when it sees the hang-up
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+@pytest.mark.parametrize("ping", [None, b"event: ping\ndata: {}\n\n"], ids=["plain", "idle-ping"])
+async def test_a_client_gone_while_the_response_waits_in_send_pays_for_what_was_generated(ping: bytes | None) -> None:
+    r = rig()
+    r.engine.tokens = 50
+    ctx, routed = await r.start()
+
+    async def encoder() -> Any:
+        async for ev in r.pipeline.metered(ctx, routed):
+            yield repr(ev).encode()
+
+    async def finish() -> None:
+        await r.pipeline.finish(ctx)
+
+    client = _Client(reads=4)
+    response = StreamResponse(encoder(), {}, on_close=finish, idle_ping=ping)
+    await response({"type": "http"}, client.receive, client.send)  # type: ignore[arg-type]
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "cancelled"
+    assert 4 <= settled["usage"].output_tokens < 50
+    assert_all_given_back(r)
+
+
+async def test_a_response_whose_body_fails_unexpectedly_still_gives_back_what_the_request_held() -> None:
+    r = rig()
+    ctx, routed = await r.start()
+
+    async def broken() -> Any:
+        async for _ in r.pipeline.metered(ctx, routed):
+            raise RuntimeError("a bug in an encoder")
+            yield b""
+
+    async def finish() -> None:
+        await r.pipeline.finish(ctx)
+
+    client = _Client(reads=100)
+    with pytest.raises(RuntimeError, match="a bug in an encoder"):
+        await StreamResponse(broken(), {}, on_close=finish)({"type": "http"}, client.receive, client.send)  # type: ignore[arg-type]
+    await r.drain()
+    assert [s["status"] for s in r.ledger.settled] == ["cancelled"]
     assert_all_given_back(r)
 
 

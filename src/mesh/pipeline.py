@@ -109,7 +109,8 @@ class Ledger(Protocol):
 
 # (model, replica name, request as sent, prompt estimate, reported usage, context length)
 # Judges the usage an engine reported; returns what to bill (clamped when it cannot be true).
-UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None], Usage]
+# (model, replica, request, prompt estimate, usage, context length, resumed) -> usage to bill
+UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None, bool], Usage]
 
 
 def _at_least(usage: Usage | None, deltas: int) -> Usage | None:
@@ -454,7 +455,7 @@ class Pipeline:
         billed = usage
         for name in dict.fromkeys(served):
             judged = self.usage_guard(ctx.model.id, name, ctx.request, ctx.prompt_estimate, usage,
-                                      ctx.model.context_length)
+                                      ctx.model.context_length, len(served) > 1)
             if judged != usage:
                 billed = judged  # clamped: the same bound whichever replica lied
         return billed

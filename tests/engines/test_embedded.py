@@ -335,6 +335,39 @@ def test_resolve_gguf_names_the_locked_extra_for_missing_qwen_parts(tmp_path: Pa
         resolve_gguf(config, tmp_path)
 
 
+def test_a_cached_joined_model_is_hashed_again_only_when_the_file_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from mesh.engines import embedded_model
+
+    content = b"GGUF" + bytes(range(256)) * 64
+    monkeypatch.setattr(embedded_model, "QWEN_SIZE", len(content))
+    monkeypatch.setattr(embedded_model, "QWEN_SHA256", hashlib.sha256(content).hexdigest())
+    dest = tmp_path / embedded_model.QWEN_FILE
+    dest.write_bytes(content)
+    hashed: list[Path] = []
+    real_sha256 = embedded_model._sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return real_sha256(path)
+
+    monkeypatch.setattr(embedded_model, "_sha256", counting)
+    config = EmbeddedEngineConfig(type="embedded", model="qwen2.5-coder-0.5b")
+    assert resolve_gguf(config, tmp_path) == dest
+    assert resolve_gguf(config, tmp_path) == dest
+    assert hashed == [dest]  # the second start trusted the mark the first one left
+    tampered = tmp_path / "other"
+    tampered.write_bytes(b"GGUF" + bytes(len(content) - 4))  # same size, other bytes
+    tampered.replace(dest)
+    monkeypatch.setattr(embedded_model, "_installed_file", lambda dist, suffix: None)  # no parts to join again
+    with pytest.raises(EngineUnavailable, match="EXTRAS=qwen"):  # hashed, rejected
+        resolve_gguf(config, tmp_path)
+    assert hashed == [dest, dest]
+
+
 def test_resolve_gguf_explicit_path_must_exist(tmp_path: Path) -> None:
     config = EmbeddedEngineConfig(type="embedded", gguf_path=str(tmp_path / "absent.gguf"))
     with pytest.raises(EngineUnavailable, match="does not exist"):

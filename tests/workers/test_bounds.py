@@ -1,6 +1,6 @@
 """How far a worker's engine may overstate a prompt before Mesh calls it a liar: never on an
-honest count (measured with the embedded model's tokenizer and chat template), and not
-by a multiple of the real count either."""
+honest count (measured with the embedded model's tokenizer and chat template), whatever
+text a client sends, and not by a large multiple of the real count either."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 
 from billing.test_estimate import TEXTS
 from mesh.billing.estimate import estimate_prompt_tokens
-from mesh.canonical import CanonicalRequest, ImagePart, Message, TextPart, Tool, Usage
+from mesh.canonical import CanonicalRequest, ImagePart, Message, TextPart, Tool, ToolResultPart, Usage
 from mesh.config import EmbeddedEngineConfig
 from mesh.engines.embedded_model import resolve_gguf
-from mesh.workers.bounds import IMAGE_TOKENS_MOST, clamp, out_of_bounds
+from mesh.workers.bounds import IMAGE_TOKENS_MOST, clamp, most_prompt_tokens, out_of_bounds
 
 TOOLS = (
     Tool(name="read_file", description="Read a file from the workspace and return its contents with line numbers.",
@@ -74,6 +74,32 @@ def test_an_honest_prompt_count_is_within_bounds(vocab: llama_cpp.Llama, name: s
     assert out_of_bounds(request, estimate_prompt_tokens(request), usage) is None, (name, real)
 
 
+def unmerged_letters(vocab: llama_cpp.Llama, n: int) -> str:
+    """ASCII letters chosen one at a time so that each costs a token of its own: the worst a
+    client can write for an estimate that counts letter runs at 0.6 a letter."""
+    def count(text: str) -> int:
+        return len(vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+    text = "Q"
+    letters = "qzxjkvwfyhgbpmdlcurtsnoiaeQZXJKVWFYHGBPMDLCURTSNOIAE"
+    while len(text) < n:
+        tail = text[-8:]
+        base = count(tail)
+        text += next((c for c in letters if count(tail + c) > base), letters[len(text) % len(letters)])
+    return text
+
+
+def test_letters_a_client_chose_to_cost_a_token_each_stay_within_bounds(vocab: llama_cpp.Llama) -> None:
+    """An honest engine must never be quarantined for a client's prompt: this one costs far
+    more than Mesh's estimate of it (1.5 times the estimate was the bound once)."""
+    request = chat(unmerged_letters(vocab, 8000))
+    real = rendered_tokens(vocab, request)
+    estimate = estimate_prompt_tokens(request)
+    assert real > 1.5 * estimate + 512  # the estimate is for typical text, not a bound on any text
+    assert out_of_bounds(request, estimate, Usage(input_tokens=real, output_tokens=16)) is None
+    assert real <= most_prompt_tokens(request)
+
+
 def test_images_may_take_what_a_large_vision_encoder_takes() -> None:
     request = chat("Compare them.", images=3)
     estimate = estimate_prompt_tokens(request)
@@ -82,10 +108,39 @@ def test_images_may_take_what_a_large_vision_encoder_takes() -> None:
     assert out_of_bounds(request, estimate, Usage(input_tokens=4 * IMAGE_TOKENS_MOST, output_tokens=16)) is not None
 
 
+def test_an_image_in_a_tool_result_is_an_image() -> None:
+    """A computer-use turn: the screenshot comes back in a tool result, by URL."""
+    shot = ToolResultPart("call_1", (ImagePart(url="https://cdn.example.com/screens/step-17.png"),))
+    request = CanonicalRequest(model="m", messages=(
+        Message("user", (TextPart("Open the settings"),)), Message("tool", (shot,))), max_tokens=16)
+    estimate = estimate_prompt_tokens(request)
+    assert estimate >= 1600  # held for as an image, not as the URL's letters
+    assert out_of_bounds(request, estimate, Usage(input_tokens=2693 + 40, output_tokens=16)) is None
+
+
+def test_a_request_that_raises_the_image_resolution_may_take_more_per_image() -> None:
+    request = chat("Compare them.", images=2)
+    big = Usage(input_tokens=2 * 40_000, output_tokens=16)
+    assert out_of_bounds(request, estimate_prompt_tokens(request), big) is not None
+    raised = CanonicalRequest(model="m", messages=request.messages, max_tokens=16,
+                              extra={"mm_processor_kwargs": {"max_pixels": 40_000 * 28 * 28}})
+    assert out_of_bounds(raised, estimate_prompt_tokens(raised), big) is None
+
+
+def test_a_resumed_answer_may_carry_its_delivered_output_in_the_prompt() -> None:
+    """The continuation re-read the delivered text; the splice subtracts it as counted in
+    deltas, fewer than its tokens when an engine sends several tokens a delta."""
+    request = chat("Hi")
+    estimate = estimate_prompt_tokens(request)
+    usage = Usage(input_tokens=most_prompt_tokens(request) + 10, output_tokens=16)
+    assert out_of_bounds(request, estimate, usage) is not None
+    assert out_of_bounds(request, estimate, usage, resumed=True) is None
+
+
 @pytest.mark.parametrize("name", ["english", "code", "a long conversation"])
 def test_a_prompt_reported_at_six_times_its_real_count_is_out_of_bounds(vocab: llama_cpp.Llama, name: str) -> None:
-    """Without a tokenizer Mesh's estimate is about 3 times an English prompt (2 for code),
-    so the bound cannot be tight; it was 12 times before (4 times the estimate)."""
+    """The bound is one token a byte (about 4.5 times an English prompt, 2 for code) so that
+    no client's text can cross it; it was 12 times before (4 times the estimate)."""
     request = HONEST[name]
     real = rendered_tokens(vocab, request)
     estimate = estimate_prompt_tokens(request)

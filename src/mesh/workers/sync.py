@@ -95,7 +95,7 @@ class WorkerSync:
                 log.info("worker replica %s joined model %s", replica.name, reg.model)
 
     def check_usage(self, model: str, replica_name: str | None, request: CanonicalRequest, prompt_estimate: int,
-                    usage: Usage, context_length: int | None) -> Usage:
+                    usage: Usage, context_length: int | None, resumed: bool = False) -> Usage:
         """Take a worker replica out of rotation (on every gateway process, through the
         registry) when the usage its engine reported cannot be true for the request; returns
         the usage to bill, clamped to what Mesh can bound in that case."""
@@ -106,7 +106,7 @@ class WorkerSync:
         reg_id = replica.labels.get(LABEL) if replica is not None else None
         if replica is None or reg_id is None:
             return usage  # a static replica: the operator's own engine
-        reason = out_of_bounds(request, prompt_estimate, usage, context_length)
+        reason = out_of_bounds(request, prompt_estimate, usage, context_length, resumed=resumed)
         if reason is None:
             return usage
         replica.up = False
