@@ -107,9 +107,9 @@ class Ledger(Protocol):
     ) -> int: ...
 
 
-# (model, replica name, request as sent, prompt estimate, reported usage, context length)
-# Judges the usage an engine reported; returns what to bill (clamped when it cannot be true).
-# (model, replica, request, prompt estimate, usage, context length, resumed) -> usage to bill
+# (model, replica name, request as sent, prompt estimate, reported usage, context length,
+# whether the answer was resumed on another replica). Judges the usage an engine reported;
+# returns what to bill (clamped when it cannot be true).
 UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None, bool], Usage]
 
 
