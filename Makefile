@@ -27,7 +27,7 @@ export UV_COMPILE_BYTECODE ?= 1
 # `uv sync` at once into the same .venv.
 .NOTPARALLEL:
 
-.PHONY: run test install dev compile lint typecheck bench lock lock-check check-user-path clean
+.PHONY: run test install dev compile lint typecheck bench lock lock-check check-user-path clean FORCE
 
 $(UV):
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
@@ -40,26 +40,32 @@ $(UV):
 # every later install (make test, make run) keeps them, until `make install EXTRAS=`.
 EXTRAS_FILE := .venv-extras
 ifeq ($(origin EXTRAS),command line)
-$(shell [ "$$(cat $(EXTRAS_FILE) 2>/dev/null)" = "$(strip $(EXTRAS))" ] || echo "$(strip $(EXTRAS))" > $(EXTRAS_FILE))
+EXTRA_NAMES := $(strip $(EXTRAS))
 else
-EXTRAS := $(shell cat $(EXTRAS_FILE) 2>/dev/null)
+EXTRA_NAMES := $(strip $(shell cat $(EXTRAS_FILE) 2>/dev/null))
 endif
-EXTRA_FLAGS := $(foreach e,$(EXTRAS),--extra $(e))
+EXTRA_FLAGS := $(foreach e,$(EXTRA_NAMES),--extra $(e))
 
 # Runtime dependencies only: what `mesh serve` needs, exactly as locked.
-$(VENV)/.installed: pyproject.toml uv.lock $(wildcard $(EXTRAS_FILE)) | $(UV)
+$(VENV)/.installed: pyproject.toml uv.lock $(EXTRAS_FILE) | $(UV)
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
 	$(UV) sync --frozen --no-dev $(EXTRA_FLAGS)
 	rm -f $(VENV)/.dev-installed
 	touch $@
 
 # Runtime plus the dev group (test tools, SDKs, linters), exactly as locked.
-$(VENV)/.dev-installed: pyproject.toml uv.lock tests/agents/package-lock.json $(wildcard $(EXTRAS_FILE)) | $(UV)
+$(VENV)/.dev-installed: pyproject.toml uv.lock tests/agents/package-lock.json $(EXTRAS_FILE) | $(UV)
 	@bash scripts/check-prereqs.sh "$(PYTHON)"
 	$(UV) sync --frozen $(EXTRA_FLAGS)
 	@bash scripts/ensure-test-deps.sh $(BIN)
 	@bash scripts/install-agents.sh
 	touch $(VENV)/.installed $@
+
+# Rewritten only when the extras change (its time then makes the installs above run again).
+$(EXTRAS_FILE): FORCE
+	@bash scripts/remember-extras.sh $@ "$(PYTHON)" $(EXTRA_NAMES)
+
+FORCE:
 
 install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed

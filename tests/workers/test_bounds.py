@@ -5,13 +5,24 @@ text a client sends, and not by a large multiple of the real count either."""
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import llama_cpp
+import orjson
 import pytest
 
 from billing.test_estimate import TEXTS
 from mesh.billing.estimate import estimate_prompt_tokens
-from mesh.canonical import CanonicalRequest, ImagePart, Message, TextPart, Tool, ToolResultPart, Usage
+from mesh.canonical import (
+    CanonicalRequest,
+    ImagePart,
+    Message,
+    TextPart,
+    Tool,
+    ToolCallPart,
+    ToolResultPart,
+    Usage,
+)
 from mesh.config import EmbeddedEngineConfig
 from mesh.engines.embedded_model import resolve_gguf
 from mesh.workers.bounds import IMAGE_TOKENS_MOST, clamp, most_prompt_tokens, out_of_bounds
@@ -34,7 +45,9 @@ def vocab() -> llama_cpp.Llama:
 
 def rendered_tokens(vocab: llama_cpp.Llama, request: CanonicalRequest) -> int:
     """The prompt as a verbose chat template renders it: a default system prompt, role
-    markers around every message, the tools pretty-printed four spaces deep."""
+    markers around every message, the tools pretty-printed four spaces deep, tool calls'
+    arguments parsed and printed again with spaces; normalized to NFC as Qwen's tokenizer
+    does before counting."""
     text = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     if request.tools:
         text += "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n"
@@ -43,9 +56,16 @@ def rendered_tokens(vocab: llama_cpp.Llama, request: CanonicalRequest) -> int:
                 "name": t.name, "description": t.description, "parameters": t.parameters}}, indent=4) + "\n"
         text += "Return each call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
     for m in request.messages:
-        body = "".join(p.text for p in m.parts if isinstance(p, TextPart))
+        body = ""
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                body += p.text
+            elif isinstance(p, ToolCallPart):
+                call = {"name": p.name, "arguments": json.loads(p.arguments)}
+                body += f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
         text += f"<|im_start|>{m.role}\n{body}<|im_end|>\n"
     text += "<|im_start|>assistant\n"
+    text = unicodedata.normalize("NFC", text)
     return len(vocab.tokenize(text.encode(), add_bos=True, special=True))
 
 
@@ -57,12 +77,24 @@ def chat(*texts: str, tools: tuple[Tool, ...] = (), images: int = 0) -> Canonica
     return CanonicalRequest(model="m", messages=messages, tools=tools, max_tokens=16)
 
 
+DIGITS = list(range(10)) * 300
 HONEST = {
     **{name: chat(text) for name, text in TEXTS.items()},
     "a short question": chat("Hi"),
     "a long conversation": chat(*(["ok", "Sure, here it is: 1 2 3."] * 60)),
     "tools": chat("Read main.py", tools=TOOLS),
     "tools, short": chat("ls", tools=TOOLS[1:]),
+    # Compact JSON the template prints spaced or indented: a digit, a comma and a space
+    # (or a newline and an indent) are a token each.
+    "a tool whose schema lists small numbers": chat("Pick one", tools=(Tool(
+        name="pick", description="Pick a number", parameters={"type": "object", "properties": {
+            "n": {"type": "integer", "enum": DIGITS}}}),)),
+    "an earlier tool call with a list of numbers": CanonicalRequest(model="m", max_tokens=16, messages=(
+        Message("user", (TextPart("Plot it"),)),
+        Message("assistant", (ToolCallPart("call_1", "plot", orjson.dumps({"xs": DIGITS}).decode()),)),
+        Message("tool", (ToolResultPart("call_1", (TextPart("done"),)),)))),
+    # Qwen's tokenizers normalize to NFC first: U+1D160 is 4 bytes, 12 in NFC.
+    "characters that NFC lengthens": chat("\U0001d160" * 3000),
 }
 
 
@@ -125,6 +157,18 @@ def test_a_request_that_raises_the_image_resolution_may_take_more_per_image() ->
     raised = CanonicalRequest(model="m", messages=request.messages, max_tokens=16,
                               extra={"mm_processor_kwargs": {"max_pixels": 40_000 * 28 * 28}})
     assert out_of_bounds(raised, estimate_prompt_tokens(raised), big) is None
+
+
+def test_a_request_that_lets_the_prompt_grow_past_what_mesh_counts_is_bounded_by_the_context() -> None:
+    """Its own chat template (which may loop), or image processor settings beyond
+    max_pixels: an honest engine may then fill its context, never more."""
+    base = chat("Compare them.", images=2)
+    for extra in ({"chat_template": "{% for i in range(100000) %}x{% endfor %}"},
+                  {"mm_processor_kwargs": {"min_pixels": 50_000_000}}):
+        request = CanonicalRequest(model="m", messages=base.messages, max_tokens=16, extra=extra)
+        estimate = estimate_prompt_tokens(request)
+        assert out_of_bounds(request, estimate, Usage(input_tokens=100_000, output_tokens=16), 131_072) is None
+        assert out_of_bounds(request, estimate, Usage(input_tokens=140_000, output_tokens=16), 131_072) is not None
 
 
 def test_a_resumed_answer_may_carry_its_delivered_output_in_the_prompt() -> None:

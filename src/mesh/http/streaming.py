@@ -72,14 +72,16 @@ class StreamResponse:
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
             try:
-                aclose = getattr(self.body, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                try:
+                    aclose = getattr(self.body, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                finally:
+                    if self.on_close is not None:
+                        await self.on_close()
             finally:
-                if self.on_close is not None:
-                    await self.on_close()
-            if failure is not None:
-                raise failure
+                if failure is not None:
+                    raise failure  # the first failure is the one to see (a later one is its context)
 
     async def _pump(self, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
