@@ -48,9 +48,9 @@ from mesh.limits.base import Limiter, LimitExceeded
 from mesh.observability.logging import AccessLog
 from mesh.observability.metrics import Metrics
 from mesh.protocols.extensions import allow_extensions
-from mesh.request_context import INFERENCE_PROTOCOLS
 from mesh.request_context import RequestContext as RequestContext
 from mesh.request_context import billed_prompt_tokens as billed_prompt_tokens
+from mesh.request_context import refusal_line
 from mesh.routing.pending import PendingStream
 from mesh.routing.resume import resume_fields
 from mesh.routing.router import RoutedStream, Router
@@ -358,9 +358,8 @@ class Pipeline:
     def metered(self, ctx: RequestContext, stream: RoutedStream | PendingStream) -> AsyncGenerator[Event, None]:
         """Pass events through, remembering usage; settle when the stream ends in any way.
 
-        The generator is kept on ``ctx`` so that :meth:`finish` can close it: a protocol's
-        encoder that is itself closed while it waits on the client stops iterating it
-        without closing it, and it must not wait for the garbage collector to settle.
+        Kept on ``ctx`` for :meth:`finish` to close: an encoder closed while it waits on the
+        client stops iterating it without closing it (and the GC is too late to settle).
 
         A normal end settles before the protocol writes its final event, so the balance is
         current when the client sees the end; a disconnect or failure settles in the
@@ -504,20 +503,9 @@ class Pipeline:
             used = ctx.usage.input_tokens + ctx.usage.output_tokens if ctx.usage is not None else 0
             await self._give_back(ctx, used)
         if ctx.settled or ctx.admission is None or ctx.model is None:
-            error = ctx.error
-            if not ctx.settled and ctx.status == "error" and error is not None \
-                    and ctx.protocol.startswith(INFERENCE_PROTOCOLS):
-                # Refused before anything was held (401, 402, 429, 503...): one line too, so an
-                # operator sees refusals in the log, not only in metrics. The server's own
-                # failures always; a client's (a bad key, a rate limit) sampled like successes,
-                # so that anyone without a key cannot make every one of their requests a line.
-                self.access_log.request({
-                    "request_id": ctx.request_id,
-                    "account_id": ctx.principal.account_id if ctx.principal is not None else None,
-                    "model": ctx.model.id if ctx.model is not None else (ctx.model_id or None),
-                    "protocol": ctx.protocol, "status": ctx.status, "error": error.kind,
-                    "duration_ms": int((time.monotonic() - ctx.started) * 1000), **ctx.trace.log_ids(),
-                }, always=error.status >= 500)
+            refused = None if ctx.settled else refusal_line(ctx)
+            if refused is not None:  # an operator sees refusals in the log, not only in metrics
+                self.access_log.request(refused[0], always=refused[1])
             ctx.settled = True
             ctx.trace.finish(ctx)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.accounts.principal import Principal
 from mesh.billing.estimate import typical_prompt_tokens
@@ -74,3 +75,20 @@ def billed_prompt_tokens(ctx: RequestContext) -> int:
     if ctx.request is None:
         return ctx.prompt_estimate
     return min(ctx.prompt_estimate, typical_prompt_tokens(ctx.request))
+
+
+def refusal_line(ctx: RequestContext) -> tuple[dict[str, Any], bool] | None:
+    """The access-log line of an inference request refused before anything was held (401,
+    402, 429, 503...), and whether it is always written: the server's own failures are, a
+    client's (a bad key, a rate limit) are sampled like successes, so that anyone without a
+    key cannot make every one of their requests a line. None for any other request."""
+    error = ctx.error
+    if ctx.status != "error" or error is None or not ctx.protocol.startswith(INFERENCE_PROTOCOLS):
+        return None
+    return {
+        "request_id": ctx.request_id,
+        "account_id": ctx.principal.account_id if ctx.principal is not None else None,
+        "model": ctx.model.id if ctx.model is not None else (ctx.model_id or None),
+        "protocol": ctx.protocol, "status": ctx.status, "error": error.kind,
+        "duration_ms": int((time.monotonic() - ctx.started) * 1000), **ctx.trace.log_ids(),
+    }, error.status >= 500

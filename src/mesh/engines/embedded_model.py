@@ -55,8 +55,6 @@ class Part:
     sha256: str | None  # hex digest
 
 
-
-
 def _installed_file(dist_name: str, suffix: str) -> Part | None:
     """The one file ending in ``suffix`` that the installed distribution owns, or None."""
     try:

@@ -81,11 +81,12 @@ def _image_tokens_most(request: CanonicalRequest) -> int | None:
     kwargs = request.extra.get("mm_processor_kwargs")
     if not kwargs:
         return IMAGE_TOKENS_MOST
-    pixels = kwargs.get("max_pixels") if isinstance(kwargs, dict) else None
-    if isinstance(kwargs, dict) and set(kwargs) == {"max_pixels"} and isinstance(pixels, int | float) \
-            and not isinstance(pixels, bool) and pixels > 0:
-        return max(IMAGE_TOKENS_MOST, int(pixels) // _PATCH_PIXELS + 2)
-    return None
+    if not isinstance(kwargs, dict) or set(kwargs) != {"max_pixels"}:
+        return None
+    pixels = kwargs["max_pixels"]
+    if isinstance(pixels, bool) or not isinstance(pixels, int | float) or pixels <= 0:
+        return None
+    return max(IMAGE_TOKENS_MOST, int(pixels) // _PATCH_PIXELS + 2)
 
 
 def most_prompt_tokens(request: CanonicalRequest, context_length: int | None = None) -> int:
