@@ -299,6 +299,21 @@ class Result:
     usage: Usage
 
 
+def openai_logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
+    """A chunk choice's ``logprobs`` in OpenAI's shape (``{"content": [...]}``), or None."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
+        return None
+    out = []
+    for item in raw["content"]:
+        top = tuple(
+            TopLogprob(t.get("token", ""), float(t.get("logprob", 0.0)), tuple(t["bytes"]) if t.get("bytes") else None)
+            for t in item.get("top_logprobs") or ()
+        )
+        b = item.get("bytes")
+        out.append(TokenLogprob(item.get("token", ""), float(item.get("logprob", 0.0)), tuple(b) if b else None, top))
+    return tuple(out)
+
+
 class _ChoiceBuilder:
     __slots__ = ("calls", "finish", "logprobs", "reasoning", "stop_sequence", "text")
 
@@ -347,8 +362,43 @@ class Aggregator:
                 b.stop_sequence = seq
             case Usage():
                 self.usage = event
-            case Relayed():  # only streamed requests relay: a non-streamed answer never gets here
-                raise TypeError("relayed chunks cannot be aggregated")
+            case Relayed(chunks=chunks):
+                self._fold(chunks)
+
+    def _fold(self, chunks: list[dict[str, Any]]) -> None:
+        """Relayed chunks, folded as the canonical decoder's events would be (their tool calls
+        are already numbered and named by the relay decoder, finish reasons already mapped)."""
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                c = int(choice.get("index") or 0)
+                b = self._choice(c)
+                delta = choice.get("delta") or choice.get("message") or {}
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    b.reasoning.append(reasoning)
+                content = delta.get("content")
+                if content:
+                    b.text.append(content)
+                    lps = openai_logprobs(choice.get("logprobs"))
+                    if lps is not None:
+                        if b.logprobs is None:
+                            b.logprobs = []
+                        b.logprobs.extend(lps)
+                for call in delta.get("tool_calls") or ():
+                    i = call["index"]
+                    args = b.calls.setdefault(i, [])
+                    fn = call.get("function") or {}
+                    if "id" in call:  # a call's first delta: the relay decoder gave it its id
+                        self._call_meta[(c, i)] = (call["id"], fn.get("name") or "")
+                    if fn.get("arguments"):
+                        args.append(fn["arguments"])
+                reason = choice.get("finish_reason")
+                if reason:
+                    b.finish = reason
+                    stop = choice.get("stop_reason")
+                    if not isinstance(stop, str):
+                        stop = choice.get("matched_stop") if isinstance(choice.get("matched_stop"), str) else None
+                    b.stop_sequence = stop
 
     def result(self) -> Result:
         choices = []

@@ -80,7 +80,8 @@ class Wire(Protocol):
     async def parse(self, gw: Gateway, request: Request, ctx: RequestContext, body: bytes) -> Call: ...
 
     def relays(self, gw: Gateway, request: CanonicalRequest) -> bool:
-        """Whether engines that can should hand their chunks on as they are (``Relayed``)."""
+        """Whether, for a streamed answer, engines that can should hand their chunks on as
+        they are (``Relayed``): only a protocol whose encoder writes them says yes."""
         ...
 
 
@@ -91,8 +92,10 @@ def inference(wire: Wire) -> Endpoint:
         gw, body = await authenticated_body(request, ctx)
         p = gw.pipeline
         call = await wire.parse(gw, request, ctx, body)
-        ctx.relay = wire.relays(gw, call.request)
         streamed = call.request.stream
+        # An aggregated answer relays whatever the protocol (the Aggregator folds the engine's
+        # chunks as they are); a streamed one only where the protocol's encoder writes them.
+        ctx.relay = gw.settings.routing.relay and (not streamed or wire.relays(gw, call.request))
         creq, stream = await p.start(ctx, call.request, patience=QUEUE_PATIENCE if streamed else None)
         assert ctx.model is not None
         out = call.output(gw, ctx, creq)

@@ -1,9 +1,11 @@
 """An OpenAI-compatible engine server (vLLM, SGLang, llama.cpp server, TGI, Ollama) over HTTP.
 
-One pooled aiohttp session per replica, with keep-alive: a response read to its end returns
-its connection to the pool. Upstream is always a stream with usage, whatever the client
-asked; closing the event iterator before the end closes the connection, which makes vLLM
-and SGLang abort the request at once.
+Chat requests go through a pool of keep-alive connections per replica (``engines/http1.py``,
+leaner than aiohttp's general client on the request path); health checks and the tokenizer
+use an aiohttp session. A response read to its end returns its connection to the pool.
+Upstream is always a stream with usage, whatever the client asked; closing the event
+iterator before the end closes the connection, which makes vLLM and SGLang abort the
+request at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -19,6 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from mesh.canonical import CanonicalRequest, Event, Message, Relayed, Usage
 from mesh.config import OpenAIEngineConfig
+from mesh.engines.http1 import ConnectFailed, Http1Client, Response
 from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
     EngineError,
@@ -48,7 +52,7 @@ def _map_errors(name: str) -> Iterator[None]:
         raise
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise EngineTimeout(f"Engine {name} timed out.") from None
-    except aiohttp.ClientConnectorError:
+    except (aiohttp.ClientConnectorError, ConnectFailed):
         raise EngineUnavailable(f"Engine {name} is unreachable.") from None
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise EngineError(f"Engine {name} failed: {type(exc).__name__}.") from None
@@ -81,11 +85,12 @@ def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
     return err
 
 
-async def _drain(resp: aiohttp.ClientResponse) -> bool:
+async def _drain(resp: Response) -> bool:
     """Read what is left of a finished response; False if the engine does not end it soon."""
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError, ConnectionError):
+    with contextlib.suppress(TimeoutError, ConnectionError):
         async with asyncio.timeout(_DRAIN_TIMEOUT):
-            await resp.content.read()
+            while await resp.readany():
+                pass
             return True
     return False
 
@@ -97,7 +102,7 @@ class _SSEReader:
 
     __slots__ = ("_content", "_tail")
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    def __init__(self, content: Response) -> None:
         self._content = content
         self._tail = b""  # a line not yet ended by its newline
 
@@ -142,7 +147,9 @@ class OpenAIEngine:
         self._headers = {"Content-Type": "application/json"}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # health checks and the tokenizer
+        self._chat: Http1Client | None = None  # the request path's own client
+        self._chat_head = b""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -155,6 +162,15 @@ class OpenAIEngine:
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
+
+    def _chat_client(self) -> Http1Client:
+        if self._chat is None:
+            self._chat = Http1Client(self._chat_url, connect_timeout=self.config.connect_timeout,
+                                     read_timeout=self.config.read_timeout)
+            path = urlsplit(self._chat_url)
+            self._chat_head = self._chat.request_head(path.path + (f"?{path.query}" if path.query else ""),
+                                                      self._headers)
+        return self._chat
 
     def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
         return self._generate(request, ChunkDecoder())
@@ -174,19 +190,20 @@ class OpenAIEngine:
             # The client's own input (a schema nested past orjson's 254 levels): a 400, not
             # the engine's fault, and nothing was sent.
             raise InvalidRequest("The request is nested too deeply to be sent to the engine.") from None
-        resp: aiohttp.ClientResponse | None = None
+        resp: Response | None = None
         drained = False  # the whole response was read: the connection may serve the next request
         try:
             with _map_errors(self.name):
                 async with asyncio.timeout(self.config.first_token_timeout):
-                    headers = dict(self._headers)
-                    _TRACE_CONTEXT.inject(headers)
-                    resp = await self._client().post(self._chat_url, data=body, headers=headers, allow_redirects=False)
+                    trace: dict[str, str] = {}
+                    _TRACE_CONTEXT.inject(trace)
+                    client = self._chat_client()
+                    resp = await client.post(self._chat_head, body, trace)
                     if resp.status != 200:
                         payload = await resp.read()
                         drained = True
                         raise _upstream_error(resp.status, payload, self.name)
-                    reader = _SSEReader(resp.content)
+                    reader = _SSEReader(resp)
                     first, done = await self._first_events(reader, decoder)
                 for ev in first:
                     yield ev
@@ -257,6 +274,9 @@ class OpenAIEngine:
             return None
 
     async def aclose(self) -> None:
+        if self._chat is not None:
+            await self._chat.aclose()
+            self._chat = None
         if self._session is not None:
             await self._session.close()
             self._session = None

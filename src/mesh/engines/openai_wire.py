@@ -24,14 +24,13 @@ from mesh.canonical import (
     Relayed,
     TextDelta,
     TextPart,
-    TokenLogprob,
     Tool,
     ToolArgsDelta,
     ToolCallPart,
     ToolCallStart,
     ToolResultPart,
-    TopLogprob,
     Usage,
+    openai_logprobs,
 )
 from mesh.errors import EngineError
 
@@ -230,20 +229,6 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
-def _logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
-    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
-        return None
-    out = []
-    for item in raw["content"]:
-        top = tuple(
-            TopLogprob(t.get("token", ""), float(t.get("logprob", 0.0)), tuple(t["bytes"]) if t.get("bytes") else None)
-            for t in item.get("top_logprobs") or ()
-        )
-        b = item.get("bytes")
-        out.append(TokenLogprob(item.get("token", ""), float(item.get("logprob", 0.0)), tuple(b) if b else None, top))
-    return tuple(out)
-
-
 def decode_usage(raw: dict[str, Any]) -> Usage:
     prompt_details = raw.get("prompt_tokens_details") or {}
     completion_details = raw.get("completion_tokens_details") or {}
@@ -316,7 +301,7 @@ class ChunkDecoder:
             content = delta.get("content")
             if content:
                 self.output_deltas += 1
-                yield TextDelta(content, idx, _logprobs(choice.get("logprobs")))
+                yield TextDelta(content, idx, openai_logprobs(choice.get("logprobs")))
             for position, call in enumerate(delta.get("tool_calls") or ()):
                 yield from self._tool_call(idx, position, call)
             reason = choice.get("finish_reason")

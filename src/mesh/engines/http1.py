@@ -1,0 +1,300 @@
+"""A lean HTTP/1.1 client for the engine's chat stream: one POST, its body read as it comes.
+
+The request path's upstream call is the gateway's hottest loop after its own server, and
+aiohttp's general client (request and response objects, a stream reader, payload writers,
+a timer per read) was a fifth of the gateway's CPU per request (``bench/README.md``). This
+is only what an engine call needs: a pool of keep-alive connections per engine, the request
+written in one piece, httptools (the parser uvicorn serves with) for the answer, its body
+handed on in the pieces the socket delivered, and back-pressure when the reader is slower
+than the engine. Health checks and tokenizer calls stay on aiohttp.
+
+Errors are :class:`ConnectFailed` (the engine is unreachable), :class:`UpstreamClosed` (the
+connection dropped or the answer was not HTTP), and ``TimeoutError`` (connect or read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# Stop reading the engine while this much of its answer waits for the reader: a slow client
+# slows the engine down through TCP instead of growing the gateway's memory.
+_HIGH_WATER = 256 * 1024
+# An error answer is read whole to find its message; more than this is not a message.
+_MAX_ERROR_BODY = 1024 * 1024
+
+
+class ConnectFailed(OSError):
+    """The engine could not be reached."""
+
+
+class UpstreamClosed(ConnectionError):
+    """The connection ended before the answer did, or what came back was not HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection to the engine and the answer it is reading."""
+
+    __slots__ = ("_body", "_buffered", "_lengthless", "_open", "_paused", "_waiter", "closed", "complete",
+                 "failure", "headers_done", "keep_alive", "parser", "received", "status", "transport")
+
+    def __init__(self, open_connections: set[_Connection]) -> None:
+        self._open = open_connections  # the client's: a connection leaves it when it ends
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._lengthless = True  # no Content-Length nor chunked: the body ends with the connection
+        self.status = 0
+        self.headers_done = False
+        self.keep_alive = False  # what the answer's headers say (the parser forgets once it ends)
+        self.complete = False
+        self.received = False  # any byte of the current answer
+        self.closed = False
+        self.failure: Exception | None = None
+
+    # asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of it
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamClosed(f"the engine's answer is not valid HTTP: {exc}"))
+            self.close()
+            return
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._open.discard(self)
+        if self.headers_done and self._lengthless and not self.complete and exc is None:
+            self.complete = True  # an answer without a length ends with its connection
+        elif not self.complete:
+            self._fail(UpstreamClosed("the engine closed the connection before its answer ended"))
+        self._wake()
+
+    # httptools callbacks ------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+            self._lengthless = False
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # the client's side ----------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Start an answer: reset the state of the last one and write the request."""
+        assert self.transport is not None
+        self.status, self.headers_done, self.complete, self.received, self.keep_alive = 0, False, False, False, False
+        self._lengthless = True
+        self.transport.write(data)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failure is None:
+            self.failure = exc
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, seconds: float | None) -> None:
+        """Until something happens on the connection, at most ``seconds`` (TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def take(self) -> bytes:
+        """What the engine sent of the body since the last call (b"" when nothing)."""
+        body = self._body
+        if not body:
+            return b""
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.failure is None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class Response:
+    """An engine's answer: its status, then its body as it arrives. Read it to its end and
+    :meth:`release` it to keep the connection; :meth:`close` it otherwise (the engine then
+    sees the client gone and stops generating)."""
+
+    __slots__ = ("_client", "_conn", "_done", "status")
+
+    def __init__(self, client: Http1Client, conn: _Connection) -> None:
+        self._client = client
+        self._conn = conn
+        self._done = False
+        self.status = conn.status
+
+    async def readany(self) -> bytes:
+        """The next piece of the body as the socket delivered it; b"" at its end."""
+        conn = self._conn
+        while True:
+            data = conn.take()
+            if data:
+                return data
+            if conn.complete:
+                return b""
+            if conn.failure is not None:
+                raise conn.failure
+            await conn.wait(self._client.read_timeout)
+
+    async def read(self) -> bytes:
+        """The rest of the body (an error answer's, which is short), at most 1 MiB of it."""
+        parts: list[bytes] = []
+        size = 0
+        while size <= _MAX_ERROR_BODY and (data := await self.readany()):
+            parts.append(data)
+            size += len(data)
+        return b"".join(parts)[:_MAX_ERROR_BODY]
+
+    def release(self) -> None:
+        """Done with the answer: its connection serves the next request if it can."""
+        if not self._done:
+            self._done = True
+            self._client._give_back(self._conn)
+
+    def close(self) -> None:
+        """Drop the connection, whatever state the answer is in (not once released: it may
+        be serving another request by then)."""
+        if not self._done:
+            self._done = True
+            self._conn.close()
+
+
+class Http1Client:
+    """Keep-alive connections to one engine (``base_url``'s scheme, host and port), newest
+    idle one first. Not thread-safe; one per engine per event loop."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float | None) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.host = url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._host_header = url.netloc.rsplit("@", 1)[-1]
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+
+    def request_head(self, path: str, headers: Mapping[str, str]) -> bytes:
+        """The request line and headers every request to ``path`` with ``headers`` starts with
+        (built once by the caller); :meth:`post` adds the length and the per-request ones."""
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", *(f"{k}: {v}" for k, v in headers.items())]
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+    async def post(self, head: bytes, body: bytes, extra: Mapping[str, str] | None = None) -> Response:
+        """Send ``head`` (from :meth:`request_head`) with ``body``; returns once the answer's
+        headers came. A kept connection the engine closed meanwhile is retried once on a new
+        one (nothing of the answer had come, so the engine never answered it)."""
+        tail = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in extra.items()) if extra else b""
+        data = b"%sContent-Length: %d\r\n%s\r\n%s" % (head, len(body), tail, body)
+        while True:
+            conn = self._reuse()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            conn.send(data)
+            try:
+                while not conn.headers_done:
+                    if conn.failure is not None:
+                        raise conn.failure
+                    await conn.wait(self.read_timeout)
+            except UpstreamClosed:
+                conn.close()
+                if reused and not conn.received:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return Response(self, conn)
+
+    def _reuse(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self._open), self.host, self.port, ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self._open.add(conn)
+        return conn
+
+    def _give_back(self, conn: _Connection) -> None:
+        if conn.reusable:
+            if len(self._idle) >= 64 and any(c.closed for c in self._idle):
+                self._idle = [c for c in self._idle if not c.closed]  # the engine closed idle ones
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def aclose(self) -> None:
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._idle.clear()

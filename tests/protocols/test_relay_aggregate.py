@@ -1,0 +1,102 @@
+"""A non-streamed answer on the relay path: the engine's chunks folded as they are into the
+same :class:`Result` the canonical path builds from decoded events, whatever the protocol
+renders from it (every protocol's non-streamed answer aggregates, so every one relays)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+from tests.protocols.test_openai_chat_stream import TRANSCRIPTS, chunk, delta
+
+from mesh.canonical import Aggregator, Event, Relayed, Result
+from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+
+
+def _logprob(token: str, value: float) -> dict[str, Any]:
+    return {"token": token, "logprob": value, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": token, "logprob": value, "bytes": None}, {"token": "x", "logprob": -9.5}]}
+
+
+EXTRA: dict[str, list[dict[str, Any]]] = {
+    # logprobs on text (and on an empty delta, which both paths drop), a stop string (vLLM's
+    # stop_reason), a finish reason outside OpenAI's set.
+    "logprobs_stop": [
+        chunk(delta(role="assistant", content="")),
+        chunk({"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [_logprob("Hi", -0.25)]},
+               "finish_reason": None}),
+        chunk({"index": 0, "delta": {"content": ""}, "logprobs": {"content": [_logprob("?", -1.0)]},
+               "finish_reason": None}),
+        chunk({"index": 0, "delta": {"content": " there"}, "logprobs": {"content": [_logprob(" there", -0.5)]},
+               "finish_reason": "stop", "stop_reason": "END"}),
+        chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}),
+    ],
+    # SGLang's matched_stop; an engine finish reason OpenAI does not know ("eos").
+    "matched_stop": [
+        chunk(delta(content="ok")),
+        chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": "eos", "matched_stop": "\n\n"}),
+    ],
+    # tool calls the engine left without index or id, interleaved over two choices, with
+    # reasoning under the older field name.
+    "bare_tools_two_choices": [
+        chunk(delta(0, reasoning_content="plan"), delta(1, content="text")),
+        chunk(delta(0, tool_calls=[{"function": {"name": "a", "arguments": "{\"x\""}}]),
+              delta(1, tool_calls=[{"index": 3, "function": {"name": "b"}}])),
+        chunk(delta(0, tool_calls=[{"index": 0, "function": {"arguments": ": 1}"}}]),
+              delta(1, tool_calls=[{"index": 3, "function": {"arguments": "{}"}}])),
+        chunk(delta(0, finish="function_call"), delta(1, finish="tool_calls")),
+    ],
+}
+ALL = {**TRANSCRIPTS, **EXTRA}
+
+
+def _fold(events: list[Event]) -> Result:
+    agg = Aggregator()
+    for ev in events:
+        agg.add(ev)
+    return agg.result()
+
+
+def _canonical(chunks: list[dict[str, Any]]) -> Result:
+    decoder = ChunkDecoder()
+    return _fold([*(ev for c in copy.deepcopy(chunks) for ev in decoder.decode(c)), decoder.final_usage()])
+
+
+def _relayed_one_by_one(chunks: list[dict[str, Any]]) -> Result:
+    decoder = RelayDecoder()
+    return _fold([*(ev for c in copy.deepcopy(chunks) for ev in decoder.decode(c)), decoder.final_usage()])
+
+
+def _relayed_in_one_read(chunks: list[dict[str, Any]]) -> Result:
+    decoder = RelayDecoder()
+    events, done = decoder.decode_batch([orjson.dumps(c) for c in chunks] + [b"[DONE]"])
+    assert done and any(isinstance(ev, Relayed) for ev in events)
+    return _fold([*events, decoder.final_usage()])
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_relayed_chunks_aggregate_to_the_canonical_result(name: str) -> None:
+    canonical = _canonical(ALL[name])
+    assert canonical.choices and any(c.text or c.tool_calls or c.reasoning for c in canonical.choices)
+    assert _relayed_one_by_one(ALL[name]) == canonical
+    assert _relayed_in_one_read(ALL[name]) == canonical
+
+
+def test_the_fold_keeps_what_the_canonical_path_keeps() -> None:
+    """The equality above is not vacuous: logprobs, stop strings, mapped finish reasons and
+    tool-call ids and names survive the fold."""
+    logprobs = _relayed_in_one_read(EXTRA["logprobs_stop"]).choices[0]
+    assert logprobs.text == "Hi there" and logprobs.stop_sequence == "END" and logprobs.finish_reason == "stop"
+    assert logprobs.logprobs is not None and [t.token for t in logprobs.logprobs] == ["Hi", " there"]
+    assert logprobs.logprobs[0].top[1].logprob == -9.5 and logprobs.logprobs[0].bytes == tuple(b"Hi")
+    matched = _relayed_in_one_read(EXTRA["matched_stop"]).choices[0]
+    assert matched.stop_sequence == "\n\n" and matched.finish_reason == "stop"
+    first, second = _relayed_in_one_read(EXTRA["bare_tools_two_choices"]).choices
+    assert first.reasoning == "plan" and first.finish_reason == "tool_calls"
+    assert [(t.id, t.name, t.arguments) for t in first.tool_calls] == [("call_0_0", "a", '{"x": 1}')]
+    assert second.text == "text" and [(t.name, t.arguments) for t in second.tool_calls] == [("b", "{}")]
+    tools = _relayed_in_one_read(TRANSCRIPTS["tools"])
+    assert [(t.id, t.name) for t in tools.choices[0].tool_calls] == [("call_a", "get_weather"), ("call_b", "get_time")]
+    assert tools.usage.input_tokens == 30 and tools.usage.output_tokens == 9
