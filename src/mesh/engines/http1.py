@@ -40,7 +40,8 @@ class UpstreamClosed(ConnectionError):
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection to the engine and the answer it is reading."""
 
-    __slots__ = ("_body", "_buffered", "_lengthless", "_open", "_paused", "_waiter", "closed", "complete",
+    __slots__ = ("_begun", "_body", "_buffered", "_in_flight", "_lengthless", "_open", "_paused", "_stray",
+                 "_waiter", "closed", "complete",
                  "failure", "headers_done", "keep_alive", "parser", "received", "status", "transport")
 
     def __init__(self, open_connections: set[_Connection]) -> None:
@@ -52,6 +53,9 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._lengthless = True  # no Content-Length nor chunked: the body ends with the connection
+        self._in_flight = False  # a request was sent and its connection not yet given back
+        self._begun = False  # the answer to it started
+        self._stray = False  # the engine sent more than one answer: the connection is done for
         self.status = 0
         self.headers_done = False
         self.keep_alive = False  # what the answer's headers say (the parser forgets once it ends)
@@ -65,6 +69,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of it
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_flight:  # bytes nobody asked for, on an idle connection
+            self.close()
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -90,17 +97,30 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # httptools callbacks ------------------------------------------------------------------
+    # Only the first answer after a request counts. Anything after it (a second answer in the
+    # same read, say) is never read as the next request's answer: the connection is dropped.
+    def on_message_begin(self) -> None:
+        if self._begun:
+            self._stray = True
+        self._begun = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._stray:
+            return
         lowered = name.lower()
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._lengthless = False
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self._stray:
+            return
         self._body.append(body)
         self._buffered += len(body)
 
@@ -113,6 +133,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.status, self.headers_done, self.complete, self.received, self.keep_alive = 0, False, False, False, False
         self._lengthless = True
+        self._in_flight, self._begun, self._stray = True, False, False
         self.transport.write(data)
 
     def _fail(self, exc: Exception) -> None:
@@ -151,7 +172,11 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.failure is None
+        return self.complete and self.keep_alive and not (self.closed or self._stray or self.failure)
+
+    def idle(self) -> None:
+        """Given back to the pool: bytes from now on are nobody's answer."""
+        self._in_flight = False
 
     def close(self) -> None:
         self.closed = True
@@ -287,6 +312,7 @@ class Http1Client:
 
     def _give_back(self, conn: _Connection) -> None:
         if conn.reusable:
+            conn.idle()
             if len(self._idle) >= 64 and any(c.closed for c in self._idle):
                 self._idle = [c for c in self._idle if not c.closed]  # the engine closed idle ones
             self._idle.append(conn)
