@@ -171,6 +171,10 @@ class _Connection(asyncio.Protocol):
         return data
 
     @property
+    def drained(self) -> bool:
+        return self.complete and not self._body
+
+    @property
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not (self.closed or self._stray or self.failure)
 
@@ -201,6 +205,11 @@ class Response:
         self._conn = conn
         self._done = False
         self.status = conn.status
+
+    @property
+    def ended(self) -> bool:
+        """The whole body came and was read."""
+        return self._conn.drained
 
     async def readany(self) -> bytes:
         """The next piece of the body as the socket delivered it; b"" at its end."""

@@ -87,6 +87,8 @@ def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
 
 async def _drain(resp: Response) -> bool:
     """Read what is left of a finished response; False if the engine does not end it soon."""
+    if resp.ended:  # the usual case: the end came in the same read as [DONE]
+        return True
     with contextlib.suppress(TimeoutError, ConnectionError):
         async with asyncio.timeout(_DRAIN_TIMEOUT):
             while await resp.readany():
