@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from mesh.engines import http1
 from mesh.engines.http1 import ConnectFailed, Http1Client, Response, UpstreamClosed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -299,3 +300,114 @@ async def test_an_unreachable_engine_is_a_connect_failure() -> None:
         with pytest.raises(ConnectFailed):
             await post(client)
         await client.aclose()
+
+
+async def test_an_interim_answer_is_skipped_and_the_real_one_read() -> None:
+    """103 Early Hints (or 100 Continue) before the answer: the request gets its own answer,
+    and the next request gets its own, not the one before."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        count = 0
+        while (await read_request(reader)) is not None:
+            count += 1
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(ok(b"data: answer %d\n\n" % count))
+            await writer.drain()
+
+    async with serve(handler) as (state, url):
+        client = client_for(url)
+        for i in (1, 2, 3):
+            resp = await post(client)
+            assert resp.status == 200 and await read_all(resp) == b"data: answer %d\n\n" % i
+            resp.release()
+        await client.aclose()
+    assert state.connections == 1
+
+
+async def test_a_request_the_engine_drops_is_sent_at_most_twice() -> None:
+    """Kept connections that the engine drops after reading the request: one retry, on a new
+    connection, not one per kept connection (each would be a generation on the GPU)."""
+    seen = 0
+    drop = False
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        nonlocal seen
+        while (await read_request(reader)) is not None:
+            seen += 1
+            if drop:
+                return
+            await asyncio.sleep(0.05)
+            writer.write(ok(b"data: ok\n\n"))
+            await writer.drain()
+
+    async with serve(handler) as (_, url):
+        client = client_for(url)
+        answers = [await post(client) for _ in range(3)]  # three connections, each kept after
+        for resp in answers:
+            await read_all(resp)
+            resp.release()
+        drop, seen = True, 0
+        with pytest.raises(UpstreamClosed):
+            await post(client)
+        await client.aclose()
+    assert seen == 2
+
+
+async def test_a_connection_kept_too_long_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NAT or load balancer may drop an idle connection without a word: one idle past the
+    limit is closed and a new one opened, instead of a request waiting out its read timeout."""
+    monkeypatch.setattr(http1, "_IDLE_SECONDS", 0.2)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while await read_request(reader) is not None:
+            writer.write(ok(b"data: ok\n\n"))
+            await writer.drain()
+
+    async with serve(handler) as (state, url):
+        client = client_for(url)
+        for pause in (0.0, 0.05, 0.4):
+            await asyncio.sleep(pause)
+            resp = await post(client)
+            await read_all(resp)
+            resp.release()
+        await client.aclose()
+    assert state.connections == 2
+
+
+@pytest.mark.parametrize("flood", [b"X-Big: " + b"a" * 200_000, b"".join(b"X-%d: v\r\n" % i for i in range(500))])
+async def test_an_answer_with_endless_headers_fails_at_once(flood: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + flood)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with serve(handler) as (_, url):
+        client = client_for(url, read_timeout=10)
+        with pytest.raises(UpstreamClosed, match="too large"):
+            await asyncio.wait_for(post(client), 3)
+        await client.aclose()
+
+
+async def test_an_engine_that_switches_protocols_has_not_answered() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with serve(handler) as (_, url):
+        client = client_for(url)
+        with pytest.raises(UpstreamClosed):
+            resp = await post(client)
+            await read_all(resp)
+        await client.aclose()
+
+
+async def test_a_path_outside_ascii_is_percent_encoded_and_headers_cannot_break_lines() -> None:
+    client = client_for("http://127.0.0.1:1/v1/€/chat/completions")
+    head = client.request_head("/v1/€/chat/completions", {"Content-Type": "application/json"})
+    assert head.startswith(b"POST /v1/%E2%82%AC/chat/completions HTTP/1.1\r\n")
+    with pytest.raises(ValueError):
+        client.request_head("/v1/chat/completions", {"Authorization": "Bearer k\r\nX-Evil: 1"})

@@ -13,6 +13,7 @@ from tests.protocols.test_openai_chat_stream import TRANSCRIPTS, chunk, delta
 
 from mesh.canonical import Aggregator, Event, Relayed, Result
 from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+from mesh.errors import EngineError
 
 
 def _logprob(token: str, value: float) -> dict[str, Any]:
@@ -100,3 +101,49 @@ def test_the_fold_keeps_what_the_canonical_path_keeps() -> None:
     tools = _relayed_in_one_read(TRANSCRIPTS["tools"])
     assert [(t.id, t.name) for t in tools.choices[0].tool_calls] == [("call_a", "get_weather"), ("call_b", "get_time")]
     assert tools.usage.input_tokens == 30 and tools.usage.output_tokens == 9
+
+
+# A worker's engine may send anything: chunks of the wrong shape are the engine's error (a
+# 502 that fails over, or the stream's error event), never the gateway's 500.
+MALFORMED = [
+    {"choices": [1]},
+    {"choices": "x"},
+    {"choices": {"a": 1}},
+    {"choices": [{"index": "a", "delta": {"content": "x"}}]},
+    {"choices": [{"index": 0, "delta": "x"}]},
+    {"choices": [{"index": 0, "delta": {"content": 5}}]},
+    {"choices": [{"index": 0, "delta": {"reasoning": ["x"]}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": "x"}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 7}}]}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": 7}}]}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "z"}]}}]},
+    [1, 2],
+]
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "canonical"])
+@pytest.mark.parametrize("bad", MALFORMED, ids=range(len(MALFORMED)))
+def test_a_malformed_chunk_is_the_engine_s_error(relay: bool, bad: Any) -> None:
+    decoder = RelayDecoder() if relay else ChunkDecoder()
+    try:
+        decoder.decode_batch([orjson.dumps(bad)])
+    except EngineError as err:
+        assert "malformed" in str(err)
+    else:  # what the chunk held before its bad part goes out first, then the error
+        assert decoder.failure is not None and "malformed" in str(decoder.failure)
+    decoder = RelayDecoder() if relay else ChunkDecoder()  # after output in the same read: that output first
+    events, _ = decoder.decode_batch([orjson.dumps(chunk(delta(content="ok"))), orjson.dumps(bad)])
+    assert events and isinstance(decoder.failure, EngineError)
+
+
+def test_message_shaped_chunks_fold_as_the_canonical_path_reads_them() -> None:
+    """Some engines put a stream chunk's content under ``message``: both paths read it, tool
+    calls included (numbered and named by the relay decoder as by the canonical one)."""
+    chunks = [
+        chunk({"index": 0, "message": {"content": "hi"}, "finish_reason": None}),
+        chunk({"index": 0, "message": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+               "finish_reason": "tool_calls"}),
+    ]
+    canonical = _canonical(chunks)
+    assert canonical.choices[0].text == "hi" and canonical.choices[0].tool_calls[0].name == "f"
+    assert _relayed_in_one_read(chunks) == canonical

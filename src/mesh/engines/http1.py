@@ -18,7 +18,7 @@ import asyncio
 import ssl
 from collections.abc import Mapping
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 
@@ -27,6 +27,15 @@ import httptools
 _HIGH_WATER = 256 * 1024
 # An error answer is read whole to find its message; more than this is not a message.
 _MAX_ERROR_BODY = 1024 * 1024
+# An answer's status line and headers: past these it is not an engine's answer (aiohttp's
+# limits are 8 KiB a line; an endless header would otherwise grow until the first-token timeout).
+_MAX_HEAD_BYTES = 64 * 1024
+_MAX_HEADERS = 128
+# A kept connection unused this long is closed rather than reused: servers close idle ones
+# (uvicorn, vLLM's server, after 5 s) and a NAT or load balancer may drop them silently.
+_IDLE_SECONDS = 4.0
+# Kept connections per engine beyond this are closed (a burst's connections are not all kept).
+_MAX_IDLE = 256
 
 
 class ConnectFailed(OSError):
@@ -40,9 +49,30 @@ class UpstreamClosed(ConnectionError):
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection to the engine and the answer it is reading."""
 
-    __slots__ = ("_begun", "_body", "_buffered", "_in_flight", "_lengthless", "_open", "_paused", "_stray",
-                 "_waiter", "closed", "complete",
-                 "failure", "headers_done", "keep_alive", "parser", "received", "status", "transport")
+    __slots__ = (
+        "_begun",
+        "_body",
+        "_buffered",
+        "_head_bytes",
+        "_headers",
+        "_in_flight",
+        "_interim",
+        "_lengthless",
+        "_open",
+        "_paused",
+        "_stray",
+        "_waiter",
+        "closed",
+        "complete",
+        "failure",
+        "headers_done",
+        "idle_since",
+        "keep_alive",
+        "parser",
+        "received",
+        "status",
+        "transport",
+    )
 
     def __init__(self, open_connections: set[_Connection]) -> None:
         self._open = open_connections  # the client's: a connection leaves it when it ends
@@ -56,6 +86,10 @@ class _Connection(asyncio.Protocol):
         self._in_flight = False  # a request was sent and its connection not yet given back
         self._begun = False  # the answer to it started
         self._stray = False  # the engine sent more than one answer: the connection is done for
+        self._interim = False  # reading a 1xx interim answer (100 Continue, 103 Early Hints)
+        self._head_bytes = 0  # received before the answer's headers were complete
+        self._headers = 0
+        self.idle_since = 0.0
         self.status = 0
         self.headers_done = False
         self.keep_alive = False  # what the answer's headers say (the parser forgets once it ends)
@@ -75,10 +109,20 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamClosed("the engine switched protocols instead of answering"))
+            self.close()
+            return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"the engine's answer is not valid HTTP: {exc}"))
             self.close()
             return
+        if not self.headers_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_BYTES or self._headers > _MAX_HEADERS:
+                self._fail(UpstreamClosed("the engine's answer headers are too large"))
+                self.close()
+                return
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -107,6 +151,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._stray:
             return
+        self._headers += 1
         lowered = name.lower()
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._lengthless = False
@@ -114,7 +159,14 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._stray:
             return
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status == 101:  # not an answer: the connection speaks something else from here on
+            self._fail(UpstreamClosed("the engine switched protocols instead of answering"))
+            return
+        if 100 <= status < 200:
+            self._interim = True  # the real answer follows on the same connection
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
 
@@ -125,6 +177,10 @@ class _Connection(asyncio.Protocol):
         self._buffered += len(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:  # an interim answer ended: the next one is still this request's
+            self._interim = self._begun = False
+            self._lengthless, self._headers, self._head_bytes = True, 0, 0
+            return
         self.complete = True
 
     # the client's side ----------------------------------------------------------------------
@@ -132,8 +188,10 @@ class _Connection(asyncio.Protocol):
         """Start an answer: reset the state of the last one and write the request."""
         assert self.transport is not None
         self.status, self.headers_done, self.complete, self.received, self.keep_alive = 0, False, False, False, False
-        self._lengthless = True
+        self._lengthless, self._interim, self._head_bytes, self._headers = True, False, 0, 0
         self._in_flight, self._begun, self._stray = True, False, False
+        self._body.clear()
+        self._buffered = 0
         self.transport.write(data)
 
     def _fail(self, exc: Exception) -> None:
@@ -178,9 +236,10 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not (self.closed or self._stray or self.failure)
 
-    def idle(self) -> None:
+    def idle(self, now: float) -> None:
         """Given back to the pool: bytes from now on are nobody's answer."""
         self._in_flight = False
+        self.idle_since = now
 
     def close(self) -> None:
         self.closed = True
@@ -267,17 +326,22 @@ class Http1Client:
     def request_head(self, path: str, headers: Mapping[str, str]) -> bytes:
         """The request line and headers every request to ``path`` with ``headers`` starts with
         (built once by the caller); :meth:`post` adds the length and the per-request ones."""
+        path = quote(path, safe="/%?=&;:@!$'()*+,-._~")  # as aiohttp sends a path outside ASCII
+        if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
+            raise ValueError("a header name or value holds a line break")
         lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", *(f"{k}: {v}" for k, v in headers.items())]
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     async def post(self, head: bytes, body: bytes, extra: Mapping[str, str] | None = None) -> Response:
         """Send ``head`` (from :meth:`request_head`) with ``body``; returns once the answer's
-        headers came. A kept connection the engine closed meanwhile is retried once on a new
-        one (nothing of the answer had come, so the engine never answered it)."""
+        headers came. A kept connection the engine closed before a byte of the answer came is
+        retried once, on a new connection (an engine that closes every connection it is sent
+        the request on is not sent it more than twice)."""
         tail = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in extra.items()) if extra else b""
         data = b"%sContent-Length: %d\r\n%s\r\n%s" % (head, len(body), tail, body)
+        retried = False
         while True:
-            conn = self._reuse()
+            conn = None if retried else self._reuse()
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
@@ -289,7 +353,8 @@ class Http1Client:
                     await conn.wait(self.read_timeout)
             except UpstreamClosed:
                 conn.close()
-                if reused and not conn.received:
+                if reused and not conn.received and not retried:
+                    retried = True
                     continue
                 raise
             except BaseException:
@@ -298,10 +363,19 @@ class Http1Client:
             return Response(self, conn)
 
     def _reuse(self) -> _Connection | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                return conn
+        """The newest kept connection still open and not idle too long; older ones are closed
+        (they are older still)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if asyncio.get_running_loop().time() - conn.idle_since > _IDLE_SECONDS:
+                for old in (conn, *idle):
+                    old.close()
+                idle.clear()
+                return None
+            return conn
         return None
 
     async def _connect(self) -> _Connection:
@@ -320,11 +394,12 @@ class Http1Client:
         return conn
 
     def _give_back(self, conn: _Connection) -> None:
-        if conn.reusable:
-            conn.idle()
-            if len(self._idle) >= 64 and any(c.closed for c in self._idle):
-                self._idle = [c for c in self._idle if not c.closed]  # the engine closed idle ones
+        if conn.reusable and len(self._idle) < _MAX_IDLE:
+            conn.idle(asyncio.get_running_loop().time())
             self._idle.append(conn)
+        elif len(self._idle) >= _MAX_IDLE and any(c.closed for c in self._idle):
+            self._idle = [c for c in self._idle if not c.closed]  # the engine closed kept ones
+            self._give_back(conn)
         else:
             conn.close()
 

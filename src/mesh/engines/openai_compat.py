@@ -167,11 +167,11 @@ class OpenAIEngine:
 
     def _chat_client(self) -> Http1Client:
         if self._chat is None:
-            self._chat = Http1Client(self._chat_url, connect_timeout=self.config.connect_timeout,
-                                     read_timeout=self.config.read_timeout)
-            path = urlsplit(self._chat_url)
-            self._chat_head = self._chat.request_head(path.path + (f"?{path.query}" if path.query else ""),
-                                                      self._headers)
+            client = Http1Client(self._chat_url, connect_timeout=self.config.connect_timeout,
+                                 read_timeout=self.config.read_timeout)
+            url = urlsplit(self._chat_url)
+            self._chat_head = client.request_head(url.path + (f"?{url.query}" if url.query else ""), self._headers)
+            self._chat = client
         return self._chat
 
     def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:

@@ -265,6 +265,21 @@ def mid_stream_error(err: Any) -> EngineError:
     return failure
 
 
+# What a chunk of the wrong shape raises (a worker's engine is not trusted to send the right
+# one): an engine error like any other, not a gateway failure.
+_MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError)
+
+
+def _malformed() -> EngineError:
+    return EngineError("The engine sent a malformed chunk.")
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError("not text")
+    return value
+
+
 class ChunkDecoder:
     """Stateful decoder of ``chat.completion.chunk`` objects into canonical events.
 
@@ -297,11 +312,11 @@ class ChunkDecoder:
             if reasoning:
                 self.reasoning_deltas += 1
                 self.output_deltas += 1
-                yield ReasoningDelta(reasoning, idx)
+                yield ReasoningDelta(_text(reasoning), idx)
             content = delta.get("content")
             if content:
                 self.output_deltas += 1
-                yield TextDelta(content, idx, openai_logprobs(choice.get("logprobs")))
+                yield TextDelta(_text(content), idx, openai_logprobs(choice.get("logprobs")))
             for position, call in enumerate(delta.get("tool_calls") or ()):
                 yield from self._tool_call(idx, position, call)
             reason = choice.get("finish_reason")
@@ -342,9 +357,10 @@ class ChunkDecoder:
                 usage = reported  # cumulative: only the newest of the read counts
             try:
                 events.extend(self.decode(chunk))
-            except EngineError as err:
+            except (EngineError, *_MALFORMED) as exc:
+                err = exc if isinstance(exc, EngineError) else _malformed()
                 if not events:
-                    raise
+                    raise err from None
                 self.failure = err  # what came before it in this read is delivered first
                 break
         if usage is not None:
@@ -362,11 +378,11 @@ class ChunkDecoder:
             self._next_call[choice] = ours + 1
             self._calls[key] = ours
             call_id = call.get("id") or f"call_{choice}_{ours}"
-            yield ToolCallStart(ours, call_id, fn.get("name") or "", choice)
+            yield ToolCallStart(ours, _text(call_id), _text(fn.get("name") or ""), choice)
         args = fn.get("arguments")
         if args:
             self.output_deltas += 1
-            yield ToolArgsDelta(ours, args, choice)
+            yield ToolArgsDelta(ours, _text(args), choice)
 
     def final_usage(self) -> Usage:
         """The engine's usage, with reasoning tokens estimated when the engine omits them."""
@@ -421,9 +437,10 @@ class RelayDecoder(ChunkDecoder):
                 break
             try:
                 keep, n, said = self._inspect(chunk)
-            except EngineError as err:
+            except (EngineError, *_MALFORMED) as exc:
+                err = exc if isinstance(exc, EngineError) else _malformed()
                 if not chunks:
-                    raise
+                    raise err from None
                 self.failure = err  # what came before it in this read is delivered first
                 break
             reported = chunk.pop("usage", None)
@@ -452,18 +469,22 @@ class RelayDecoder(ChunkDecoder):
         deltas = 0
         answers = False
         for choice in choices:
-            idx = choice.get("index") or 0
-            delta = choice.get("delta")
+            idx = int(choice.get("index") or 0)
+            delta = choice.get("delta") or choice.get("message")  # as the canonical decoder reads it
             if delta:
-                if delta.get("reasoning_content") or delta.get("reasoning"):
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    _text(reasoning)
                     self.reasoning_deltas += 1
                     deltas += 1
-                if delta.get("content"):
+                content = delta.get("content")
+                if content:
+                    _text(content)
                     deltas += 1
                 calls = delta.get("tool_calls")
                 if calls:
                     answers = True
-                    deltas += self._relay_calls(int(idx), calls)
+                    deltas += self._relay_calls(idx, calls)
             reason = choice.get("finish_reason")
             if reason:
                 if reason == "abort":
@@ -489,12 +510,14 @@ class RelayDecoder(ChunkDecoder):
                 ours = self._next_call.get(choice, 0)
                 self._next_call[choice] = ours + 1
                 self._calls[key] = ours
-                call["id"] = call.get("id") or f"call_{choice}_{ours}"
+                call["id"] = _text(call.get("id") or f"call_{choice}_{ours}")
                 call["type"] = "function"
+                _text(fn.get("name") or "")
             else:  # as the canonical path writes it: only the first delta names the call
                 call.pop("id", None)
                 call.pop("type", None)
             call["index"] = ours
             if fn.get("arguments"):
+                _text(fn["arguments"])
                 deltas += 1
         return deltas
