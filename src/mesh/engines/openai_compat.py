@@ -85,6 +85,19 @@ def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
     return err
 
 
+async def _drain_then_release(resp: Response) -> None:
+    """The end of an answer whose caller has moved on: its connection back to the pool once
+    the end came, dropped if it does not come soon (or the engine is closed meanwhile)."""
+    drained = False
+    try:
+        drained = await _drain(resp)
+    finally:
+        if drained:
+            resp.release()
+        else:
+            resp.close()
+
+
 async def _drain(resp: Response) -> bool:
     """Read what is left of a finished response; False if the engine does not end it soon."""
     if resp.ended:  # the usual case: the end came in the same read as [DONE]
@@ -152,6 +165,7 @@ class OpenAIEngine:
         self._session: aiohttp.ClientSession | None = None  # health checks and the tokenizer
         self._chat: Http1Client | None = None  # the request path's own client
         self._chat_head = b""
+        self._draining: set[asyncio.Task[None]] = set()  # answers whose end is still being read
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -215,10 +229,16 @@ class OpenAIEngine:
                         yield ev
                 if decoder.failure is not None:
                     raise decoder.failure  # after the output that came before it
-                # Read on to the end of the body (after [DONE] only the chunked terminator is
-                # left), so the engine sees a finished answer and the connection goes back to
-                # the pool instead of being torn down.
-                drained = self.config.keep_alive and await _drain(resp)
+                # After [DONE] only the end of the body is left (the chunked terminator). It is
+                # read so that the connection goes back to the pool instead of being torn down;
+                # when it has not come yet, in the background: waiting for it would hold the
+                # answer up by the engine's gap between the two.
+                if self.config.keep_alive:
+                    if resp.ended:
+                        drained = True
+                    else:
+                        self._drain_later(resp)
+                        resp = None
             yield decoder.final_usage()
         except orjson.JSONDecodeError:
             raise EngineError(f"Engine {self.name} sent malformed JSON.") from None
@@ -230,6 +250,11 @@ class OpenAIEngine:
                     # The client went away or the stream failed: drop the connection so the
                     # engine aborts the generation nobody will read.
                     resp.close()
+
+    def _drain_later(self, resp: Response) -> None:
+        task = asyncio.get_running_loop().create_task(_drain_then_release(resp))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     @staticmethod
     async def _first_events(reader: _SSEReader, decoder: ChunkDecoder) -> tuple[list[Event], bool]:
@@ -276,6 +301,8 @@ class OpenAIEngine:
             return None
 
     async def aclose(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
         if self._chat is not None:
             await self._chat.aclose()
             self._chat = None
