@@ -393,3 +393,19 @@ async def test_a_request_refused_before_anything_was_held_gets_a_line_unless_sam
     await r.pipeline.finish(ctx)  # finished twice: still one line at most
     assert [(x["request_id"], x["error"]) for x in lines.lines] == ([("req_refused", "some_kind")] if logged else [])
     assert_all_given_back(r)
+
+
+async def test_a_non_streamed_answer_that_fails_in_the_gateway_costs_nothing() -> None:
+    """The endpoint's own failure while folding a non-streamed answer (a 500: the client gets
+    no answer) must not be billed as a hang-up that was delivered what was generated."""
+    r = rig()
+    r.engine.tokens = 10
+    ctx, routed = await r.start(stream=False)
+    events = r.pipeline.metered(ctx, routed)
+    assert isinstance(await anext(events), TextDelta)  # the fold fails on what came next:
+    ctx.status = "error"  # what the endpoint records for its 500 (api/endpoint.py)
+    await r.pipeline.finish(ctx)  # the response is done: finish closes the metered stream
+    await r.drain()
+    [settled] = r.ledger.settled
+    assert settled["status"] == "error" and settled["usage"] is None and settled["charged"] == 0
+    assert_all_given_back(r)

@@ -372,7 +372,7 @@ class Aggregator:
             for choice in chunk["choices"]:
                 c = int(choice.get("index") or 0)
                 b = self._choice(c)
-                delta = choice.get("delta") or choice.get("message") or {}
+                delta = choice.get("delta") or {}  # the relay decoder moved "message" content here
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
                     b.reasoning.append(reasoning)

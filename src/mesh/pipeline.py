@@ -427,7 +427,8 @@ class Pipeline:
             ctx.status, ctx.error = "error", exc
             raise
         except BaseException:
-            ctx.status = "cancelled"
+            if ctx.status != "error":  # the endpoint's own failure (a 500) stays one: nothing delivered
+                ctx.status = "cancelled"
             raise
         finally:
             deadline.cancel()

@@ -14,6 +14,7 @@ from tests.protocols.test_openai_chat_stream import TRANSCRIPTS, chunk, delta
 from mesh.canonical import Aggregator, Event, Relayed, Result
 from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
 from mesh.errors import EngineError
+from mesh.routing.resume import Delivered
 
 
 def _logprob(token: str, value: float) -> dict[str, Any]:
@@ -118,6 +119,9 @@ MALFORMED = [
     {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": 7}}]}}]},
     {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "z"}]}}]},
     [1, 2],
+    None,  # JSON null
+    {"choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": {"content": [{"token": "x", "logprob": None}]}}]},
+    {"choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": {"content": [5]}}]},
 ]
 
 
@@ -147,3 +151,17 @@ def test_message_shaped_chunks_fold_as_the_canonical_path_reads_them() -> None:
     canonical = _canonical(chunks)
     assert canonical.choices[0].text == "hi" and canonical.choices[0].tool_calls[0].name == "f"
     assert _relayed_in_one_read(chunks) == canonical
+    # The relay decoder moves such content under "delta", where the resume tracker reads what
+    # was delivered (a continuation must start from it, not from nothing) and clients read it.
+    relay, plain = RelayDecoder(), ChunkDecoder()
+    relayed_events, _ = relay.decode_batch([orjson.dumps(c) for c in chunks])
+    events, _ = plain.decode_batch([orjson.dumps(c) for c in chunks])
+    tracked, expected = Delivered(), Delivered()
+    for ev in relayed_events:
+        tracked.observe(ev)
+    for ev in events:
+        expected.observe(ev)
+    assert not tracked.opaque and tracked.deltas == expected.deltas == 2
+    assert tracked.text == expected.text == "hi"
+    relayed = [ev for ev in relayed_events if isinstance(ev, Relayed)]
+    assert all("message" not in ch and "delta" in ch for ev in relayed for c in ev.chunks for ch in c["choices"])

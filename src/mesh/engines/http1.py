@@ -322,6 +322,7 @@ class Http1Client:
         self.read_timeout = read_timeout
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
+        self._closed = False
 
     def request_head(self, path: str, headers: Mapping[str, str]) -> bytes:
         """The request line and headers every request to ``path`` with ``headers`` starts with
@@ -345,6 +346,9 @@ class Http1Client:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
+                if self._closed:
+                    conn.close()
+                    raise UpstreamClosed("the engine's client was closed")
             conn.send(data)
             try:
                 while not conn.headers_done:
@@ -394,7 +398,9 @@ class Http1Client:
         return conn
 
     def _give_back(self, conn: _Connection) -> None:
-        if conn.reusable and len(self._idle) < _MAX_IDLE:
+        if self._closed:
+            conn.close()
+        elif conn.reusable and len(self._idle) < _MAX_IDLE:
             conn.idle(asyncio.get_running_loop().time())
             self._idle.append(conn)
         elif len(self._idle) >= _MAX_IDLE and any(c.closed for c in self._idle):
@@ -404,6 +410,7 @@ class Http1Client:
             conn.close()
 
     async def aclose(self) -> None:
+        self._closed = True  # a connection still opening, or an answer still read, closes when done
         for conn in list(self._open):
             conn.close()
         self._open.clear()

@@ -301,8 +301,10 @@ class OpenAIEngine:
             return None
 
     async def aclose(self) -> None:
-        for task in list(self._draining):
+        draining = list(self._draining)
+        for task in draining:
             task.cancel()
+        await asyncio.gather(*draining, return_exceptions=True)
         if self._chat is not None:
             await self._chat.aclose()
             self._chat = None

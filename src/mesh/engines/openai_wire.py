@@ -265,6 +265,8 @@ def mid_stream_error(err: Any) -> EngineError:
     return failure
 
 
+_UNREAD = object()  # a payload that could not be parsed, after what came before it
+
 # What a chunk of the wrong shape raises (a worker's engine is not trusted to send the right
 # one): an engine error like any other, not a gateway failure.
 _MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError)
@@ -330,15 +332,16 @@ class ChunkDecoder:
                 yield Finish(_FINISH.get(reason, "stop"), idx, stop)
 
     def _parse(self, payload: bytes, delivered: bool) -> Any:
-        """One payload's JSON; None (and ``failure`` set) when it is malformed after output or
-        usage of the same read, which is delivered first; raises when nothing came before."""
+        """One payload's JSON; ``_UNREAD`` (and ``failure`` set) when it is malformed after
+        output or usage of the same read, which is delivered first; raises when nothing came
+        before. JSON that is not an object is left to the decoder (a malformed chunk)."""
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError:
             if not delivered:
                 raise
             self.failure = EngineError("The engine sent malformed JSON.")
-            return None
+            return _UNREAD
 
     def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
         """The events of the SSE payloads of one read, and whether ``[DONE]`` was among them."""
@@ -350,7 +353,7 @@ class ChunkDecoder:
                 done = True
                 break
             chunk = self._parse(payload, bool(events) or usage is not None)
-            if chunk is None:
+            if chunk is _UNREAD:
                 break
             reported = chunk.pop("usage", None) if isinstance(chunk, dict) else None
             if isinstance(reported, dict):
@@ -433,7 +436,7 @@ class RelayDecoder(ChunkDecoder):
                 done = True
                 break
             chunk = self._parse(payload, bool(chunks) or usage is not None)
-            if chunk is None:
+            if chunk is _UNREAD:
                 break
             try:
                 keep, n, said = self._inspect(chunk)
@@ -470,7 +473,12 @@ class RelayDecoder(ChunkDecoder):
         answers = False
         for choice in choices:
             idx = int(choice.get("index") or 0)
-            delta = choice.get("delta") or choice.get("message")  # as the canonical decoder reads it
+            delta = choice.get("delta")
+            if not delta and choice.get("message"):
+                # Content under "message", which the canonical decoder reads too: moved to
+                # "delta", where everything after this decoder (the resume tracker, the fold,
+                # the client) reads a chunk's content.
+                delta = choice["delta"] = choice.pop("message")
             if delta:
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
@@ -481,6 +489,8 @@ class RelayDecoder(ChunkDecoder):
                 if content:
                     _text(content)
                     deltas += 1
+                    if choice.get("logprobs"):
+                        openai_logprobs(choice["logprobs"])  # what a fold or a client would trip on
                 calls = delta.get("tool_calls")
                 if calls:
                     answers = True
