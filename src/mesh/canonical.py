@@ -314,6 +314,16 @@ def openai_logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
     return tuple(out)
 
 
+def openai_stop_sequence(choice: dict[str, Any]) -> str | None:
+    """The stop string that ended a chunk choice: vLLM's ``stop_reason`` or SGLang's
+    ``matched_stop`` (either may be a token id instead, which is not a string)."""
+    stop = choice.get("stop_reason")
+    if isinstance(stop, str):
+        return stop
+    matched = choice.get("matched_stop")
+    return matched if isinstance(matched, str) else None
+
+
 class _ChoiceBuilder:
     __slots__ = ("calls", "finish", "logprobs", "reasoning", "stop_sequence", "text")
 
@@ -395,10 +405,7 @@ class Aggregator:
                 reason = choice.get("finish_reason")
                 if reason:
                     b.finish = reason
-                    stop = choice.get("stop_reason")
-                    if not isinstance(stop, str):
-                        stop = choice.get("matched_stop") if isinstance(choice.get("matched_stop"), str) else None
-                    b.stop_sequence = stop
+                    b.stop_sequence = openai_stop_sequence(choice)
 
     def result(self) -> Result:
         choices = []

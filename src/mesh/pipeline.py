@@ -427,8 +427,7 @@ class Pipeline:
             ctx.status, ctx.error = "error", exc
             raise
         except BaseException:
-            if ctx.status != "error":  # the endpoint's own failure (a 500) stays one: nothing delivered
-                ctx.status = "cancelled"
+            ctx.status = "error" if ctx.status == "error" else "cancelled"  # an endpoint's 500 delivered nothing
             raise
         finally:
             deadline.cancel()

@@ -390,7 +390,7 @@ class Http1Client:
                     lambda: _Connection(self._open), self.host, self.port, ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
                 )
-        except TimeoutError:
+        except TimeoutError:  # an OSError too: it stays a timeout
             raise
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
@@ -398,14 +398,14 @@ class Http1Client:
         return conn
 
     def _give_back(self, conn: _Connection) -> None:
-        if self._closed:
+        if self._closed or not conn.reusable:
             conn.close()
-        elif conn.reusable and len(self._idle) < _MAX_IDLE:
+            return
+        if len(self._idle) >= _MAX_IDLE:
+            self._idle = [c for c in self._idle if not c.closed]  # the engine closed kept ones
+        if len(self._idle) < _MAX_IDLE:
             conn.idle(asyncio.get_running_loop().time())
             self._idle.append(conn)
-        elif len(self._idle) >= _MAX_IDLE and any(c.closed for c in self._idle):
-            self._idle = [c for c in self._idle if not c.closed]  # the engine closed kept ones
-            self._give_back(conn)
         else:
             conn.close()
 

@@ -45,16 +45,17 @@ _DRAIN_TIMEOUT = 1.0
 
 @contextlib.contextmanager
 def _map_errors(name: str) -> Iterator[None]:
-    """Translate aiohttp and timeout failures into the EngineError tree, at the adapter edge."""
+    """Translate the engine client's failures (``engines/http1.py``) and timeouts into the
+    EngineError tree, at the adapter edge."""
     try:
         yield
     except MeshError:
         raise
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except TimeoutError:
         raise EngineTimeout(f"Engine {name} timed out.") from None
-    except (aiohttp.ClientConnectorError, ConnectFailed):
+    except ConnectFailed:
         raise EngineUnavailable(f"Engine {name} is unreachable.") from None
-    except (aiohttp.ClientError, ConnectionError) as exc:
+    except ConnectionError as exc:
         raise EngineError(f"Engine {name} failed: {type(exc).__name__}.") from None
 
 
@@ -90,24 +91,16 @@ async def _drain_then_release(resp: Response) -> None:
     the end came, dropped if it does not come soon (or the engine is closed meanwhile)."""
     drained = False
     try:
-        drained = await _drain(resp)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(_DRAIN_TIMEOUT):
+                while await resp.readany():
+                    pass
+                drained = True
     finally:
         if drained:
             resp.release()
         else:
             resp.close()
-
-
-async def _drain(resp: Response) -> bool:
-    """Read what is left of a finished response; False if the engine does not end it soon."""
-    if resp.ended:  # the usual case: the end came in the same read as [DONE]
-        return True
-    with contextlib.suppress(TimeoutError, ConnectionError):
-        async with asyncio.timeout(_DRAIN_TIMEOUT):
-            while await resp.readany():
-                pass
-            return True
-    return False
 
 
 class _SSEReader:

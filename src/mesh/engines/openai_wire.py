@@ -31,6 +31,7 @@ from mesh.canonical import (
     ToolResultPart,
     Usage,
     openai_logprobs,
+    openai_stop_sequence,
 )
 from mesh.errors import EngineError
 
@@ -325,11 +326,8 @@ class ChunkDecoder:
             if reason:
                 if reason == "abort":
                     raise EngineError("The engine aborted the request.")
-                stop = choice.get("stop_reason")
-                if not isinstance(stop, str):
-                    stop = choice.get("matched_stop") if isinstance(choice.get("matched_stop"), str) else None
                 self.finished.add(idx)
-                yield Finish(_FINISH.get(reason, "stop"), idx, stop)
+                yield Finish(_FINISH.get(reason, "stop"), idx, openai_stop_sequence(choice))
 
     def _parse(self, payload: bytes, delivered: bool) -> Any:
         """One payload's JSON; ``_UNREAD`` (and ``failure`` set) when it is malformed after
