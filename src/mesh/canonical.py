@@ -259,12 +259,25 @@ class Relayed:
     at all (a delta, a new tool call or a finish), for the first-token deadline; ``finish``
     is the first choice's finish reason once the engine sent it. Not
     frozen: the encoder rewrites ``chunks`` in place, once.
+
+    The rest is what the relay decoder saw on its one walk over the chunks, so that nothing
+    after it walks them again (the resume tracker, the encoder): the text and reasoning
+    deltas in order, the choices the chunks carry (``indexes``) and those with output, a
+    tool call or a finish (``active``), the tool calls they start, whether a finish came,
+    and whether reasoning sits under the engine's field names (which the encoder renames).
     """
 
     chunks: list[dict[str, Any]]
     deltas: int = 0
     answers: bool = False
     finish: str | None = None  # the first choice's finish reason once it came (the usage record's)
+    texts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    indexes: set[int] = field(default_factory=set)
+    active: set[int] = field(default_factory=set)
+    calls: int = 0
+    finished: bool = False
+    reasoning_fields: bool = False
 
 
 Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage | Relayed

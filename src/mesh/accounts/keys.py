@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 
 KEY_SCHEME = "sk-mesh-"
 KEY_BYTES = 32
 KEY_LENGTH = len(KEY_SCHEME) + 43  # 32 bytes → 43 base64 characters without padding
 PREFIX_LENGTH = 12
-_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+# One C-level match per request, not a Python loop over 43 characters.
+_SHAPE = re.compile(re.escape(KEY_SCHEME) + r"[A-Za-z0-9_-]{43}")
 
 
 def generate_key() -> str:
@@ -37,11 +39,7 @@ def key_prefix(raw_key: str) -> str:
 
 def well_formed(raw_key: str) -> bool:
     """Whether the text could be a Mesh key at all (checked before any lookup)."""
-    return (
-        len(raw_key) == KEY_LENGTH
-        and raw_key.startswith(KEY_SCHEME)
-        and all(c in _B64 for c in raw_key[len(KEY_SCHEME) :])
-    )
+    return len(raw_key) == KEY_LENGTH and _SHAPE.fullmatch(raw_key) is not None
 
 
 def new_id(kind: str) -> str:

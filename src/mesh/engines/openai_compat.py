@@ -41,6 +41,11 @@ _DATA = b"data:"
 # After [DONE] only the end of the body is left; an engine that does not send it by then
 # loses the connection instead of holding the request up.
 _DRAIN_TIMEOUT = 1.0
+# A streamed answer's first read can hold much of the answer (a fast engine, a short answer).
+# When more than this many payloads would follow its first output, that output goes to the
+# client before the rest of the read is decoded: the time to first token does not grow with
+# what came with it, for one more write.
+_SPLIT_FIRST_READ = 4
 
 
 @contextlib.contextmanager
@@ -138,6 +143,31 @@ def _answers(ev: Event) -> bool:
     return not isinstance(ev, Usage)
 
 
+def _joined(events: list[Event]) -> list[Event]:
+    """The relayed chunks of one read decoded a payload at a time, as one read's events:
+    one :class:`Relayed` (one write to the client), then the newest usage."""
+    if not any(isinstance(ev, Relayed) for ev in events):
+        return events
+    joined = Relayed([])
+    usage: Usage | None = None
+    for ev in events:
+        if isinstance(ev, Relayed):
+            joined.chunks += ev.chunks
+            joined.deltas += ev.deltas
+            joined.answers = joined.answers or ev.answers
+            joined.finish = ev.finish
+            joined.texts += ev.texts
+            joined.reasoning += ev.reasoning
+            joined.indexes |= ev.indexes
+            joined.active |= ev.active
+            joined.calls += ev.calls
+            joined.finished = joined.finished or ev.finished
+            joined.reasoning_fields = joined.reasoning_fields or ev.reasoning_fields
+        elif isinstance(ev, Usage):
+            usage = ev
+    return [joined] if usage is None else [joined, usage]
+
+
 class OpenAIEngine:
     """A replica reached over HTTP. See :class:`mesh.engines.base.Engine`."""
 
@@ -213,9 +243,13 @@ class OpenAIEngine:
                         drained = True
                         raise _upstream_error(resp.status, payload, self.name)
                     reader = _SSEReader(resp)
-                    first, done = await self._first_events(reader, decoder)
+                    first, done, rest = await self._first_events(reader, decoder, request.stream)
                 for ev in first:
                     yield ev
+                if rest and not done and decoder.failure is None:
+                    events, done = decoder.decode_batch(rest)
+                    for ev in events:
+                        yield ev
                 while decoder.failure is None and not done and (batch := await reader.batch()) is not None:
                     events, done = decoder.decode_batch(batch)
                     for ev in events:
@@ -250,15 +284,33 @@ class OpenAIEngine:
         task.add_done_callback(self._draining.discard)
 
     @staticmethod
-    async def _first_events(reader: _SSEReader, decoder: ChunkDecoder) -> tuple[list[Event], bool]:
+    async def _first_events(
+        reader: _SSEReader, decoder: ChunkDecoder, split: bool
+    ) -> tuple[list[Event], bool, list[bytes]]:
         """Read until the engine produced its first output (the first-token deadline covers
-        this): the events of the reads so far, and whether the stream is done."""
+        this): the events of the reads so far, whether the stream is done, and (``split``: a
+        streamed answer) the payloads of the last read that came after its first output,
+        still to be decoded."""
         events: list[Event] = []
         while (batch := await reader.batch()) is not None:
+            if split and len(batch) > _SPLIT_FIRST_READ:
+                for k in range(len(batch)):
+                    more, done = decoder.decode_batch(batch[k : k + 1])
+                    events.extend(more)
+                    if done or any(_answers(ev) for ev in more):
+                        rest = batch[k + 1 :] if len(batch) - k - 1 > _SPLIT_FIRST_READ else []
+                        if rest or done:
+                            return _joined(events), done, rest
+                        more, done = decoder.decode_batch(batch[k + 1 :])  # too little left to split
+                        events.extend(more)
+                        return _joined(events), done, []
+                    if decoder.failure is not None:
+                        raise decoder.failure
+                continue
             more, done = decoder.decode_batch(batch)
             events.extend(more)
             if done or any(_answers(ev) for ev in more):
-                return events, done
+                return events, done, []
             if decoder.failure is not None:
                 raise decoder.failure  # before any output: the router fails over
         raise EngineError("The engine closed the stream before answering.")

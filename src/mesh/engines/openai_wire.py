@@ -397,6 +397,23 @@ class ChunkDecoder:
 _OPENAI_FINISH = frozenset(("stop", "length", "tool_calls", "content_filter"))
 
 
+def _take_back(relayed: Relayed, mark: tuple[int, int, int, bool, bool]) -> None:
+    """What :meth:`RelayDecoder._inspect` noted of a chunk it then refused, taken back: the
+    notes go back to ``mark`` and the choice sets are made again from the chunks kept."""
+    del relayed.texts[mark[0]:], relayed.reasoning[mark[1]:]
+    relayed.calls, relayed.finished, relayed.reasoning_fields = mark[2:]
+    relayed.indexes.clear()
+    relayed.active.clear()
+    for chunk in relayed.chunks:
+        for choice in chunk["choices"]:
+            idx = int(choice.get("index") or 0)
+            relayed.indexes.add(idx)
+            delta = choice.get("delta") or {}
+            if (delta.get("reasoning_content") or delta.get("reasoning") or delta.get("content")
+                    or delta.get("tool_calls") or choice.get("finish_reason")):
+                relayed.active.add(idx)
+
+
 class RelayDecoder(ChunkDecoder):
     """The relay path's decoder: looks at each chunk only as far as metering and the
     client need, and hands it on as one :class:`Relayed` (plus a :class:`Usage` when the
@@ -413,10 +430,13 @@ class RelayDecoder(ChunkDecoder):
 
     def decode(self, chunk: dict[str, Any]) -> Iterator[Event]:
         """One chunk: its :class:`Relayed` (when it carries choices), then its usage."""
-        keep, deltas, answers = self._inspect(chunk)
+        relayed = Relayed([])
+        keep, deltas, answers = self._inspect(chunk, relayed)
         usage = chunk.pop("usage", None)
         if keep:
-            yield Relayed([chunk], deltas, answers, self.first_finish)
+            relayed.chunks.append(chunk)
+            relayed.deltas, relayed.answers, relayed.finish = deltas, answers, self.first_finish
+            yield relayed
         if isinstance(usage, dict):
             self.usage = decode_usage(usage)
             yield self.usage
@@ -424,7 +444,8 @@ class RelayDecoder(ChunkDecoder):
     def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
         """The chunks of one read as one :class:`Relayed` (one write to the client, as a
         bare proxy writes what it read), then the newest usage among them."""
-        chunks: list[dict[str, Any]] = []
+        relayed = Relayed([])
+        chunks = relayed.chunks
         deltas = 0
         answers = False
         usage: Any = None
@@ -436,9 +457,12 @@ class RelayDecoder(ChunkDecoder):
             chunk = self._parse(payload, bool(chunks) or usage is not None)
             if chunk is _UNREAD:
                 break
+            mark = (len(relayed.texts), len(relayed.reasoning), relayed.calls, relayed.finished,
+                    relayed.reasoning_fields)
             try:
-                keep, n, said = self._inspect(chunk)
+                keep, n, said = self._inspect(chunk, relayed)
             except (EngineError, *_MALFORMED) as exc:
+                _take_back(relayed, mark)  # nothing of the bad chunk counts as delivered
                 err = exc if isinstance(exc, EngineError) else _malformed()
                 if not chunks:
                     raise err from None
@@ -453,15 +477,17 @@ class RelayDecoder(ChunkDecoder):
                 answers = answers or said
         events: list[Event] = []
         if chunks:
-            events.append(Relayed(chunks, deltas, answers, self.first_finish))
+            relayed.deltas, relayed.answers, relayed.finish = deltas, answers, self.first_finish
+            events.append(relayed)
         if usage is not None:
             self.usage = decode_usage(usage)
             events.append(self.usage)
         return events, done
 
-    def _inspect(self, chunk: dict[str, Any]) -> tuple[bool, int, bool]:
-        """Meter one chunk and fix it up in place: (has choices to send, deltas, answers).
-        Its usage is the caller's to take (decoded once per read, not once per chunk)."""
+    def _inspect(self, chunk: dict[str, Any], into: Relayed) -> tuple[bool, int, bool]:
+        """Meter one chunk and fix it up in place: (has choices to send, deltas, answers);
+        what it delivers is noted on ``into`` (see :class:`Relayed`). Its usage is the
+        caller's to take (decoded once per read, not once per chunk)."""
         if chunk.get("error"):
             raise mid_stream_error(chunk["error"])
         choices = chunk.get("choices")
@@ -471,6 +497,7 @@ class RelayDecoder(ChunkDecoder):
         answers = False
         for choice in choices:
             idx = int(choice.get("index") or 0)
+            into.indexes.add(idx)
             delta = choice.get("delta")
             if not delta and choice.get("message"):
                 # Content under "message", which the canonical decoder reads too: moved to
@@ -478,21 +505,26 @@ class RelayDecoder(ChunkDecoder):
                 # the client) reads a chunk's content.
                 delta = choice["delta"] = choice.pop("message")
             if delta:
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
-                    _text(reasoning)
-                    self.reasoning_deltas += 1
-                    deltas += 1
+                if "reasoning_content" in delta or "reasoning" in delta:
+                    into.reasoning_fields = True
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning:
+                        into.reasoning.append(_text(reasoning))
+                        into.active.add(idx)
+                        self.reasoning_deltas += 1
+                        deltas += 1
                 content = delta.get("content")
                 if content:
-                    _text(content)
+                    into.texts.append(_text(content))
+                    into.active.add(idx)
                     deltas += 1
                     if choice.get("logprobs"):
                         openai_logprobs(choice["logprobs"])  # what a fold or a client would trip on
                 calls = delta.get("tool_calls")
                 if calls:
                     answers = True
-                    deltas += self._relay_calls(idx, calls)
+                    into.active.add(idx)
+                    deltas += self._relay_calls(idx, calls, into)
             reason = choice.get("finish_reason")
             if reason:
                 if reason == "abort":
@@ -502,11 +534,13 @@ class RelayDecoder(ChunkDecoder):
                 if not idx:
                     self.first_finish = choice["finish_reason"]
                 self.finished.add(int(idx))
+                into.active.add(idx)
+                into.finished = True
                 answers = True
         self.output_deltas += deltas
         return True, deltas, answers or deltas > 0
 
-    def _relay_calls(self, choice: int, calls: list[dict[str, Any]]) -> int:
+    def _relay_calls(self, choice: int, calls: list[dict[str, Any]], into: Relayed) -> int:
         """Re-index (and name) tool calls in place as ChunkDecoder does; returns argument deltas."""
         deltas = 0
         for position, call in enumerate(calls):
@@ -520,6 +554,7 @@ class RelayDecoder(ChunkDecoder):
                 self._calls[key] = ours
                 call["id"] = _text(call.get("id") or f"call_{choice}_{ours}")
                 call["type"] = "function"
+                into.calls += 1
                 _text(fn.get("name") or "")
             else:  # as the canonical path writes it: only the first delta names the call
                 call.pop("id", None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ import orjson
 from uvicorn import Config, Server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
+
+from mesh.http.streaming import ON_DISCONNECT
 
 log = logging.getLogger("mesh.http")
 
@@ -112,6 +115,24 @@ class _HeadersWithBody:
         return getattr(self._transport, name)
 
 
+class _HangUp:
+    """A response's way to hear that its client went away (``http/streaming.py``), instead
+    of a task per response waiting on ``receive()`` for ``http.disconnect``."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self) -> None:
+        self._callback: Callable[[], None] | None = None
+
+    def listen(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def fire(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
 class MeshConfig(Config):
     """uvicorn's config plus Mesh's :class:`EdgeLimits` (pickled to worker processes with it)."""
 
@@ -136,6 +157,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._hang_up: _HangUp | None = None  # the latest request's
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -150,6 +172,8 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._hang_up is not None:
+            self._hang_up.fire()  # the response still streaming to this client, if any
         self._cancel(self._header_timer)
         self._cancel(self._body_timer)
         self._cancel(self._write_timer)
@@ -198,6 +222,8 @@ class MeshHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.transport is self.transport:  # the request's new cycle
             cycle.transport = _HeadersWithBody(self.transport, self.loop)  # type: ignore[assignment]
+            self._hang_up = _HangUp()
+            cycle.scope[ON_DISCONNECT] = self._hang_up.listen  # type: ignore[literal-required]
 
     def on_message_complete(self) -> None:
         self._cancel(self._body_timer)

@@ -14,6 +14,9 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 SSE_COMMENT = b": keep-alive\n\n"
+# The scope key under which Mesh's HTTP server (``http/server.py``) offers to call back when
+# the client hangs up: ``scope[ON_DISCONNECT](callback)``, ``None`` to stop being called.
+ON_DISCONNECT = "mesh.on_disconnect"
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -54,6 +57,48 @@ class StreamResponse:
         self._sent = False  # something went out since the last idle tick
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        on_disconnect = scope.get(ON_DISCONNECT)
+        if on_disconnect is None:
+            await self._watched(receive, send)
+        else:
+            await self._told(on_disconnect, send)
+
+    async def _told(self, on_disconnect: Callable[[Callable[[], None] | None], None], send: Send) -> None:
+        """Under Mesh's server (``http/server.py``), which says when the client goes away:
+        the body is pumped in this task, and a disconnect cancels it (no pump task, no task
+        waiting on ``receive``, two per stream)."""
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        def hung_up() -> None:
+            nonlocal gone
+            if not gone:
+                gone = True
+                task.cancel()
+
+        on_disconnect(hung_up)
+        failure: Exception | None = None
+        cancelled = False
+        try:
+            await self._pump(send)
+        except asyncio.CancelledError:
+            cancelled = not gone  # not the hang-up's (the server stopping): it goes on after the clean-up
+        except OSError:
+            pass
+        except Exception as exc:  # a bug in the body: still close it and give back what it held
+            failure = exc
+        finally:
+            on_disconnect(None)  # from here a hang-up cancels nothing: the clean-up runs whole
+        if gone and task.uncancel() > 0:
+            cancelled = True  # cancelled by someone else as well
+        await self._close(failure)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _watched(self, receive: Receive, send: Send) -> None:
+        """Under any other ASGI server: the body in a task of its own, raced against a task
+        waiting for ``http.disconnect``."""
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
@@ -71,17 +116,21 @@ class StreamResponse:
                 failure = exc
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
+            await self._close(failure)
+
+    async def _close(self, failure: Exception | None) -> None:
+        """Close the body and run ``on_close``, whatever happened; then raise ``failure``."""
+        try:
             try:
-                try:
-                    aclose = getattr(self.body, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                finally:
-                    if self.on_close is not None:
-                        await self.on_close()
+                aclose = getattr(self.body, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             finally:
-                if failure is not None:
-                    raise failure  # the first failure is the one to see (a later one is its context)
+                if self.on_close is not None:
+                    await self.on_close()
+        finally:
+            if failure is not None:
+                raise failure  # the first failure is the one to see (a later one is its context)
 
     async def _pump(self, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]

@@ -341,17 +341,20 @@ class _ChunkWriter:
     def usage(self, body: dict[str, Any]) -> bytes:
         return self._usage_head + orjson.dumps(body) + b"}\n\n"
 
-    def relayed(self, chunks: list[dict[str, Any]]) -> bytes:
+    def relayed(self, chunks: list[dict[str, Any]], rename: bool = True) -> bytes:
         """Engine chunks (usage already taken out) as the client gets them, in one piece:
         Mesh's own envelope (its id, creation time, public model name; ``"usage": null``
         only when the client asked for usage) around the engine's choices, with reasoning
         under the field names the client reads. Nothing else of the engine's envelope (its
-        id, model, extra fields) reaches the client."""
+        id, model, extra fields) reaches the client. ``rename``: whether any delta may carry
+        reasoning under the engine's field names (``Relayed.reasoning_fields``)."""
         if len(chunks) == 1:
-            return self._relayed(chunks[0]["choices"])
-        return b"".join([self._relayed(c["choices"]) for c in chunks])
+            return self._relayed(chunks[0]["choices"], rename)
+        return b"".join([self._relayed(c["choices"], rename) for c in chunks])
 
-    def _relayed(self, choices: list[dict[str, Any]]) -> bytes:
+    def _relayed(self, choices: list[dict[str, Any]], rename: bool) -> bytes:
+        if not rename:
+            return self._choices_head + orjson.dumps(choices) + self._choices_tail
         for choice in choices:
             delta = choice.get("delta")
             if delta:
@@ -373,10 +376,8 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
     try:
         async for ev in events:
             if isinstance(ev, Relayed):  # the relay path: the engine's chunks, rewritten
-                for chunk in ev.chunks:  # the engine opened these choices (its role chunk):
-                    for choice in chunk["choices"]:  # a resume's continuation must not again
-                        started.add(choice.get("index") or 0)
-                yield out.relayed(ev.chunks)
+                started |= ev.indexes  # the engine opened these choices: a resume's continuation must not again
+                yield out.relayed(ev.chunks, ev.reasoning_fields)
                 continue
             if isinstance(ev, Usage):
                 usage = ev

@@ -23,7 +23,6 @@ Which failures resume is documented in docs/resume.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from mesh.canonical import (
     CanonicalRequest,
@@ -126,8 +125,8 @@ class Delivered:
     def observe(self, ev: Event) -> None:
         """Track an event: a canonical one, or the relay path's engine chunks."""
         match ev:
-            case Relayed(chunks=chunks):  # the common case first
-                self._relayed(chunks)
+            case Relayed():  # the common case first
+                self._relayed(ev)
             case TextDelta(text=text, choice=c):
                 self.add_text(text, c)
             case ReasoningDelta(text=text, choice=c):
@@ -145,35 +144,19 @@ class Delivered:
                 # resume.
                 self.opaque = True
 
-    def _relayed(self, chunks: list[dict[str, Any]]) -> None:
-        """Engine chunks on the relay path (as ``RelayDecoder`` left them: a tool call's
-        first delta alone carries its ``id``). The ``add_*`` methods inlined: this runs for
-        every chunk of every relayed stream."""
-        choices = self.choices
-        for chunk in chunks:
-            for choice in chunk["choices"]:
-                c = choice.get("index") or 0
-                delta = choice.get("delta")
-                if delta:
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning:
-                        choices.add(c)
-                        self._reasoning.append(reasoning)
-                        self.deltas += 1
-                    text = delta.get("content")
-                    if text:
-                        choices.add(c)
-                        self._text.append(text)
-                        self.deltas += 1
-                    calls = delta.get("tool_calls")
-                    if calls:
-                        for call in calls:
-                            if "id" in call:
-                                self.start_tool_call(c)
-                            self.add_tool_args((call.get("function") or {}).get("arguments") or "", c)
-                if choice.get("finish_reason"):
-                    choices.add(c)
-                    self.finished = True
+    def _relayed(self, ev: Relayed) -> None:
+        """Engine chunks on the relay path, from what the relay decoder noted of them on its
+        walk (``Relayed``): this runs for every read of every relayed stream."""
+        if ev.active:
+            self.choices |= ev.active
+        if ev.texts:
+            self._text += ev.texts
+        if ev.reasoning:
+            self._reasoning += ev.reasoning
+        self.deltas += ev.deltas
+        self.tool_calls += ev.calls
+        if ev.finished:
+            self.finished = True
 
     def final_usage(self) -> Usage:
         """Usage for an answer that ended without its engine's final report (input 0: unknown,
