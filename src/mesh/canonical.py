@@ -264,7 +264,9 @@ class Relayed:
     after it walks them again (the resume tracker, the encoder): the text and reasoning
     deltas in order, the choices the chunks carry (``indexes``) and those with output, a
     tool call or a finish (``active``), the tool calls they start, whether a finish came,
-    and whether reasoning sits under the engine's field names (which the encoder renames).
+    whether reasoning sits under the engine's field names (which the encoder renames), and
+    whether any tool-call delta or logprobs came (without them, and with one choice, the
+    aggregator folds the noted text instead of the chunks).
     """
 
     chunks: list[dict[str, Any]]
@@ -278,6 +280,8 @@ class Relayed:
     calls: int = 0
     finished: bool = False
     reasoning_fields: bool = False
+    tools: bool = False
+    logprobs: bool = False
 
 
 Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage | Relayed
@@ -349,6 +353,9 @@ class _ChoiceBuilder:
         self.stop_sequence: str | None = None
 
 
+_FIRST_CHOICE = frozenset((0,))
+
+
 class Aggregator:
     """Folds an event stream into a :class:`Result`. Feed events with :meth:`add`."""
 
@@ -386,7 +393,27 @@ class Aggregator:
             case Usage():
                 self.usage = event
             case Relayed(chunks=chunks):
-                self._fold(chunks)
+                if not self._fold_noted(event):
+                    self._fold(chunks)
+
+    def _fold_noted(self, ev: Relayed) -> bool:
+        """Relayed chunks of the first choice alone, with no tool call or logprobs: their
+        text and reasoning as the relay decoder noted them, and their finish. False when the
+        chunks need :meth:`_fold`."""
+        if ev.tools or ev.logprobs or not ev.indexes <= _FIRST_CHOICE:
+            return False
+        b = self._choice(0)
+        b.text += ev.texts
+        b.reasoning += ev.reasoning
+        if ev.finished:
+            for chunk in reversed(ev.chunks):  # the last finish wins, as in _fold
+                for choice in chunk["choices"]:
+                    reason = choice.get("finish_reason")
+                    if reason:
+                        b.finish = reason
+                        b.stop_sequence = openai_stop_sequence(choice)
+                        return True
+        return True
 
     def _fold(self, chunks: list[dict[str, Any]]) -> None:
         """Relayed chunks, folded as the canonical decoder's events would be (their tool calls

@@ -150,6 +150,32 @@ def test_slowloris_is_closed_within_the_header_timeout(gw: tuple[GatewayProcess,
             s.close()
 
 
+def test_slowloris_after_a_first_request_is_closed_within_the_header_timeout(
+    gw: tuple[GatewayProcess, str, str],
+) -> None:
+    """The header timer watches every request of a kept connection, not only its first: a
+    second request whose headers drip in a byte at a time (each byte resets the keep-alive
+    timer) is closed like the first would be."""
+    gateway, _, _ = gw
+    with connect(gateway) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        sock.setblocking(False)
+        deadline = time.monotonic() + HEADER_TIMEOUT + MARGIN
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.send(b"X")
+                closed = sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+            time.sleep(0.2)
+        assert closed, "a kept connection dripping its second request's headers is still open"
+
+
 def test_keep_alive_connection_is_closed_when_idle(gw: tuple[GatewayProcess, str, str]) -> None:
     gateway, _, _ = gw
     with connect(gateway) as sock:

@@ -165,3 +165,50 @@ def test_message_shaped_chunks_fold_as_the_canonical_path_reads_them() -> None:
     assert tracked.text == expected.text == "hi"
     relayed = [ev for ev in relayed_events if isinstance(ev, Relayed)]
     assert all("message" not in ch and "delta" in ch for ev in relayed for c in ev.chunks for ch in c["choices"])
+
+
+# -- what the relay decoder notes on its one walk over the chunks ---------------------------------
+# The resume tracker and the aggregator read the relay decoder's notes (``Relayed.texts`` and
+# the rest) instead of walking the chunks again: the notes must say what the chunks say.
+
+
+def _tracked(events: list[Event]) -> tuple[object, ...]:
+    d = Delivered()
+    for ev in events:
+        d.observe(ev)
+    assert not d.opaque
+    return d.text, d.reasoning, sorted(d.choices), d.tool_calls, d.deltas, d.finished
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_the_resume_tracker_reads_from_the_notes_what_the_canonical_events_say(name: str) -> None:
+    chunks = ALL[name]
+    plain = ChunkDecoder()
+    expected = _tracked([ev for c in copy.deepcopy(chunks) for ev in plain.decode(c)])
+    for split in (1, 2, len(chunks)):  # reads of one chunk, two, and all of them
+        relay = RelayDecoder()
+        payloads = [orjson.dumps(c) for c in chunks]
+        events = [ev for i in range(0, len(payloads), split) for ev in relay.decode_batch(payloads[i : i + split])[0]]
+        assert _tracked(events) == expected, split
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_folding_the_notes_gives_what_folding_the_chunks_gives(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    noted = _relayed_in_one_read(ALL[name])
+    monkeypatch.setattr(Aggregator, "_fold_noted", lambda self, ev: False)
+    assert _relayed_in_one_read(ALL[name]) == noted
+
+
+def test_the_notes_of_a_read_are_those_of_the_chunks_it_keeps() -> None:
+    """A chunk refused after output in the same read is not delivered: nothing it held before
+    its bad part (text of its first choice, a second choice, a finish) stays in the notes."""
+    good = chunk(delta(content="ok"))
+    bad = chunk(delta(0, content="lost"), delta(1, reasoning_content="also lost", finish="stop"))
+    bad["choices"].append({"index": 2, "delta": {"content": 5}})  # the bad part, after the rest
+    relay = RelayDecoder()
+    events, _ = relay.decode_batch([orjson.dumps(good), orjson.dumps(bad)])
+    assert isinstance(relay.failure, EngineError)
+    (relayed,) = [ev for ev in events if isinstance(ev, Relayed)]
+    assert relayed.texts == ["ok"] and relayed.reasoning == [] and not relayed.finished
+    assert relayed.indexes == relayed.active == {0} and len(relayed.chunks) == 1
+    assert _tracked(events) == ("ok", "", [0], 0, 1, False)

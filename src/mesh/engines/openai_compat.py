@@ -163,6 +163,8 @@ def _joined(events: list[Event]) -> list[Event]:
             joined.calls += ev.calls
             joined.finished = joined.finished or ev.finished
             joined.reasoning_fields = joined.reasoning_fields or ev.reasoning_fields
+            joined.tools = joined.tools or ev.tools
+            joined.logprobs = joined.logprobs or ev.logprobs
         elif isinstance(ev, Usage):
             usage = ev
     return [joined] if usage is None else [joined, usage]

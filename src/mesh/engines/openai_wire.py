@@ -397,11 +397,11 @@ class ChunkDecoder:
 _OPENAI_FINISH = frozenset(("stop", "length", "tool_calls", "content_filter"))
 
 
-def _take_back(relayed: Relayed, mark: tuple[int, int, int, bool, bool]) -> None:
+def _take_back(relayed: Relayed, mark: tuple[int, int, int, bool, bool, bool, bool]) -> None:
     """What :meth:`RelayDecoder._inspect` noted of a chunk it then refused, taken back: the
     notes go back to ``mark`` and the choice sets are made again from the chunks kept."""
     del relayed.texts[mark[0]:], relayed.reasoning[mark[1]:]
-    relayed.calls, relayed.finished, relayed.reasoning_fields = mark[2:]
+    relayed.calls, relayed.finished, relayed.reasoning_fields, relayed.tools, relayed.logprobs = mark[2:]
     relayed.indexes.clear()
     relayed.active.clear()
     for chunk in relayed.chunks:
@@ -458,7 +458,7 @@ class RelayDecoder(ChunkDecoder):
             if chunk is _UNREAD:
                 break
             mark = (len(relayed.texts), len(relayed.reasoning), relayed.calls, relayed.finished,
-                    relayed.reasoning_fields)
+                    relayed.reasoning_fields, relayed.tools, relayed.logprobs)
             try:
                 keep, n, said = self._inspect(chunk, relayed)
             except (EngineError, *_MALFORMED) as exc:
@@ -520,10 +520,12 @@ class RelayDecoder(ChunkDecoder):
                     deltas += 1
                     if choice.get("logprobs"):
                         openai_logprobs(choice["logprobs"])  # what a fold or a client would trip on
+                        into.logprobs = True
                 calls = delta.get("tool_calls")
                 if calls:
                     answers = True
                     into.active.add(idx)
+                    into.tools = True
                     deltas += self._relay_calls(idx, calls, into)
             reason = choice.get("finish_reason")
             if reason:

@@ -182,9 +182,18 @@ class MeshHttpProtocol(HttpToolsProtocol):
 
     # -- headers: size and time ----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        self._receive(data)
+        # The timers are armed only for what this read left unfinished (most requests arrive
+        # whole in one read, and were two timers set and cancelled each): headers begun and
+        # not complete, or a body not complete, counted from now.
+        if self._headers_done:
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.edge.body_timeout, self._body_timeout)
+        elif self._header_timer is None and self._header_bytes and not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def _receive(self, data: bytes) -> None:
         if not self._headers_done:
-            if self._header_timer is None:
-                self._arm_header_timer()
             window = self._tail + data
             end = window.find(_END_OF_HEADERS)
             counted = len(data) if end < 0 else max(0, end + len(_END_OF_HEADERS) - len(self._tail))
@@ -217,7 +226,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._cancel(self._header_timer)
         self._header_timer = None
         self._cancel(self._body_timer)
-        self._body_timer = self.loop.call_later(self.edge.body_timeout, self._body_timeout)
+        self._body_timer = None  # armed at the end of the read if the body is not complete by then
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.transport is self.transport:  # the request's new cycle
