@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -314,6 +315,30 @@ def test_chat_client_disconnect_cancels_upstream(gateway: GatewayProcess, api_ke
         for _ in range(3):
             next(lines)
     deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
+
+
+def test_a_client_gone_before_the_stream_starts_cancels_the_engine(
+    gateway: GatewayProcess, api_key: str, engine: EngineProcess
+) -> None:
+    """A client that hangs up while its request is being routed (here: waiting for the
+    engine's first token, within the queue patience, so no keep-alive has been sent) is gone
+    before its response starts: the stream must not then run to its end for nobody."""
+    before = httpx.get(engine.url + "/control/stats").json()["cancelled"]
+    body = json.dumps({
+        "model": "test-model", "stream": True,
+        "messages": [{"role": "user", "content": "[delay:0.4] [tokens:200] [chunk_delay:0.05]"}],
+    }).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.1)  # routed, waiting for the first token: the client leaves
+    deadline = time.monotonic() + 5  # the whole answer would take 10 s
     while time.monotonic() < deadline:
         if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
             break

@@ -117,17 +117,22 @@ class _HeadersWithBody:
 
 class _HangUp:
     """A response's way to hear that its client went away (``http/streaming.py``), instead
-    of a task per response waiting on ``receive()`` for ``http.disconnect``."""
+    of a task per response waiting on ``receive()`` for ``http.disconnect``. A client gone
+    before the response listens (while its request was routed) is told at once."""
 
-    __slots__ = ("_callback",)
+    __slots__ = ("_callback", "_gone")
 
     def __init__(self) -> None:
         self._callback: Callable[[], None] | None = None
+        self._gone = False
 
     def listen(self, callback: Callable[[], None] | None) -> None:
         self._callback = callback
+        if self._gone and callback is not None:
+            self.fire()
 
     def fire(self) -> None:
+        self._gone = True
         callback, self._callback = self._callback, None
         if callback is not None:
             callback()
