@@ -212,3 +212,19 @@ def test_the_notes_of_a_read_are_those_of_the_chunks_it_keeps() -> None:
     assert relayed.texts == ["ok"] and relayed.reasoning == [] and not relayed.finished
     assert relayed.indexes == relayed.active == {0} and len(relayed.chunks) == 1
     assert _tracked(events) == ("ok", "", [0], 0, 1, False)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_notes_made_again_after_a_refused_chunk_are_those_of_the_read_without_it(name: str) -> None:
+    """Every transcript's chunks in one read, then a chunk refused after its first part: the
+    notes are those of the same read without it, field by field."""
+    payloads = [orjson.dumps(c) for c in ALL[name]]
+    bad = chunk(delta(0, reasoning_content="lost", finish="stop"), delta(4, tool_calls=[{"function": {"name": "x"}}]))
+    bad["choices"].append({"index": 5, "delta": {"content": 5}})
+    refused, clean = RelayDecoder(), RelayDecoder()
+    events, _ = refused.decode_batch([*payloads, orjson.dumps(bad)])
+    expected, _ = clean.decode_batch(payloads)
+    assert isinstance(refused.failure, EngineError)
+    (got,) = [ev for ev in events if isinstance(ev, Relayed)]
+    (want,) = [ev for ev in expected if isinstance(ev, Relayed)]
+    assert got == want

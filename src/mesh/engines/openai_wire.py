@@ -397,20 +397,37 @@ class ChunkDecoder:
 _OPENAI_FINISH = frozenset(("stop", "length", "tool_calls", "content_filter"))
 
 
-def _take_back(relayed: Relayed, mark: tuple[int, int, int, bool, bool, bool, bool]) -> None:
-    """What :meth:`RelayDecoder._inspect` noted of a chunk it then refused, taken back: the
-    notes go back to ``mark`` and the choice sets are made again from the chunks kept."""
-    del relayed.texts[mark[0]:], relayed.reasoning[mark[1]:]
-    relayed.calls, relayed.finished, relayed.reasoning_fields, relayed.tools, relayed.logprobs = mark[2:]
-    relayed.indexes.clear()
-    relayed.active.clear()
+def _renote(relayed: Relayed) -> None:
+    """The notes of ``relayed`` made again from the chunks it keeps, after
+    :meth:`RelayDecoder._inspect` noted part of a chunk it then refused (rare: an engine's
+    malformed chunk), so that nothing of that chunk counts as delivered."""
+    relayed.texts, relayed.reasoning, relayed.indexes, relayed.active = [], [], set(), set()
+    relayed.calls = 0
+    relayed.finished = relayed.reasoning_fields = relayed.tools = relayed.logprobs = False
     for chunk in relayed.chunks:
         for choice in chunk["choices"]:
             idx = int(choice.get("index") or 0)
             relayed.indexes.add(idx)
-            delta = choice.get("delta") or {}
-            if (delta.get("reasoning_content") or delta.get("reasoning") or delta.get("content")
-                    or delta.get("tool_calls") or choice.get("finish_reason")):
+            delta = choice.get("delta")
+            if delta:
+                if "reasoning_content" in delta or "reasoning" in delta:
+                    relayed.reasoning_fields = True
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning:
+                        relayed.reasoning.append(reasoning)
+                        relayed.active.add(idx)
+                content = delta.get("content")
+                if content:
+                    relayed.texts.append(content)
+                    relayed.active.add(idx)
+                    relayed.logprobs = relayed.logprobs or bool(choice.get("logprobs"))
+                calls = delta.get("tool_calls")
+                if calls:
+                    relayed.tools = True
+                    relayed.active.add(idx)
+                    relayed.calls += sum(1 for call in calls if "id" in call)
+            if choice.get("finish_reason"):
+                relayed.finished = True
                 relayed.active.add(idx)
 
 
@@ -457,12 +474,12 @@ class RelayDecoder(ChunkDecoder):
             chunk = self._parse(payload, bool(chunks) or usage is not None)
             if chunk is _UNREAD:
                 break
-            mark = (len(relayed.texts), len(relayed.reasoning), relayed.calls, relayed.finished,
-                    relayed.reasoning_fields, relayed.tools, relayed.logprobs)
+            finish = self.first_finish
             try:
                 keep, n, said = self._inspect(chunk, relayed)
             except (EngineError, *_MALFORMED) as exc:
-                _take_back(relayed, mark)  # nothing of the bad chunk counts as delivered
+                _renote(relayed)  # nothing of the bad chunk counts as delivered
+                self.first_finish = finish  # nor its finish reason
                 err = exc if isinstance(exc, EngineError) else _malformed()
                 if not chunks:
                     raise err from None
