@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
-# Request ids come from the OS's random bytes like every other id, drawn 256 ids at a time:
-# a getrandom() system call per request was a measured 1% of a request's CPU. A forked
-# child drops what its parent drew, so the two never hand out the same ids.
+# A request id is its second (8 hex digits) and 64 random bits (16): unique (two requests in
+# one second share the random part with odds of 1 in 2**64 per pair), and inserted near the
+# end of every index keyed by it (usage records, ledger rows, holds) instead of at a random
+# place: at 200,000 usage rows an insert into SQLite took 34 us of CPU with random ids, 9 us
+# with these. The random parts come from the OS 256 at a time (a getrandom() system call per
+# request was a measured 1% of its CPU); a forked child drops what its parent drew, so the
+# two never hand out the same ids.
 _BATCH = 256
-_ID_BYTES = 12
+_RANDOM_BYTES = 8
 _pool: list[str] = []
 
 
@@ -22,10 +27,10 @@ os.register_at_fork(after_in_child=_drop_pool)
 
 def request_id() -> str:
     if not _pool:
-        raw = os.urandom(_BATCH * _ID_BYTES).hex()
-        step = 2 * _ID_BYTES
-        _pool.extend("req_" + raw[i : i + step] for i in range(0, len(raw), step))
-    return _pool.pop()
+        raw = os.urandom(_BATCH * _RANDOM_BYTES).hex()
+        step = 2 * _RANDOM_BYTES
+        _pool.extend(raw[i : i + step] for i in range(0, len(raw), step))
+    return f"req_{int(time.time()):08x}{_pool.pop()}"
 
 
 def prefixed(prefix: str, nbytes: int = 12) -> str:
