@@ -407,7 +407,7 @@ class Aggregator:
         b.reasoning += ev.reasoning
         if ev.finished:
             for chunk in reversed(ev.chunks):  # the last finish wins, as in _fold
-                for choice in chunk["choices"]:
+                for choice in reversed(chunk["choices"]):
                     reason = choice.get("finish_reason")
                     if reason:
                         b.finish = reason

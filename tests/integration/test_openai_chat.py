@@ -346,6 +346,35 @@ def test_a_client_gone_before_the_stream_starts_cancels_the_engine(
     assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
 
 
+def test_a_pipelined_client_that_leaves_cancels_the_stream_it_was_reading(
+    gateway: GatewayProcess, api_key: str, engine: EngineProcess
+) -> None:
+    """Two streamed requests pipelined on one connection: when the client leaves while the
+    first one's response waits for its first token, that engine request is cancelled (the
+    second request's arrival must not hide the first from the hang-up)."""
+    before = httpx.get(engine.url + "/control/stats").json()["cancelled"]
+
+    def raw(content: str) -> bytes:
+        body = json.dumps({"model": "test-model", "stream": True,
+                           "messages": [{"role": "user", "content": content}]}).encode()
+        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        # The first waits 4 s for its first token: past the queue patience its response starts
+        # and sends keep-alives, and nothing else would end it before the engine answers.
+        sock.sendall(raw("[delay:4] [tokens:3] first") + raw("[tokens:3] second"))
+        got = b""
+        while b"\r\n\r\n" not in got:  # the first response has started
+            got += sock.recv(65536)
+    deadline = time.monotonic() + 2.5  # before the engine's first token
+    while time.monotonic() < deadline:
+        if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
+
+
 def test_chat_models_list_and_get(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
     assert ids == ["test-model", "test-reasoner", "test-reasoner-vllm"]

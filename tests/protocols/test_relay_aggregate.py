@@ -40,6 +40,12 @@ EXTRA: dict[str, list[dict[str, Any]]] = {
         chunk(delta(content="ok")),
         chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": "eos", "matched_stop": "\n\n"}),
     ],
+    # one chunk naming the first choice twice, with two finish reasons: the last one wins,
+    # whichever way the chunks are folded.
+    "same_choice_twice": [
+        chunk(delta(content="ok")),
+        chunk(delta(0, finish="length"), delta(0, finish="stop")),
+    ],
     # tool calls the engine left without index or id, interleaved over two choices, with
     # reasoning under the older field name.
     "bare_tools_two_choices": [

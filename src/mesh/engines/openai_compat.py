@@ -42,9 +42,9 @@ _DATA = b"data:"
 # loses the connection instead of holding the request up.
 _DRAIN_TIMEOUT = 1.0
 # A streamed answer's first read can hold much of the answer (a fast engine, a short answer).
-# When more than this many payloads would follow its first output, that output goes to the
-# client before the rest of the read is decoded: the time to first token does not grow with
-# what came with it, for one more write.
+# When it holds more than this many payloads, its first output goes to the client before the
+# rest of the read is decoded: the time to first token does not grow with what came with it,
+# for one more write.
 _SPLIT_FIRST_READ = 4
 
 
@@ -300,12 +300,9 @@ class OpenAIEngine:
                     more, done = decoder.decode_batch(batch[k : k + 1])
                     events.extend(more)
                     if done or any(_answers(ev) for ev in more):
-                        rest = batch[k + 1 :] if len(batch) - k - 1 > _SPLIT_FIRST_READ else []
-                        if rest or done:
-                            return _joined(events), done, rest
-                        more, done = decoder.decode_batch(batch[k + 1 :])  # too little left to split
-                        events.extend(more)
-                        return _joined(events), done, []
+                        # Nothing after the first output is decoded here: what fails there
+                        # fails after it (the client has its text, the engine its bill).
+                        return _joined(events), done, batch[k + 1 :]
                     if decoder.failure is not None:
                         raise decoder.failure
                 continue

@@ -117,8 +117,7 @@ class _HeadersWithBody:
 
 class _HangUp:
     """A response's way to hear that its client went away (``http/streaming.py``), instead
-    of a task per response waiting on ``receive()`` for ``http.disconnect``. A client gone
-    before the response listens (while its request was routed) is told at once."""
+    of a task per response waiting on ``receive()`` for ``http.disconnect``."""
 
     __slots__ = ("_callback", "_gone")
 
@@ -126,10 +125,11 @@ class _HangUp:
         self._callback: Callable[[], None] | None = None
         self._gone = False
 
-    def listen(self, callback: Callable[[], None] | None) -> None:
-        self._callback = callback
-        if self._gone and callback is not None:
-            self.fire()
+    def listen(self, callback: Callable[[], None] | None) -> bool:
+        """Call ``callback`` when the client goes (None: stop); False when it is gone
+        already (it left while its request was routed), and nothing will be called."""
+        self._callback = None if self._gone else callback
+        return not self._gone
 
     def fire(self) -> None:
         self._gone = True
@@ -162,7 +162,7 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
-        self._hang_up: _HangUp | None = None  # the latest request's
+        self._hang_ups: list[_HangUp] = []  # of the requests not yet answered, oldest first
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -177,8 +177,9 @@ class MeshHttpProtocol(HttpToolsProtocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._hang_up is not None:
-            self._hang_up.fire()  # the response still streaming to this client, if any
+        for hang_up in self._hang_ups:  # the responses still going to this client (pipelined too)
+            hang_up.fire()
+        self._hang_ups.clear()
         self._cancel(self._header_timer)
         self._cancel(self._body_timer)
         self._cancel(self._write_timer)
@@ -236,8 +237,9 @@ class MeshHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.transport is self.transport:  # the request's new cycle
             cycle.transport = _HeadersWithBody(self.transport, self.loop)  # type: ignore[assignment]
-            self._hang_up = _HangUp()
-            cycle.scope[ON_DISCONNECT] = self._hang_up.listen  # type: ignore[literal-required]
+            hang_up = _HangUp()
+            self._hang_ups.append(hang_up)
+            cycle.scope[ON_DISCONNECT] = hang_up.listen  # type: ignore[literal-required]
 
     def on_message_complete(self) -> None:
         self._cancel(self._body_timer)
@@ -281,6 +283,8 @@ class MeshHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def on_response_complete(self) -> None:
+        if self._hang_ups:
+            self._hang_ups.pop(0)  # answers complete in the order their requests came
         super().on_response_complete()
         # uvicorn's keep-alive timer now watches the idle connection.
         self._cancel(self._header_timer)

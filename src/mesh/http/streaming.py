@@ -15,7 +15,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 SSE_COMMENT = b": keep-alive\n\n"
 # The scope key under which Mesh's HTTP server (``http/server.py``) offers to call back when
-# the client hangs up: ``scope[ON_DISCONNECT](callback)``, ``None`` to stop being called.
+# the client hangs up: ``scope[ON_DISCONNECT](callback)`` (False: gone already), ``None`` to
+# stop being called.
 ON_DISCONNECT = "mesh.on_disconnect"
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -63,7 +64,7 @@ class StreamResponse:
         else:
             await self._told(on_disconnect, send)
 
-    async def _told(self, on_disconnect: Callable[[Callable[[], None] | None], None], send: Send) -> None:
+    async def _told(self, on_disconnect: Callable[[Callable[[], None] | None], bool], send: Send) -> None:
         """Under Mesh's server (``http/server.py``), which says when the client goes away:
         the body is pumped in this task, and a disconnect cancels it (no pump task, no task
         waiting on ``receive``, two per stream)."""
@@ -77,11 +78,11 @@ class StreamResponse:
                 gone = True
                 task.cancel()
 
-        on_disconnect(hung_up)
         failure: Exception | None = None
         cancelled = False
         try:
-            await self._pump(send)
+            if on_disconnect(hung_up):  # else the client left while the request was routed: nothing to send
+                await self._pump(send)
         except asyncio.CancelledError:
             cancelled = not gone  # not the hang-up's (the server stopping): it goes on after the clean-up
         except OSError:
