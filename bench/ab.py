@@ -1,0 +1,61 @@
+"""Two versions of Mesh in one run: the same engine and proxy in front of a gateway on this
+checkout's code and one on another checkout's ``src`` (a ``git worktree`` of the commit to
+compare with), measured in alternating windows, medians of the CPU per request or chunk.
+
+    git worktree add /tmp/base <commit>
+    .venv/bin/python -m bench.ab --base /tmp/base/src --mode chat --concurrency 16 --rounds 10
+
+Each gateway gets a fresh SQLite database, as in ``make bench``; windows alternate in order
+and in reverse, so a drift of the machine falls on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.measure import Point, run_load, summarize
+from bench.targets import mesh_config, start_engine, start_mesh, start_proxy
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="the other checkout's src directory")
+    p.add_argument("--mode", choices=("chat", "stream"), default="chat")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=8)
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="mesh-ab-"))
+    engine = start_engine(work)
+    targets = [start_proxy(work, engine.url)]
+    try:
+        targets.append(start_mesh("base", "Mesh (--base)", work, mesh_config(f"sqlite:///{work}/base.db", engine.url),
+                                  env={"PYTHONPATH": str(Path(a.base).resolve())}))
+        targets.append(start_mesh("this", "Mesh (this checkout)", work,
+                                  mesh_config(f"sqlite:///{work}/this.db", engine.url)))
+        point = Point(a.mode, a.concurrency)
+        key = "cpu_us_per_chunk" if a.mode == "stream" else "cpu_ms_per_req"
+        seen: dict[str, list[float]] = {t.name: [] for t in targets}
+        for r in range(a.rounds):
+            for t in targets if r % 2 == 0 else targets[::-1]:
+                value = summarize(run_load(t, point, a.duration, 0.5), point)[key]
+                if value is not None:
+                    seen[t.name].append(value)
+        unit = "us/chunk" if a.mode == "stream" else "ms/request"
+        proxy = statistics.median(seen["proxy"])
+        for t in targets:
+            m = statistics.median(seen[t.name])
+            print(f"{t.label:<22} {point.name}: CPU median {m:.4g} {unit} ({m / proxy:.2f}x the proxy), "
+                  f"min {min(seen[t.name]):.4g}, {len(seen[t.name])} windows")
+    finally:
+        for t in (*targets, engine):
+            t.server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
