@@ -70,3 +70,15 @@ async def test_an_end_that_never_comes_drops_the_connection() -> None:
         await answer(engine)
         await engine.aclose()
     assert state.connections == 2
+
+
+async def test_closing_the_engine_ends_the_drains_it_started() -> None:
+    """An answer whose end is still being read when the engine is closed (a reload, a
+    shutdown): closing cancels that read and waits for it, so no task outlives the engine."""
+    async with serve(handler_with_gap(30)) as (_, url):
+        engine = OpenAIEngine(OpenAIEngineConfig(type="openai", base_url=url.removesuffix("/chat/completions")), "m")
+        await answer(engine)
+        draining = list(engine._draining)
+        assert draining and not any(task.done() for task in draining)
+        await engine.aclose()
+        assert all(task.done() for task in draining) and not engine._draining

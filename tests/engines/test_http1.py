@@ -411,3 +411,27 @@ async def test_a_path_outside_ascii_is_percent_encoded_and_headers_cannot_break_
     assert head.startswith(b"POST /v1/%E2%82%AC/chat/completions HTTP/1.1\r\n")
     with pytest.raises(ValueError):
         client.request_head("/v1/chat/completions", {"Authorization": "Bearer k\r\nX-Evil: 1"})
+
+
+async def test_a_closed_client_refuses_work() -> None:
+    """After ``aclose`` (the engine was removed or the process stops) a request is refused,
+    not sent: nothing reaches the engine."""
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            seen.append(request)
+            writer.write(ok(b"data: [DONE]\n\n"))
+            await writer.drain()
+
+    async with serve(handler) as (_, url):
+        client = Http1Client(url, connect_timeout=2, read_timeout=2)
+        head = client.request_head("/v1/chat/completions", {"Content-Type": "application/json"})
+        resp = await client.post(head, b"{}")
+        await resp.read()
+        resp.release()
+        await client.aclose()
+        with pytest.raises(UpstreamClosed):
+            await client.post(head, b"{}")
+        await asyncio.sleep(0.1)
+        assert len(seen) == 1
