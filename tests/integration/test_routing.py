@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -24,36 +25,34 @@ def _model(model_id: str, engines: list[dict[str, Any]], **extra: Any) -> dict[s
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    replicas = [EngineProcess(models="test-model", name=f"replica-{i}").start() for i in range(3)]
-    solo = EngineProcess(models="test-model", name="solo").start()
-    dead = f"http://127.0.0.1:{free_port()}/v1"
-    work = tmp_path_factory.mktemp("routing")
-    pooled = [
-        {"type": "openai", "base_url": r.base_url, "model": "test-model", "name": r.name, "connect_timeout": 1}
-        for r in replicas
-    ]
-    config = {
-        "database": f"sqlite:///{work}/mesh.db",
-        "routing": {
-            "health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 2, "queue_timeout": 2.5,
-            "keepalive_interval": 0.2, "affinity_min_prefix_chars": 100,
-        },
-        "models": [
-            _model("pooled", pooled),
-            _model("solo", [{"type": "openai", "base_url": solo.base_url, "model": "test-model", "capacity": 1}]),
-            _model("primary", [{"type": "openai", "base_url": dead, "connect_timeout": 1}], fallbacks=["pooled"]),
-            _model("lonely", [{"type": "openai", "base_url": dead, "connect_timeout": 1}]),
-        ],
-    }
-    gw = GatewayProcess(config, work).start()
-    admin = Admin(gw.url)
-    account = admin.account("fleet", credits="100")
-    yield {"gw": gw, "admin": admin, "replicas": replicas, "solo": solo, "key": admin.key(account)["key"],
-           "account": account}
-    admin.close()
-    gw.stop()
-    for e in [*replicas, solo]:
-        e.stop()
+    with contextlib.ExitStack() as stack:  # whatever fails, every process started is stopped
+        replicas = [stack.enter_context(EngineProcess(models="test-model", name=f"replica-{i}")) for i in range(3)]
+        solo = stack.enter_context(EngineProcess(models="test-model", name="solo"))
+        dead = f"http://127.0.0.1:{free_port()}/v1"
+        work = tmp_path_factory.mktemp("routing")
+        pooled = [
+            {"type": "openai", "base_url": r.base_url, "model": "test-model", "name": r.name, "connect_timeout": 1}
+            for r in replicas
+        ]
+        config = {
+            "database": f"sqlite:///{work}/mesh.db",
+            "routing": {
+                "health_interval": 0.3, "breaker_cooldown": 1.0, "failure_threshold": 2, "queue_timeout": 2.5,
+                "keepalive_interval": 0.2, "affinity_min_prefix_chars": 100,
+            },
+            "models": [
+                _model("pooled", pooled),
+                _model("solo", [{"type": "openai", "base_url": solo.base_url, "model": "test-model", "capacity": 1}]),
+                _model("primary", [{"type": "openai", "base_url": dead, "connect_timeout": 1}], fallbacks=["pooled"]),
+                _model("lonely", [{"type": "openai", "base_url": dead, "connect_timeout": 1}]),
+            ],
+        }
+        gw = stack.enter_context(GatewayProcess(config, work))
+        admin = Admin(gw.url)
+        stack.callback(admin.close)
+        account = admin.account("fleet", credits="100")
+        yield {"gw": gw, "admin": admin, "replicas": replicas, "solo": solo, "key": admin.key(account)["key"],
+               "account": account}
 
 
 def served(replicas: list[EngineProcess]) -> list[int]:
