@@ -283,6 +283,22 @@ class Relayed:
     tools: bool = False
     logprobs: bool = False
 
+    def extend(self, other: Relayed) -> None:
+        """Append ``other``'s chunks and notes (a later part of the same read)."""
+        self.chunks += other.chunks
+        self.deltas += other.deltas
+        self.answers = self.answers or other.answers
+        self.finish = other.finish
+        self.texts += other.texts
+        self.reasoning += other.reasoning
+        self.indexes |= other.indexes
+        self.active |= other.active
+        self.calls += other.calls
+        self.finished = self.finished or other.finished
+        self.reasoning_fields = self.reasoning_fields or other.reasoning_fields
+        self.tools = self.tools or other.tools
+        self.logprobs = self.logprobs or other.logprobs
+
 
 Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | Finish | Usage | Relayed
 

@@ -314,21 +314,7 @@ class Pipeline:
         task = loop.create_task(self._route(ctx, request))
         pending = PendingStream(task)
         ctx.stream = pending  # owned from now on: finish() cancels it if nobody iterates it
-        # asyncio.wait({task}, timeout=patience), without its sets and second callback.
-        woken = loop.create_future()
-
-        def wake(_: object = None) -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        task.add_done_callback(wake)
-        timer = loop.call_later(patience, wake)
-        try:
-            await woken
-        finally:
-            timer.cancel()
-            task.remove_done_callback(wake)
-        if task.done():
+        if await pending.routed_within(patience):
             return task.result()
         return pending
 

@@ -152,19 +152,7 @@ def _joined(events: list[Event]) -> list[Event]:
     usage: Usage | None = None
     for ev in events:
         if isinstance(ev, Relayed):
-            joined.chunks += ev.chunks
-            joined.deltas += ev.deltas
-            joined.answers = joined.answers or ev.answers
-            joined.finish = ev.finish
-            joined.texts += ev.texts
-            joined.reasoning += ev.reasoning
-            joined.indexes |= ev.indexes
-            joined.active |= ev.active
-            joined.calls += ev.calls
-            joined.finished = joined.finished or ev.finished
-            joined.reasoning_fields = joined.reasoning_fields or ev.reasoning_fields
-            joined.tools = joined.tools or ev.tools
-            joined.logprobs = joined.logprobs or ev.logprobs
+            joined.extend(ev)
         elif isinstance(ev, Usage):
             usage = ev
     return [joined] if usage is None else [joined, usage]

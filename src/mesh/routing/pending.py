@@ -17,6 +17,25 @@ class PendingStream:
     def __init__(self, task: asyncio.Task[RoutedStream]) -> None:
         self.task = task
 
+    async def routed_within(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` for the route to end (routed or failed); whether it did.
+        ``asyncio.wait({task}, timeout=...)`` without its sets and second callback."""
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        self.task.add_done_callback(wake)
+        timer = loop.call_later(seconds, wake)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            self.task.remove_done_callback(wake)
+        return self.task.done()
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
