@@ -300,6 +300,17 @@ def test_chat_stream_failure_after_first_byte_ends_with_error_event(client: open
     assert received, "some chunks arrive before the failure"
 
 
+def cancelled_within(engine: EngineProcess, seconds: float, before: int) -> int:
+    """The engine's count of cancelled requests, polled for up to ``seconds`` until it is
+    above ``before``."""
+    deadline = time.monotonic() + seconds
+    count = httpx.get(engine.url + "/control/stats").json()["cancelled"]
+    while count <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = httpx.get(engine.url + "/control/stats").json()["cancelled"]
+    return count
+
+
 def test_chat_client_disconnect_cancels_upstream(gateway: GatewayProcess, api_key: str, engine: EngineProcess) -> None:
     before = httpx.get(engine.url + "/control/stats").json()["cancelled"]
     body = {
@@ -314,12 +325,7 @@ def test_chat_client_disconnect_cancels_upstream(gateway: GatewayProcess, api_ke
         lines = resp.iter_lines()
         for _ in range(3):
             next(lines)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
-            break
-        time.sleep(0.05)
-    assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
+    assert cancelled_within(engine, 5, before) > before
 
 
 def test_a_client_gone_before_the_stream_starts_cancels_the_engine(
@@ -338,12 +344,7 @@ def test_a_client_gone_before_the_stream_starts_cancels_the_engine(
     with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
         sock.sendall(head + body)
         time.sleep(0.1)  # routed, waiting for the first token: the client leaves
-    deadline = time.monotonic() + 5  # the whole answer would take 10 s
-    while time.monotonic() < deadline:
-        if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
-            break
-        time.sleep(0.05)
-    assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
+    assert cancelled_within(engine, 5, before) > before  # the whole answer would take 10 s
 
 
 def test_a_pipelined_client_that_leaves_cancels_the_stream_it_was_reading(
@@ -367,12 +368,7 @@ def test_a_pipelined_client_that_leaves_cancels_the_stream_it_was_reading(
         got = b""
         while b"\r\n\r\n" not in got:  # the first response has started
             got += sock.recv(65536)
-    deadline = time.monotonic() + 2.5  # before the engine's first token
-    while time.monotonic() < deadline:
-        if httpx.get(engine.url + "/control/stats").json()["cancelled"] > before:
-            break
-        time.sleep(0.05)
-    assert httpx.get(engine.url + "/control/stats").json()["cancelled"] > before
+    assert cancelled_within(engine, 2.5, before) > before  # before the engine's first token
 
 
 def test_chat_models_list_and_get(client: openai.OpenAI) -> None:
