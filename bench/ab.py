@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.measure import Point, run_load, summarize
-from bench.targets import mesh_config, start_engine, start_mesh, start_proxy
+from bench.targets import mesh_config, start_engine, start_floor, start_mesh, start_proxy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--floor", action="store_true",
+                   help="also Mesh's floor: its HTTP server and engine client passing requests through "
+                        "(bench.floor), and the same with a streamed upstream")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mesh-ab-"))
     engine = start_engine(work)
     targets = [start_proxy(work, engine.url)]
     try:
+        if a.floor:
+            targets += [start_floor(work, engine.url), start_floor(work, engine.url, stream_upstream=True)]
         targets.append(start_mesh("base", "Mesh (--base)", work, mesh_config(f"sqlite:///{work}/base.db", engine.url),
                                   env={"PYTHONPATH": str(Path(a.base).resolve())}))
         targets.append(start_mesh("this", "Mesh (this checkout)", work,
@@ -40,17 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         point = Point(a.mode, a.concurrency)
         key = "cpu_us_per_chunk" if a.mode == "stream" else "cpu_ms_per_req"
         seen: dict[str, list[float]] = {t.name: [] for t in targets}
+        ttft: dict[str, list[float]] = {t.name: [] for t in targets}
         for r in range(a.rounds):
             for t in targets if r % 2 == 0 else targets[::-1]:
-                value = summarize(run_load(t, point, a.duration, 0.5), point)[key]
-                if value is not None:
-                    seen[t.name].append(value)
+                summary = summarize(run_load(t, point, a.duration, 0.5), point)
+                if summary[key] is not None:
+                    seen[t.name].append(summary[key])
+                if summary.get("ttft_p50_ms") is not None:
+                    ttft[t.name].append(summary["ttft_p50_ms"])
         unit = "us/chunk" if a.mode == "stream" else "ms/request"
         proxy = statistics.median(seen["proxy"])
         for t in targets:
             m = statistics.median(seen[t.name])
-            print(f"{t.label:<22} {point.name}: CPU median {m:.4g} {unit} ({m / proxy:.2f}x the proxy), "
-                  f"min {min(seen[t.name]):.4g}, {len(seen[t.name])} windows")
+            first = f", TTFT p50 median {statistics.median(ttft[t.name]):.3f} ms" if ttft[t.name] else ""
+            print(f"{t.label:<28} {point.name}: CPU median {m:.4g} {unit} ({m / proxy:.2f}x the proxy), "
+                  f"min {min(seen[t.name]):.4g}, {len(seen[t.name])} windows{first}")
     finally:
         for t in (*targets, engine):
             t.server.stop()

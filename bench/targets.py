@@ -55,6 +55,17 @@ def start_proxy(work: Path, upstream: str) -> Target:
     return Target("proxy", "minimal proxy", server.start_ready_line())
 
 
+def start_floor(work: Path, upstream: str, *, stream_upstream: bool = False) -> Target:
+    """Mesh's HTTP server and engine client passing requests through (``bench.floor``)."""
+    name = "floor-streamed" if stream_upstream else "floor"
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.floor", "--upstream", upstream, "--port", str(port)]
+    server = Server(name, argv + (["--stream-upstream"] if stream_upstream else []), work / f"{name}.log", cwd=ROOT)
+    server.start_health(f"http://127.0.0.1:{port}", "/health", timeout=30)
+    label = "floor, streamed upstream" if stream_upstream else "floor (Mesh's HTTP layers)"
+    return Target(name, label, server)
+
+
 def mesh_config(database: str, engine_url: str | None) -> dict[str, Any]:
     """Everything on: keys, billing with real prices, rate limits, metrics, one log line per
     request at the default INFO level (to the log file)."""
