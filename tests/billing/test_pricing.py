@@ -70,6 +70,23 @@ def test_token_cost_rejects_floats_and_negatives() -> None:
         token_cost(MINIMAX, output_tokens=-1)
 
 
+def test_cost_is_token_cost_of_the_usage_and_refuses_what_it_refuses() -> None:
+    """``cost`` has its own fast path; it must price exactly as ``token_cost`` does, with a
+    cached count above the input clamped, and refuse the same counts."""
+    prices = [MINIMAX, Pricing(input=Decimal("0.000001"), output=Decimal("3.3"), request=Decimal("0.0007")),
+              Pricing(input=Decimal("7"), cached_input=Decimal("9"), output=Decimal("0"))]
+    counts = [0, 1, 2, 7, 999, 10**6 + 1, 2**53]
+    for p in prices:
+        for i in counts:
+            for c in counts:
+                for o in counts[:4]:
+                    assert cost(p, Usage(i, o, c)) == token_cost(p, input_tokens=i, cached_tokens=c, output_tokens=o)
+    for bad, error in ((Usage(1.5, 1), TypeError), (Usage(True, 1), TypeError), (Usage(1, -1), ValueError),  # type: ignore[arg-type]
+                       (Usage(1, 1, -2), ValueError)):
+        with pytest.raises(error):
+            cost(MINIMAX, bad)
+
+
 def test_hold_cost_prices_prompt_uncached() -> None:
     assert hold_cost(MINIMAX, 1000, 10) == 300 + 12
 

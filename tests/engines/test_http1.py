@@ -181,6 +181,77 @@ async def test_an_engine_that_stalls_times_out_per_read() -> None:
         await client.aclose()
 
 
+async def test_the_read_timer_times_each_read_of_each_connection_not_the_whole_answer() -> None:
+    """One timer serves every read of a client: a stalled answer times out while, beside it,
+    an answer that keeps coming for longer than the timeout, a piece well within it each
+    time, is read to its end."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        if body is not None and body.endswith(b"stall"):
+            await writer.drain()
+            await asyncio.sleep(5)
+            return
+        for _ in range(8):  # 1.2 s in all, twice the timeout
+            writer.write(b"3\r\nab\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.15)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with serve(handler) as (_, url):
+        client = client_for(url, read_timeout=0.6)
+
+        async def steady() -> bytes:
+            resp = await post(client, b"steady")
+            data = await read_all(resp)
+            resp.release()
+            return data
+
+        async def stalled() -> None:
+            await asyncio.sleep(0.3)  # after the timer was set for the steady read: it must be set again
+            resp = await post(client, b"stall")
+            try:
+                await resp.readany()
+            finally:
+                resp.close()
+
+        steady_task = asyncio.create_task(steady())
+        with pytest.raises(TimeoutError):
+            await stalled()
+        assert await steady_task == b"ab\n" * 8
+        await client.aclose()
+
+
+async def test_a_read_that_starts_after_the_timer_was_set_still_times_out() -> None:
+    """The timer is due at the first read's deadline; a later read's deadline is only noted.
+    With the first read done by then, the timer must set itself again for the later one."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        body = await read_request(reader)
+        if body is not None and body.endswith(b"stall"):
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)
+            return
+        writer.write(ok(b"done"))
+        await writer.drain()
+
+    async with serve(handler) as (_, url):
+        client = client_for(url, read_timeout=0.5)
+        quick = await post(client, b"quick")  # sets the timer, due in 0.5 s
+        assert await read_all(quick) == b"done"
+        quick.release()
+        await asyncio.sleep(0.25)
+        stalled = await post(client, b"stall")  # due 0.25 s after the timer
+        read = asyncio.create_task(stalled.readany())
+        await asyncio.wait({read}, timeout=4)  # well before the server's close after 5 s
+        assert read.done() and isinstance(read.exception(), TimeoutError)
+        stalled.close()
+        await client.aclose()
+
+
 async def test_an_answer_without_a_length_ends_with_its_connection() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

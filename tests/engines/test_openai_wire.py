@@ -61,3 +61,61 @@ def test_a_malformed_chunk_after_usage_in_the_same_read_fails_after_the_usage() 
         events, done = decoder.decode_batch([chunk, usage, b"{broken"])
         assert not done and decoder.failure is not None
         assert [e for e in events if isinstance(e, _Usage)] == [_Usage(input_tokens=7, output_tokens=1)]
+
+
+def _chunk_shapes() -> list[object]:
+    """Chunks of the common shape and of every shape next to it (which the fast path must
+    leave to the general walk), malformed ones included."""
+    plain: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": None}
+    deltas: list[object] = [
+        {"content": "hi"}, {"content": ""}, {"role": "assistant", "content": ""}, {"role": "assistant", "content": "x"},
+        {"role": "assistant"}, {}, None, {"content": None}, {"content": 5}, {"content": ["x"]},
+        {"content": "x", "reasoning_content": None}, {"reasoning_content": "think"}, {"reasoning": "r", "content": "x"},
+        {"content": "x", "tool_calls": None}, {"role": "assistant", "tool_calls": [{"index": 0, "id": "c", "function":
+                                               {"name": "f", "arguments": "{}"}}]},
+        {"content": "x", "extra": 1}, "text",
+    ]
+    choices: list[object] = []
+    for delta in deltas:
+        choices.append({**plain, "delta": delta})
+        for key, value in (("index", 1), ("index", None), ("index", False), ("index", "0"), ("finish_reason", "stop"),
+                           ("finish_reason", "eos"), ("logprobs", {"content": []}), ("logprobs", [])):
+            choices.append({**plain, "delta": delta, key: value})
+        choices.append({"delta": delta})
+        choices.append({"message": delta, "index": 0})
+    shapes: list[object] = [{"choices": [c]} for c in choices]
+    shapes += [{"choices": [choices[0], choices[0]]}, {"choices": []}, {"choices": None}, {"choices": "ab"},
+               {"choices": ["x"]}, {"choices": [None]}]
+    return shapes
+
+
+def test_the_relay_decoders_fast_look_at_a_chunk_notes_what_the_general_walk_notes() -> None:
+    """``RelayDecoder._inspect`` takes a short way for the common chunk (one choice, a text
+    delta); for every chunk, of that shape or next to it, it returns, notes, counts and
+    raises exactly what the general walk does."""
+    import copy
+
+    from mesh.canonical import Relayed
+    from mesh.engines.openai_wire import RelayDecoder
+
+    def outcome(look: str, chunk: object) -> tuple[object, ...]:
+        decoder, into, chunk = RelayDecoder(), Relayed([]), copy.deepcopy(chunk)
+        try:
+            if look == "fast":
+                result: object = decoder._inspect(chunk, into)  # type: ignore[arg-type]
+            else:
+                choices = chunk.get("choices")  # type: ignore[attr-defined]
+                result = decoder._walk(choices, into) if choices else (False, 0, False)
+        except Exception as exc:
+            result = type(exc).__name__
+        notes = (into.texts, into.reasoning, into.indexes, into.active, into.calls, into.finished,
+                 into.reasoning_fields, into.tools, into.logprobs)
+        return result, notes, chunk, decoder.output_deltas, decoder.reasoning_deltas, decoder.first_finish
+
+    shapes = _chunk_shapes()
+    assert len(shapes) > 150
+    fast_ones = 0
+    for chunk in shapes:
+        assert outcome("fast", chunk) == outcome("walk", chunk), chunk
+        fast_ones += outcome("fast", chunk)[0] == (True, 1, True)
+    assert fast_ones >= 4  # the common shape is among them

@@ -36,6 +36,9 @@ _MAX_HEADERS = 128
 _IDLE_SECONDS = 4.0
 # Kept connections per engine beyond this are closed (a burst's connections are not all kept).
 _MAX_IDLE = 256
+# How early the read timer may fire and still end the reads it is due for (uvloop's timers
+# have a millisecond's resolution).
+_TIMER_SLACK = 0.002
 
 
 class ConnectFailed(OSError):
@@ -64,10 +67,12 @@ class _Connection(asyncio.Protocol):
         "_waiter",
         "closed",
         "complete",
+        "deadline",
         "failure",
         "headers_done",
         "idle_since",
         "keep_alive",
+        "loop",
         "parser",
         "received",
         "status",
@@ -82,6 +87,8 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.deadline: float | None = None  # when the wait under way times out (loop time)
         self._lengthless = True  # no Content-Length nor chunked: the body ends with the connection
         self._in_flight = False  # a request was sent and its connection not yet given back
         self._begun = False  # the answer to it started
@@ -101,6 +108,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of it
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if not self._in_flight:  # bytes nobody asked for, on an idle connection
@@ -203,17 +211,23 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, seconds: float | None) -> None:
-        """Until something happens on the connection, at most ``seconds`` (TimeoutError)."""
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
+    async def wait(self, deadline: float | None) -> None:
+        """Until something happens on the connection. ``deadline`` (loop time) is only noted:
+        the client's one timer (:meth:`Http1Client._sweep`) ends a wait that outlives it."""
+        assert self.loop is not None
+        waiter = self._waiter = self.loop.create_future()
+        self.deadline = deadline
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            self.deadline = None
+
+    def expire(self) -> None:
+        """The wait under way timed out (TimeoutError to the reader)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def take(self) -> bytes:
         """What the engine sent of the body since the last call (b"" when nothing)."""
@@ -247,11 +261,6 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class Response:
     """An engine's answer: its status, then its body as it arrives. Read it to its end and
     :meth:`release` it to keep the connection; :meth:`close` it otherwise (the engine then
@@ -281,7 +290,7 @@ class Response:
                 return b""
             if conn.failure is not None:
                 raise conn.failure
-            await conn.wait(self._client.read_timeout)
+            await self._client.wait(conn)
 
     async def read(self) -> bytes:
         """The rest of the body (an error answer's, which is short), at most 1 MiB of it."""
@@ -323,6 +332,11 @@ class Http1Client:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._closed = False
+        # One timer for every read under way (a timer set and cancelled per read cost more
+        # than the rest of the read): it is due at the earliest deadline it knows of, and
+        # reads that start later, with the same timeout, end later and need no timer of their own.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def request_head(self, path: str, headers: Mapping[str, str]) -> bytes:
         """The request line and headers every request to ``path`` with ``headers`` starts with
@@ -354,7 +368,7 @@ class Http1Client:
                 while not conn.headers_done:
                     if conn.failure is not None:
                         raise conn.failure
-                    await conn.wait(self.read_timeout)
+                    await self.wait(conn)
             except UpstreamClosed:
                 conn.close()
                 if reused and not conn.received and not retried:
@@ -366,6 +380,36 @@ class Http1Client:
                 raise
             return Response(self, conn)
 
+    async def wait(self, conn: _Connection) -> None:
+        """Until something happens on ``conn``, at most ``read_timeout`` (TimeoutError)."""
+        if self.read_timeout is None:
+            await conn.wait(None)
+            return
+        loop = conn.loop
+        assert loop is not None
+        deadline = loop.time() + self.read_timeout
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = loop.call_at(deadline, self._sweep, loop), deadline
+        await conn.wait(deadline)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End the reads whose deadline passed; be due again at the earliest of the rest."""
+        self._timer = None
+        now = loop.time() + _TIMER_SLACK  # a timer may fire a little early
+        due: float | None = None
+        for conn in list(self._open):
+            deadline = conn.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                conn.expire()
+            elif due is None or deadline < due:
+                due = deadline
+        if due is not None and not self._closed:
+            self._timer, self._timer_at = loop.call_at(due, self._sweep, loop), due
+
     def _reuse(self) -> _Connection | None:
         """The newest kept connection still open and not idle too long; older ones are closed
         (they are older still)."""
@@ -374,7 +418,7 @@ class Http1Client:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if asyncio.get_running_loop().time() - conn.idle_since > _IDLE_SECONDS:
+            if conn.loop is None or conn.loop.time() - conn.idle_since > _IDLE_SECONDS:
                 for old in (conn, *idle):
                     old.close()
                 idle.clear()
@@ -404,13 +448,17 @@ class Http1Client:
         if len(self._idle) >= _MAX_IDLE:
             self._idle = [c for c in self._idle if not c.closed]  # the engine closed kept ones
         if len(self._idle) < _MAX_IDLE:
-            conn.idle(asyncio.get_running_loop().time())
+            assert conn.loop is not None
+            conn.idle(conn.loop.time())
             self._idle.append(conn)
         else:
             conn.close()
 
     async def aclose(self) -> None:
-        self._closed = True  # a connection still opening, or an answer still read, closes when done
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None  # a connection still opening, or an answer still read, closes when done
         for conn in list(self._open):
             conn.close()
         self._open.clear()

@@ -510,6 +510,31 @@ class RelayDecoder(ChunkDecoder):
         choices = chunk.get("choices")
         if not choices:
             return False, 0, False
+        if len(choices) == 1:
+            # Most chunks: one choice, index 0, a delta of text (and maybe the role) and
+            # nothing else. Anything more takes the general walk below.
+            choice = choices[0]
+            delta = choice.get("delta") if type(choice) is dict else None
+            if (
+                type(delta) is dict
+                and len(delta) <= 2
+                and not choice.get("index")
+                and not choice.get("finish_reason")
+                and not choice.get("logprobs")
+                and (len(delta) == 1 or "role" in delta)
+                and type(content := delta.get("content")) is str
+            ):
+                into.indexes.add(0)
+                if not content:
+                    return True, 0, False
+                into.texts.append(content)
+                into.active.add(0)
+                self.output_deltas += 1
+                return True, 1, True
+        return self._walk(choices, into)
+
+    def _walk(self, choices: Any, into: Relayed) -> tuple[bool, int, bool]:
+        """:meth:`_inspect` of any chunk's choices, the common shape included."""
         deltas = 0
         answers = False
         for choice in choices:

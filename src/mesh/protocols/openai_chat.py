@@ -348,13 +348,18 @@ class _ChunkWriter:
         under the field names the client reads. Nothing else of the engine's envelope (its
         id, model, extra fields) reaches the client. ``rename``: whether any delta may carry
         reasoning under the engine's field names (``Relayed.reasoning_fields``)."""
+        head, tail = self._choices_head, self._choices_tail
         if len(chunks) == 1:
-            return self._relayed(chunks[0]["choices"], rename)
-        return b"".join([self._relayed(c["choices"], rename) for c in chunks])
+            return b"".join((head, orjson.dumps(self._renamed(chunks[0]["choices"], rename)), tail))
+        parts: list[bytes] = []  # one join for the whole read: no bytes object per chunk
+        for c in chunks:
+            parts += (head, orjson.dumps(self._renamed(c["choices"], rename)), tail)
+        return b"".join(parts)
 
-    def _relayed(self, choices: list[dict[str, Any]], rename: bool) -> bytes:
+    def _renamed(self, choices: list[dict[str, Any]], rename: bool) -> list[dict[str, Any]]:
+        """``choices`` with reasoning under the client's field names (in place)."""
         if not rename:
-            return self._choices_head + orjson.dumps(choices) + self._choices_tail
+            return choices
         for choice in choices:
             delta = choice.get("delta")
             if delta:
@@ -364,7 +369,7 @@ class _ChunkWriter:
                         if text:
                             for field in self._reasoning:
                                 delta[field] = text
-        return self._choices_head + orjson.dumps(choices) + self._choices_tail
+        return choices
 
 
 async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> AsyncIterator[bytes]:
