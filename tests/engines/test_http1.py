@@ -252,6 +252,43 @@ async def test_a_read_that_starts_after_the_timer_was_set_still_times_out() -> N
         await client.aclose()
 
 
+def test_a_client_used_on_a_second_event_loop_times_out_there_too() -> None:
+    """The read timer belongs to a loop: a client whose timer was set on a loop that has
+    ended (a test's) sets one on the loop it is used on now."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        body = await read_request(reader)
+        if body is not None and body.endswith(b"stall"):
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)
+            return
+        writer.write(ok(b"done"))
+        await writer.drain()
+
+    client = client_for("http://127.0.0.1:1/v1/chat/completions", read_timeout=0.5)
+
+    async def first() -> None:
+        async with serve(handler) as (_, url):
+            client.host, client.port = "127.0.0.1", int(url.split(":")[2].split("/")[0])
+            resp = await post(client, b"quick")  # sets the timer on this loop, due in 0.5 s
+            assert await read_all(resp) == b"done"
+            resp.close()
+
+    async def second() -> BaseException | None:
+        async with serve(handler) as (_, url):
+            client.host, client.port = "127.0.0.1", int(url.split(":")[2].split("/")[0])
+            resp = await post(client, b"stall")
+            read = asyncio.create_task(resp.readany())
+            await asyncio.wait({read}, timeout=4)
+            resp.close()
+            await client.aclose()
+            return read.exception() if read.done() else None
+
+    asyncio.run(first())
+    assert isinstance(asyncio.run(second()), TimeoutError)
+
+
 async def test_an_answer_without_a_length_ends_with_its_connection() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

@@ -337,6 +337,7 @@ class Http1Client:
         # reads that start later, with the same timeout, end later and need no timer of their own.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def request_head(self, path: str, headers: Mapping[str, str]) -> bytes:
         """The request line and headers every request to ``path`` with ``headers`` starts with
@@ -388,10 +389,11 @@ class Http1Client:
         loop = conn.loop
         assert loop is not None
         deadline = loop.time() + self.read_timeout
-        if self._timer is None or deadline < self._timer_at:
+        if self._timer is None or deadline < self._timer_at or self._timer_loop is not loop:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer, self._timer_at = loop.call_at(deadline, self._sweep, loop), deadline
+            self._timer_loop = loop  # a client used on a new loop (tests) must not wait on the old one's timer
         await conn.wait(deadline)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -455,10 +457,10 @@ class Http1Client:
             conn.close()
 
     async def aclose(self) -> None:
-        self._closed = True
+        self._closed = True  # a connection still opening, or an answer still read, closes when done
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None  # a connection still opening, or an answer still read, closes when done
+            self._timer = None
         for conn in list(self._open):
             conn.close()
         self._open.clear()
