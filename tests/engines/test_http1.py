@@ -289,6 +289,32 @@ def test_a_client_used_on_a_second_event_loop_times_out_there_too() -> None:
     assert isinstance(asyncio.run(second()), TimeoutError)
 
 
+async def test_a_read_waiting_when_the_client_closes_ends_at_once() -> None:
+    """aclose() ends the waits under way itself: the read timer is gone with the client, and
+    a closed connection's connection_lost waits until the request body in its write buffer
+    drains, which an engine that reads nothing never lets happen."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # never reads the request, never answers
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = client_for(f"http://127.0.0.1:{port}/v1/chat/completions", read_timeout=0.5)
+    posting = asyncio.create_task(post(client, b"x" * (64 << 20)))
+    await asyncio.sleep(0.1)
+    await client.aclose()
+    try:
+        await asyncio.wait({posting}, timeout=3)
+        assert posting.done()
+        assert isinstance(posting.exception(), UpstreamClosed)
+    finally:
+        posting.cancel()
+        for w in writers:
+            w.transport.abort()
+        server.close()
+
+
 async def test_an_answer_without_a_length_ends_with_its_connection() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

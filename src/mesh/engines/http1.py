@@ -462,6 +462,10 @@ class Http1Client:
             self._timer.cancel()
             self._timer = None
         for conn in list(self._open):
+            # Its reader, if one waits, ends now: the read timer is gone, and connection_lost
+            # may come late (not before a request body still in the write buffer drains).
+            conn._fail(UpstreamClosed("the engine's client was closed"))
             conn.close()
+            conn._wake()
         self._open.clear()
         self._idle.clear()
