@@ -239,3 +239,131 @@ async def test_a_grow_that_never_committed_leaves_the_lease_holding_nothing(db: 
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
     await writer.flush()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _admit_until_growing(leased: LeasedLedger, p: object, prefix: str, limit: int = 200) -> list[Admission]:
+    """Admit (and keep open) requests until the lease starts a background grow."""
+    open_: list[Admission] = []
+    for i in range(limit):
+        open_.append(await leased.admit(p, PRICING, f"{prefix}{i}", 10, 10))  # type: ignore[arg-type]
+        lease = leased._leases[p.key_id or ""]  # type: ignore[attr-defined]
+        if lease.growing is not None:
+            return open_
+    raise AssertionError("no background grow started")
+
+
+async def test_a_lease_grows_ahead_of_need_while_requests_go_on_from_what_is_left(db: Database) -> None:
+    """Below half its size a lease grows in the background; requests admitted meanwhile are
+    served from what it still has, without waiting for that write (the lease's lock, held
+    here as a slow flush would hold it, is never taken while it has room)."""
+    book, p, writer = await setup(db, 1_000_000)
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    block = hold_cost(PRICING, 10, 10) * LEASE_REQUESTS
+    opened = await _admit_until_growing(leased, p, "a")
+    lease = leased._leases[p.key_id or ""]
+    assert lease.free < block // 2 and lease.free >= hold_cost(PRICING, 10, 10)
+    growing = lease.growing
+    assert growing is not None
+    async with lease.lock:  # the grow waits behind this; admissions with room must not
+        more = [await asyncio.wait_for(leased.admit(p, PRICING, f"b{i}", 10, 10), 5) for i in range(3)]
+        assert not growing.done()
+    await growing
+    assert lease.growing is None
+    assert lease.held >= block  # grown: one more block's room at least
+    for adm in opened + more:
+        assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20 * (len(opened) + 3), 0)
+    await writer.flush()
+
+
+async def test_a_busy_keys_lease_grows_in_bigger_blocks_and_a_slow_ones_in_smaller(db: Database) -> None:
+    """A key that gets through half a block within LEASE_FAST seconds gets twice the blocks
+    at its next grow, up to LEASE_MAX_BLOCKS; one slower than LEASE_SLOW gets half."""
+    from mesh.billing.leases import LEASE_MAX_BLOCKS, LEASE_SLOW
+
+    book, p, writer = await setup(db, 10_000_000)
+    clock = _Clock()
+    leased = LeasedLedger(book, db, writer, flush_interval=3600, clock=clock)
+    block = hold_cost(PRICING, 10, 10) * LEASE_REQUESTS
+    sizes = []
+    settled = 0
+    for round_ in range(7):  # no time passes: every block is got through "at once"
+        opened = await _admit_until_growing(leased, p, f"r{round_}-", limit=5000)
+        lease = leased._leases[p.key_id or ""]
+        assert lease.growing is not None
+        await lease.growing
+        sizes.append(lease.size // block)
+        for adm in opened:
+            settled += await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING)
+    assert sizes == [2, 4, 8, 16, 16, 16, 16][: len(sizes)] and LEASE_MAX_BLOCKS == 16
+    clock.now += LEASE_SLOW + 1  # then the key slows down
+    opened = await _admit_until_growing(leased, p, "slow-", limit=50_000)
+    lease = leased._leases[p.key_id or ""]
+    assert lease.growing is not None
+    await lease.growing
+    assert lease.size // block == 8
+    for adm in opened:
+        settled += await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING)
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (10_000_000 - settled, 0)
+    await writer.flush()
+
+
+async def test_a_bigger_block_the_credit_cannot_cover_falls_back_to_one_block(db: Database) -> None:
+    """Near the end of the credit a busy key's lease grows one block at a time, as before,
+    and a background grow that cannot be covered is not tried again at every admission."""
+    block = hold_cost(PRICING, 10, 10) * LEASE_REQUESTS
+    book, p, writer = await setup(db, block + 3 * block // 4)  # one lease, and some room besides
+    writes = 0
+
+    class _Counting(Database):
+        def __init__(self, inner: Database) -> None:
+            self.__dict__.update(inner.__dict__)
+
+        @asynccontextmanager
+        async def write(self) -> AsyncIterator[AsyncConnection]:
+            nonlocal writes
+            writes += 1
+            async with super().write() as conn:
+                yield conn
+
+    leased = LeasedLedger(book, _Counting(db), writer, flush_interval=3600, clock=_Clock())
+    opened = await _admit_until_growing(leased, p, "a")
+    lease = leased._leases[p.key_id or ""]
+    assert lease.growing is not None
+    await lease.growing  # two blocks' size is not covered; one block's is
+    assert lease.size == block and lease.blocks == 1 and lease.free >= block
+    opened += await _admit_until_growing(leased, p, "b")
+    assert lease.growing is not None
+    await lease.growing  # now not even one block's
+    assert lease.growing is None and lease.ahead_after > 0 and lease.size == block
+    before = writes
+    for i in range(5):  # below half, but the last grow failed just now: no write per admission
+        opened.append(await leased.admit(p, PRICING, f"c{i}", 10, 10))
+        assert lease.growing is None
+    assert writes == before
+    for adm in opened:
+        assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert (await check_invariants(db, book, p.account_id))[1] == 0
+    await writer.flush()
+
+
+async def test_closing_with_a_grow_under_way_leaves_nothing_held(db: Database) -> None:
+    book, p, writer = await setup(db, 1_000_000)
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    opened = await _admit_until_growing(leased, p, "a")
+    for adm in opened:
+        await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING)
+    await leased.aclose()  # the grow started above is still under way
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20 * len(opened), 0)
+    await writer.flush()
