@@ -80,6 +80,22 @@ async def test_rollups_accumulate_across_batches(db: Database) -> None:
     assert (row.requests, row.cached_tokens, row.reasoning_tokens, row.cost) == (12, 24, 12, 1200)
 
 
+async def test_a_batch_larger_than_one_statement_is_written_whole_and_rolled_up_once(db: Database) -> None:
+    """SQLite gets many rows per statement, in chunks of 500: a batch of 1,201 (three chunks,
+    the last of one row) over hundreds of days goes in whole, and writing it again adds nothing."""
+    from mesh.billing.usage import write_batch
+
+    start = NOON - timedelta(days=400)
+    records = [record(i, account=f"acct_{i % 3}", model=f"m{i % 2}", at=start + timedelta(hours=8 * i))
+               for i in range(1201)]
+    await write_batch(db, records)
+    await write_batch(db, records[:700])  # a retry after a lost COMMIT reply, part of it
+    assert await count_rows(db) == 1201
+    rows = await daily_usage(db, days=800, now=NOON)
+    assert sum(r.requests for r in rows) == 1201 and sum(r.cost for r in rows) == 1201 * 100
+    assert sum(r.cached_tokens for r in rows) == 1201 * 2
+
+
 async def test_background_task_flushes_on_interval_and_batch_size(db: Database) -> None:
     writer = UsageWriter(db, flush_interval=3600, batch_size=4)
     await writer.start()

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.billing.money import MicroCredits
 from mesh.billing.stream import outbox_row
@@ -209,9 +210,16 @@ async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: b
                                                tuple(ids))
         seen = {row[0] for row in found}
         records = [r for r in records if r.request_id not in seen]
-        if records:
-            await conn.exec_driver_sql(_INSERT_PG if pg else _INSERT_SQLITE, [_row(r, pg) for r in records])
-            await conn.exec_driver_sql(_UPSERT_DAILY_PG if pg else _UPSERT_DAILY_SQLITE, _daily(records, pg))
+        if records and pg:
+            await conn.exec_driver_sql(_INSERT_PG, [_row(r, pg) for r in records])
+            await conn.exec_driver_sql(_UPSERT_DAILY_PG, _daily(records, pg))
+        elif records:
+            # One multi-row statement per chunk, not one execution per row: each row of an
+            # executemany hands the GIL between the SQLite thread and a busy event loop
+            # (up to the 5 ms switch interval each), which made a flush of a few hundred
+            # rows take seconds under load (bench/README.md).
+            await _many_rows(conn, _INSERT_SQLITE, [_row(r, pg) for r in records])
+            await _many_rows(conn, _UPSERT_DAILY_SQLITE, _daily(records, pg))
             if outbox:
                 await conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
 
@@ -226,7 +234,7 @@ _INSERT_PG = (
     f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))})"
 )
-_INSERT_SQLITE = f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_INSERT_SQLITE = f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) VALUES {{rows}}"
 _DAILY = ("account_id", "day", "model", *_SUMS)
 _UPDATE = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _SUMS)
 _UPSERT_DAILY_PG = (
@@ -234,9 +242,18 @@ _UPSERT_DAILY_PG = (
     f"ON CONFLICT (account_id, day, model) DO UPDATE SET {_UPDATE}"
 )
 _UPSERT_DAILY_SQLITE = (
-    f"INSERT INTO usage_daily ({', '.join(_DAILY)}) VALUES ({', '.join('?' * len(_DAILY))}) "
+    f"INSERT INTO usage_daily ({', '.join(_DAILY)}) VALUES {{rows}} "
     f"ON CONFLICT (account_id, day, model) DO UPDATE SET {_UPDATE}"
 )
+_SQLITE_CHUNK = 500  # rows per statement: 500 x 19 parameters, far under SQLite's 32766
+
+
+async def _many_rows(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """``sql`` (with ``{rows}`` where its VALUES go) for ``rows``, a statement per chunk."""
+    for i in range(0, len(rows), _SQLITE_CHUNK):
+        chunk = rows[i : i + _SQLITE_CHUNK]
+        values = ", ".join(["(" + ", ".join("?" * len(chunk[0])) + ")"] * len(chunk))
+        await conn.exec_driver_sql(sql.format(rows=values), tuple(v for row in chunk for v in row))
 # SQLAlchemy's SQLite DateTime and Date storage formats (what Core wrote, and reads back).
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
 
