@@ -61,17 +61,8 @@ from mesh.store import Database, utcnow
 log = logging.getLogger("mesh.billing.leases")
 
 LEASE_PREFIX = "lease:"
-# A lease covers this many holds of the request that asked for it (one block).
+# A lease covers this many holds of the request that asked for it.
 LEASE_REQUESTS = 32
-# A lease is grown in the background once what it has free falls below half of its block,
-# so that a busy key's requests do not queue behind the lease's database write (itself
-# behind a flush) each time a block runs out: that queue was the whole of the slowest
-# requests' time under load (bench/README.md). A key that gets through half a block within
-# LEASE_FAST seconds gets twice the blocks next time (up to LEASE_MAX_BLOCKS), so a busy key
-# grows its lease about once a second at most; one slower than LEASE_SLOW gets half.
-LEASE_FAST = 1.0
-LEASE_SLOW = 10.0
-LEASE_MAX_BLOCKS = 16
 DEFAULT_CHECKPOINT_INTERVAL = 2.0
 
 
@@ -126,13 +117,6 @@ class _Hold:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = 0.0  # times from the ledger's clock
     touched: float = 0.0
-    # Leases: the size its last grow brought it to (``blocks`` blocks), when, and the
-    # background grow under way, if any.
-    size: int = 0
-    blocks: int = 1
-    grown_at: float | None = None
-    growing: asyncio.Task[None] | None = None
-    ahead_after: float = 0.0  # no background grow before this (one just failed)
 
     @property
     def free(self) -> int:
@@ -254,59 +238,16 @@ class LeasedLedger:
                 async with lease.lock:
                     if lease.closed or lease.closing:
                         continue  # closed while we waited: open a new one
-                    if lease.free < need and not await self._grow_block(lease, need):
+                    if lease.free < need and not await self._grow(lease, need * LEASE_REQUESTS - lease.free):
                         return None  # not enough for a lease: the exact hold decides
             lease.reserved += need
             lease.users += 1
-            lease.last_used = now = self._clock()
-            low = lease.free < lease.size // 2
-            if low and lease.growing is None and not lease.closing and now >= lease.ahead_after:
-                lease.growing = asyncio.get_running_loop().create_task(self._grow_ahead(lease, need))
+            lease.last_used = self._clock()
             admission = LeaseAdmission(
                 request_id, principal.account_id, principal.key_id, MicroCredits(need), max_output_tokens, choices,
                 prompt_tokens, lease.id, lease_id=lease.id,
             )
             return admission, lease
-
-    async def _grow_block(self, lease: _Hold, need: int) -> bool:
-        """Under the lease's lock: grow it to its next size (blocks of ``need`` times
-        LEASE_REQUESTS, more for a key that got through the last one fast); a size the
-        balance or the key's limit cannot cover falls back to one block. False when even
-        that is not covered."""
-        now = self._clock()
-        blocks = 1
-        if lease.grown_at is not None:
-            since = now - lease.grown_at
-            blocks = lease.blocks
-            if since < LEASE_FAST:
-                blocks = min(blocks * 2, LEASE_MAX_BLOCKS)
-            elif since > LEASE_SLOW:
-                blocks = max(1, blocks // 2)
-        block = need * LEASE_REQUESTS
-        for n in dict.fromkeys((blocks, 1)):
-            size = block * n
-            if lease.free >= size or await self._grow(lease, size - lease.free):
-                lease.size, lease.blocks, lease.grown_at = size, n, now
-                return True
-        lease.blocks = 1  # near the end of the credit (or the key's limit): one block at a time
-        return False
-
-    async def _grow_ahead(self, lease: _Hold, need: int) -> None:
-        """A background grow, started when the lease's free credit fell below half its size:
-        requests go on being admitted from what is left meanwhile. A grow that fails here
-        (no credit, no database) is left to the request that finds the lease empty."""
-        grown = False
-        try:
-            async with lease.lock:
-                if lease.closed or lease.closing or lease.free >= lease.size // 2:
-                    return
-                grown = await self._grow_block(lease, need)
-        except Exception:  # the request path meets the same failure, and reports it, if it matters
-            log.debug("growing credit lease %s ahead of need failed", lease.id, exc_info=True)
-        finally:
-            lease.growing = None
-            if not grown:  # not one database write per admission while it cannot grow
-                lease.ahead_after = self._clock() + LEASE_FAST
 
     async def _grow(self, lease: _Hold, amount: int) -> bool:
         """Hold ``amount`` more for the lease (all of it or nothing). Under the lease's lock,
@@ -620,9 +561,6 @@ class LeasedLedger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        # A grow under way ends first (a database round trip): what it adds is released below.
-        growing = [h.growing for h in (*self._leases.values(), *self._closing) if h.growing is not None]
-        await asyncio.gather(*growing, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.flush(release_all=True)
         if self.queued:
