@@ -17,7 +17,7 @@ from mesh.billing.usage import UsageRecord, UsageWriter, daily_usage, purge, rec
 from mesh.canonical import Usage
 from mesh.config import Pricing
 from mesh.store import Database
-from mesh.store.tables import usage_records
+from mesh.store.tables import settlement_outbox, usage_records
 
 NOON = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
 
@@ -82,15 +82,18 @@ async def test_rollups_accumulate_across_batches(db: Database) -> None:
 
 async def test_a_batch_larger_than_one_statement_is_written_whole_and_rolled_up_once(db: Database) -> None:
     """SQLite gets many rows per statement, in chunks of 500: a batch of 1,201 (three chunks,
-    the last of one row) over hundreds of days goes in whole, and writing it again adds nothing."""
+    the last of one row) over hundreds of days goes in whole, with its settlement-stream
+    outbox rows on both databases, and writing it again adds nothing."""
     from mesh.billing.usage import write_batch
 
     start = NOON - timedelta(days=400)
     records = [record(i, account=f"acct_{i % 3}", model=f"m{i % 2}", at=start + timedelta(hours=8 * i))
                for i in range(1201)]
-    await write_batch(db, records)
-    await write_batch(db, records[:700])  # a retry after a lost COMMIT reply, part of it
+    await write_batch(db, records, outbox=True)
+    await write_batch(db, records[:700], outbox=True)  # a retry after a lost COMMIT reply, part of it
     assert await count_rows(db) == 1201
+    async with db.read() as conn:  # each record once in the settlement stream's outbox too
+        assert (await conn.execute(select(func.count()).select_from(settlement_outbox))).scalar_one() == 1201
     rows = await daily_usage(db, days=800, now=NOON)
     assert sum(r.requests for r in rows) == 1201 and sum(r.cost for r in rows) == 1201 * 100
     assert sum(r.cached_tokens for r in rows) == 1201 * 2

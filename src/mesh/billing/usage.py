@@ -210,18 +210,20 @@ async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: b
                                                tuple(ids))
         seen = {row[0] for row in found}
         records = [r for r in records if r.request_id not in seen]
-        if records and pg:
+        if not records:
+            return
+        if pg:
             await conn.exec_driver_sql(_INSERT_PG, [_row(r, pg) for r in records])
             await conn.exec_driver_sql(_UPSERT_DAILY_PG, _daily(records, pg))
-        elif records:
+        else:
             # One multi-row statement per chunk, not one execution per row: each row of an
             # executemany hands the GIL between the SQLite thread and a busy event loop
             # (up to the 5 ms switch interval each), which made a flush of a few hundred
             # rows take seconds under load (bench/README.md).
             await _many_rows(conn, _INSERT_SQLITE, [_row(r, pg) for r in records])
             await _many_rows(conn, _UPSERT_DAILY_SQLITE, _daily(records, pg))
-            if outbox:
-                await conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
+        if outbox:
+            await conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
 
 
 _COLUMNS = (
