@@ -260,6 +260,12 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close now, dropping whatever is still to be written (``close`` waits for it)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class Response:
     """An engine's answer: its status, then its body as it arrives. Read it to its end and
@@ -462,10 +468,12 @@ class Http1Client:
             self._timer.cancel()
             self._timer = None
         for conn in list(self._open):
-            # Its reader, if one waits, ends now: the read timer is gone, and connection_lost
-            # may come late (not before a request body still in the write buffer drains).
+            # Its reader, if one waits, ends now: the read timer is gone, and a closed
+            # connection's connection_lost would wait for a request body still in the write
+            # buffer to drain (which an engine that reads nothing never lets happen, and its
+            # socket would stay open): aborted, it closes at once.
             conn._fail(UpstreamClosed("the engine's client was closed"))
-            conn.close()
+            conn.abort()
             conn._wake()
         self._open.clear()
         self._idle.clear()
