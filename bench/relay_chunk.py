@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator
 import orjson
 
 from mesh.canonical import Event
-from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+from mesh.engines.openai_relay import RelayDecoder
+from mesh.engines.openai_wire import ChunkDecoder
 from mesh.protocols.openai_chat import StreamMeta, encode_stream
 
 CHUNKS = 64

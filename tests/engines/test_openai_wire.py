@@ -53,7 +53,8 @@ def test_a_malformed_chunk_after_usage_in_the_same_read_fails_after_the_usage() 
     # The worker usage guard must see a liar's usage even when the engine breaks right after
     # it in the same socket read (tests/integration/test_worker_redteam.py).
     from mesh.canonical import Usage as _Usage
-    from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+    from mesh.engines.openai_relay import RelayDecoder
+    from mesh.engines.openai_wire import ChunkDecoder
 
     chunk = b'{"id":"x","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}'
     usage = b'{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1}}'
@@ -96,7 +97,7 @@ def test_the_relay_decoders_fast_look_at_a_chunk_notes_what_the_general_walk_not
     import copy
 
     from mesh.canonical import Relayed
-    from mesh.engines.openai_wire import RelayDecoder
+    from mesh.engines.openai_relay import RelayDecoder
 
     def outcome(look: str, chunk: object) -> tuple[object, ...]:
         decoder, into, chunk = RelayDecoder(), Relayed([]), copy.deepcopy(chunk)

@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 from mesh.canonical import Event, Relayed, Usage
-from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+from mesh.engines.openai_relay import RelayDecoder
+from mesh.engines.openai_wire import ChunkDecoder
 from mesh.errors import EngineError
 from mesh.protocols.openai_chat import StreamMeta, encode_stream
 from mesh.routing.resume import Delivered

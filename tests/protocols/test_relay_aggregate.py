@@ -12,7 +12,8 @@ import pytest
 from tests.protocols.test_openai_chat_stream import TRANSCRIPTS, chunk, delta
 
 from mesh.canonical import Aggregator, Event, Relayed, Result
-from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder
+from mesh.engines.openai_relay import RelayDecoder
+from mesh.engines.openai_wire import ChunkDecoder
 from mesh.errors import EngineError
 from mesh.routing.resume import Delivered
 

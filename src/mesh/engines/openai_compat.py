@@ -23,7 +23,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from mesh.canonical import CanonicalRequest, Event, Message, Relayed, Usage
 from mesh.config import OpenAIEngineConfig
 from mesh.engines.http1 import ConnectFailed, Http1Client, Response
-from mesh.engines.openai_wire import ChunkDecoder, RelayDecoder, encode_messages, encode_tools, request_body
+from mesh.engines.openai_relay import RelayDecoder
+from mesh.engines.openai_wire import ChunkDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
     EngineError,
     EngineOverloaded,
