@@ -42,7 +42,7 @@ from mesh.billing.pricing import cost
 from mesh.canonical import Usage
 from mesh.config import Pricing
 from mesh.errors import NotFound
-from mesh.store import utcnow
+from mesh.store import sqlite_rows, utcnow
 from mesh.store.tables import accounts, api_keys, holds, key_user_spend
 
 log = logging.getLogger("mesh.billing.settlement")
@@ -348,8 +348,6 @@ _INSERT_LEDGER_PG = (
     + f") WITH ORDINALITY AS t({', '.join(_LEDGER_ROW)}, n) ORDER BY n "
     "ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key"
 )
-_SQLITE_ROW = "(" + ", ".join("?" * len(_LEDGER_ROW)) + ")"
-_SQLITE_CHUNK = 500  # rows (or keys) per statement, far under SQLite's 32766 parameters
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's SQLite DateTime storage format
 
 
@@ -360,8 +358,7 @@ async def _ledger_amounts(conn: AsyncConnection, keys: list[str]) -> list[tuple[
         found: Any = await conn.exec_driver_sql(sql, (keys,))
         return [(str(row[0]), int(row[1])) for row in found]
     out: list[tuple[str, int]] = []
-    for i in range(0, len(keys), _SQLITE_CHUNK):
-        chunk = keys[i : i + _SQLITE_CHUNK]
+    for chunk in sqlite_rows.chunks(keys):
         sql = f"SELECT idempotency_key, amount FROM ledger WHERE idempotency_key IN ({','.join('?' * len(chunk))})"
         some: Any = await conn.exec_driver_sql(sql, tuple(chunk))
         out.extend((str(row[0]), int(row[1])) for row in some)
@@ -378,13 +375,13 @@ async def _insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Non
         columns.append([r["created_at"].astimezone(UTC) for r in rows])
         written.update(str(row[0]) for row in await conn.exec_driver_sql(_INSERT_LEDGER_PG, tuple(columns)))
     else:
-        for i in range(0, len(rows), _SQLITE_CHUNK):
-            chunk = rows[i : i + _SQLITE_CHUNK]
+        for chunk in sqlite_rows.chunks(rows):
             params: list[Any] = []
             for r in chunk:
                 params.extend(r[c] for c in _LEDGER_ROW[:-1])
                 params.append(r["created_at"].astimezone(UTC).replace(tzinfo=None).strftime(_SQLITE_DATETIME))
-            sql = (f"INSERT INTO ledger ({', '.join(_LEDGER_ROW)}) VALUES {', '.join([_SQLITE_ROW] * len(chunk))} "
+            values = sqlite_rows.values(len(chunk), len(_LEDGER_ROW))
+            sql = (f"INSERT INTO ledger ({', '.join(_LEDGER_ROW)}) VALUES {values} "
                    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key")
             written.update(str(row[0]) for row in await conn.exec_driver_sql(sql, tuple(params)))
     if len(written) != len(rows):

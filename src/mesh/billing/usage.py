@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.billing.money import MicroCredits
 from mesh.billing.stream import outbox_row
-from mesh.store import Database, utcnow
+from mesh.store import Database, sqlite_rows, utcnow
 from mesh.store.tables import settlement_outbox, usage_daily, usage_records
 
 DEFAULT_FLUSH_INTERVAL = 0.5
@@ -215,11 +215,7 @@ async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: b
         if pg:
             await conn.exec_driver_sql(_INSERT_PG, [_row(r, pg) for r in records])
             await conn.exec_driver_sql(_UPSERT_DAILY_PG, _daily(records, pg))
-        else:
-            # One multi-row statement per chunk, not one execution per row: each row of an
-            # executemany hands the GIL between the SQLite thread and a busy event loop
-            # (up to the 5 ms switch interval each), which made a flush of a few hundred
-            # rows take seconds under load (bench/README.md).
+        else:  # many rows per statement, not an executemany (mesh.store.sqlite_rows)
             await _many_rows(conn, _INSERT_SQLITE, [_row(r, pg) for r in records])
             await _many_rows(conn, _UPSERT_DAILY_SQLITE, _daily(records, pg))
         if outbox:
@@ -247,15 +243,15 @@ _UPSERT_DAILY_SQLITE = (
     f"INSERT INTO usage_daily ({', '.join(_DAILY)}) VALUES {{rows}} "
     f"ON CONFLICT (account_id, day, model) DO UPDATE SET {_UPDATE}"
 )
-_SQLITE_CHUNK = 500  # rows per statement: 500 x 19 parameters, far under SQLite's 32766
 
 
 async def _many_rows(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
     """``sql`` (with ``{rows}`` where its VALUES go) for ``rows``, a statement per chunk."""
-    for i in range(0, len(rows), _SQLITE_CHUNK):
-        chunk = rows[i : i + _SQLITE_CHUNK]
-        values = ", ".join(["(" + ", ".join("?" * len(chunk[0])) + ")"] * len(chunk))
-        await conn.exec_driver_sql(sql.format(rows=values), tuple(v for row in chunk for v in row))
+    for chunk in sqlite_rows.chunks(rows):
+        await conn.exec_driver_sql(sql.format(rows=sqlite_rows.values(len(chunk), len(chunk[0]))),
+                                   tuple(v for row in chunk for v in row))
+
+
 # SQLAlchemy's SQLite DateTime and Date storage formats (what Core wrote, and reads back).
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
 
