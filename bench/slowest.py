@@ -15,11 +15,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import functools
-import json
-import runpy
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -74,43 +70,19 @@ def _instrument() -> None:
     mesh.app.MeshApp.__call__ = app  # type: ignore[method-assign]
 
 
-def _serve(out: Path, argv: list[str]) -> None:
-    """Run ``mesh <argv>`` instrumented; write the per-request times to ``out`` when it stops."""
-    sys.argv = ["mesh", *argv]
-    signal.raise_signal = lambda s: None  # uvicorn re-raises the signal it caught: write first
-    _instrument()
-    try:
-        runpy.run_module("mesh", run_name="__main__", alter_sys=True)
-    finally:
-        out.write_text(json.dumps(_DONE))
-
-
 def _median(rows: list[dict[str, float]], step: str) -> float:
     values = sorted(r.get(step, 0.0) for r in rows)
     return values[len(values) // 2] if values else 0.0
 
 
 def _measure(mode: str, concurrency: int, seconds: float) -> None:
+    from bench.instrumented import gateway
     from bench.measure import Point, run_load, summarize
-    from bench.targets import mesh_config, start_engine, start_mesh
 
-    work = Path(tempfile.mkdtemp(prefix="mesh-slowest-"))
-    out = work / "times.json"
-    engine = start_engine(work)
-
-    def command(config: Path, port: int) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--serve", str(out), "--",
-                "--config", str(config), "serve", "--port", str(port)]
-
-    try:
-        mesh = start_mesh("mesh", "Mesh (SQLite)", work, mesh_config(f"sqlite:///{work}/mesh.db", engine.url),
-                          command=command)
-        point = Point(mode, concurrency)
-        summary = summarize(run_load(mesh, point, seconds, 0.5), point)
-        mesh.server.stop()
-    finally:
-        engine.server.stop()
-    rows = sorted(json.loads(out.read_text())[200:], key=lambda r: r["total"])  # the first requests warm up
+    point = Point(mode, concurrency)
+    with gateway(__file__, "mesh-slowest-") as run:
+        summary = summarize(run_load(run.mesh, point, seconds, 0.5), point)
+    rows = sorted(run.gathered[200:], key=lambda r: r["total"])  # the first requests warm up
     slowest = rows[int(len(rows) * 0.99):]
     print(f"{point.name}: client p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; "
           f"{len(rows)} requests timed in the gateway (ms)")
@@ -123,8 +95,11 @@ def _measure(mode: str, concurrency: int, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--serve"]:
-        _serve(Path(args[1]), args[3:])
+    if args[:1] == ["--serve"]:  # in the gateway's process, run as a script
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.instrumented import serve
+
+        serve(Path(args[1]), args[3:], _instrument, _DONE)
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("chat", "stream"), default="chat")

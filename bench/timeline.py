@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import runpy
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,39 +104,15 @@ def _instrument() -> None:
     _around(OpenAIEngine, "_first_events", "7f engine's first output")
 
 
-def _serve(out: Path, argv: list[str]) -> None:
-    """Run ``mesh <argv>`` instrumented; write the marks to ``out`` when it stops."""
-    sys.argv = ["mesh", *argv]
-    signal.raise_signal = lambda s: None  # uvicorn re-raises the signal it caught: write first
-    _instrument()
-    try:
-        runpy.run_module("mesh", run_name="__main__", alter_sys=True)
-    finally:
-        out.write_text(json.dumps(_MARKS))
-
-
 def _measure(mode: str, seconds: float) -> None:
+    from bench.instrumented import gateway
     from bench.measure import Point, run_load, summarize
-    from bench.targets import mesh_config, start_engine, start_mesh
 
-    work = Path(tempfile.mkdtemp(prefix="mesh-timeline-"))
-    out = work / "marks.json"
-    engine = start_engine(work)
-
-    def command(config: Path, port: int) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--serve", str(out), "--",
-                "--config", str(config), "serve", "--port", str(port)]
-
-    try:
-        mesh = start_mesh("mesh", "Mesh (SQLite)", work, mesh_config(f"sqlite:///{work}/mesh.db", engine.url),
-                          command=command)
-        point = Point(mode, 1)
-        direct = summarize(run_load(engine, point, seconds, 0.5), point)
-        summary = summarize(run_load(mesh, point, seconds, 0.5), point)
-        mesh.server.stop()
-    finally:
-        engine.server.stop()
-    marks = json.loads(out.read_text())[100:]  # the first requests warm up
+    point = Point(mode, 1)
+    with gateway(__file__, "mesh-timeline-") as run:
+        direct = summarize(run_load(run.engine, point, seconds, 0.5), point)
+        summary = summarize(run_load(run.mesh, point, seconds, 0.5), point)
+    marks = run.gathered[100:]  # the first requests warm up
     key = "ttft_p50_ms" if mode == "stream" else "p50_ms"
     print(f"{mode}, c=1: the engine alone {direct[key]:.3f} ms, through Mesh {summary[key]:.3f} ms "
           f"({'first token' if mode == 'stream' else 'whole answer'}, p50; {len(marks)} requests marked)")
@@ -151,8 +123,11 @@ def _measure(mode: str, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--serve"]:
-        _serve(Path(args[1]), args[3:])
+    if args[:1] == ["--serve"]:  # in the gateway's process, run as a script
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.instrumented import serve
+
+        serve(Path(args[1]), args[3:], _instrument, _MARKS)
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("stream", "chat"), default="stream")
