@@ -224,21 +224,24 @@ async def test_the_read_timer_times_each_read_of_each_connection_not_the_whole_a
         await client.aclose()
 
 
+async def done_or_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """Answers "done" at once, or, to a request whose body ends in "stall", starts an answer
+    and sends nothing more for 5 s."""
+    body = await read_request(reader)
+    if body is not None and body.endswith(b"stall"):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+        return
+    writer.write(ok(b"done"))
+    await writer.drain()
+
+
 async def test_a_read_that_starts_after_the_timer_was_set_still_times_out() -> None:
     """The timer is due at the first read's deadline; a later read's deadline is only noted.
     With the first read done by then, the timer must set itself again for the later one."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        body = await read_request(reader)
-        if body is not None and body.endswith(b"stall"):
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(5)
-            return
-        writer.write(ok(b"done"))
-        await writer.drain()
-
-    async with serve(handler) as (_, url):
+    async with serve(done_or_stall) as (_, url):
         client = client_for(url, read_timeout=0.5)
         quick = await post(client, b"quick")  # sets the timer, due in 0.5 s
         assert await read_all(quick) == b"done"
@@ -256,27 +259,17 @@ def test_a_client_used_on_a_second_event_loop_times_out_there_too() -> None:
     """The read timer belongs to a loop: a client whose timer was set on a loop that has
     ended (a test's) sets one on the loop it is used on now."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        body = await read_request(reader)
-        if body is not None and body.endswith(b"stall"):
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(5)
-            return
-        writer.write(ok(b"done"))
-        await writer.drain()
-
     client = client_for("http://127.0.0.1:1/v1/chat/completions", read_timeout=0.5)
 
     async def first() -> None:
-        async with serve(handler) as (_, url):
+        async with serve(done_or_stall) as (_, url):
             client.host, client.port = "127.0.0.1", int(url.split(":")[2].split("/")[0])
             resp = await post(client, b"quick")  # sets the timer on this loop, due in 0.5 s
             assert await read_all(resp) == b"done"
             resp.close()
 
     async def second() -> BaseException | None:
-        async with serve(handler) as (_, url):
+        async with serve(done_or_stall) as (_, url):
             client.host, client.port = "127.0.0.1", int(url.split(":")[2].split("/")[0])
             resp = await post(client, b"stall")
             read = asyncio.create_task(resp.readany())
