@@ -4,12 +4,14 @@ batched charges, and the same invariants as the per-request ledger."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.test_ledger import PRICING, check_invariants, setup
@@ -21,6 +23,8 @@ from mesh.canonical import Usage
 from mesh.errors import DatabaseUnavailable
 from mesh.store import Database, utcnow
 from mesh.store.tables import api_keys, holds, ledger
+
+T = TypeVar("T")
 
 USAGE = Usage(input_tokens=10, output_tokens=5)  # 10 * 1 + 5 * 2 = 20 micro-credits
 
@@ -184,6 +188,17 @@ class _LosesOneCommitReply(Database):
             self.armed = False
             raise DatabaseUnavailable(connection_lost=True)  # as Database.write reports it
 
+    async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        result = await super().run_write(fn, *args, **kwargs)  # PostgreSQL's goes through write()
+        if self.armed:
+            self.armed = False
+            raise DatabaseUnavailable(connection_lost=True)
+        return result
+
+
+class _Lost(Exception):
+    """Raised inside a transaction to roll it back, standing for a connection lost before COMMIT."""
+
 
 async def test_a_lease_whose_grow_reply_was_lost_still_admits_and_releases_all(db: Database) -> None:
     # A lost reply on one connection is not an outage: the request is admitted (on a second
@@ -219,6 +234,24 @@ class _RollsBackThenDown(Database):
             yield conn
             if fault == "rolled back":
                 raise DatabaseUnavailable(connection_lost=True)
+
+    async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        if not self.is_sqlite:
+            return await super().run_write(fn, *args, **kwargs)  # through write(), above
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "down":
+            raise DatabaseUnavailable()
+        if fault != "rolled back":
+            return await super().run_write(fn, *args, **kwargs)
+
+        def then_lost(conn: Connection) -> T:
+            fn(conn, *args, **kwargs)
+            raise _Lost
+
+        try:
+            return await super().run_write(then_lost)
+        except _Lost:
+            raise DatabaseUnavailable(connection_lost=True) from None
 
 
 async def test_a_grow_that_never_committed_leaves_the_lease_holding_nothing(db: Database) -> None:

@@ -169,8 +169,8 @@ async def test_a_lease_grown_without_hearing_back_is_released_in_full(db: Databa
     adm = await ledger_.admit(p, PRICING, "r1", 10, 10)
     assert isinstance(adm, LeaseAdmission)
     async with db.write() as conn:  # a grow that committed while the gateway saw an error
-        await settlement.hold(conn, hold_id=adm.lease_id, account_id=p.account_id, key_id=p.key_id,
-                              amount=60_480, grow=True)
+        await conn.run_sync(settlement.hold, hold_id=adm.lease_id, account_id=p.account_id, key_id=p.key_id,
+                            amount=60_480, grow=True)
     await assert_held_is_its_rows(db)
     await ledger_.settle(adm, Usage(input_tokens=10, output_tokens=5), status="ok", model="m", pricing=PRICING)
     await ledger_.flush(release_all=True)
@@ -252,12 +252,16 @@ async def test_an_exact_settlement_during_an_outage_is_written_when_the_database
     book, p, writer = await setup(db, 1_000)
     ledger_ = leased(book, db, writer, FakeClock(), leases=False)
     adm = await ledger_.admit(p, PRICING, "r1", 10, 10)
-    real_write = db.write
+    real_write, real_run_write = db.write, db.run_write
 
     def unreachable() -> object:
         raise DatabaseUnavailable()
 
+    async def run_unreachable(*args: object, **kwargs: object) -> object:
+        raise DatabaseUnavailable()
+
     db.write = unreachable  # type: ignore[method-assign]
+    db.run_write = run_unreachable  # type: ignore[method-assign]
     try:
         assert await ledger_.settle(adm, Usage(input_tokens=10, output_tokens=5), status="ok", model="m",
                                     pricing=PRICING) == 20
@@ -266,7 +270,7 @@ async def test_an_exact_settlement_during_an_outage_is_written_when_the_database
         assert ledger_.queued == 1  # still down: kept
         await assert_held_is_its_rows(db)
     finally:
-        db.write = real_write  # type: ignore[method-assign]
+        db.write, db.run_write = real_write, real_run_write  # type: ignore[method-assign]
     await ledger_.flush()
     assert ledger_.ready and ledger_.queued == 0
     assert await check_invariants(db, book, p.account_id) == (1_000 - 20, 0)

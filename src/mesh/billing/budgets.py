@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Literal, get_args
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from mesh.errors import InvalidRequest
 from mesh.store import utcnow
@@ -96,12 +96,12 @@ _ROLL = (
 )
 
 
-async def roll(conn: AsyncConnection, key_id: str, at: datetime | None = None) -> bool:
+def roll(conn: Connection, key_id: str, at: datetime | None = None) -> bool:
     """Start the key's new budget period if its current one has ended (inside the caller's
     write transaction, after it locked the account); True when it did."""
     at = at or now()
-    due = (await conn.execute(_DUE, {"k": key_id, "now": at})).first()
+    due = (conn.execute(_DUE, {"k": key_id, "now": at})).first()
     if due is None:
         return False
     nxt = next_reset(due.budget_period, due.budget_reset_day, at)
-    return (await conn.execute(_ROLL, {"k": key_id, "now": at, "next": nxt})).rowcount == 1
+    return (conn.execute(_ROLL, {"k": key_id, "now": at, "next": nxt})).rowcount == 1

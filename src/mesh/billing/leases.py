@@ -256,11 +256,10 @@ class LeasedLedger:
         want = lease.held + amount
         for attempt in range(2):
             try:
-                async with self.db.write() as conn:
-                    held = await settlement.hold(
-                        conn, hold_id=lease.id, account_id=lease.account_id, key_id=lease.key_id, amount=amount,
-                        grow=True,
-                    )
+                held = await self.db.run_write(
+                    settlement.hold, hold_id=lease.id, account_id=lease.account_id, key_id=lease.key_id, amount=amount,
+                    grow=True,
+                )
                 lease.held = held  # committed: before that, a rollback would leave it holding nothing
                 break
             except settlement.Uncovered:
@@ -274,7 +273,7 @@ class LeasedLedger:
                 if attempt or not err.connection_lost:
                     raise
                 async with self.db.read() as conn:
-                    row = await settlement.held_by(conn, lease.id)
+                    row = await conn.run_sync(settlement.held_by, lease.id)
                 if row >= want:
                     lease.held = row
                     break
@@ -502,11 +501,10 @@ class LeasedLedger:
     async def _capture(self, hold: _Hold, batch: list[_Pending], *, close: bool) -> settlement.Captured:
         for attempt in range(3):
             try:
-                async with self.db.write() as conn:
-                    return await settlement.capture(
-                        conn, hold_id=hold.id, account_id=hold.account_id, key_id=hold.key_id,
-                        settlements=[p.settlement for p in batch], close=close,
-                    )
+                return await self.db.run_write(
+                    settlement.capture, hold_id=hold.id, account_id=hold.account_id, key_id=hold.key_id,
+                    settlements=[p.settlement for p in batch], close=close,
+                )
             except (settlement.LedgerRace, IntegrityError):
                 if attempt == 2:
                     raise

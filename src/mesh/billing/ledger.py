@@ -311,11 +311,10 @@ class Ledger:
         # cover the full hold, the careful path below works out what can be afforded.
         amount = hold_cost(pricing, prompt_tokens, max_output_tokens * choices)
         try:
-            async with self.db.write() as conn:
-                await settlement.hold(
-                    conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
-                    amount=amount, grow=False, end_user=end_user,
-                )
+            await self.db.run_write(
+                settlement.hold, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
+                amount=amount, grow=False, end_user=end_user,
+            )
         except settlement.Uncovered:
             return await self._hold_carefully(
                 principal, pricing, request_id, prompt_tokens, max_output_tokens, choices, end_user
@@ -337,7 +336,7 @@ class Ledger:
                     .with_for_update()
                 )
             ).first()
-            await budgets.roll(conn, principal.key_id)
+            await conn.run_sync(budgets.roll, principal.key_id)
             key = (
                 await conn.execute(
                     select(
@@ -360,7 +359,9 @@ class Ledger:
                 if max_output_tokens_affordable(pricing, key_left, prompt_tokens) < choices:
                     raise _over_budget(floor, key_left, key.budget_period, key.budget_resets_at)
                 limit = min(limit, key_left)
-            user_left = None if end_user is None else await settlement.user_room(conn, principal.key_id, end_user)
+            user_left = None if end_user is None else await conn.run_sync(
+                settlement.user_room, principal.key_id, end_user
+            )
             if user_left is None:
                 end_user = None
             else:
@@ -370,8 +371,8 @@ class Ledger:
             out = min(max_output_tokens, max_output_tokens_affordable(pricing, limit, prompt_tokens) // choices)
             amount = hold_cost(pricing, prompt_tokens, out * choices)
             try:
-                await settlement.hold(
-                    conn, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
+                await conn.run_sync(
+                    settlement.hold, hold_id=request_id, account_id=principal.account_id, key_id=principal.key_id,
                     amount=amount, grow=False, end_user=end_user,
                 )
             except settlement.Uncovered:  # only reachable if the row locks above were missing
@@ -391,11 +392,10 @@ class Ledger:
             return admission
         hold_id = admission.hold_id or admission.request_id
         try:
-            async with self.db.write() as conn:
-                await settlement.hold(
-                    conn, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
-                    amount=need - admission.held, grow=True, end_user=admission.end_user,
-                )
+            await self.db.run_write(
+                settlement.hold, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
+                amount=need - admission.held, grow=True, end_user=admission.end_user,
+            )
         except settlement.Uncovered:
             raise InsufficientCredits(
                 f"Insufficient credits: the model that can serve this request needs {format_credits(need)} "
@@ -412,11 +412,10 @@ class Ledger:
         hold_id = admission.hold_id or admission.request_id
         for attempt in range(3):
             try:
-                async with self.db.write() as conn:
-                    return await settlement.capture(
-                        conn, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
-                        settlements=settlements, close=close,
-                    )
+                return await self.db.run_write(
+                    settlement.capture, hold_id=hold_id, account_id=admission.account_id, key_id=admission.key_id,
+                    settlements=settlements, close=close,
+                )
             except (settlement.LedgerRace, IntegrityError):
                 if attempt == 2:
                     raise
@@ -486,8 +485,9 @@ class Ledger:
                 ).first()
                 if still is None:
                     continue  # touched or settled meanwhile
-                await settlement.capture(
-                    conn, hold_id=r.request_id, account_id=r.account_id, key_id=r.key_id, settlements=(), close=True
+                await conn.run_sync(
+                    settlement.capture, hold_id=r.request_id, account_id=r.account_id, key_id=r.key_id,
+                    settlements=(), close=True,
                 )
                 released += 1
         return released

@@ -15,12 +15,16 @@ each a few statements inside the caller's write transaction:
   row's memo. A hold that reaches zero is deleted, never updated to zero.
 * :func:`release` is ``capture`` of nothing with ``close``.
 
+They are synchronous functions of a SQLAlchemy ``Connection``: a caller runs one inside its
+write transaction with ``AsyncConnection.run_sync``, or a whole transaction of them with
+:meth:`mesh.store.Database.run_write` (SQLite: in the writer thread, handed over once).
+
 Why this cannot lose or double-count money: every amount moved is derived from rows read
 under lock in the same transaction (the hold row's amount, ledger rows already written),
 never from the caller's memory. Re-running a batch whose COMMIT reply was lost finds its
 ledger rows and its smaller hold and changes nothing; a hold grown under an unknown
 outcome is released by what its row says. Ledger rows are inserted with ``ON CONFLICT
-(idempotency_key) DO NOTHING`` and the insert must return every row planned, or the
+(idempotency_key) DO NOTHING`` and the insert must write every row planned, or the
 transaction is rolled back (:class:`LedgerRace`), so balances move only with rows written.
 """
 
@@ -34,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from mesh.billing import budgets
 from mesh.billing.money import MicroCredits, format_credits
@@ -175,29 +179,29 @@ def priced(pricing: Pricing, usage: Usage | None, output_limit: int | None) -> t
     return cost(pricing, usage), usage
 
 
-async def user_room(conn: AsyncConnection, key_id: str, end_user: str) -> int | None:
+def user_room(conn: Connection, key_id: str, end_user: str) -> int | None:
     """What the key's cap for ``end_user`` still allows this period (None: the key has no
     user_budget). Seeds and rolls the end user's row; call after :func:`budgets.roll`."""
-    key = (await conn.execute(_KEY_USER_BUDGET, {"k": key_id})).first()
+    key = (conn.execute(_KEY_USER_BUDGET, {"k": key_id})).first()
     if key is None or key.user_budget is None:
         return None
-    await _seed_user(conn, key_id, end_user, key.budget_resets_at)
-    await conn.execute(_ROLL_USER, {"k": key_id, "u": end_user, "p": key.budget_resets_at})
-    row = (await conn.execute(_LOCK_USER, {"k": key_id, "u": end_user})).one()
+    _seed_user(conn, key_id, end_user, key.budget_resets_at)
+    conn.execute(_ROLL_USER, {"k": key_id, "u": end_user, "p": key.budget_resets_at})
+    row = (conn.execute(_LOCK_USER, {"k": key_id, "u": end_user})).one()
     return int(key.user_budget) - int(row.spent) - int(row.held)
 
 
-async def _seed_user(conn: AsyncConnection, key_id: str, end_user: str, period: Any) -> None:
+def _seed_user(conn: Connection, key_id: str, end_user: str, period: Any) -> None:
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    await conn.execute(
+    conn.execute(
         dialect.insert(key_user_spend)
         .values(key_id=key_id, end_user=end_user, spent=0, held=0, resets_at=period)
         .on_conflict_do_nothing(index_elements=[key_user_spend.c.key_id, key_user_spend.c.end_user])
     )
 
 
-async def hold(
-    conn: AsyncConnection, *, hold_id: str, account_id: str, key_id: str | None, amount: int, grow: bool,
+def hold(
+    conn: Connection, *, hold_id: str, account_id: str, key_id: str | None, amount: int, grow: bool,
     end_user: str | None = None,
 ) -> int:
     """Hold ``amount`` more on ``hold_id`` and return what its row holds now.
@@ -211,26 +215,26 @@ async def hold(
     if amount > MAX_AMOUNT:
         raise Uncovered  # e.g. a huge max_tokens on a model without a context length
     params = {"a": account_id, "k": key_id, "h": amount}
-    if (await conn.execute(HOLD_ACCOUNT, params)).rowcount != 1:
+    if (conn.execute(HOLD_ACCOUNT, params)).rowcount != 1:
         raise Uncovered
     if key_id is not None:
-        await budgets.roll(conn, key_id)  # a budget's new period starts before it is used
-        if (await conn.execute(HOLD_KEY, params)).rowcount != 1:
+        budgets.roll(conn, key_id)  # a budget's new period starts before it is used
+        if (conn.execute(HOLD_KEY, params)).rowcount != 1:
             raise Uncovered
         if end_user is not None:
-            room = await user_room(conn, key_id, end_user)
+            room = user_room(conn, key_id, end_user)
             if room is None:
                 end_user = None  # the cap was lifted: nothing to count
             elif room < amount:
                 raise Uncovered
             else:  # the row is locked (user_room): nothing can take the room meanwhile
-                await conn.execute(_CAPTURE_USER, {"k": key_id, "u": end_user, "r": -amount, "t": 0})
+                conn.execute(_CAPTURE_USER, {"k": key_id, "u": end_user, "r": -amount, "t": 0})
     now = utcnow()
     if grow:
-        grown = (await conn.execute(_GROW_HOLD, {"r": hold_id, "h": amount, "t": now})).scalar_one_or_none()
+        grown = (conn.execute(_GROW_HOLD, {"r": hold_id, "h": amount, "t": now})).scalar_one_or_none()
         if grown is not None:
             return int(grown)
-    await conn.execute(
+    conn.execute(
         holds.insert().values(
             request_id=hold_id, account_id=account_id, key_id=key_id, amount=amount, created_at=now,
             end_user=end_user,
@@ -239,9 +243,9 @@ async def hold(
     return amount
 
 
-async def held_by(conn: AsyncConnection, hold_id: str) -> int:
+def held_by(conn: Connection, hold_id: str) -> int:
     """What ``hold_id``'s row holds now (0 when there is no row)."""
-    amount = (await conn.execute(select(holds.c.amount).where(holds.c.request_id == hold_id))).scalar_one_or_none()
+    amount = (conn.execute(select(holds.c.amount).where(holds.c.request_id == hold_id))).scalar_one_or_none()
     return int(amount or 0)
 
 
@@ -251,8 +255,8 @@ def _shortfall(due: int, charge: int) -> str | None:
     return f"shortfall: cost {format_credits(due)}, charged {format_credits(charge)}"
 
 
-async def capture(
-    conn: AsyncConnection,
+def capture(
+    conn: Connection,
     *,
     hold_id: str,
     account_id: str,
@@ -264,22 +268,22 @@ async def capture(
     release what is left of it. See the module docstring for the rules. Raises
     ``NotFound`` for an unknown account and :class:`LedgerRace` (retry) when another
     transaction wrote one of the planned ledger rows first."""
-    acct = (await conn.execute(_LOCK_ACCOUNT, {"a": account_id})).first()
+    acct = (conn.execute(_LOCK_ACCOUNT, {"a": account_id})).first()
     if acct is None:
         raise NotFound(f"Account {account_id!r} not found", code="account_not_found")
     key = None
     if key_id is not None:
-        await budgets.roll(conn, key_id)
-        key = (await conn.execute(_LOCK_KEY, {"k": key_id})).first()
-    row = (await conn.execute(_LOCK_HOLD, {"r": hold_id})).first()
+        budgets.roll(conn, key_id)
+        key = (conn.execute(_LOCK_KEY, {"k": key_id})).first()
+    row = (conn.execute(_LOCK_HOLD, {"r": hold_id})).first()
     held_here = 0 if row is None else int(row.amount)
     end_user = None if row is None or key_id is None else row.end_user
-    user_left = None if end_user is None or key_id is None else await user_room(conn, key_id, end_user)
+    user_left = None if end_user is None or key_id is None else user_room(conn, key_id, end_user)
 
     charged: dict[str, int] = {}
     wanted = [s.key for s in settlements]
     if wanted:
-        charged = {k: -int(amount) for k, amount in await _ledger_amounts(conn, wanted)}
+        charged = {k: -int(amount) for k, amount in _ledger_amounts(conn, wanted)}
 
     from_hold = held_here
     # Credit nobody holds; below zero after a refund or dispute took credit back while
@@ -317,19 +321,19 @@ async def capture(
     total = int(acct.balance) - balance
     released = held_here - from_hold + (from_hold if close else 0)
     if total or released:
-        await conn.execute(_CAPTURE_ACCOUNT, {"a": account_id, "t": total, "u": released})
+        conn.execute(_CAPTURE_ACCOUNT, {"a": account_id, "t": total, "u": released})
         if key_id is not None:
-            await conn.execute(_CAPTURE_KEY, {"k": key_id, "t": total, "u": released})
+            conn.execute(_CAPTURE_KEY, {"k": key_id, "t": total, "u": released})
         if end_user is not None:
-            await conn.execute(_CAPTURE_USER, {"k": key_id, "u": end_user, "r": released, "t": total})
+            conn.execute(_CAPTURE_USER, {"k": key_id, "u": end_user, "r": released, "t": total})
     left = held_here - released
     if row is not None:
         if left == 0:
-            await conn.execute(_DELETE_HOLD, {"r": hold_id})
+            conn.execute(_DELETE_HOLD, {"r": hold_id})
         else:
-            await conn.execute(_SET_HOLD, {"r": hold_id, "left": left, "now": now})
+            conn.execute(_SET_HOLD, {"r": hold_id, "left": left, "now": now})
     if rows:
-        await _insert_rows(conn, rows)
+        _insert_rows(conn, rows)
     return Captured(charged, frozenset(r["idempotency_key"] for r in rows), left)
 
 
@@ -351,21 +355,21 @@ _INSERT_LEDGER_PG = (
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's SQLite DateTime storage format
 
 
-async def _ledger_amounts(conn: AsyncConnection, keys: list[str]) -> list[tuple[str, int]]:
+def _ledger_amounts(conn: Connection, keys: list[str]) -> list[tuple[str, int]]:
     """(idempotency key, amount) of the ledger rows already written under ``keys``."""
     if conn.dialect.name == "postgresql":
         sql = "SELECT idempotency_key, amount FROM ledger WHERE idempotency_key = ANY($1::text[])"
-        found: Any = await conn.exec_driver_sql(sql, (keys,))
+        found: Any = conn.exec_driver_sql(sql, (keys,))
         return [(str(row[0]), int(row[1])) for row in found]
     out: list[tuple[str, int]] = []
     for chunk in sqlite_rows.chunks(keys):
         sql = f"SELECT idempotency_key, amount FROM ledger WHERE idempotency_key IN ({','.join('?' * len(chunk))})"
-        some: Any = await conn.exec_driver_sql(sql, tuple(chunk))
+        some: Any = conn.exec_driver_sql(sql, tuple(chunk))
         out.extend((str(row[0]), int(row[1])) for row in some)
     return out
 
 
-async def _insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     written: set[str] = set()
     for r in rows:
         if r["created_at"].tzinfo is None:
@@ -373,7 +377,7 @@ async def _insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Non
     if conn.dialect.name == "postgresql":
         columns: list[list[Any]] = [[r[c] for r in rows] for c in _LEDGER_ROW[:-1]]
         columns.append([r["created_at"].astimezone(UTC) for r in rows])
-        written.update(str(row[0]) for row in await conn.exec_driver_sql(_INSERT_LEDGER_PG, tuple(columns)))
+        written.update(str(row[0]) for row in conn.exec_driver_sql(_INSERT_LEDGER_PG, tuple(columns)))
     else:
         for chunk in sqlite_rows.chunks(rows):
             params: list[Any] = []
@@ -382,16 +386,19 @@ async def _insert_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Non
                 params.append(r["created_at"].astimezone(UTC).replace(tzinfo=None).strftime(_SQLITE_DATETIME))
             values = sqlite_rows.values(len(chunk), len(_LEDGER_ROW))
             sql = (f"INSERT INTO ledger ({', '.join(_LEDGER_ROW)}) VALUES {values} "
-                   "ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key")
-            written.update(str(row[0]) for row in await conn.exec_driver_sql(sql, tuple(params)))
+                   "ON CONFLICT (idempotency_key) DO NOTHING")
+            # The count of rows inserted, not RETURNING: reading each returned row back is a
+            # step of its own, and each hands the GIL over (a busy event loop keeps it).
+            if conn.exec_driver_sql(sql, tuple(params)).rowcount == len(chunk):
+                written.update(r["idempotency_key"] for r in chunk)
     if len(written) != len(rows):
         raise LedgerRace(f"{len(rows) - len(written)} ledger rows were written by another transaction")
 
 
-async def release(conn: AsyncConnection, *, hold_id: str, account_id: str, key_id: str | None) -> int:
+def release(conn: Connection, *, hold_id: str, account_id: str, key_id: str | None) -> int:
     """Release the whole hold ``hold_id`` (what its row says); returns the amount."""
-    row = (await conn.execute(select(holds.c.amount).where(holds.c.request_id == hold_id))).first()
+    row = (conn.execute(select(holds.c.amount).where(holds.c.request_id == hold_id))).first()
     if row is None:
         return 0
-    await capture(conn, hold_id=hold_id, account_id=account_id, key_id=key_id, settlements=(), close=True)
+    capture(conn, hold_id=hold_id, account_id=account_id, key_id=key_id, settlements=(), close=True)
     return int(row.amount)

@@ -20,8 +20,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mesh.billing.money import MicroCredits
 from mesh.billing.stream import outbox_row
@@ -196,30 +196,33 @@ async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: b
     Plain SQL in the driver's own parameter style, executed many at a time: building these
     statements through SQLAlchemy Core cost about 0.1 ms of CPU per request (bench/). The
     values are the ones Core would bind (see :func:`_row`). With ``outbox``, each record also
-    goes to the settlement stream's outbox in the same transaction."""
+    goes to the settlement stream's outbox in the same transaction. The transaction is one
+    :meth:`Database.run_write` (on SQLite, one hand-over to its writer thread)."""
+    if records:
+        await db.run_write(_write_batch, list(records), outbox)
+
+
+def _write_batch(conn: Connection, records: list[UsageRecord], outbox: bool) -> None:
+    pg = conn.dialect.name == "postgresql"
+    ids = [r.request_id for r in records]
+    if pg:
+        found = conn.exec_driver_sql(_SEEN_PG, (ids,))
+    else:
+        marks = ",".join("?" * len(ids))
+        found = conn.exec_driver_sql(f"SELECT request_id FROM usage_records WHERE request_id IN ({marks})",
+                                     tuple(ids))
+    seen = {row[0] for row in found.fetchall()}
+    records = [r for r in records if r.request_id not in seen]
     if not records:
         return
-    pg = db.dialect == "postgresql"
-    async with db.write() as conn:
-        ids = [r.request_id for r in records]
-        if pg:
-            found = await conn.exec_driver_sql(_SEEN_PG, (ids,))
-        else:
-            marks = ",".join("?" * len(ids))
-            found = await conn.exec_driver_sql(f"SELECT request_id FROM usage_records WHERE request_id IN ({marks})",
-                                               tuple(ids))
-        seen = {row[0] for row in found}
-        records = [r for r in records if r.request_id not in seen]
-        if not records:
-            return
-        if pg:
-            await conn.exec_driver_sql(_INSERT_PG, [_row(r, pg) for r in records])
-            await conn.exec_driver_sql(_UPSERT_DAILY_PG, _daily(records, pg))
-        else:  # many rows per statement, not an executemany (mesh.store.sqlite_rows)
-            await _many_rows(conn, _INSERT_SQLITE, [_row(r, pg) for r in records])
-            await _many_rows(conn, _UPSERT_DAILY_SQLITE, _daily(records, pg))
-        if outbox:
-            await conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
+    if pg:
+        conn.exec_driver_sql(_INSERT_PG, [_row(r, pg) for r in records])
+        conn.exec_driver_sql(_UPSERT_DAILY_PG, _daily(records, pg))
+    else:  # many rows per statement, not an executemany (mesh.store.sqlite_rows)
+        _many_rows(conn, _INSERT_SQLITE, [_row(r, pg) for r in records])
+        _many_rows(conn, _UPSERT_DAILY_SQLITE, _daily(records, pg))
+    if outbox:
+        conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
 
 
 _COLUMNS = (
@@ -245,10 +248,10 @@ _UPSERT_DAILY_SQLITE = (
 )
 
 
-async def _many_rows(conn: AsyncConnection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+def _many_rows(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
     """``sql`` (with ``{rows}`` where its VALUES go) for ``rows``, a statement per chunk."""
     for chunk in sqlite_rows.chunks(rows):
-        await conn.exec_driver_sql(sql.format(rows=sqlite_rows.values(len(chunk), len(chunk[0]))),
+        conn.exec_driver_sql(sql.format(rows=sqlite_rows.values(len(chunk), len(chunk[0]))),
                                    tuple(v for row in chunk for v in row))
 
 
