@@ -4,9 +4,10 @@ compare with), measured in alternating windows, medians of the CPU per request o
 
     git worktree add /tmp/base <commit>
     .venv/bin/python -m bench.ab --base /tmp/base/src --mode chat --concurrency 16 --rounds 10
+    .venv/bin/python -m bench.ab --base /tmp/base/src --mode chat --pg    # both on PostgreSQL
 
-Each gateway gets a fresh SQLite database, as in ``make bench``; windows alternate in order
-and in reverse, so a drift of the machine falls on both.
+Each gateway gets a fresh SQLite (or, with ``--pg``, PostgreSQL) database, as in ``make bench``;
+windows alternate in order and in reverse, so a drift of the machine falls on both.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import tempfile
 from pathlib import Path
 
 from bench.measure import Point, run_load, summarize
-from bench.targets import mesh_config, start_engine, start_floor, start_mesh, start_proxy
+from bench.targets import (
+    create_pg_database,
+    drop_pg_database,
+    mesh_config,
+    start_engine,
+    start_floor,
+    start_mesh,
+    start_proxy,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--pg", action="store_true", help="both gateways on PostgreSQL (a fresh database each)")
     p.add_argument("--floor", action="store_true",
                    help="also Mesh's floor: its HTTP server and engine client passing requests through "
                         "(bench.floor), and the same with a streamed upstream")
@@ -35,13 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mesh-ab-"))
     engine = start_engine(work)
     targets = [start_proxy(work, engine.url)]
+    databases: list[str] = []
+
+    def database(name: str) -> str:
+        if not a.pg:
+            return f"sqlite:///{work}/{name}.db"
+        made = create_pg_database()
+        if made is None:
+            raise SystemExit("no PostgreSQL at 127.0.0.1:5432")
+        databases.append(made[1])
+        return made[0]
+
     try:
         if a.floor:
             targets += [start_floor(work, engine.url), start_floor(work, engine.url, stream_upstream=True)]
-        targets.append(start_mesh("base", "Mesh (--base)", work, mesh_config(f"sqlite:///{work}/base.db", engine.url),
+        targets.append(start_mesh("base", "Mesh (--base)", work, mesh_config(database("base"), engine.url),
                                   env={"PYTHONPATH": str(Path(a.base).resolve())}))
-        targets.append(start_mesh("this", "Mesh (this checkout)", work,
-                                  mesh_config(f"sqlite:///{work}/this.db", engine.url)))
+        targets.append(start_mesh("this", "Mesh (this checkout)", work, mesh_config(database("this"), engine.url)))
         point = Point(a.mode, a.concurrency)
         key = "cpu_us_per_chunk" if a.mode == "stream" else "cpu_ms_per_req"
         seen: dict[str, list[float]] = {t.name: [] for t in targets}
@@ -63,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for t in (*targets, engine):
             t.server.stop()
+        for name in databases:
+            drop_pg_database(name)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,98 @@ async def test_a_connection_lost_mid_transaction_is_told_from_no_connection_at_a
         assert not refused.value.connection_lost
     finally:
         await nowhere.aclose()
+
+
+# -- run_write: a whole transaction as one synchronous function -----------------------------------
+
+
+def _insert_account(conn: Connection, account_id: str, balance: int) -> int:
+    conn.execute(insert(accounts).values(id=account_id, name="x", balance=balance, held=0, created_at=utcnow()))
+    return balance
+
+
+async def _balances(db: Database) -> dict[str, int]:
+    async with db.read() as conn:
+        return {r[0]: r[1] for r in await conn.execute(text("SELECT id, balance FROM accounts"))}
+
+
+async def test_run_write_commits_what_its_function_did_and_returns_its_result(db: Database) -> None:
+    assert await db.run_write(_insert_account, "acct_a", 5) == 5
+    assert await _balances(db) == {"acct_a": 5}
+
+
+async def test_run_write_rolls_back_and_raises_what_its_function_raised(db: Database) -> None:
+    def half_then_fail(conn: Connection) -> None:
+        _insert_account(conn, "acct_b", 1)
+        conn.execute(update(accounts).where(accounts.c.id == "acct_b").values(held=2))  # held > balance: CHECK
+
+    with pytest.raises(IntegrityError):
+        await db.run_write(half_then_fail)
+
+    class Boom(Exception):
+        pass
+
+    def boom(conn: Connection) -> None:
+        _insert_account(conn, "acct_c", 1)
+        raise Boom
+
+    with pytest.raises(Boom):
+        await db.run_write(boom)
+    assert await _balances(db) == {}
+
+
+async def test_run_write_on_sqlite_keeps_foreign_keys_and_takes_the_write_lock_up_front(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/mesh.db")
+    try:
+        await db.migrate()
+
+        def settings(conn: Connection) -> tuple[object, object, bool]:
+            fk = conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            return fk, mode, conn.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
+
+        assert await db.run_write(settings) == (1, "wal", True)
+        with pytest.raises(IntegrityError):  # a key of an account that does not exist
+            await db.run_write(lambda conn: conn.exec_driver_sql(
+                "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, spent, held, created_at)"
+                " VALUES ('key_1', 'acct_missing', '', 'p', 'h', 0, 0, '2026-01-01 00:00:00')"))
+    finally:
+        await db.aclose()
+
+
+async def test_a_cancelled_run_write_holds_the_write_lock_until_its_transaction_is_done(tmp_path: Path) -> None:
+    # The thread cannot be stopped mid-transaction: a caller cancelled meanwhile must not let
+    # the next writer in before it ends (it would wait in SQLite's busy handler, or interleave).
+    db = Database(f"sqlite:///{tmp_path}/mesh.db")
+    try:
+        await db.migrate()
+        started, go = threading.Event(), threading.Event()
+
+        def slow(conn: Connection) -> None:
+            _insert_account(conn, "acct_slow", 1)
+            started.set()
+            assert go.wait(10)
+
+        first = asyncio.create_task(db.run_write(slow))
+        assert await asyncio.to_thread(started.wait, 10)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert db._write_lock is not None and db._write_lock.locked()  # for the thread, not the caller
+        second = asyncio.create_task(db.run_write(_insert_account, "acct_next", 2))
+
+        async def write_one() -> None:
+            async with db.write() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        third = asyncio.create_task(write_one())
+        await asyncio.sleep(0.1)
+        assert not second.done() and not third.done()  # the first transaction is still open
+        go.set()
+        async with asyncio.timeout(10):
+            assert await second == 2
+            await third
+        # The cancelled caller did not hear back, but its transaction committed (a lost reply).
+        assert await _balances(db) == {"acct_slow": 1, "acct_next": 2}
+    finally:
+        await db.aclose()

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
@@ -252,7 +253,7 @@ def _many_rows(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
     """``sql`` (with ``{rows}`` where its VALUES go) for ``rows``, a statement per chunk."""
     for chunk in sqlite_rows.chunks(rows):
         conn.exec_driver_sql(sql.format(rows=sqlite_rows.values(len(chunk), len(chunk[0]))),
-                                   tuple(v for row in chunk for v in row))
+                             tuple(chain.from_iterable(chunk)))
 
 
 # SQLAlchemy's SQLite DateTime and Date storage formats (what Core wrote, and reads back).
@@ -260,8 +261,9 @@ _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
 def _json(value: Any) -> str:
-    # As SQLAlchemy's JSON type binds: None is JSON null, not SQL NULL.
-    return json.dumps(value)
+    # As SQLAlchemy's JSON type binds: None is JSON null, not SQL NULL. Most requests have
+    # neither tags nor metadata: json.dumps was a fifth of the usage writer's CPU.
+    return "null" if value is None else json.dumps(value)
 
 
 def _row(r: UsageRecord, pg: bool) -> tuple[Any, ...]:
