@@ -4,7 +4,8 @@ batched charges, and the same invariants as the per-request ledger."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -16,13 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.test_ledger import PRICING, check_invariants, setup
 from mesh.billing.leases import LEASE_PREFIX, LEASE_REQUESTS, LeaseAdmission, LeasedLedger, _Hold, _Pending
-from mesh.billing.ledger import Admission
+from mesh.billing.ledger import Admission, Ledger
 from mesh.billing.pricing import hold_cost
 from mesh.billing.settlement import Captured
 from mesh.canonical import Usage
 from mesh.errors import DatabaseUnavailable
 from mesh.store import Database, utcnow
-from mesh.store.tables import api_keys, holds, ledger
+from mesh.store.tables import accounts, api_keys, holds, ledger
 
 T = TypeVar("T")
 
@@ -271,4 +272,112 @@ async def test_a_grow_that_never_committed_leaves_the_lease_holding_nothing(db: 
     assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
+    await writer.flush()
+
+
+# -- a caller cancelled while its hold or grow is written ------------------------------------------
+
+
+@asynccontextmanager
+async def _writes_blocked(db: Database, account_id: str) -> AsyncIterator[None]:
+    """Another writer holds the account meanwhile: another gateway process's transaction on
+    SQLite, another connection's row lock on PostgreSQL."""
+    if db.is_sqlite:
+        assert db.url.database is not None
+        other = sqlite3.connect(db.url.database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("COMMIT")
+            other.close()
+    else:
+        async with db.engine.connect() as conn:
+            await conn.begin()
+            await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id).with_for_update())
+            try:
+                yield
+            finally:
+                await conn.rollback()
+
+
+async def _cancelled_while_blocked(db: Database, account_id: str, write: Coroutine[Any, Any, Any]) -> None:
+    async with _writes_blocked(db, account_id):
+        task = asyncio.ensure_future(write)
+        await asyncio.sleep(0.3)  # waiting for the other writer
+        assert not task.done()
+        task.cancel()  # the client hung up, a deadline passed, the gateway stops
+        await asyncio.sleep(0.1)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await db.run_write(lambda conn: None)  # SQLite: after the cancelled caller's thread is done
+
+
+async def test_an_exact_hold_whose_caller_was_cancelled_holds_nothing(db: Database) -> None:
+    # No Admission came back, so nothing would ever settle or release the hold: on SQLite
+    # the writer thread must roll it back as PostgreSQL does, not commit it for nobody.
+    book, p, _ = await setup(db, 1_000_000)
+    await _cancelled_while_blocked(db, p.account_id, book.admit(p, PRICING, "r1", 10, 10))
+    assert await book.balance(p.account_id) == (1_000_000, 0)
+    async with db.read() as conn:
+        assert (await conn.execute(select(holds.c.request_id))).all() == []
+
+
+async def test_a_lease_whose_grow_was_cancelled_still_admits_the_next_request(db: Database) -> None:
+    # The balance pays for one block: a grow committed for a cancelled caller, with the lease
+    # believing it holds nothing, would grow a second block, fail, and refuse with a 402.
+    need = hold_cost(PRICING, 10, 10)
+    book, p, writer = await setup(db, need * LEASE_REQUESTS)
+    leased = LeasedLedger(book, db, writer, flush_interval=3600)
+    await _cancelled_while_blocked(db, p.account_id, leased.admit(p, PRICING, "a0", 10, 10))
+    adm = await leased.admit(p, PRICING, "a1", 10, 10)
+    assert isinstance(adm, LeaseAdmission) and adm.max_output_tokens == 10
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (need * LEASE_REQUESTS - 20, 0)
+    await writer.flush()
+
+
+class _CommitsThenCancelled(Database):
+    """The same database, except that the next run_write commits and then its caller is
+    cancelled, as when the cancellation comes while the transaction commits."""
+
+    def __init__(self, db: Database) -> None:
+        self.__dict__.update(db.__dict__)
+        self.armed = True
+
+    async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        result = await super().run_write(fn, *args, **kwargs)
+        if self.armed:
+            self.armed = False
+            raise asyncio.CancelledError
+        return result
+
+
+async def test_an_exact_hold_committed_for_a_cancelled_caller_is_released(db: Database) -> None:
+    book, p, writer = await setup(db, 1_000_000)
+    late = _CommitsThenCancelled(db)
+    leased = LeasedLedger(Ledger(late, writer), late, writer, flush_interval=3600, leases=False)
+    with pytest.raises(asyncio.CancelledError):
+        await leased.admit(p, PRICING, "r1", 10, 10)
+    assert (await book.balance(p.account_id))[1] == hold_cost(PRICING, 10, 10)  # committed for nobody
+    await leased.flush()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000, 0)
+    await leased.aclose()
+    await writer.flush()
+
+
+async def test_a_lease_grow_committed_for_a_cancelled_caller_is_read_back_not_grown_again(db: Database) -> None:
+    need = hold_cost(PRICING, 10, 10)
+    book, p, writer = await setup(db, need * LEASE_REQUESTS)  # one block: a second grow is refused
+    late = _CommitsThenCancelled(db)
+    leased = LeasedLedger(book, late, writer, flush_interval=3600)
+    with pytest.raises(asyncio.CancelledError):
+        await leased.admit(p, PRICING, "a0", 10, 10)
+    adm = await leased.admit(p, PRICING, "a1", 10, 10)
+    assert isinstance(adm, LeaseAdmission) and adm.max_output_tokens == 10
+    assert leased._leases[p.key_id or ""].held == need * LEASE_REQUESTS
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (need * LEASE_REQUESTS - 20, 0)
     await writer.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ async def test_run_write_on_sqlite_keeps_foreign_keys_and_takes_the_write_lock_u
         await db.aclose()
 
 
-async def test_a_cancelled_run_write_holds_the_write_lock_until_its_transaction_is_done(tmp_path: Path) -> None:
+async def test_a_cancelled_run_write_rolls_back_and_keeps_the_lock_until_its_thread_is_done(tmp_path: Path) -> None:
     # The thread cannot be stopped mid-transaction: a caller cancelled meanwhile must not let
     # the next writer in before it ends (it would wait in SQLite's busy handler, or interleave).
     db = Database(f"sqlite:///{tmp_path}/mesh.db")
@@ -258,7 +259,33 @@ async def test_a_cancelled_run_write_holds_the_write_lock_until_its_transaction_
         async with asyncio.timeout(10):
             assert await second == 2
             await third
-        # The cancelled caller did not hear back, but its transaction committed (a lost reply).
-        assert await _balances(db) == {"acct_slow": 1, "acct_next": 2}
+        # The cancelled caller's transaction was rolled back before COMMIT, as on PostgreSQL.
+        assert await _balances(db) == {"acct_next": 2}
     finally:
         await db.aclose()
+
+
+async def test_aclose_waits_for_run_writes_and_leaves_no_writer_thread(tmp_path: Path) -> None:
+    # aclose() racing a run_write queued on the lock must leave a Database that still works
+    # (a later run_write makes a new writer; the next aclose stops it) and no thread behind.
+    db = Database(f"sqlite:///{tmp_path}/mesh.db")
+    await db.migrate()
+
+    def slow(conn: Connection) -> int:
+        time.sleep(0.3)
+        return 1
+
+    first = asyncio.ensure_future(db.run_write(slow))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(db.run_write(lambda conn: 2))
+    await asyncio.sleep(0.01)
+    await db.aclose()
+    assert await first == 1 and await queued == 2
+    try:
+        assert await db.run_write(lambda conn: conn.execute(text("SELECT 3")).scalar_one()) == 3
+        async with db.write() as conn:
+            await conn.execute(text("SELECT 1"))
+    finally:
+        await db.aclose()
+    await asyncio.sleep(0.1)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("mesh-sqlite-writer")] == []

@@ -114,6 +114,7 @@ class _Hold:
     pending: list[_Pending] = field(default_factory=list)
     closing: bool = False  # release what is left once the pending charges are written
     closed: bool = False
+    unsure: bool = False  # a grow's outcome is unknown (its caller was cancelled): read the row first
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = 0.0  # times from the ledger's clock
     touched: float = 0.0
@@ -209,9 +210,10 @@ class LeasedLedger:
                 principal, pricing, request_id, prompt_tokens_estimate, max_output_tokens, choices=choices,
                 end_user=end_user,
             )
-        except DatabaseUnavailable:
-            # The hold may have committed with its reply lost: once the database answers,
-            # release whatever its row says (nothing, if it never committed).
+        except (DatabaseUnavailable, asyncio.CancelledError):
+            # The hold may have committed with its reply lost (or its caller cancelled while it
+            # committed): once the database answers, release whatever its row says (nothing,
+            # if it never committed).
             orphan = self._hold(request_id, principal.account_id, principal.key_id)
             orphan.closing = True
             self._closing.append(orphan)
@@ -238,6 +240,8 @@ class LeasedLedger:
                 async with lease.lock:
                     if lease.closed or lease.closing:
                         continue  # closed while we waited: open a new one
+                    if lease.unsure:
+                        await self._resync(lease)
                     if lease.free < need and not await self._grow(lease, need * LEASE_REQUESTS - lease.free):
                         return None  # not enough for a lease: the exact hold decides
             lease.reserved += need
@@ -248,6 +252,14 @@ class LeasedLedger:
                 prompt_tokens, lease.id, lease_id=lease.id,
             )
             return admission, lease
+
+    async def _resync(self, lease: _Hold) -> None:
+        """Learn what the lease's row holds, after a grow whose outcome its cancelled caller
+        never heard: believing too little would grow a second block the balance may not
+        cover (a 402 with the credit in this very lease); too much, admit on credit not held.
+        Read in a write transaction, so that on SQLite it comes after the one it asks about."""
+        lease.held = await self.db.run_write(settlement.held_by, lease.id)
+        lease.unsure = False
 
     async def _grow(self, lease: _Hold, amount: int) -> bool:
         """Hold ``amount`` more for the lease (all of it or nothing). Under the lease's lock,
@@ -262,6 +274,9 @@ class LeasedLedger:
                 )
                 lease.held = held  # committed: before that, a rollback would leave it holding nothing
                 break
+            except asyncio.CancelledError:
+                lease.unsure = True  # it may have committed as the cancellation came
+                raise
             except settlement.Uncovered:
                 return False
             except DatabaseUnavailable as err:
@@ -297,6 +312,8 @@ class LeasedLedger:
         if isinstance(admission, LeaseAdmission) and lease is not None:
             if lease.free < extra:
                 async with lease.lock:
+                    if lease.unsure and not lease.closed:
+                        await self._resync(lease)
                     if lease.closed or (lease.free < extra and not await self._grow(lease, extra - lease.free)):
                         raise InsufficientCredits(
                             f"Insufficient credits: the model that can serve this request needs "
@@ -517,6 +534,7 @@ class LeasedLedger:
             if p.final:
                 self._enqueue(p.request, p.request.charged)
         hold.held = done.hold_left
+        hold.unsure = False  # the row's amount, read under its lock
         hold.charged = sum(p.from_hold for p in hold.pending)
         hold.touched = self._clock()
         if hold.held == 0 and hold.id.startswith(LEASE_PREFIX) and hold.users == 0 and not hold.pending:

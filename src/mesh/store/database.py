@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
@@ -105,8 +106,7 @@ class Database:
             )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self._write_lock: asyncio.Lock | None = None
-        self._sync_engine: Engine | None = None  # SQLite: run_write's, used only in its thread
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer: _SqliteWriter | None = None  # SQLite: run_write's thread, made at first use
         if self.dialect == "sqlite":
             self._write_lock = asyncio.Lock()
             _install_sqlite_hooks(self.engine.sync_engine)
@@ -148,8 +148,9 @@ class Database:
         PostgreSQL: :meth:`write`'s connection through ``run_sync``. SQLite: the whole function
         in the writer thread, on that thread's own connection (``BEGIN IMMEDIATE``, under the
         same write lock as :meth:`write`, held until the thread is done even if the caller is
-        cancelled meanwhile: a cancelled caller does not learn whether it committed, as with a
-        lost COMMIT reply)."""
+        cancelled meanwhile). A caller cancelled before the transaction commits has it rolled
+        back, as on PostgreSQL; one cancelled while it commits cannot tell whether it did (as
+        with a lost COMMIT reply), and callers that hold credit treat it so."""
         if self._write_lock is None:
             async with self.write() as conn:
                 return await conn.run_sync(fn, *args, **kwargs)
@@ -158,7 +159,9 @@ class Database:
         with _mapped_errors():
             await lock.acquire()
             try:
-                done = self._writer_thread().submit(self._transaction, fn, *args, **kwargs)
+                writer = self._writer = self._writer or _SqliteWriter(self.url)
+                abandoned = threading.Event()
+                done = writer.thread.submit(writer.transaction, abandoned, lambda conn: fn(conn, *args, **kwargs))
             except BaseException:
                 lock.release()
                 raise
@@ -170,23 +173,12 @@ class Database:
                     pass
 
             done.add_done_callback(release)
-            with _mapped_errors(connected=True):
-                return await asyncio.wrap_future(done)
-
-    def _writer_thread(self) -> ThreadPoolExecutor:
-        if self._writer is None:
-            assert self.url.database is not None
-            self._sync_engine = create_engine(self.url.set(drivername="sqlite+pysqlite"))
-            _install_sqlite_hooks(self._sync_engine)
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="mesh-sqlite-writer")
-        return self._writer
-
-    def _transaction(self, fn: Callable[Concatenate[Connection, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        assert self._sync_engine is not None
-        with self._sync_engine.connect() as conn:
-            conn.execution_options(**{_IMMEDIATE: True})
-            with conn.begin():
-                return fn(conn, *args, **kwargs)
+            try:
+                with _mapped_errors(connected=True):
+                    return await asyncio.wrap_future(done)
+            except asyncio.CancelledError:
+                abandoned.set()  # roll back instead of committing, unless it is too late
+                raise
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -248,14 +240,13 @@ class Database:
             return await conn.run_sync(_current_revision)
 
     async def aclose(self) -> None:
-        """Dispose of the connection pools (and stop SQLite's writer thread)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            sync_engine = self._sync_engine
-            if sync_engine is not None:
-                await asyncio.wrap_future(writer.submit(sync_engine.dispose))  # its connections belong to that thread
-            writer.shutdown(wait=False)
-            self._sync_engine = None
+        """Dispose of the connection pools (and stop SQLite's writer thread, once the
+        transaction it runs, if any, is done)."""
+        if self._write_lock is not None and self._writer is not None:
+            async with self._write_lock:
+                writer, self._writer = self._writer, None
+            if writer is not None:
+                await writer.aclose()
         await self.engine.dispose()
 
 
@@ -308,6 +299,32 @@ def _current_revision(connection: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     return MigrationContext.configure(connection).get_current_revision()
+
+
+class _Abandoned(Exception):
+    """Raised in the writer thread, before COMMIT, for a caller cancelled meanwhile."""
+
+
+class _SqliteWriter:
+    """:meth:`Database.run_write`'s thread and the synchronous engine only it uses."""
+
+    def __init__(self, url: URL) -> None:
+        self.engine = create_engine(url.set(drivername="sqlite+pysqlite"))
+        _install_sqlite_hooks(self.engine)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="mesh-sqlite-writer")
+
+    def transaction(self, abandoned: threading.Event, fn: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            conn.execution_options(**{_IMMEDIATE: True})
+            with conn.begin():
+                result = fn(conn)
+                if abandoned.is_set():
+                    raise _Abandoned  # rolls the transaction back
+                return result
+
+    async def aclose(self) -> None:
+        await asyncio.wrap_future(self.thread.submit(self.engine.dispose))  # its connections belong to that thread
+        self.thread.shutdown(wait=False)
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
