@@ -84,6 +84,7 @@ async def test_a_batch_larger_than_one_statement_is_written_whole_and_rolled_up_
     """SQLite gets many rows per statement, in chunks of 500: a batch of 1,201 (three chunks,
     the last of one row) over hundreds of days goes in whole, with its settlement-stream
     outbox rows on both databases, and writing it again adds nothing."""
+    from mesh.billing.stream import outbox_row
     from mesh.billing.usage import write_batch
 
     start = NOON - timedelta(days=400)
@@ -94,6 +95,12 @@ async def test_a_batch_larger_than_one_statement_is_written_whole_and_rolled_up_
     assert await count_rows(db) == 1201
     async with db.read() as conn:  # each record once in the settlement stream's outbox too
         assert (await conn.execute(select(func.count()).select_from(settlement_outbox))).scalar_one() == 1201
+        for r in (records[0], records[777], records[1200]):  # as Core binds them, in any chunk
+            row = (await conn.execute(select(settlement_outbox).where(settlement_outbox.c.request_id == r.request_id))
+                   ).one()
+            want = outbox_row(r)
+            assert (row.payload, row.created_at, row.claimed_until, row.attempts) == (
+                want["payload"], want["created_at"], None, 0)
     rows = await daily_usage(db, days=800, now=NOON)
     assert sum(r.requests for r in rows) == 1201 and sum(r.cost for r in rows) == 1201 * 100
     assert sum(r.cached_tokens for r in rows) == 1201 * 2

@@ -223,7 +223,12 @@ def _write_batch(conn: Connection, records: list[UsageRecord], outbox: bool) -> 
         _many_rows(conn, _INSERT_SQLITE, [_row(r, pg) for r in records])
         _many_rows(conn, _UPSERT_DAILY_SQLITE, _daily(records, pg))
     if outbox:
-        conn.execute(insert(settlement_outbox), [outbox_row(r) for r in records])
+        rows = [outbox_row(r) for r in records]
+        if pg:
+            conn.execute(insert(settlement_outbox), rows)
+        else:  # as above: one statement per chunk, not a step (and a GIL hand-over) per row
+            for chunk in sqlite_rows.chunks(rows):
+                conn.execute(insert(settlement_outbox).values(list(chunk)))
 
 
 _COLUMNS = (
