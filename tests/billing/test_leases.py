@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
@@ -21,9 +22,10 @@ from mesh.billing.ledger import Admission, Ledger
 from mesh.billing.pricing import hold_cost
 from mesh.billing.settlement import Captured
 from mesh.canonical import Usage
+from mesh.config import Pricing
 from mesh.errors import DatabaseUnavailable
 from mesh.store import Database, utcnow
-from mesh.store.tables import accounts, api_keys, holds, ledger
+from mesh.store.tables import accounts, api_keys, holds, ledger, usage_records
 
 T = TypeVar("T")
 
@@ -377,6 +379,134 @@ async def test_a_lease_grow_committed_for_a_cancelled_caller_is_read_back_not_gr
     adm = await leased.admit(p, PRICING, "a1", 10, 10)
     assert isinstance(adm, LeaseAdmission) and adm.max_output_tokens == 10
     assert leased._leases[p.key_id or ""].held == need * LEASE_REQUESTS
+    assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (need * LEASE_REQUESTS - 20, 0)
+    await writer.flush()
+
+
+# -- settles, reholds and grows whose outcome a cancellation or a lost reply hid --------------------
+
+
+FREE = Pricing(input=Decimal("0"), output=Decimal("0"))
+
+
+async def test_an_exact_settle_whose_caller_was_cancelled_is_still_charged(db: Database) -> None:
+    # The client hangs up (or Starlette cancels the response task) while the settle of an
+    # exact hold waits for the database: the pipeline marked ctx.settled before awaiting, so
+    # nothing settles it again. The charge must still be written (and the hold released),
+    # as LeasedLedger.admit does for an exact hold whose caller was cancelled.
+    book, p, writer = await setup(db, 1_000_000)
+    leased = LeasedLedger(book, db, writer, flush_interval=3600, leases=False)
+    adm = await leased.admit(p, PRICING, "r1", 10, 10)
+    await _cancelled_while_blocked(
+        db, p.account_id, leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING)
+    )
+    await leased.flush()
+    await leased.aclose()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
+    await writer.flush()
+
+
+async def test_an_exact_settle_committed_for_a_cancelled_caller_still_writes_its_usage_record(
+    db: Database,
+) -> None:
+    # The settle's transaction commits as the cancellation comes: the charge is in the ledger,
+    # but the usage record (enqueued only when the flusher applies the capture) is never written.
+    book, p, writer = await setup(db, 1_000_000)
+    late = _CommitsThenCancelled(db)
+    late.armed = False
+    leased = LeasedLedger(Ledger(late, writer), late, writer, flush_interval=3600, leases=False)
+    adm = await leased.admit(p, PRICING, "r1", 10, 10)
+    late.armed = True
+    with pytest.raises(asyncio.CancelledError):
+        await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING)
+    await leased.flush()
+    await leased.aclose()
+    await writer.flush()
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)
+    async with db.read() as conn:
+        rows = (await conn.execute(select(usage_records.c.request_id, usage_records.c.cost))).all()
+    assert [(r.request_id, r.cost) for r in rows] == [("r1", 20)]
+
+
+@pytest.mark.parametrize("lost", ["cancelled", "reply_lost"])
+async def test_a_rehold_of_a_free_admission_with_an_unknown_outcome_leaves_no_hold(db: Database, lost: str) -> None:
+    # A free model's admission (nothing held, no hold row) is served by a priced fallback:
+    # rehold creates the row <request id>. Its caller cancelled as it commits (or its COMMIT
+    # reply lost), the pipeline settles the request with no usage: nothing releases the row,
+    # which holds the customer's credit until the 2-hour stale sweep.
+    book, p, writer = await setup(db, 1_000_000)
+
+    class Late(Database):
+        def __init__(self, db: Database) -> None:
+            self.__dict__.update(db.__dict__)
+            self.armed = False
+
+        async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+            result = await super().run_write(fn, *args, **kwargs)
+            if self.armed:
+                self.armed = False
+                if lost == "cancelled":
+                    raise asyncio.CancelledError
+                raise DatabaseUnavailable(connection_lost=True)
+            return result
+
+    late = Late(db)
+    leased = LeasedLedger(Ledger(late, writer), late, writer, flush_interval=3600)
+    adm = await leased.admit(p, FREE, "r1", 10, 10)
+    assert adm.held == 0 and adm.hold_id is None
+    late.armed = True
+    with pytest.raises((asyncio.CancelledError, DatabaseUnavailable)):
+        await leased.rehold(adm, PRICING)
+    await leased.settle(adm, None, status="cancelled", model="m", pricing=PRICING)  # _settle_now after a failed rehold
+    await leased.flush()
+    await leased.aclose()
+    async with db.read() as conn:
+        left = (await conn.execute(select(holds.c.request_id, holds.c.amount))).all()
+    assert left == []
+    assert await check_invariants(db, book, p.account_id) == (1_000_000, 0)
+    await writer.flush()
+
+
+async def test_a_grow_whose_reply_was_lost_and_whose_read_back_was_cancelled_is_not_grown_again(
+    db: Database,
+) -> None:
+    # _grow: the grow commits, its reply is lost (connection_lost), and the caller is cancelled
+    # while it reads the row back. The CancelledError comes from the except-clause, not the try
+    # body: the lease is not marked unsure, believes it holds nothing, grows a second block the
+    # balance cannot cover, and the next request gets a 402 with the credit in its own lease.
+    need = hold_cost(PRICING, 10, 10)
+    book, p, writer = await setup(db, need * LEASE_REQUESTS)  # one block: a second grow is refused
+
+    class LostThenCancelledRead(Database):
+        def __init__(self, db: Database) -> None:
+            self.__dict__.update(db.__dict__)
+            self.armed = True
+            self.cancel_read = False
+
+        async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+            result = await super().run_write(fn, *args, **kwargs)
+            if self.armed:
+                self.armed = False
+                self.cancel_read = True
+                raise DatabaseUnavailable(connection_lost=True)
+            return result
+
+        @asynccontextmanager
+        async def read(self) -> AsyncIterator[AsyncConnection]:
+            if self.cancel_read:
+                self.cancel_read = False
+                raise asyncio.CancelledError  # the client hung up while the row was read back
+            async with Database.read(self) as conn:
+                yield conn
+
+    late = LostThenCancelledRead(db)
+    leased = LeasedLedger(book, late, writer, flush_interval=3600)
+    with pytest.raises(asyncio.CancelledError):
+        await leased.admit(p, PRICING, "a0", 10, 10)
+    adm = await leased.admit(p, PRICING, "a1", 10, 10)  # observed: InsufficientCredits (402)
+    assert isinstance(adm, LeaseAdmission) and adm.max_output_tokens == 10
     assert await leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING) == 20
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (need * LEASE_REQUESTS - 20, 0)

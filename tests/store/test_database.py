@@ -289,3 +289,21 @@ async def test_aclose_waits_for_run_writes_and_leaves_no_writer_thread(tmp_path:
         await db.aclose()
     await asyncio.sleep(0.1)
     assert [t.name for t in threading.enumerate() if t.name.startswith("mesh-sqlite-writer")] == []
+
+
+async def test_aclose_with_the_first_run_write_queued_leaves_no_writer_thread(tmp_path: Path) -> None:
+    # aclose() skips the write lock when no writer exists yet: a run_write already queued on
+    # the lock (behind a write()) makes its writer thread after aclose() returned, and nobody
+    # ever stops it (nor disposes its engine).
+    db = Database(f"sqlite:///{tmp_path}/mesh.db")
+    await db.migrate()
+    async with db.write():  # holds the write lock, as release_stale_holds or the careful hold do
+        queued = asyncio.ensure_future(db.run_write(lambda conn: 2))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(db.aclose())
+        await asyncio.sleep(0.05)
+    await closing
+    assert await queued == 2
+    await asyncio.sleep(0.1)
+    assert db._writer is None
+    assert [t.name for t in threading.enumerate() if t.name.startswith("mesh-sqlite-writer")] == []

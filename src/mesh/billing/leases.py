@@ -287,8 +287,12 @@ class LeasedLedger:
                 # connection at all: refuse at once, the lease keeping what it knew it had.
                 if attempt or not err.connection_lost:
                     raise
-                async with self.db.read() as conn:
-                    row = await conn.run_sync(settlement.held_by, lease.id)
+                try:
+                    async with self.db.read() as conn:
+                        row = await conn.run_sync(settlement.held_by, lease.id)
+                except asyncio.CancelledError:
+                    lease.unsure = True  # the grow may have committed
+                    raise
                 if row >= want:
                     lease.held = row
                     break
@@ -324,6 +328,11 @@ class LeasedLedger:
             open_.reserved += extra
             new: Admission = replace(admission, held=MicroCredits(need))
         else:
+            if open_.hold is None:
+                # Nothing held yet (a free model's admission): the row rehold makes is this
+                # request's from now on, so that its settlement releases it even if the
+                # outcome of the rehold is never heard (cancelled, or its reply lost).
+                open_.hold = self._hold(admission.request_id, admission.account_id, admission.key_id)
             new = await self.ledger.rehold(admission, pricing)
             if open_.hold is None and new.hold_id is not None:
                 open_.hold = self._hold(new.hold_id, new.account_id, new.key_id)
@@ -387,7 +396,13 @@ class LeasedLedger:
         hold.pending.append(_Pending(rest, rest.due, open_, final=True))
         hold.closing = True
         self._exact.pop(hold.id, None)
-        if not await self._write(hold):
+        try:
+            ok = await self._write(hold)
+        except asyncio.CancelledError:  # written or not, the flusher writes it (again: idempotent)
+            self._closing.append(hold)
+            self.start()
+            raise
+        if not ok:
             self._closing.append(hold)
             self.start()
         return MicroCredits(open_.charged if not hold.pending else due)

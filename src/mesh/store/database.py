@@ -242,8 +242,8 @@ class Database:
     async def aclose(self) -> None:
         """Dispose of the connection pools (and stop SQLite's writer thread, once the
         transaction it runs, if any, is done)."""
-        if self._write_lock is not None and self._writer is not None:
-            async with self._write_lock:
+        if self._write_lock is not None:
+            async with self._write_lock:  # after the run_writes running or queued before it
                 writer, self._writer = self._writer, None
             if writer is not None:
                 await writer.aclose()
