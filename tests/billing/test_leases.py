@@ -23,7 +23,7 @@ from mesh.billing.pricing import hold_cost
 from mesh.billing.settlement import Captured
 from mesh.canonical import Usage
 from mesh.config import Pricing
-from mesh.errors import DatabaseUnavailable
+from mesh.errors import DatabaseUnavailable, InsufficientCredits
 from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys, holds, ledger, usage_records
 
@@ -511,3 +511,82 @@ async def test_a_grow_whose_reply_was_lost_and_whose_read_back_was_cancelled_is_
     await leased.aclose()
     assert await check_invariants(db, book, p.account_id) == (need * LEASE_REQUESTS - 20, 0)
     await writer.flush()
+
+
+class _Gated(Database):
+    """The same database, except that a capture of a checkpoint waits for ``gate`` (the
+    flusher is writing the exact hold's checkpoint while the request settles)."""
+
+    def __init__(self, db: Database) -> None:
+        self.__dict__.update(db.__dict__)
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.writes = 0
+
+    async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        self.writes += 1
+        if any(s.key.count(":") == 2 for s in kwargs.get("settlements", ())):  # usage:<rid>:<n>
+            self.entered.set()
+            await self.gate.wait()
+        return await super().run_write(fn, *args, **kwargs)
+
+
+async def test_an_exact_settle_cancelled_while_the_flusher_writes_its_checkpoint_is_still_charged(
+    db: Database,
+) -> None:
+    # A stream on an exact hold (no lease: leases off, a short balance, an end user's cap) has
+    # a checkpoint being written by the flusher when the request settles; the client hangs up
+    # while the settle waits for the hold's lock. The settle hands the hold to _closing, but the
+    # flusher's _write sees hold.closing (set by the settle after it read close=False), marks
+    # the hold closed, and the same flush drops it from _closing: the final charge is never
+    # written, its hold row stays, and no usage record is written.
+    book, p, writer = await setup(db, 1_000_000)
+    gated = _Gated(db)
+    leased = LeasedLedger(Ledger(gated, writer), gated, writer, flush_interval=3600, leases=False,
+                          checkpoint_interval=0)
+    adm = await leased.admit(p, PRICING, "r1", 10, 10)
+    leased.checkpoint(adm, Usage(input_tokens=10, output_tokens=2))  # 14 so far
+    flushing = asyncio.ensure_future(leased.flush())
+    await asyncio.wait_for(gated.entered.wait(), 5)
+    settling = asyncio.ensure_future(leased.settle(adm, USAGE, status="ok", model="m", pricing=PRICING))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not settling.done()  # waiting for the hold's lock
+    settling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settling
+    gated.gate.set()
+    await flushing
+    await leased.flush()
+    await leased.aclose()
+    await writer.flush()
+    async with db.read() as conn:
+        left = (await conn.execute(select(holds.c.request_id, holds.c.amount))).all()
+        rows = (await conn.execute(select(usage_records.c.request_id, usage_records.c.cost))).all()
+    assert [tuple(r) for r in left] == []  # observed: [("r1", 16)]
+    assert await check_invariants(db, book, p.account_id) == (1_000_000 - 20, 0)  # observed: (999_986, 16)
+    assert [(r.request_id, r.cost) for r in rows] == [("r1", 20)]  # observed: []
+
+
+async def test_a_free_admission_whose_rehold_was_refused_settles_without_writing(db: Database) -> None:
+    # A free model's admission (nothing held) is routed to a priced fallback the balance cannot
+    # cover: rehold raises InsufficientCredits (the hold was refused, nothing committed) and the
+    # pipeline settles it with status error and no usage. Nothing is due and nothing is held,
+    # yet settle now takes the exact-hold path (open_.hold was set before the rehold) and writes
+    # a capture transaction (locking the account row on PostgreSQL) for a free request.
+    book, p, writer = await setup(db, 5)  # less than the fallback's hold
+    gated = _Gated(db)
+    leased = LeasedLedger(Ledger(gated, writer), gated, writer, flush_interval=3600)
+    adm = await leased.admit(p, FREE, "r1", 10, 10)
+    assert adm.held == 0 and adm.hold_id is None
+    with pytest.raises(InsufficientCredits):
+        await leased.rehold(adm, PRICING)
+    before = gated.writes
+    assert await leased.settle(adm, None, status="error", model="m", pricing=PRICING) == 0
+    assert gated.writes == before  # observed: one run_write (a no-op capture with close)
+    await leased.aclose()
+    await writer.flush()
+    assert await check_invariants(db, book, p.account_id) == (5, 0)
+    async with db.read() as conn:
+        rows = (await conn.execute(select(usage_records.c.request_id, usage_records.c.cost))).all()
+    assert [(r.request_id, r.cost) for r in rows] == [("r1", 0)]

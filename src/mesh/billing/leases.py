@@ -328,14 +328,18 @@ class LeasedLedger:
             open_.reserved += extra
             new: Admission = replace(admission, held=MicroCredits(need))
         else:
-            if open_.hold is None:
+            made = open_.hold is None
+            if made:
                 # Nothing held yet (a free model's admission): the row rehold makes is this
                 # request's from now on, so that its settlement releases it even if the
                 # outcome of the rehold is never heard (cancelled, or its reply lost).
                 open_.hold = self._hold(admission.request_id, admission.account_id, admission.key_id)
-            new = await self.ledger.rehold(admission, pricing)
-            if open_.hold is None and new.hold_id is not None:
-                open_.hold = self._hold(new.hold_id, new.account_id, new.key_id)
+            try:
+                new = await self.ledger.rehold(admission, pricing)
+            except InsufficientCredits:
+                if made:
+                    open_.hold = None  # refused, rolled back: still a free request, nothing to release
+                raise
             if open_.hold is not None:
                 open_.hold.held = new.held
         open_.admission = new
@@ -497,8 +501,9 @@ class LeasedLedger:
         transaction. False when the database could not be reached: all stays queued."""
         async with hold.lock:
             batch = list(hold.pending)
+            close = hold.closing  # a settle may close it (and add its charge) while this writes
             try:
-                done = await self._capture(hold, batch, close=hold.closing)
+                done = await self._capture(hold, batch, close=close)
             except DatabaseUnavailable:
                 self._unavailable(hold)
                 return False
@@ -525,8 +530,8 @@ class LeasedLedger:
                 self._written(hold)
                 return True
             self._apply(hold, batch, done)
-            if hold.closing:
-                hold.closed = True
+            if close and not hold.pending:
+                hold.closed = True  # else what came meanwhile is written (and the hold closed) next time
             self._written(hold)
             return True
 
