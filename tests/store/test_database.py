@@ -173,6 +173,10 @@ async def test_a_connection_lost_mid_transaction_is_told_from_no_connection_at_a
 # -- run_write: a whole transaction as one synchronous function -----------------------------------
 
 
+def _writer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("mesh-sqlite-writer")}
+
+
 def _insert_account(conn: Connection, account_id: str, balance: int) -> int:
     conn.execute(insert(accounts).values(id=account_id, name="x", balance=balance, held=0, created_at=utcnow()))
     return balance
@@ -268,6 +272,7 @@ async def test_a_cancelled_run_write_rolls_back_and_keeps_the_lock_until_its_thr
 async def test_aclose_waits_for_run_writes_and_leaves_no_writer_thread(tmp_path: Path) -> None:
     # aclose() racing a run_write queued on the lock must leave a Database that still works
     # (a later run_write makes a new writer; the next aclose stops it) and no thread behind.
+    before = _writer_threads()  # other tests' databases, left open, may still have theirs
     db = Database(f"sqlite:///{tmp_path}/mesh.db")
     await db.migrate()
 
@@ -288,13 +293,14 @@ async def test_aclose_waits_for_run_writes_and_leaves_no_writer_thread(tmp_path:
     finally:
         await db.aclose()
     await asyncio.sleep(0.1)
-    assert [t.name for t in threading.enumerate() if t.name.startswith("mesh-sqlite-writer")] == []
+    assert _writer_threads() - before == set()
 
 
 async def test_aclose_with_the_first_run_write_queued_leaves_no_writer_thread(tmp_path: Path) -> None:
-    # aclose() skips the write lock when no writer exists yet: a run_write already queued on
-    # the lock (behind a write()) makes its writer thread after aclose() returned, and nobody
-    # ever stops it (nor disposes its engine).
+    # A run_write queued on the lock (behind a write()) before the database's first writer
+    # exists: aclose() must wait for it too, or its writer thread is made after aclose()
+    # returned and nobody ever stops it (nor disposes its engine).
+    before = _writer_threads()
     db = Database(f"sqlite:///{tmp_path}/mesh.db")
     await db.migrate()
     async with db.write():  # holds the write lock, as release_stale_holds or the careful hold do
@@ -306,4 +312,4 @@ async def test_aclose_with_the_first_run_write_queued_leaves_no_writer_thread(tm
     assert await queued == 2
     await asyncio.sleep(0.1)
     assert db._writer is None
-    assert [t.name for t in threading.enumerate() if t.name.startswith("mesh-sqlite-writer")] == []
+    assert _writer_threads() - before == set()
