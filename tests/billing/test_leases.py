@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.test_ledger import PRICING, check_invariants, setup
-from mesh.billing.leases import LEASE_PREFIX, LEASE_REQUESTS, LeaseAdmission, LeasedLedger, _Hold, _Pending
+from mesh.billing.lease_books import _Hold, _Pending
+from mesh.billing.leases import LEASE_PREFIX, LEASE_REQUESTS, LeaseAdmission, LeasedLedger
 from mesh.billing.ledger import Admission, Ledger
 from mesh.billing.pricing import hold_cost
 from mesh.billing.settlement import Captured
@@ -341,17 +342,21 @@ async def test_a_lease_whose_grow_was_cancelled_still_admits_the_next_request(db
 
 
 class _CommitsThenCancelled(Database):
-    """The same database, except that the next run_write commits and then its caller is
-    cancelled, as when the cancellation comes while the transaction commits."""
+    """The same database, except that the next run_write (once armed) commits and then its
+    caller is cancelled, as when the cancellation comes while the transaction commits; or,
+    with ``lost``, hears the connection lost, as when the COMMIT's reply never gets back."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, armed: bool = True, lost: bool = False) -> None:
         self.__dict__.update(db.__dict__)
-        self.armed = True
+        self.armed = armed
+        self.lost = lost
 
     async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         result = await super().run_write(fn, *args, **kwargs)
         if self.armed:
             self.armed = False
+            if self.lost:
+                raise DatabaseUnavailable(connection_lost=True)
             raise asyncio.CancelledError
         return result
 
@@ -414,8 +419,7 @@ async def test_an_exact_settle_committed_for_a_cancelled_caller_still_writes_its
     # The settle's transaction commits as the cancellation comes: the charge is in the ledger,
     # but the usage record (enqueued only when the flusher applies the capture) is never written.
     book, p, writer = await setup(db, 1_000_000)
-    late = _CommitsThenCancelled(db)
-    late.armed = False
+    late = _CommitsThenCancelled(db, armed=False)
     leased = LeasedLedger(Ledger(late, writer), late, writer, flush_interval=3600, leases=False)
     adm = await leased.admit(p, PRICING, "r1", 10, 10)
     late.armed = True
@@ -438,21 +442,7 @@ async def test_a_rehold_of_a_free_admission_with_an_unknown_outcome_leaves_no_ho
     # which holds the customer's credit until the 2-hour stale sweep.
     book, p, writer = await setup(db, 1_000_000)
 
-    class Late(Database):
-        def __init__(self, db: Database) -> None:
-            self.__dict__.update(db.__dict__)
-            self.armed = False
-
-        async def run_write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-            result = await super().run_write(fn, *args, **kwargs)
-            if self.armed:
-                self.armed = False
-                if lost == "cancelled":
-                    raise asyncio.CancelledError
-                raise DatabaseUnavailable(connection_lost=True)
-            return result
-
-    late = Late(db)
+    late = _CommitsThenCancelled(db, armed=False, lost=lost == "reply_lost")
     leased = LeasedLedger(Ledger(late, writer), late, writer, flush_interval=3600)
     adm = await leased.admit(p, FREE, "r1", 10, 10)
     assert adm.held == 0 and adm.hold_id is None
