@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from mesh.accounts.principal import Principal
-from mesh.billing.attribution import Attribution, attribution
+from mesh.billing.attribution import Attribution, attribution, end_user_of
 from mesh.billing.estimate import (
     BYTES_PER_TOKEN_LOW,
     estimate_prompt_tokens,
@@ -280,7 +280,7 @@ class Pipeline:
             wanted = max(sizes) if bounded else self.settings.billing.default_hold_output_tokens
         ctx.admission = await self.ledger.admit(
             ctx.who, model.pricing, ctx.request_id, ctx.prompt_estimate, wanted, choices=request.n,
-            end_user=attribution(request.user, None, ()).end_user,  # a key's user_budget counts it
+            end_user=end_user_of(request.user),  # a key's user_budget counts it
         )
         allowed = int(ctx.admission.max_output_tokens)
         if not bounded:

@@ -50,12 +50,25 @@ def storable(text: str) -> str:
     """``text`` without what a database cannot store: NUL (PostgreSQL's text refuses it) and
     lone surrogates (not UTF-8). Unfiltered, one such ``user`` failed admission on a capped key
     and, on any key, the usage writer's batch, which it then retried forever."""
-    if "\x00" not in text and not _SURROGATE.search(text):
+    if "\x00" not in text and (text.isascii() or not _SURROGATE.search(text)):  # isascii: O(1)
         return text
     return _SURROGATE.sub("", text.replace("\x00", ""))
 
 
+def end_user_of(user: str | None) -> str | None:
+    """The end user a request names (``user``), as the usage record and a key's
+    user_budget count it: storable, stripped, at most :data:`MAX_USER` characters."""
+    if not user:
+        return None
+    return storable(user).strip()[:MAX_USER] or None
+
+
+# Frozen: one shared for the requests that name nobody and carry nothing (most of them).
+_NOBODY = Attribution()
+
+
 def attribution(end_user: str | None, metadata: Mapping[str, str] | None, tags: tuple[str, ...]) -> Attribution:
-    user = storable(end_user or "").strip()[:MAX_USER] or None
+    if not end_user and not metadata and not tags:
+        return _NOBODY
     meta = {storable(k): storable(v) for k, v in metadata.items()} if metadata else None
-    return Attribution(user, tags, meta)
+    return Attribution(end_user_of(end_user), tags, meta)

@@ -8,6 +8,7 @@ flight is forgotten at the next sweep.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -20,8 +21,6 @@ from mesh.limits.base import (
     LimitState,
     ScopeUsage,
     Window,
-    bucket_window,
-    tightest,
 )
 from mesh.limits.policy import RateLimits, Scope
 
@@ -75,38 +74,64 @@ class MemoryLimiter:
 
     async def acquire(self, scopes: Sequence[Scope], tokens: int) -> Lease:
         now = self._clock()
-        self._maybe_sweep(now)
-        buckets = [self._buckets.get(s.name) or _Bucket(at=now) for s in scopes]
+        if now - self._swept_at >= SWEEP_INTERVAL:
+            self._sweep(now)
+        get = self._buckets.get
+        buckets = [get(s.name) or _Bucket(at=now) for s in scopes]
         refusal: tuple[float, Scope, str, int] | None = None
         for scope, b in zip(scopes, buckets, strict=True):
             lim = scope.limits
-            b.drain(lim, now)  # only brings the state up to date: takes nothing
+            rpm, tpm = lim.rpm, lim.tpm
+            # b.drain(lim, now), inlined (the hot path): only brings the state up to date.
+            # (Conditionals, not max(): this runs for every scope of every request.)
+            elapsed = now - b.at
+            if elapsed < 0.0:
+                elapsed = 0.0
+            if rpm is None:
+                b.requests = 0.0
+            else:
+                level = b.requests - elapsed * rpm / WINDOW
+                b.requests = level if level > 0.0 else 0.0
+            if tpm is None:
+                b.tokens = 0.0
+            else:
+                level = b.tokens - elapsed * tpm / WINDOW
+                b.tokens = level if level > 0.0 else 0.0
+            b.at = now
             # The longest wait of any dimension of any scope is the refusal (nothing is
             # allocated on the common path, where every check passes).
-            if lim.rpm is not None and b.requests + 1 - lim.rpm > _EPS:
-                wait = (b.requests + 1 - lim.rpm) * WINDOW / lim.rpm
+            if rpm is not None and b.requests + 1 - rpm > _EPS:
+                wait = (b.requests + 1 - rpm) * WINDOW / rpm
                 if refusal is None or wait > refusal[0]:
-                    refusal = (wait, scope, "requests", lim.rpm)
-            if lim.tpm is not None and b.tokens - (lim.tpm - 1) > _EPS:
-                wait = (b.tokens - (lim.tpm - 1)) * WINDOW / lim.tpm
+                    refusal = (wait, scope, "requests", rpm)
+            if tpm is not None and b.tokens - (tpm - 1) > _EPS:
+                wait = (b.tokens - (tpm - 1)) * WINDOW / tpm
                 if refusal is None or wait > refusal[0]:
-                    refusal = (wait, scope, "tokens", lim.tpm)
+                    refusal = (wait, scope, "tokens", tpm)
             if lim.concurrent is not None and b.inflight >= lim.concurrent:
                 if refusal is None or CONCURRENCY_RETRY_AFTER > refusal[0]:
                     refusal = (CONCURRENCY_RETRY_AFTER, scope, "concurrent", lim.concurrent)
         if refusal is not None:
             wait, scope, dim, limit = refusal
             raise LimitExceeded(scope, dim, limit, wait, self._state(scopes, buckets))
+        held = self._buckets
         for scope, b in zip(scopes, buckets, strict=True):
             lim = scope.limits
-            if lim.rpm is not None:
+            rpm, tpm = lim.rpm, lim.tpm
+            # The take and b.mark(lim, now), inlined.
+            empty = 0.0
+            if rpm is not None:
                 b.requests += 1
-            if lim.tpm is not None:
+                empty = b.requests * WINDOW / rpm
+            if tpm is not None:
                 b.tokens += tokens
+                drained = b.tokens * WINDOW / tpm
+                if drained > empty:
+                    empty = drained
+            b.empty_at = now + empty
             if lim.concurrent is not None:
                 b.inflight += 1
-            b.mark(lim, now)
-            self._buckets[scope.name] = b
+            held[scope.name] = b
         return Lease(scopes=tuple(scopes), tokens=tokens, state=self._state(scopes, buckets))
 
     async def settle(self, lease: Lease, tokens: int) -> None:
@@ -152,18 +177,39 @@ class MemoryLimiter:
         return out
 
     def _state(self, scopes: Sequence[Scope], buckets: Sequence[_Bucket]) -> LimitState:
-        requests: list[Window] = []
-        tokens: list[Window] = []
+        """:func:`~mesh.limits.base.tightest` of the scopes' :func:`~mesh.limits.base.bucket_window`
+        of each dimension, ranked on their (remaining, limit, -reset) without making a
+        window per scope: only the two that win are built."""
+        requests: tuple[int, int, float] | None = None
+        tokens: tuple[int, int, float] | None = None
         for scope, b in zip(scopes, buckets, strict=True):
-            if scope.limits.rpm is not None:
-                requests.append(bucket_window(scope.limits.rpm, b.requests))
-            if scope.limits.tpm is not None:
-                tokens.append(bucket_window(scope.limits.tpm, b.tokens))
-        return LimitState(requests=tightest(requests), tokens=tightest(tokens), at=self._wall())
+            lim = scope.limits
+            if (rpm := lim.rpm) is not None:
+                rank = _rank(rpm, b.requests)
+                if requests is None or rank < requests:
+                    requests = rank
+            if (tpm := lim.tpm) is not None:
+                rank = _rank(tpm, b.tokens)
+                if tokens is None or rank < tokens:
+                    tokens = rank
+        return LimitState(
+            requests=None if requests is None else Window(requests[1], requests[0], -requests[2]),
+            tokens=None if tokens is None else Window(tokens[1], tokens[0], -tokens[2]),
+            at=self._wall(),
+        )
 
-    def _maybe_sweep(self, now: float) -> None:
+    def _sweep(self, now: float) -> None:
         """Forget buckets that have drained and hold no slot: a new one would be the same."""
-        if now - self._swept_at < SWEEP_INTERVAL:
-            return
         self._swept_at = now
         self._buckets = {name: b for name, b in self._buckets.items() if b.inflight > 0 or b.empty_at > now}
+
+
+def _rank(limit: int, level: float) -> tuple[int, int, float]:
+    """(remaining, limit, -reset) of :func:`~mesh.limits.base.bucket_window`: the order
+    :func:`~mesh.limits.base.tightest` picks by, and the window's fields."""
+    if level < 0.0:
+        level = 0.0
+    remaining = math.floor(limit - level + 1e-9)
+    if remaining > limit:  # only past float precision
+        remaining = limit
+    return remaining if remaining > 0 else 0, limit, -(level * WINDOW / limit)

@@ -78,37 +78,31 @@ def parse_request(body: bytes) -> tuple[CanonicalRequest, ChatOptions]:
     messages = _messages(req.messages)
     tools = tuple(
         Tool(t.function.name, t.function.description, t.function.parameters, t.function.strict)
-        for t in req.tools or ()
-    )
-    extra, dropped = keep_known(req.model_extra or {})
-    if dropped:
-        log.debug("ignoring unknown fields: %s", dropped)
-    top_k = (req.model_extra or {}).get(_TOP_K)
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
-        raise InvalidRequest("Invalid value for 'top_k': expected an integer.", param="top_k")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        for t in req.tools
+    ) if req.tools else ()
+    unknown = req.model_extra
+    extra: dict[str, Any] = {}
+    top_k = None
+    if unknown:  # most bodies have no unknown fields: nothing to split or check
+        extra, dropped = keep_known(unknown)
+        if dropped:
+            log.debug("ignoring unknown fields: %s", dropped)
+        top_k = unknown.get(_TOP_K)
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+            raise InvalidRequest("Invalid value for 'top_k': expected an integer.", param="top_k")
+    stop = req.stop
     canonical = CanonicalRequest(
         model=req.model,
         messages=messages,
         stream=bool(req.stream),
         max_tokens=req.max_completion_tokens or req.max_tokens,
-        stop=stop,
+        stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
         n=req.n or 1,
-        sampling=Sampling(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=top_k,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=req.logit_bias,
-            logprobs=bool(req.logprobs),
-            top_logprobs=req.top_logprobs,
-        ),
+        sampling=_sampling(req, top_k),
         tools=tools,
-        tool_choice=_tool_choice(req.tool_choice, tools),
+        tool_choice=None if req.tool_choice is None else _tool_choice(req.tool_choice, tools),
         parallel_tool_calls=req.parallel_tool_calls,
-        response_format=_response_format(req.response_format),
+        response_format=None if req.response_format is None else _response_format(req.response_format),
         reasoning=ReasoningConfig(enabled=req.reasoning_effort != "none", effort=req.reasoning_effort)
         if req.reasoning_effort
         else None,
@@ -118,7 +112,34 @@ def parse_request(body: bytes) -> tuple[CanonicalRequest, ChatOptions]:
         cache_key=req.prompt_cache_key,
         extra=extra,
     )
-    return canonical, ChatOptions(include_usage=bool(req.stream_options and req.stream_options.include_usage))
+    return canonical, _WITH_USAGE if req.stream_options and req.stream_options.include_usage else _NO_USAGE
+
+
+# Immutable, so shared: one construction fewer per request.
+_NO_USAGE = ChatOptions()
+_WITH_USAGE = ChatOptions(include_usage=True)
+_DEFAULT_SAMPLING = Sampling()
+
+
+def _sampling(req: w.ChatRequestIn, top_k: int | None) -> Sampling:
+    """The request's sampling; most set none of it, and share one default (frozen) object."""
+    if (
+        req.temperature is None and req.top_p is None and top_k is None and req.seed is None
+        and req.presence_penalty is None and req.frequency_penalty is None and req.logit_bias is None
+        and not req.logprobs and req.top_logprobs is None
+    ):
+        return _DEFAULT_SAMPLING
+    return Sampling(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=top_k,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=req.logit_bias,
+        logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs,
+    )
 
 
 def _text_parts(content: str | list[w.TextPartIn]) -> tuple[TextPart, ...]:
@@ -132,17 +153,19 @@ def _messages(items: list[w.MessageIn]) -> tuple[Message, ...]:
     out: list[Message] = []
     pending: dict[str, int] = {}  # tool call id -> index of the assistant message that made it
     for i, m in enumerate(items):
-        if not isinstance(m, w.ToolMessageIn) and pending:
+        if pending and not isinstance(m, w.ToolMessageIn):
             raise InvalidRequest(
                 "An assistant message with 'tool_calls' must be followed by tool messages responding "
                 f"to each 'tool_call_id'. Missing responses for: {', '.join(sorted(pending))}.",
                 param=f"messages[{i}]",
             )
-        match m:
+        match m:  # the most common role first
+            case w.UserMessageIn():
+                content = m.content
+                said = (TextPart(content),) if isinstance(content, str) else _user_parts(content, i)
+                out.append(Message("user", said, m.name))
             case w.SystemMessageIn():
                 out.append(Message("system", _text_parts(m.content), m.name))
-            case w.UserMessageIn():
-                out.append(Message("user", _user_parts(m.content, i), m.name))
             case w.AssistantMessageIn():
                 parts: list[Part] = []
                 reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -81,7 +81,9 @@ def validate(model: type[M], data: dict[str, Any], prefix: str = "") -> M:
     ``prefix`` is where ``data`` sits in the whole body (``input[3]``), for the error's param.
     """
     try:
-        return model.model_validate(data)
+        # The model's validator itself: model_validate only adds a Python call around it
+        # (about 1 us a request, with its defaults that change nothing here).
+        return cast(M, model.__pydantic_validator__.validate_python(data))
     except ValidationError as exc:
         raise _to_invalid(exc, data, prefix) from None
 

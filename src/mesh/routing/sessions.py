@@ -92,6 +92,8 @@ def session_keys(request: CanonicalRequest, min_prefix_chars: int, model_id: str
     hint_key = None
     if hint:
         hint_key = hashlib.blake2b(b"hint\x1f" + model + b"\x1f" + hint.encode(), digest_size=16).hexdigest()
+    if _shorter_than(request, min_prefix_chars):  # no prefix is long enough: nothing to hash
+        return SessionKeys((hint_key,), (hint_key,)) if hint_key else _NO_KEYS
     h = hashlib.blake2b(b"prefix\x1f" + model, digest_size=16)
     size = 0
     for t in request.tools:
@@ -118,6 +120,31 @@ def session_keys(request: CanonicalRequest, min_prefix_chars: int, model_id: str
     lookup = ([hint_key] if hint_key else []) + deepest_first
     remember = ([hint_key] if hint_key else []) + deepest_first[:1]
     return SessionKeys(tuple(lookup), tuple(remember))
+
+
+_NO_KEYS = SessionKeys((), ())
+
+
+def _shorter_than(request: CanonicalRequest, size: int) -> bool:
+    """Whether the blocks :func:`session_keys` hashes surely add up to less than ``size``
+    bytes, by an upper bound that encodes nothing: a short prompt (most chat turns) then
+    skips building and hashing them. False (work it out) for tools and for any part
+    other than text."""
+    if request.tools:
+        return False
+    bound = 0
+    for m in request.messages:
+        # orjson.dumps([role, name]): ``["user",null]``, a character of the name at most 6 bytes
+        bound += len(m.role) + 9 + 6 * len(m.name or "")
+        for p in m.parts:
+            if not isinstance(p, TextPart | ReasoningPart):
+                return False
+            t = p.text
+            # its tag and separator, then its UTF-8 (isascii is O(1): one byte a character)
+            bound += 2 + (len(t) if t.isascii() else 4 * len(t))
+        if bound >= size:
+            return False
+    return True
 
 
 class SessionMap(Protocol):
