@@ -37,7 +37,7 @@ class Output(Protocol):
 M = TypeVar("M")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen __init__ costs 3x
 class MetaOutput(Generic[M]):
     """The :class:`Output` of a protocol that is two functions over one request's meta
     (its id, public model name, options): Chat Completions and Messages."""

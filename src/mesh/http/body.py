@@ -5,10 +5,11 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from mesh.errors import RequestTooLarge
+from mesh.http.fields import header
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+    declared = header(request.scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
     chunks: list[bytes] = []

@@ -25,12 +25,22 @@ def _drop_pool() -> None:
 os.register_at_fork(after_in_child=_drop_pool)
 
 
+# The current second's prefix (``req_`` and 8 hex digits), formatted once a second, not per id.
+_second = -1
+_prefix = ""
+
+
 def request_id() -> str:
+    global _second, _prefix
     if not _pool:
         raw = os.urandom(_BATCH * _RANDOM_BYTES).hex()
         step = 2 * _RANDOM_BYTES
         _pool.extend(raw[i : i + step] for i in range(0, len(raw), step))
-    return f"req_{int(time.time()):08x}{_pool.pop()}"
+    now = int(time.time())
+    if now != _second:
+        _prefix = f"req_{now:08x}"
+        _second = now  # after the prefix: whoever sees this second sees its prefix
+    return _prefix + _pool.pop()
 
 
 def prefixed(prefix: str, nbytes: int = 12) -> str:

@@ -33,14 +33,16 @@ class HasLimitState(Protocol):
 
 def duration_text(seconds: float) -> str:
     """Go's ``time.Duration`` style as OpenAI sends it: ``12ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
-    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
-    if ms == 0:
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms <= 0:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
     hours, rest = divmod(ms, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
+    whole, frac = divmod(rest, 1000)
+    # A nonzero fraction has a nonzero digit: stripping its zeros never reaches the point.
+    secs = f"{whole}.{frac:03d}".rstrip("0") + "s" if frac else f"{whole}s"
     if hours:
         return f"{hours}h{minutes}m{secs}"
     if minutes:
@@ -53,10 +55,16 @@ def rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(math.ceil(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _openai(out: dict[str, str], what: str, w: Window) -> None:
-    out[f"x-ratelimit-limit-{what}"] = str(w.limit)
-    out[f"x-ratelimit-remaining-{what}"] = str(w.remaining)
-    out[f"x-ratelimit-reset-{what}"] = duration_text(w.reset)
+# Each window's three header names, spelled once rather than formatted per response.
+_OPENAI_REQUESTS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+_OPENAI_TOKENS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+
+
+def _openai(out: dict[str, str], names: tuple[str, str, str], w: Window) -> None:
+    limit, remaining, reset = names
+    out[limit] = str(w.limit)
+    out[remaining] = str(w.remaining)
+    out[reset] = duration_text(w.reset)
 
 
 def _anthropic(out: dict[str, str], what: str, w: Window, at: float) -> None:
@@ -70,14 +78,15 @@ def state_headers(state: LimitState | None, protocol: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if state is None:
         return out
-    anthropic = protocol.startswith("anthropic")
-    for what, w in (("requests", state.requests), ("tokens", state.tokens)):
-        if w is None:
-            continue
-        if anthropic:
-            _anthropic(out, what, w, state.at)
-        else:
-            _openai(out, what, w)
+    if protocol.startswith("anthropic"):
+        for what, w in (("requests", state.requests), ("tokens", state.tokens)):
+            if w is not None:
+                _anthropic(out, what, w, state.at)
+        return out
+    if state.requests is not None:
+        _openai(out, _OPENAI_REQUESTS, state.requests)
+    if state.tokens is not None:
+        _openai(out, _OPENAI_TOKENS, state.tokens)
     return out
 
 
