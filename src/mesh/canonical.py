@@ -246,7 +246,7 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Relayed:
     """Engine chunks on the relay path (OpenAI Chat in, OpenAI-compatible engine out),
     parsed but not decoded: the protocol rewrites only what Mesh must change and sends them on.
@@ -282,6 +282,20 @@ class Relayed:
     reasoning_fields: bool = False
     tools: bool = False
     logprobs: bool = False
+
+    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+        # Written out rather than generated: one of these is made for every read of every
+        # relayed answer, and the generated __init__ calls a factory for each list and set.
+        self.chunks = chunks
+        self.deltas = 0
+        self.answers = False
+        self.finish = None
+        self.texts = []
+        self.reasoning = []
+        self.indexes = set()
+        self.active = set()
+        self.calls = 0
+        self.finished = self.reasoning_fields = self.tools = self.logprobs = False
 
     def extend(self, other: Relayed) -> None:
         """Append ``other``'s chunks and notes (a later part of the same read)."""
@@ -387,6 +401,10 @@ class Aggregator:
         return builder
 
     def add(self, event: Event) -> None:
+        if isinstance(event, Relayed):  # the relay path's chunks: the common case first
+            if not self._fold_noted(event):
+                self._fold(event.chunks)
+            return
         match event:
             case TextDelta(text=text, choice=c, logprobs=lps):
                 b = self._choice(c)
@@ -408,9 +426,6 @@ class Aggregator:
                 b.stop_sequence = seq
             case Usage():
                 self.usage = event
-            case Relayed(chunks=chunks):
-                if not self._fold_noted(event):
-                    self._fold(chunks)
 
     def _fold_noted(self, ev: Relayed) -> bool:
         """Relayed chunks of the first choice alone, with no tool call or logprobs: their

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 from mesh.canonical import Event, Relayed, openai_logprobs
 from mesh.engines.openai_wire import (
     _FINISH,
     _MALFORMED,
-    _UNREAD,
     DONE,
     ChunkDecoder,
     _malformed,
@@ -90,20 +91,62 @@ class RelayDecoder(ChunkDecoder):
 
     def decode_batch(self, payloads: list[bytes]) -> tuple[list[Event], bool]:
         """The chunks of one read as one :class:`Relayed` (one write to the client, as a
-        bare proxy writes what it read), then the newest usage among them."""
+        bare proxy writes what it read), then the newest usage among them.
+
+        The common chunk (one choice, index 0, a delta of text and maybe the role, nothing
+        else) is metered inline, without a call per chunk: this loop runs for every chunk of
+        every relayed answer. Any other chunk takes :meth:`_inspect`, which meters it the
+        same way (the shape checked here is the one its own fast path takes)."""
         relayed = Relayed([])
         chunks = relayed.chunks
+        texts = relayed.texts
         deltas = 0
+        plain = 0  # the common chunks' deltas (output_deltas counts them once, at the end)
+        opened = False  # a common chunk came: choice 0 is among the indexes
         answers = False
         usage: Any = None
         done = False
+        loads = orjson.loads
         for payload in payloads:
             if payload == DONE:
                 done = True
                 break
-            chunk = self._parse(payload, bool(chunks) or usage is not None)
-            if chunk is _UNREAD:
+            try:
+                chunk = loads(payload)
+            except orjson.JSONDecodeError:
+                if not chunks and usage is None:
+                    raise
+                self.failure = EngineError("The engine sent malformed JSON.")
                 break
+            if type(chunk) is dict and not chunk.get("error"):
+                choices = chunk.get("choices")
+                if type(choices) is list and len(choices) == 1:
+                    choice = choices[0]
+                    if type(choice) is dict:
+                        delta = choice.get("delta")
+                        if (
+                            type(delta) is dict
+                            and len(delta) <= 2
+                            and not choice.get("index")
+                            and not choice.get("finish_reason")
+                            and not choice.get("logprobs")
+                            and (len(delta) == 1 or "role" in delta)
+                            and type(content := delta.get("content")) is str
+                        ):
+                            opened = True
+                            if content:
+                                texts.append(content)
+                                plain += 1
+                            reported = chunk.pop("usage", None)
+                            if type(reported) is dict:
+                                usage = reported  # cumulative: only the newest of the read counts
+                            chunks.append(chunk)
+                            continue
+                elif not choices:  # usage alone (or nothing): nothing to send
+                    reported = chunk.pop("usage", None)
+                    if type(reported) is dict:
+                        usage = reported
+                    continue
             finish = self.first_finish
             try:
                 keep, n, said = self._inspect(chunk, relayed)
@@ -124,6 +167,13 @@ class RelayDecoder(ChunkDecoder):
                 answers = answers or said
         events: list[Event] = []
         if chunks:
+            if opened:
+                relayed.indexes.add(0)
+                if plain:
+                    relayed.active.add(0)
+                    self.output_deltas += plain
+                    deltas += plain
+                    answers = True
             relayed.deltas, relayed.answers, relayed.finish = deltas, answers, self.first_finish
             events.append(relayed)
         if usage is not None:

@@ -231,16 +231,22 @@ _FINISH: dict[str, FinishReason] = {
 
 
 def decode_usage(raw: dict[str, Any]) -> Usage:
-    prompt_details = raw.get("prompt_tokens_details") or {}
-    completion_details = raw.get("completion_tokens_details") or {}
-    return Usage(
-        input_tokens=_count(raw.get("prompt_tokens")),
-        output_tokens=_count(raw.get("completion_tokens")),
-        cached_tokens=_count(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None),
-        reasoning_tokens=_count(
-            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
-        ),
-    )
+    # Once per read that carries usage: the honest engine's counts (plain ints, absent or
+    # null details) are taken as they are, anything else as _count takes it.
+    prompt = raw.get("prompt_tokens")
+    if type(prompt) is not int or not 0 <= prompt <= _MAX_COUNT:
+        prompt = _count(prompt)
+    completion = raw.get("completion_tokens")
+    if type(completion) is not int or not 0 <= completion <= _MAX_COUNT:
+        completion = _count(completion)
+    details = raw.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    details = raw.get("completion_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    return Usage(prompt, completion, cached, reasoning)
+
+
+_MAX_COUNT = 2**53
 
 
 def _count(value: Any) -> int:

@@ -124,9 +124,21 @@ class Delivered:
 
     def observe(self, ev: Event) -> None:
         """Track an event: a canonical one, or the relay path's engine chunks."""
+        if isinstance(ev, Relayed):  # the common case first, without a call of its own
+            # From what the relay decoder noted on its walk over the chunks: this runs for
+            # every read of every relayed stream.
+            if ev.active:
+                self.choices |= ev.active
+            if ev.texts:
+                self._text += ev.texts
+            if ev.reasoning:
+                self._reasoning += ev.reasoning
+            self.deltas += ev.deltas
+            self.tool_calls += ev.calls
+            if ev.finished:
+                self.finished = True
+            return
         match ev:
-            case Relayed():  # the common case first
-                self._relayed(ev)
             case TextDelta(text=text, choice=c):
                 self.add_text(text, c)
             case ReasoningDelta(text=text, choice=c):
@@ -143,20 +155,6 @@ class Delivered:
                 # An event this tracker cannot read: what was delivered is unknown, so never
                 # resume.
                 self.opaque = True
-
-    def _relayed(self, ev: Relayed) -> None:
-        """Engine chunks on the relay path, from what the relay decoder noted of them on its
-        walk (``Relayed``): this runs for every read of every relayed stream."""
-        if ev.active:
-            self.choices |= ev.active
-        if ev.texts:
-            self._text += ev.texts
-        if ev.reasoning:
-            self._reasoning += ev.reasoning
-        self.deltas += ev.deltas
-        self.tool_calls += ev.calls
-        if ev.finished:
-            self.finished = True
 
     def final_usage(self) -> Usage:
         """Usage for an answer that ended without its engine's final report (input 0: unknown,
