@@ -113,6 +113,9 @@ class Ledger(Protocol):
 UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None, bool], Usage]
 
 
+_NO_USAGE = Usage()  # frozen: the usage of a request that reported none
+
+
 def _at_least(usage: Usage | None, deltas: int) -> Usage | None:
     """Each non-empty delta is at least one token: an engine that reports less output (or
     none) than it streamed must not serve the rest unbilled."""
@@ -447,13 +450,19 @@ class Pipeline:
         and is billed only as far as Mesh can bound it. After a resume the usage is partly
         the continuation's replica's report: every replica that served the answer is judged
         on it, not only the one that started it (which may be the operator's own)."""
-        if usage is None or self.usage_guard is None or ctx.model is None or ctx.request is None:
+        guard = self.usage_guard
+        if usage is None or guard is None or ctx.model is None or ctx.request is None:
             return usage
-        served = ctx.routed.served_by if ctx.routed is not None else [ctx.replica]
+        routed = ctx.routed
+        if routed is None or not routed.resumes:  # one replica served it (the common case)
+            judged = guard(ctx.model.id, ctx.replica if routed is None else routed.choice.replica, ctx.request,
+                           ctx.prompt_estimate, usage, ctx.model.context_length, False)
+            return usage if judged is usage or judged == usage else judged
+        served = routed.served_by
         billed = usage
         for name in dict.fromkeys(served):
-            judged = self.usage_guard(ctx.model.id, name, ctx.request, ctx.prompt_estimate, usage,
-                                      ctx.model.context_length, len(served) > 1)
+            judged = guard(ctx.model.id, name, ctx.request, ctx.prompt_estimate, usage,
+                           ctx.model.context_length, len(served) > 1)
             if judged != usage:
                 billed = judged  # clamped: the same bound whichever replica lied
         return billed
@@ -509,8 +518,11 @@ class Pipeline:
             ctx.trace.finish(ctx)
             return
         ctx.settled = True
+        model = ctx.model
         duration = time.monotonic() - ctx.started
         duration_ms = int(duration * 1000)
+        ttft_ms = ctx.ttft_ms
+        request = ctx.request
         charged = 0
         try:
             with ctx.trace.step("settle"):
@@ -518,17 +530,14 @@ class Pipeline:
                     ctx.admission,
                     ctx.usage,
                     status=ctx.status,
-                    model=ctx.model.id,
-                    pricing=ctx.model.pricing,
+                    model=model.id,
+                    pricing=model.pricing,
                     replica=ctx.replica,
                     protocol=ctx.protocol,
-                    ttft_ms=ctx.ttft_ms,
+                    ttft_ms=ttft_ms,
                     duration_ms=duration_ms,
-                    attribution=attribution(
-                        ctx.request.user if ctx.request else None,
-                        ctx.request.metadata if ctx.request else None,
-                        ctx.tags,
-                    ),
+                    attribution=attribution(request.user, request.metadata, ctx.tags) if request is not None
+                    else attribution(None, None, ctx.tags),
                     finish_reason=ctx.finish_reason,
                 )
         except Exception:
@@ -537,27 +546,36 @@ class Pipeline:
             log.exception("settlement failed for %s", ctx.request_id, extra={"request_id": ctx.request_id})
             if self.metrics is not None:
                 self.metrics.settlement_failures.inc()
-        usage = ctx.usage or Usage()
-        resumed = {} if ctx.routed is None else resume_fields(ctx.routed.resumes, ctx.routed.reprocessed_tokens)
-        if self.metrics is not None and ctx.routed is not None and ctx.routed.resumes:
-            self.metrics.resumes(ctx.model.id, [r.outcome for r in ctx.routed.resumes],
-                                 ctx.routed.reprocessed_tokens)
+        usage = ctx.usage or _NO_USAGE
+        routed = ctx.routed
+        resumed = {} if routed is None or not routed.resumes else resume_fields(routed.resumes,
+                                                                                routed.reprocessed_tokens)
         if self.metrics is not None:
-            ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
+            if resumed and routed is not None:
+                self.metrics.resumes(model.id, [r.outcome for r in routed.resumes], routed.reprocessed_tokens)
+            first = ctx.first_token_at
             self.metrics.observe(
-                model=ctx.model.id, protocol=ctx.protocol, status=ctx.status, ttft_s=ttft, duration_s=duration,
+                model=model.id, protocol=ctx.protocol, status=ctx.status,
+                ttft_s=None if first is None else first - ctx.started, duration_s=duration,
                 input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                 cached_tokens=usage.cached_tokens, charged=charged,
             )
         # One line per request, never with content: ids, sizes and timings only.
-        self.access_log.request({
-            "request_id": ctx.request_id, "account_id": ctx.who.account_id, "model": ctx.model.id,
+        line = {
+            "request_id": ctx.request_id, "account_id": ctx.who.account_id, "model": model.id,
             "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
             "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_tokens": usage.cached_tokens, "charged_micro": charged,
-            "ttft_ms": ctx.ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
-            **({"error": ctx.error.kind} if ctx.error is not None else {}),
-        })
+            "ttft_ms": ttft_ms, "duration_ms": duration_ms,
+        }
+        if resumed:
+            line.update(resumed)
+        ids = ctx.trace.log_ids()
+        if ids:
+            line.update(ids)
+        if ctx.error is not None:
+            line["error"] = ctx.error.kind
+        self.access_log.request(line)
         ctx.trace.finish(ctx, charged=charged, extra=resumed)
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------

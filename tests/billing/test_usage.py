@@ -207,3 +207,17 @@ async def test_a_record_the_database_refuses_does_not_block_the_others(db: Datab
     assert await count_rows(db) == 2
     writer.enqueue(record(4))  # and the queue moves on
     assert await writer.flush() == 1 and await count_rows(db) == 3
+
+
+def test_sqlite_timestamps_are_the_text_strftime_made() -> None:
+    # The writer formats created_at without strftime; the text SQLAlchemy reads back must
+    # not change (whole seconds keep their .000000, early years their padding).
+    from datetime import timezone
+
+    from mesh.billing.usage import _SQLITE_DATETIME, _row
+
+    for at in (NOON, NOON.replace(microsecond=7), datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),
+               datetime(2030, 5, 17, 23, 30, 0, 999999, tzinfo=timezone(timedelta(hours=-3)))):
+        row = _row(record(1, at=at), False)
+        assert row[14] == at.astimezone(UTC).replace(tzinfo=None).strftime(_SQLITE_DATETIME)
+        assert _row(record(1, at=at), True)[14] == at

@@ -87,3 +87,41 @@ def test_per_request_series_add_up_across_requests_and_label_sets() -> None:
     assert got[("mesh_credits_charged_micro_total", (("model", "a"),))] == 21
     assert got[("mesh_request_duration_seconds_count", (("model", "a"), chat))] == 3
     assert got[("mesh_prompt_cache_hit_ratio", (("model", "a"),))] == 4 / 16
+
+
+def test_per_request_numbers_scrape_as_prometheus_client_would_have_counted_them() -> None:
+    # A request adds to plain numbers that a scrape folds in: every sample (bucket bounds
+    # hit exactly, the float sums, scrapes in between) is what inc/observe per request gave.
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from mesh.observability.metrics import _DURATION_BUCKETS, _TTFT_BUCKETS
+
+    registry = CollectorRegistry()
+    requests = Counter("mesh_requests", "", ["model", "protocol", "status"], registry=registry)
+    ttft = Histogram("mesh_time_to_first_token_seconds", "", ["model", "protocol"], buckets=_TTFT_BUCKETS,
+                     registry=registry)
+    duration = Histogram("mesh_request_duration_seconds", "", ["model", "protocol"], buckets=_DURATION_BUCKETS,
+                         registry=registry)
+    tokens = Counter("mesh_tokens", "", ["model", "kind"], registry=registry)
+    metrics = Metrics()
+    values = [*_TTFT_BUCKETS, *_DURATION_BUCKETS, 0.0, 0.0031, 0.1 + 0.2, 7.77, 299.9, 1e6]
+    for i, v in enumerate(values):
+        status = "ok" if i % 3 else "error"
+        ttft_s = None if i % 5 == 0 else v / 3
+        metrics.observe(model="m", protocol="p", status=status, ttft_s=ttft_s, duration_s=v, input_tokens=i,
+                        output_tokens=2 * i, cached_tokens=0, charged=i)
+        requests.labels("m", "p", status).inc()
+        if ttft_s is not None:
+            ttft.labels("m", "p").observe(ttft_s)
+        duration.labels("m", "p").observe(v)
+        if i:
+            tokens.labels("m", "input").inc(i)
+            tokens.labels("m", "output").inc(2 * i)
+        if i % 7 == 0:  # a scrape in between
+            samples(metrics)
+    want = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in registry.collect() for s in fam.samples if not s.name.endswith("_created")
+    }
+    got = samples(metrics)
+    assert want and {k: got[k] for k in want} == want

@@ -33,7 +33,7 @@ from mesh.accounts.invalidation import (
     LocalInvalidator,
     RedisInvalidator,
 )
-from mesh.accounts.keys import hash_key, well_formed
+from mesh.accounts.keys import KEY_LENGTH, hash_key, well_formed
 from mesh.accounts.principal import Principal
 from mesh.billing.money import MicroCredits
 from mesh.config import LimitsConfig
@@ -124,12 +124,16 @@ class KeyAuthenticator:
         """
         if not raw_key:
             raise AuthenticationFailed(MISSING)
-        if not well_formed(raw_key):
+        if len(raw_key) != KEY_LENGTH:  # before hashing it: any length may come
             raise AuthenticationFailed(INVALID)
         key_hash = hash_key(raw_key)
         now = self._clock()
         entry = self._cache.get(key_hash)
+        # Only a well-formed key is ever looked up, so a cached entry's key was well formed (its
+        # hash is this key's): the shape is checked on a miss, not on every request.
         if entry is None or entry.until <= now:
+            if not well_formed(raw_key):
+                raise AuthenticationFailed(INVALID)
             entry = await self._lookup(key_hash)
         principal = entry.principal
         if principal is None:

@@ -509,11 +509,13 @@ def usage_record(
     created_at: datetime | None = None,
 ) -> UsageRecord:
     """The usage row of a settled request (finished at ``created_at``, default now)."""
-    who = attribution or Attribution()
+    who = attribution or _NOBODY
+    # Positional, in UsageRecord's field order: one of these is built for every request.
     return UsageRecord(
-        request_id=admission.request_id, account_id=admission.account_id, key_id=admission.key_id, model=model,
-        status=status, input_tokens=usage.input_tokens, cached_tokens=usage.cached_tokens,
-        output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens, cost=charged, replica=replica,
-        protocol=protocol, ttft_ms=ttft_ms, duration_ms=duration_ms, end_user=who.end_user, tags=who.tags,
-        metadata=who.metadata, finish_reason=finish_reason, created_at=created_at or utcnow(),
+        admission.request_id, admission.account_id, admission.key_id, model, status, usage.input_tokens,
+        usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens, charged, replica, protocol, ttft_ms,
+        duration_ms, created_at or utcnow(), who.end_user, who.tags, who.metadata, finish_reason,
     )
+
+
+_NOBODY = Attribution()

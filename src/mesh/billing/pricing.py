@@ -30,14 +30,33 @@ def _price(p: Pricing) -> tuple[Fraction, Fraction, Fraction, Fraction]:
     return Fraction(p.input), Fraction(cached), Fraction(p.output), Fraction(p.request) * MICROS_PER_CREDIT
 
 
-@lru_cache(maxsize=1024)
-def _scaled(p: Pricing) -> tuple[int, int, int, int, int]:
-    """The four prices as integers over one common denominator, so that a request's cost is
-    integer arithmetic (Fraction arithmetic per request was a measured 4% of its CPU)."""
+def _scale(p: Pricing) -> tuple[int, int, int, int, int]:
     prices = _price(p)
     den = math.lcm(*(f.denominator for f in prices))
     n_in, n_cached, n_out, n_fee = (int(f * den) for f in prices)
     return n_in, n_cached, n_out, n_fee, den
+
+
+# id(pricing) -> (pricing, its scaled prices). Keyed on identity: hashing a pydantic model
+# (its four Decimals) per lookup was most of what a cached lookup cost, and the few Pricing
+# objects a gateway has come from its configuration and live as long as it. The entry holds
+# the object, so its id cannot be reused while the entry exists; Pricing is frozen, so the
+# prices of an object never change.
+_SCALED: dict[int, tuple[Pricing, tuple[int, int, int, int, int]]] = {}
+_SCALED_MAX = 1024
+
+
+def _scaled(p: Pricing) -> tuple[int, int, int, int, int]:
+    """The four prices as integers over one common denominator, so that a request's cost is
+    integer arithmetic (Fraction arithmetic per request was a measured 4% of its CPU)."""
+    found = _SCALED.get(id(p))
+    if found is not None and found[0] is p:
+        return found[1]
+    scaled = _scale(p)
+    if len(_SCALED) >= _SCALED_MAX:
+        _SCALED.clear()
+    _SCALED[id(p)] = (p, scaled)
+    return scaled
 
 
 def _check_tokens(**counts: int) -> None:
@@ -80,7 +99,9 @@ def cost(pricing: Pricing, usage: Usage) -> MicroCredits:
 
 def hold_cost(pricing: Pricing, prompt_tokens: int, max_output_tokens: int) -> MicroCredits:
     """An upper bound for admission: the prompt priced as uncached (or cached, if dearer)."""
-    _check_tokens(prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens)
+    if not (type(prompt_tokens) is int and type(max_output_tokens) is int
+            and prompt_tokens >= 0 and max_output_tokens >= 0):  # the common case, checked inline
+        _check_tokens(prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens)
     n_in, n_cached, n_out, n_fee, den = _scaled(pricing)
     exact = prompt_tokens * max(n_in, n_cached) + max_output_tokens * n_out + n_fee
     return MicroCredits(-(-exact // den))

@@ -187,7 +187,7 @@ class UsageWriter:
 
 
 def _day(ts: datetime) -> date:
-    return ts.astimezone(UTC).date()
+    return (ts if ts.tzinfo is UTC else ts.astimezone(UTC)).date()
 
 
 async def write_batch(db: Database, records: Sequence[UsageRecord], *, outbox: bool = False) -> None:
@@ -271,16 +271,28 @@ def _json(value: Any) -> str:
     return "null" if value is None else json.dumps(value)
 
 
+def _sqlite_datetime(at: datetime) -> str:
+    """``at`` (naive, UTC) as :data:`_SQLITE_DATETIME` formats it: isoformat with a space and
+    always six digits of microseconds is the same text, without strftime's cost (a year
+    before 1000 is padded differently: strftime then)."""
+    if at.year < 1000:
+        return at.strftime(_SQLITE_DATETIME)
+    return at.isoformat(" ", "microseconds")
+
+
 def _row(r: UsageRecord, pg: bool) -> tuple[Any, ...]:
     at = r.created_at
-    if at.tzinfo is None:
+    tz = at.tzinfo
+    if tz is None:
         raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-    at = at.astimezone(UTC)
+    if tz is not UTC:  # utcnow()'s are UTC already: astimezone would only copy them
+        at = at.astimezone(UTC)
+    tags, meta = r.tags, r.metadata
     return (
         r.request_id, r.account_id, r.key_id, r.model, r.replica, r.protocol, r.input_tokens, r.cached_tokens,
         r.output_tokens, r.reasoning_tokens, int(r.cost), r.status, r.ttft_ms, r.duration_ms,
-        at if pg else at.replace(tzinfo=None).strftime(_SQLITE_DATETIME), r.end_user,
-        _json(list(r.tags) or None), _json(None if r.metadata is None else dict(r.metadata)), r.finish_reason,
+        at if pg else _sqlite_datetime(at.replace(tzinfo=None)), r.end_user,
+        "null" if not tags else _json(list(tags)), "null" if meta is None else _json(dict(meta)), r.finish_reason,
     )
 
 

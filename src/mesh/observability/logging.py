@@ -127,11 +127,11 @@ class AccessLog:
 
     def write(self, msg: str, fields: dict[str, Any]) -> None:
         direct = _direct
-        if direct is None or logging.getLogger().handlers != [direct.handler] or self.logger.handlers:
+        handlers = logging.root.handlers
+        if direct is None or len(handlers) != 1 or handlers[0] is not direct.handler or self.logger.handlers:
             self.logger.info(msg, extra=fields)
             return
-        out: dict[str, Any] = {"ts": direct.ts(), "level": "info", "logger": self.logger.name, "msg": msg}
-        out.update(fields)
+        out: dict[str, Any] = {"ts": direct.ts(), "level": "info", "logger": self.logger.name, "msg": msg, **fields}
         direct.put(orjson.dumps(out, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
 

@@ -9,12 +9,12 @@ numbers; a scraper sums across processes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mesh.routing.breaker import BreakerState
@@ -150,26 +150,93 @@ class ReadinessState(Protocol):
     last: dict[str, bool]
 
 
-@dataclass(frozen=True, slots=True)
-class _Children:
-    """The labelled series one (model, protocol, status) updates at every request."""
+class _Count:
+    """A counter series' increments since the last scrape, as a plain int: a labelled
+    child's ``inc`` takes a lock, and a request made eight of them."""
 
-    requests: Counter
-    ttft: Histogram
-    duration: Histogram
-    input_tokens: Counter
-    output_tokens: Counter
-    cached_tokens: Counter
-    credits: Counter
-    prompts: list[int]  # [prompt tokens, cached prompt tokens] of the model, for the hit ratio
+    __slots__ = ("child", "n")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.n = 0
+
+    def fold(self) -> None:
+        n, self.n = self.n, 0
+        if n:
+            self.child.inc(n)
+
+
+class _Observed:
+    """A histogram series' observations since the last scrape: a count per bucket, and the
+    running sum of every observation in the order they came (the very float that
+    ``Histogram.observe`` would have summed, which the scrape then shows)."""
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self.bounds: list[float] = child._upper_bounds  # ends with +Inf, as observe() scans them
+        self.counts = [0] * len(self.bounds)
+        self.total = child._sum.get()
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is >= amount: the one Histogram.observe increments.
+        self.total += amount
+        i = bisect_left(self.bounds, amount)
+        if amount <= self.bounds[i]:  # not NaN (which observe() counts in no bucket)
+            self.counts[i] += 1
+
+    def fold(self) -> None:
+        buckets = self.child._buckets
+        counts = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                counts[i] = 0
+                buckets[i].inc(n)
+        self.child._sum.set(self.total)
+
+
+class _Children:
+    """The labelled series one (model, protocol, status) updates at every request, as
+    plain numbers folded into the prometheus_client series when the registry is
+    collected (:class:`_FoldingRegistry`): names, types, labels and values at scrape time
+    are the ones per-request ``inc``/``observe`` calls gave."""
+
+    __slots__ = ("cached_tokens", "credits", "duration", "input_tokens", "output_tokens", "prompts", "requests",
+                 "ttft")
+
+    def __init__(self, requests: _Count, ttft: _Observed, duration: _Observed, input_tokens: _Count,
+                 output_tokens: _Count, cached_tokens: _Count, credits: _Count, prompts: list[int]) -> None:
+        self.requests = requests
+        self.ttft = ttft
+        self.duration = duration
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.cached_tokens = cached_tokens
+        self.credits = credits
+        self.prompts = prompts  # [prompt tokens, cached prompt tokens] of the model, for the hit ratio
+
+
+class _FoldingRegistry(CollectorRegistry):
+    """A registry that folds the per-request numbers into their series before any read
+    (``generate_latest``, ``get_sample_value``)."""
+
+    def __init__(self, fold: Callable[[], None]) -> None:
+        super().__init__(auto_describe=True)
+        self._fold = fold
+
+    def collect(self) -> Iterable[Metric]:
+        self._fold()
+        return super().collect()
 
 
 class Metrics:
     def __init__(self, router: Callable[[], Router | None] | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry: CollectorRegistry = _FoldingRegistry(self._fold)
         r = self.registry
         self._prompts: dict[str, list[int]] = {}  # model -> [prompt tokens, cached prompt tokens]
         self._children: dict[tuple[str, str, str], _Children] = {}  # by (model, protocol, status)
+        self._series: dict[tuple[str, ...], _Count | _Observed] = {}  # each child's pending numbers
         self.requests = Counter(
             "mesh_requests", "Requests by model, protocol and status", ["model", "protocol", "status"], registry=r
         )
@@ -218,31 +285,54 @@ class Metrics:
         c = self._children.get((model, protocol, status))
         if c is None:
             c = self._children[(model, protocol, status)] = self._labelled(model, protocol, status)
-        c.requests.inc()
+        c.requests.n += 1
         if ttft_s is not None:
             c.ttft.observe(ttft_s)
         c.duration.observe(duration_s)
         if input_tokens:
-            c.input_tokens.inc(input_tokens)
+            c.input_tokens.n += input_tokens
             c.prompts[0] += input_tokens
             c.prompts[1] += cached_tokens
         if output_tokens:
-            c.output_tokens.inc(output_tokens)
+            c.output_tokens.n += output_tokens
         if cached_tokens:
-            c.cached_tokens.inc(cached_tokens)
+            c.cached_tokens.n += cached_tokens
         if charged:
-            c.credits.inc(charged)
+            c.credits.n += charged
 
     def _labelled(self, model: str, protocol: str, status: str) -> _Children:
         # prometheus_client's .labels() builds and hashes a key tuple under a lock at every
-        # call: a request's metrics looked them up eight times. Label sets are few (models x
-        # protocols x statuses), so each is looked up once and kept.
+        # call, and each inc/observe takes a lock: a request's metrics took eight. Label sets
+        # are few (models x protocols x statuses), so each series is looked up once, and a
+        # request adds to plain numbers that a scrape folds in (_fold).
         return _Children(
-            self.requests.labels(model, protocol, status), self.ttft.labels(model, protocol),
-            self.duration.labels(model, protocol), self.tokens.labels(model, "input"),
-            self.tokens.labels(model, "output"), self.tokens.labels(model, "cached"), self.credits.labels(model),
+            self._count(self.requests, "requests", model, protocol, status),
+            self._observed(self.ttft, "ttft", model, protocol),
+            self._observed(self.duration, "duration", model, protocol),
+            self._count(self.tokens, "tokens", model, "input"),
+            self._count(self.tokens, "tokens", model, "output"),
+            self._count(self.tokens, "tokens", model, "cached"),
+            self._count(self.credits, "credits", model),
             self._prompts.setdefault(model, [0, 0]),
         )
+
+    def _count(self, counter: Counter, *key: str) -> _Count:
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = _Count(counter.labels(*key[1:]))
+        assert isinstance(found, _Count)
+        return found
+
+    def _observed(self, histogram: Histogram, *key: str) -> _Observed:
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = _Observed(histogram.labels(*key[1:]))
+        assert isinstance(found, _Observed)
+        return found
+
+    def _fold(self) -> None:
+        for series in self._series.values():
+            series.fold()
 
     def watch_billing(self, billing: BillingState) -> None:
         """Expose the settlement queue's state (read at scrape time)."""

@@ -100,7 +100,12 @@ class WorkerSync:
         registry) when the usage its engine reported cannot be true for the request; returns
         the usage to bill, clamped to what Mesh can bound in that case."""
         pool = self.router.pools.get(model)
-        replica = next((r for r in pool.replicas if r.name == replica_name), None) if pool else None
+        replica = None
+        if pool:
+            for r in pool.replicas:
+                if r.name == replica_name:
+                    replica = r
+                    break
         if replica is None and replica_name is not None:
             replica = self._departed.get(replica_name)
         reg_id = replica.labels.get(LABEL) if replica is not None else None
