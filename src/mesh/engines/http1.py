@@ -65,6 +65,7 @@ class _Connection(asyncio.Protocol):
         "_paused",
         "_stray",
         "_waiter",
+        "cap",
         "closed",
         "complete",
         "deadline",
@@ -89,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.deadline: float | None = None  # when the wait under way times out (loop time)
+        self.cap: float | None = None  # no wait for the current answer lasts past this (loop time)
         self._lengthless = True  # no Content-Length nor chunked: the body ends with the connection
         self._in_flight = False  # a request was sent and its connection not yet given back
         self._begun = False  # the answer to it started
@@ -285,6 +287,11 @@ class Response:
         """The whole body came and was read."""
         return self._conn.drained
 
+    def clear_deadline(self) -> None:
+        """From now on only the read timeout bounds each wait (the ``deadline`` given to
+        :meth:`Http1Client.post` is over)."""
+        self._conn.cap = None
+
     async def readany(self) -> bytes:
         """The next piece of the body as the socket delivered it; b"" at its end."""
         conn = self._conn
@@ -354,11 +361,17 @@ class Http1Client:
         lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}", *(f"{k}: {v}" for k, v in headers.items())]
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    async def post(self, head: bytes, body: bytes, extra: Mapping[str, str] | None = None) -> Response:
+    async def post(
+        self, head: bytes, body: bytes, extra: Mapping[str, str] | None = None, deadline: float | None = None
+    ) -> Response:
         """Send ``head`` (from :meth:`request_head`) with ``body``; returns once the answer's
         headers came. A kept connection the engine closed before a byte of the answer came is
         retried once, on a new connection (an engine that closes every connection it is sent
-        the request on is not sent it more than twice)."""
+        the request on is not sent it more than twice).
+
+        ``deadline`` (loop time): connecting, and every wait on the answer until
+        :meth:`Response.clear_deadline`, ends with TimeoutError by then at the latest, as an
+        ``asyncio.timeout_at`` around them would (without a timer of its own)."""
         tail = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in extra.items()) if extra else b""
         data = b"%sContent-Length: %d\r\n%s\r\n%s" % (head, len(body), tail, body)
         retried = False
@@ -366,10 +379,11 @@ class Http1Client:
             conn = None if retried else self._reuse()
             reused = conn is not None
             if conn is None:
-                conn = await self._connect()
+                conn = await self._connect(deadline)
                 if self._closed:
                     conn.close()
                     raise UpstreamClosed("the engine's client was closed")
+            conn.cap = deadline
             conn.send(data)
             try:
                 while not conn.headers_done:
@@ -388,13 +402,21 @@ class Http1Client:
             return Response(self, conn)
 
     async def wait(self, conn: _Connection) -> None:
-        """Until something happens on ``conn``, at most ``read_timeout`` (TimeoutError)."""
+        """Until something happens on ``conn``, at most ``read_timeout`` and never past its
+        ``cap`` (TimeoutError)."""
+        cap = conn.cap
         if self.read_timeout is None:
-            await conn.wait(None)
-            return
+            if cap is None:
+                await conn.wait(None)
+                return
+            deadline = cap
+        else:
+            assert conn.loop is not None
+            deadline = conn.loop.time() + self.read_timeout
+            if cap is not None and cap < deadline:
+                deadline = cap
         loop = conn.loop
         assert loop is not None
-        deadline = loop.time() + self.read_timeout
         if self._timer is None or deadline < self._timer_at or self._timer_loop is not loop:
             if self._timer is not None:
                 self._timer.cancel()
@@ -434,10 +456,13 @@ class Http1Client:
             return conn
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float | None = None) -> _Connection:
         loop = asyncio.get_running_loop()
+        until = loop.time() + self.connect_timeout
+        if deadline is not None and deadline < until:
+            until = deadline
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(until):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self._open), self.host, self.port, ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,

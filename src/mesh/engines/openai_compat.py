@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+import re
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from opentelemetry.trace import INVALID_SPAN, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh.canonical import CanonicalRequest, Event, Message, Relayed, Usage
@@ -39,6 +41,8 @@ from mesh.errors import (
 # --otlp-traces-endpoint) joins the request's trace; adds nothing when Mesh is not tracing.
 _TRACE_CONTEXT = TraceContextTextMapPropagator()
 _DATA = b"data:"
+# What follows ``data:`` on each line (ended by a newline) that starts with it.
+_DATA_LINE = re.compile(rb"^data:(.*)$", re.MULTILINE)
 # After [DONE] only the end of the body is left; an engine that does not send it by then
 # loses the connection instead of holding the request up.
 _DRAIN_TIMEOUT = 1.0
@@ -47,22 +51,6 @@ _DRAIN_TIMEOUT = 1.0
 # rest of the read is decoded: the time to first token does not grow with what came with it,
 # for one more write.
 _SPLIT_FIRST_READ = 4
-
-
-@contextlib.contextmanager
-def _map_errors(name: str) -> Iterator[None]:
-    """Translate the engine client's failures (``engines/http1.py``) and timeouts into the
-    EngineError tree, at the adapter edge."""
-    try:
-        yield
-    except MeshError:
-        raise
-    except TimeoutError:
-        raise EngineTimeout(f"Engine {name} timed out.") from None
-    except ConnectFailed:
-        raise EngineUnavailable(f"Engine {name} is unreachable.") from None
-    except ConnectionError as exc:
-        raise EngineError(f"Engine {name} failed: {type(exc).__name__}.") from None
 
 
 def _upstream_error(status: int, payload: bytes, name: str) -> MeshError:
@@ -129,9 +117,9 @@ class _SSEReader:
                 return [tail[5:].strip()] if tail.startswith(_DATA) else None
             if self._tail:
                 data = self._tail + data
-            lines = data.split(b"\n")
-            self._tail = lines.pop()
-            batch = [line[5:].strip() for line in lines if line.startswith(_DATA)]
+            end = data.rfind(b"\n") + 1  # the lines ended so far; the rest waits for its newline
+            self._tail = data[end:]
+            batch = [payload.strip() for payload in _DATA_LINE.findall(data, 0, end)]
             if batch:
                 return batch
 
@@ -212,10 +200,9 @@ class OpenAIEngine:
         return self._generate(request, RelayDecoder())
 
     async def _generate(self, request: CanonicalRequest, decoder: ChunkDecoder) -> AsyncIterator[Event]:
+        config = self.config
         try:
-            body = orjson.dumps(
-                request_body(request, self.model, self.config.reasoning_field, self.config.continuous_usage)
-            )
+            body = orjson.dumps(request_body(request, self.model, config.reasoning_field, config.continuous_usage))
         except orjson.JSONEncodeError:
             # The client's own input (a schema nested past orjson's 254 levels): a 400, not
             # the engine's fault, and nothing was sent.
@@ -223,18 +210,26 @@ class OpenAIEngine:
         resp: Response | None = None
         drained = False  # the whole response was read: the connection may serve the next request
         try:
-            with _map_errors(self.name):
-                async with asyncio.timeout(self.config.first_token_timeout):
-                    trace: dict[str, str] = {}
+            # The engine client's failures and timeouts, translated into the EngineError tree
+            # at the adapter edge (inline: a context manager per request costs more).
+            try:
+                # The first-token deadline: every wait until the first output (connecting, the
+                # answer's headers, its first reads) ends by then, as under an asyncio.timeout
+                # (TimeoutError), on the engine client's one read timer instead of a timer of its own.
+                deadline = asyncio.get_running_loop().time() + config.first_token_timeout
+                trace: dict[str, str] | None = None
+                if get_current_span() is not INVALID_SPAN:  # a span is current: its traceparent goes out
+                    trace = {}
                     _TRACE_CONTEXT.inject(trace)
-                    client = self._chat_client()
-                    resp = await client.post(self._chat_head, body, trace)
-                    if resp.status != 200:
-                        payload = await resp.read()
-                        drained = True
-                        raise _upstream_error(resp.status, payload, self.name)
-                    reader = _SSEReader(resp)
-                    first, done, rest = await self._first_events(reader, decoder, request.stream)
+                client = self._chat or self._chat_client()
+                resp = await client.post(self._chat_head, body, trace, deadline)
+                if resp.status != 200:
+                    payload = await resp.read()
+                    drained = True
+                    raise _upstream_error(resp.status, payload, self.name)
+                reader = _SSEReader(resp)
+                first, done, rest = await self._first_events(reader, decoder, request.stream)
+                resp.clear_deadline()
                 for ev in first:
                     yield ev
                 if rest and not done and decoder.failure is None:
@@ -251,12 +246,20 @@ class OpenAIEngine:
                 # read so that the connection goes back to the pool instead of being torn down;
                 # when it has not come yet, in the background: waiting for it would hold the
                 # answer up by the engine's gap between the two.
-                if self.config.keep_alive:
+                if config.keep_alive:
                     if resp.ended:
                         drained = True
                     else:
                         self._drain_later(resp)
                         resp = None
+            except MeshError:
+                raise
+            except TimeoutError:
+                raise EngineTimeout(f"Engine {self.name} timed out.") from None
+            except ConnectFailed:
+                raise EngineUnavailable(f"Engine {self.name} is unreachable.") from None
+            except ConnectionError as exc:
+                raise EngineError(f"Engine {self.name} failed: {type(exc).__name__}.") from None
             yield decoder.final_usage()
         except orjson.JSONDecodeError:
             raise EngineError(f"Engine {self.name} sent malformed JSON.") from None

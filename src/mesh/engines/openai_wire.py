@@ -78,6 +78,18 @@ def _tool_result(part: ToolResultPart) -> tuple[dict[str, Any], list[dict[str, A
 def encode_messages(messages: tuple[Message, ...], reasoning_field: ReasoningField) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:
+        parts = m.parts
+        if len(parts) == 1 and type(parts[0]) is TextPart:
+            # The common turn, one text part: what the general rules below make of it, directly.
+            role = m.role
+            if role == "system" or role == "assistant":
+                out.append({"role": role, "content": str(parts[0].text)})
+            else:
+                message: dict[str, Any] = {"role": "user", "content": str(parts[0].text)}
+                if m.name:
+                    message["name"] = m.name
+                out.append(message)
+            continue
         if m.role == "system":
             out.append({"role": "system", "content": _text_content(m.parts)})
         elif m.role == "assistant":
@@ -107,7 +119,7 @@ def encode_messages(messages: tuple[Message, ...], reasoning_field: ReasoningFie
                     rest.append(_part(p))
             rest = images + rest
             if rest:
-                message: dict[str, Any] = {"role": "user", "content": _content(rest)}
+                message = {"role": "user", "content": _content(rest)}
                 if m.name:
                     message["name"] = m.name
                 out.append(message)
@@ -162,23 +174,34 @@ def request_body(
         "stream": True,
         "stream_options": stream_options,
     }
+    # The optional fields in their order, each only when set (None is never sent).
+    if req.max_tokens is not None:
+        body["max_tokens"] = req.max_tokens
     s = req.sampling
-    optional: dict[str, Any] = {
-        "max_tokens": req.max_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k,
-        "seed": s.seed,
-        "presence_penalty": s.presence_penalty,
-        "frequency_penalty": s.frequency_penalty,
-        "logit_bias": s.logit_bias,
-        "top_logprobs": s.top_logprobs if s.logprobs else None,
-        "stop": list(req.stop) or None,
-        "n": req.n if req.n != 1 else None,
-        "parallel_tool_calls": req.parallel_tool_calls,
-        "user": req.user,
-    }
-    body.update({k: v for k, v in optional.items() if v is not None})
+    if s.temperature is not None:
+        body["temperature"] = s.temperature
+    if s.top_p is not None:
+        body["top_p"] = s.top_p
+    if s.top_k is not None:
+        body["top_k"] = s.top_k
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.presence_penalty is not None:
+        body["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty is not None:
+        body["frequency_penalty"] = s.frequency_penalty
+    if s.logit_bias is not None:
+        body["logit_bias"] = s.logit_bias
+    if s.logprobs and s.top_logprobs is not None:
+        body["top_logprobs"] = s.top_logprobs
+    if req.stop:
+        body["stop"] = list(req.stop)
+    if req.n != 1:
+        body["n"] = req.n
+    if req.parallel_tool_calls is not None:
+        body["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.user is not None:
+        body["user"] = req.user
     if s.logprobs:
         body["logprobs"] = True
     if req.tools:
@@ -199,19 +222,20 @@ def request_body(
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
         else:
             body["response_format"] = {"type": rf.type}
-    effort = _effort(req)
-    if effort is not None:
-        body["reasoning_effort"] = effort
-    if req.reasoning is not None and req.reasoning.enabled is not None:
-        # The chat-template switch that Qwen3, GLM (enable_thinking) and DeepSeek (thinking) read.
-        on = req.reasoning.enabled
-        body["chat_template_kwargs"] = {"enable_thinking": on, "thinking": on}
+    if req.reasoning is not None:
+        effort = _effort(req)
+        if effort is not None:
+            body["reasoning_effort"] = effort
+        if req.reasoning.enabled is not None:
+            # The chat-template switch that Qwen3, GLM (enable_thinking) and DeepSeek (thinking) read.
+            on = req.reasoning.enabled
+            body["chat_template_kwargs"] = {"enable_thinking": on, "thinking": on}
     if req.continue_final:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
     # ``extra`` holds only the extensions the model enables (protocols/extensions.py); never
     # let one overwrite a field Mesh set, nor a template kwarg carry a template.
-    for key, value in req.extra.items():
+    for key, value in req.extra.items() if req.extra else ():
         if key == "chat_template_kwargs" and isinstance(value, dict):
             kwargs = {k: v for k, v in value.items() if k != "chat_template"}
             body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **kwargs}

@@ -43,6 +43,9 @@ class LeastOutstanding:
     def pick(
         self, candidates: Sequence[Replica], request: CanonicalRequest, owner: str | None = None
     ) -> tuple[Replica, str]:
+        if len(candidates) == 1:  # no choice to make (the turn still passes, as on a tie of one)
+            next(self._tick)
+            return candidates[0], "least_loaded"
         best = min(r.load for r in candidates)
         tied = [r for r in candidates if r.load == best]
         return tied[next(self._tick) % len(tied)], "least_loaded"

@@ -33,7 +33,11 @@ class ModelPool:
         return [r for r in self.replicas if r.healthy]
 
     def free_slots(self) -> float:
-        return sum((r.free_slots for r in self.replicas if r.healthy), 0.0) - self.reserved
+        free = 0.0
+        for r in self.replicas:
+            if r.healthy:
+                free += r.free_slots
+        return free - self.reserved
 
     async def acquire(self, account: str) -> None:
         """Wait for a slot (immediately if one is free and nobody waits)."""
