@@ -21,7 +21,7 @@ from mesh.billing.pricing import cost
 from mesh.billing.services import Services, open_services
 from mesh.billing.stream import SettlementStream
 from mesh.canonical import Usage
-from mesh.config import ModelConfig, Pricing, Settings
+from mesh.config import ModelConfig, Settings
 from mesh.conversations import ResponseStore
 from mesh.engines.factory import build_engine
 from mesh.limits import build_limiter, limits_headers
@@ -104,7 +104,6 @@ class Gateway:
         self.services = services
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reasoning_fields: tuple[str, ...] = ("reasoning_content",)
-        self._last_cost: tuple[Usage | None, Pricing | None, str] = (None, None, "")
         self.metrics = metrics or Metrics()
         self.metrics.watch_router(lambda: self.router)
         self.limiter = build_limiter(settings)
@@ -172,21 +171,10 @@ class Gateway:
 
     def usage_extras(self, model: ModelConfig) -> Callable[[Usage], dict[str, Any]]:
         pricing = model.pricing
-        return lambda usage: {"cost": self._cost_text(pricing, usage)}
+        return lambda usage: {"cost": format_credits(cost(pricing, usage))}
 
     def cost_text(self, model: ModelConfig, usage: Usage) -> str:
-        return self._cost_text(model.pricing, usage)
-
-    def _cost_text(self, pricing: Pricing, usage: Usage) -> str:
-        """A non-streamed answer prices the same usage twice (the body's ``usage.cost``, then
-        ``x-mesh-cost``): the second time is the last one's text. Both are immutable, and the
-        cache holds them, so neither can be another object at the same address."""
-        last_usage, last_pricing, text = self._last_cost
-        if usage is last_usage and pricing is last_pricing:
-            return text
-        text = format_credits(cost(pricing, usage))
-        self._last_cost = (usage, pricing, text)
-        return text
+        return format_credits(cost(model.pricing, usage))
 
     def response_headers(self, ctx: RequestContext) -> dict[str, str]:
         """Headers every response of an inference endpoint carries: the rate limits."""

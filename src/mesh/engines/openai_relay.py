@@ -62,6 +62,29 @@ def _renote(relayed: Relayed) -> None:
                 relayed.active.add(idx)
 
 
+def _plain_text(choices: Any) -> str | None:
+    """The text of the common chunk's ``choices``: one choice, index 0, a delta of text (and
+    maybe the role) and nothing else, most chunks of every answer. None for any other shape,
+    which takes :meth:`RelayDecoder._walk`."""
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict:
+        return None
+    delta = choice.get("delta")
+    if (
+        type(delta) is dict
+        and len(delta) <= 2
+        and not choice.get("index")
+        and not choice.get("finish_reason")
+        and not choice.get("logprobs")
+        and (len(delta) == 1 or "role" in delta)
+        and type(content := delta.get("content")) is str
+    ):
+        return content
+    return None
+
+
 class RelayDecoder(ChunkDecoder):
     """The relay path's decoder: looks at each chunk only as far as metering and the
     client need, and hands it on as one :class:`Relayed` (plus a :class:`Usage` when the
@@ -93,10 +116,9 @@ class RelayDecoder(ChunkDecoder):
         """The chunks of one read as one :class:`Relayed` (one write to the client, as a
         bare proxy writes what it read), then the newest usage among them.
 
-        The common chunk (one choice, index 0, a delta of text and maybe the role, nothing
-        else) is metered inline, without a call per chunk: this loop runs for every chunk of
-        every relayed answer. Any other chunk takes :meth:`_inspect`, which meters it the
-        same way (the shape checked here is the one its own fast path takes)."""
+        The common chunk (:func:`_plain_text`) is metered here, its counts noted once per
+        read: this loop runs for every chunk of every relayed answer. Any other chunk takes
+        :meth:`_inspect`, which meters it the same way."""
         relayed = Relayed([])
         chunks = relayed.chunks
         texts = relayed.texts
@@ -120,29 +142,18 @@ class RelayDecoder(ChunkDecoder):
                 break
             if type(chunk) is dict and not chunk.get("error"):
                 choices = chunk.get("choices")
-                if type(choices) is list and len(choices) == 1:
-                    choice = choices[0]
-                    if type(choice) is dict:
-                        delta = choice.get("delta")
-                        if (
-                            type(delta) is dict
-                            and len(delta) <= 2
-                            and not choice.get("index")
-                            and not choice.get("finish_reason")
-                            and not choice.get("logprobs")
-                            and (len(delta) == 1 or "role" in delta)
-                            and type(content := delta.get("content")) is str
-                        ):
-                            opened = True
-                            if content:
-                                texts.append(content)
-                                plain += 1
-                            reported = chunk.pop("usage", None)
-                            if type(reported) is dict:
-                                usage = reported  # cumulative: only the newest of the read counts
-                            chunks.append(chunk)
-                            continue
-                elif not choices:  # usage alone (or nothing): nothing to send
+                content = _plain_text(choices)
+                if content is not None:
+                    opened = True
+                    if content:
+                        texts.append(content)
+                        plain += 1
+                    reported = chunk.pop("usage", None)
+                    if type(reported) is dict:
+                        usage = reported  # cumulative: only the newest of the read counts
+                    chunks.append(chunk)
+                    continue
+                if not choices:  # usage alone (or nothing): nothing to send
                     reported = chunk.pop("usage", None)
                     if type(reported) is dict:
                         usage = reported
@@ -190,27 +201,15 @@ class RelayDecoder(ChunkDecoder):
         choices = chunk.get("choices")
         if not choices:
             return False, 0, False
-        if len(choices) == 1:
-            # Most chunks: one choice, index 0, a delta of text (and maybe the role) and
-            # nothing else. Anything more takes the general walk below.
-            choice = choices[0]
-            delta = choice.get("delta") if type(choice) is dict else None
-            if (
-                type(delta) is dict
-                and len(delta) <= 2
-                and not choice.get("index")
-                and not choice.get("finish_reason")
-                and not choice.get("logprobs")
-                and (len(delta) == 1 or "role" in delta)
-                and type(content := delta.get("content")) is str
-            ):
-                into.indexes.add(0)
-                if not content:
-                    return True, 0, False
-                into.texts.append(content)
-                into.active.add(0)
-                self.output_deltas += 1
-                return True, 1, True
+        content = _plain_text(choices)
+        if content is not None:
+            into.indexes.add(0)
+            if not content:
+                return True, 0, False
+            into.texts.append(content)
+            into.active.add(0)
+            self.output_deltas += 1
+            return True, 1, True
         return self._walk(choices, into)
 
     def _walk(self, choices: Any, into: Relayed) -> tuple[bool, int, bool]:

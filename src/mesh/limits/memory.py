@@ -36,11 +36,23 @@ class _Bucket:
     empty_at: float = 0.0  # when both buckets will have drained
     inflight: int = 0
 
+    # Conditionals, not max(): these run for every scope of every request.
     def drain(self, limits: RateLimits, now: float) -> None:
         """Bring the levels to ``now`` (a dimension without a limit holds nothing)."""
-        elapsed = max(0.0, now - self.at)
-        self.requests = 0.0 if limits.rpm is None else max(0.0, self.requests - elapsed * limits.rpm / WINDOW)
-        self.tokens = 0.0 if limits.tpm is None else max(0.0, self.tokens - elapsed * limits.tpm / WINDOW)
+        elapsed = now - self.at
+        if elapsed < 0.0:
+            elapsed = 0.0
+        rpm, tpm = limits.rpm, limits.tpm
+        if rpm is None:
+            self.requests = 0.0
+        else:
+            level = self.requests - elapsed * rpm / WINDOW
+            self.requests = level if level > 0.0 else 0.0
+        if tpm is None:
+            self.tokens = 0.0
+        else:
+            level = self.tokens - elapsed * tpm / WINDOW
+            self.tokens = level if level > 0.0 else 0.0
         self.at = now
 
     def mark(self, limits: RateLimits, now: float) -> None:
@@ -48,7 +60,9 @@ class _Bucket:
         if limits.rpm is not None:
             empty = self.requests * WINDOW / limits.rpm
         if limits.tpm is not None:
-            empty = max(empty, self.tokens * WINDOW / limits.tpm)
+            drained = self.tokens * WINDOW / limits.tpm
+            if drained > empty:
+                empty = drained
         self.empty_at = now + empty
 
 
@@ -82,22 +96,7 @@ class MemoryLimiter:
         for scope, b in zip(scopes, buckets, strict=True):
             lim = scope.limits
             rpm, tpm = lim.rpm, lim.tpm
-            # b.drain(lim, now), inlined (the hot path): only brings the state up to date.
-            # (Conditionals, not max(): this runs for every scope of every request.)
-            elapsed = now - b.at
-            if elapsed < 0.0:
-                elapsed = 0.0
-            if rpm is None:
-                b.requests = 0.0
-            else:
-                level = b.requests - elapsed * rpm / WINDOW
-                b.requests = level if level > 0.0 else 0.0
-            if tpm is None:
-                b.tokens = 0.0
-            else:
-                level = b.tokens - elapsed * tpm / WINDOW
-                b.tokens = level if level > 0.0 else 0.0
-            b.at = now
+            b.drain(lim, now)  # only brings the state up to date: takes nothing
             # The longest wait of any dimension of any scope is the refusal (nothing is
             # allocated on the common path, where every check passes).
             if rpm is not None and b.requests + 1 - rpm > _EPS:
@@ -117,18 +116,11 @@ class MemoryLimiter:
         held = self._buckets
         for scope, b in zip(scopes, buckets, strict=True):
             lim = scope.limits
-            rpm, tpm = lim.rpm, lim.tpm
-            # The take and b.mark(lim, now), inlined.
-            empty = 0.0
-            if rpm is not None:
+            if lim.rpm is not None:
                 b.requests += 1
-                empty = b.requests * WINDOW / rpm
-            if tpm is not None:
+            if lim.tpm is not None:
                 b.tokens += tokens
-                drained = b.tokens * WINDOW / tpm
-                if drained > empty:
-                    empty = drained
-            b.empty_at = now + empty
+            b.mark(lim, now)
             if lim.concurrent is not None:
                 b.inflight += 1
             held[scope.name] = b

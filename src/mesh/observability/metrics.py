@@ -236,7 +236,9 @@ class Metrics:
         r = self.registry
         self._prompts: dict[str, list[int]] = {}  # model -> [prompt tokens, cached prompt tokens]
         self._children: dict[tuple[str, str, str], _Children] = {}  # by (model, protocol, status)
-        self._series: dict[tuple[str, ...], _Count | _Observed] = {}  # each child's pending numbers
+        # Each labelled series' pending numbers, by (metric, *labels).
+        self._counts: dict[tuple[str, ...], _Count] = {}
+        self._observed_series: dict[tuple[str, ...], _Observed] = {}
         self.requests = Counter(
             "mesh_requests", "Requests by model, protocol and status", ["model", "protocol", "status"], registry=r
         )
@@ -317,22 +319,22 @@ class Metrics:
         )
 
     def _count(self, counter: Counter, *key: str) -> _Count:
-        found = self._series.get(key)
+        found = self._counts.get(key)
         if found is None:
-            found = self._series[key] = _Count(counter.labels(*key[1:]))
-        assert isinstance(found, _Count)
+            found = self._counts[key] = _Count(counter.labels(*key[1:]))
         return found
 
     def _observed(self, histogram: Histogram, *key: str) -> _Observed:
-        found = self._series.get(key)
+        found = self._observed_series.get(key)
         if found is None:
-            found = self._series[key] = _Observed(histogram.labels(*key[1:]))
-        assert isinstance(found, _Observed)
+            found = self._observed_series[key] = _Observed(histogram.labels(*key[1:]))
         return found
 
     def _fold(self) -> None:
-        for series in self._series.values():
-            series.fold()
+        for count in self._counts.values():
+            count.fold()
+        for observed in self._observed_series.values():
+            observed.fold()
 
     def watch_billing(self, billing: BillingState) -> None:
         """Expose the settlement queue's state (read at scrape time)."""

@@ -273,12 +273,9 @@ class Router:
         if self.sessions is not None and self._min_prefix is not None:
             keys = session_keys(request, self._min_prefix, pool.model.id)
             owner = await self.sessions.find(pool.model.id, keys.lookup)
-        if isinstance(self.tracer, trace.NoOpTracer):  # tracing off: no span, nor its attributes
+        with child(self.tracer, "queue wait", {"gen_ai.request.model": pool.model.id,
+                                                  "mesh.queue.depth": len(pool.queue)}):
             await pool.acquire(account)
-        else:
-            with child(self.tracer, "queue wait", {"gen_ai.request.model": pool.model.id,
-                                                      "mesh.queue.depth": len(pool.queue)}):
-                await pool.acquire(account)
         try:
             replica, events, first, reason, attempt = await self.attempts(pool, request, owner, relay=relay)
         except BaseException:
@@ -306,24 +303,21 @@ class Router:
         the replica (its in-flight count taken), its events, the first one, why it was
         picked and the attempt number. The pool slot is the caller's. With ``relay``, an
         engine that can relay is asked for its chunks as they are (see :meth:`open`)."""
-        # usable(r): r.healthy and (over_capacity or r.has_room) and id(r) not in exclude
-        # and (only is None or only(r)), written out in the comprehensions below (same order).
-        untraced = isinstance(self.tracer, trace.NoOpTracer)
+        def usable(r: Replica) -> bool:
+            return (r.healthy and (over_capacity or r.has_room) and id(r) not in exclude
+                    and (only is None or only(r)))
+
         tried: set[int] = set()
         faulted: set[int] = set()
         last: EngineError | None = None
         for attempt in range(self.max_attempts):
-            candidates = [r for r in pool.replicas
-                          if r.healthy and (over_capacity or r.has_room) and id(r) not in exclude
-                          and (only is None or only(r)) and id(r) not in tried]
+            candidates = [r for r in pool.replicas if usable(r) and id(r) not in tried]
             if not candidates:
                 # Retry a replica already tried (after backoff) only when none is left and the
                 # failure looked transient (a reset, not an answer the engine gave).
                 if last is None or not last.replica_fault:
                     break
-                candidates = [r for r in pool.replicas
-                              if r.healthy and (over_capacity or r.has_room) and id(r) not in exclude
-                              and (only is None or only(r))]
+                candidates = [r for r in pool.replicas if usable(r)]
                 if not candidates:
                     break
             if attempt:
@@ -338,15 +332,12 @@ class Router:
             relayer = getattr(replica.engine, "relay", None) if relay else None
             events = aiter(relayer(request) if relayer is not None else replica.engine.stream(request))
             try:
-                if untraced:
+                # The engine's request goes out inside this span: its traceparent names it.
+                with child(self.tracer, "route attempt", {
+                    "gen_ai.request.model": pool.model.id, "mesh.replica": replica.name, "mesh.route.reason": reason,
+                    "mesh.route.attempt": attempt + 1,
+                }):
                     first = await anext(events)
-                else:
-                    # The engine's request goes out inside this span: its traceparent names it.
-                    with child(self.tracer, "route attempt", {
-                        "gen_ai.request.model": pool.model.id, "mesh.replica": replica.name,
-                        "mesh.route.reason": reason, "mesh.route.attempt": attempt + 1,
-                    }):
-                        first = await anext(events)
             except EngineError as err:
                 replica.in_flight -= 1
                 if err.replica_fault and not isinstance(err, EngineOverloaded) and id(replica) not in faulted:
