@@ -12,17 +12,16 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from mesh.accounts.principal import Principal
-from mesh.billing.attribution import Attribution, attribution, end_user_of
+from mesh.billing.attribution import attribution, end_user_of
 from mesh.billing.estimate import (
     BYTES_PER_TOKEN_LOW,
     estimate_prompt_tokens,
     estimate_prompt_tokens_low,
     typical_prompt_tokens,
 )
-from mesh.billing.ledger import Admission
 from mesh.canonical import (
     CanonicalRequest,
     Event,
@@ -33,7 +32,7 @@ from mesh.canonical import (
     ToolArgsDelta,
     Usage,
 )
-from mesh.config import ModelConfig, Pricing, Settings
+from mesh.config import ModelConfig, Settings
 from mesh.deadline import StreamDeadline
 from mesh.errors import (
     ContextLengthExceeded,
@@ -54,6 +53,7 @@ from mesh.request_context import refusal_line
 from mesh.routing.pending import PendingStream
 from mesh.routing.resume import resume_fields
 from mesh.routing.router import RoutedStream, Router
+from mesh.seams import Authenticator, Ledger, UsageGuard
 
 log = logging.getLogger("mesh.pipeline")
 
@@ -63,54 +63,6 @@ _CHECKPOINT_DELTAS = 16
 # than the context at this density cannot fit, and count_tokens refuses it without asking
 # an engine.
 _MOST_BYTES_PER_TOKEN = 16
-
-
-
-class Authenticator(Protocol):
-    async def authenticate(self, raw_key: str | None) -> Principal: ...
-
-
-class Ledger(Protocol):
-    """Credit for requests (``mesh.billing.leases.LeasedLedger``): hold before dispatch,
-    re-hold when a dearer fallback serves, checkpoint long streams, settle once."""
-
-    async def admit(
-        self,
-        principal: Principal,
-        pricing: Pricing,
-        request_id: str,
-        prompt_tokens_estimate: int,
-        max_output_tokens: int,
-        *,
-        choices: int = 1,
-        end_user: str | None = None,
-    ) -> Admission: ...
-
-    async def rehold(self, admission: Admission, pricing: Pricing) -> Admission: ...
-
-    def checkpoint(self, admission: Admission, usage: Usage) -> None: ...
-
-    async def settle(
-        self,
-        admission: Admission,
-        usage: Usage | None,
-        *,
-        status: str,
-        model: str,
-        pricing: Pricing,
-        replica: str | None = None,
-        protocol: str | None = None,
-        ttft_ms: int | None = None,
-        duration_ms: int | None = None,
-        attribution: Attribution | None = None,
-        finish_reason: str | None = None,
-    ) -> int: ...
-
-
-# (model, replica name, request as sent, prompt estimate, reported usage, context length,
-# whether the answer was resumed on another replica). Judges the usage an engine reported;
-# returns what to bill (clamped when it cannot be true).
-UsageGuard = Callable[[str, str | None, CanonicalRequest, int, Usage, int | None, bool], Usage]
 
 
 _NO_USAGE = Usage()  # frozen: the usage of a request that reported none
@@ -450,19 +402,13 @@ class Pipeline:
         and is billed only as far as Mesh can bound it. After a resume the usage is partly
         the continuation's replica's report: every replica that served the answer is judged
         on it, not only the one that started it (which may be the operator's own)."""
-        guard = self.usage_guard
-        if usage is None or guard is None or ctx.model is None or ctx.request is None:
+        if usage is None or self.usage_guard is None or ctx.model is None or ctx.request is None:
             return usage
-        routed = ctx.routed
-        if routed is None or not routed.resumes:  # one replica served it (the common case)
-            judged = guard(ctx.model.id, ctx.replica if routed is None else routed.choice.replica, ctx.request,
-                           ctx.prompt_estimate, usage, ctx.model.context_length, False)
-            return usage if judged is usage or judged == usage else judged
-        served = routed.served_by
+        served = ctx.routed.served_by if ctx.routed is not None else [ctx.replica]
         billed = usage
         for name in dict.fromkeys(served):
-            judged = guard(ctx.model.id, name, ctx.request, ctx.prompt_estimate, usage,
-                           ctx.model.context_length, len(served) > 1)
+            judged = self.usage_guard(ctx.model.id, name, ctx.request, ctx.prompt_estimate, usage,
+                                      ctx.model.context_length, len(served) > 1)
             if judged != usage:
                 billed = judged  # clamped: the same bound whichever replica lied
         return billed
@@ -536,8 +482,9 @@ class Pipeline:
                     protocol=ctx.protocol,
                     ttft_ms=ttft_ms,
                     duration_ms=duration_ms,
-                    attribution=attribution(request.user, request.metadata, ctx.tags) if request is not None
-                    else attribution(None, None, ctx.tags),
+                    attribution=attribution(
+                        request.user if request else None, request.metadata if request else None, ctx.tags
+                    ),
                     finish_reason=ctx.finish_reason,
                 )
         except Exception:
@@ -561,21 +508,14 @@ class Pipeline:
                 cached_tokens=usage.cached_tokens, charged=charged,
             )
         # One line per request, never with content: ids, sizes and timings only.
-        line = {
+        self.access_log.request({
             "request_id": ctx.request_id, "account_id": ctx.who.account_id, "model": model.id,
             "protocol": ctx.protocol, "status": ctx.status, "replica": ctx.replica, "route": ctx.route_reason,
             "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_tokens": usage.cached_tokens, "charged_micro": charged,
-            "ttft_ms": ttft_ms, "duration_ms": duration_ms,
-        }
-        if resumed:
-            line.update(resumed)
-        ids = ctx.trace.log_ids()
-        if ids:
-            line.update(ids)
-        if ctx.error is not None:
-            line["error"] = ctx.error.kind
-        self.access_log.request(line)
+            "ttft_ms": ttft_ms, "duration_ms": duration_ms, **resumed, **ctx.trace.log_ids(),
+            **({"error": ctx.error.kind} if ctx.error is not None else {}),
+        })
         ctx.trace.finish(ctx, charged=charged, extra=resumed)
 
     # count tokens (its own route: after resolve, nothing is held or charged) -----------------

@@ -9,7 +9,7 @@ its own transaction through :func:`settlement.capture`, then hands the usage rec
 the usage writer. An idle lease goes back to the account; a lease whose charges use it
 up is closed (its row deleted) and the next request opens a new one.
 
-:class:`LeasedLedger` is what the pipeline talks to (see :class:`mesh.pipeline.Ledger`).
+:class:`LeasedLedger` is what the pipeline talks to (see :class:`mesh.seams.Ledger`).
 When a lease cannot be had (a short balance, a spend limit near its end) or leases are
 off, admission takes an exact per-request hold (:meth:`Ledger.admit`), settled at once.
 
