@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mesh.config import EngineConfig, ModelConfig, OpenAIEngineConfig, Pricing
 
 CATALOG_RESOURCE = "catalog.yaml"
+# libyaml's parser (safe, like yaml.safe_load) when PyYAML was built with it: the
+# packaged catalog (40 kB, read at every start) parses in 6 ms of CPU instead of 70.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Facts every entry must back with at least one source.
 # (Prices carry their own sources: see PricingInfo.)
@@ -410,7 +413,7 @@ class Catalog(_Frozen):
 def parse_catalog(text: str, origin: str = CATALOG_RESOURCE) -> Catalog:
     """Validate catalog YAML; raises :class:`CatalogError` naming the bad field."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         raise CatalogError(f"{origin} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
