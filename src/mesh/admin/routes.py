@@ -66,7 +66,8 @@ PREFIX = "/admin/v1"
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: built at the first admin request, not at every start.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class NewAccount(_Body):
