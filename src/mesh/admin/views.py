@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mesh.accounts.service import Account, ApiKeyInfo
-from mesh.billing.entries import LedgerEntry
 from mesh.billing.money import format_credits
-from mesh.billing.usage import DailyUsage, UsageRecord
 from mesh.limits.policy import FIELDS
+
+if TYPE_CHECKING:  # annotations only: the CLI (``mesh serve`` too) imports this without the store
+    from mesh.accounts.service import Account, ApiKeyInfo
+    from mesh.billing.entries import LedgerEntry
+    from mesh.billing.usage import DailyUsage, UsageRecord
 
 
 def iso(ts: datetime | None) -> str | None:

@@ -16,18 +16,19 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 from mesh.admin.views import account_json, balance_json, daily_json, entry_json, key_json
 from mesh.billing.money import MicroCredits, format_credits, parse_credits
-from mesh.billing.services import Services, open_services
-from mesh.billing.usage import daily_usage
 from mesh.config import Settings
 from mesh.errors import MeshError
 from mesh.limits.policy import FIELDS, effective
-from mesh.store import utcnow
+
+if TYPE_CHECKING:  # the store and services are imported where a command runs: `mesh serve` and
+    # `mesh --help` start without them (SQLAlchemy and the billing services: ~0.5 s)
+    from mesh.billing.services import Services
 
 T = TypeVar("T")
 
@@ -61,6 +62,8 @@ def _settings() -> Settings:
 
 
 def _run(work: Callable[[Services], Awaitable[T]]) -> T:
+    from mesh.billing.services import open_services
+
     settings = _settings()
 
     async def main() -> T:
@@ -243,6 +246,8 @@ def keys_create(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create an API key; the full key is printed once and never stored."""
+    from mesh.store import utcnow
+
     rate_limits = _limits_patch(rpm, tpm, concurrent, False)
     allowed = None if models is None else [m for m in models.split(",") if m.strip()]
     limit = None if spend_limit is None else _credits(spend_limit, "--spend-limit")
@@ -373,6 +378,8 @@ def usage(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Usage by UTC day and model."""
+    from mesh.billing.usage import daily_usage
+
     rows = _run(lambda s: daily_usage(s.database, account_id=account, days=days))
     if as_json:
         _emit({"object": "list", "days": days, "data": [daily_json(d) for d in rows]})

@@ -6,9 +6,6 @@ import asyncio
 
 import typer
 
-from mesh.billing.services import open_services
-from mesh.console.users import Users
-
 console_app = typer.Typer(no_args_is_help=True, help="Web console users.")
 
 
@@ -18,7 +15,9 @@ def make_admin(
     revoke: bool = typer.Option(False, "--revoke", help="Take operator rights away instead."),
 ) -> None:
     """Give a console user the operator pages (accounts, grants, fleet, redeem codes)."""
+    from mesh.billing.services import open_services  # here, not at the top: `mesh serve` starts without it
     from mesh.cli import _state
+    from mesh.console.users import Users
 
     settings = _state.settings()
 
