@@ -110,11 +110,13 @@ _GC_YOUNG_THRESHOLD = 20_000
 def _tune_gc() -> None:
     """Once the gateway is built: its long-lived objects (modules, settings, pools, caches)
     leave the collector's view (``gc.freeze``), so the full collections that still run scan
-    only what requests made, and young collections run less often. Cycles are still found."""
+    only what requests made, and young collections run less often. Cycles are still found.
+    ``mesh serve`` starts with the collector off (``cli/serve.py``): it is turned on here."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, middle, old)
+    gc.enable()
 
 
 # The inference endpoints (POST only, no path parameters): ``MeshApp`` calls them straight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -20,6 +21,17 @@ def serve(
     ),
 ) -> None:
     """Serve the API (OpenAI Chat, Responses, Anthropic Messages), the console and the admin API."""
+    # Starting allocates ~200k objects that live as long as the process: the collector's
+    # passes over them while the modules import and the app starts cost ~0.14 s of CPU. The
+    # app turns it back on once started, with that heap frozen (mesh.app._tune_gc).
+    gc.disable()
+    try:
+        _serve(config, host, port, workers, quickstart)
+    finally:
+        gc.enable()
+
+
+def _serve(config: str | None, host: str | None, port: int | None, workers: int, quickstart: bool) -> None:
     from mesh.cli import _state
     from mesh.cli.serve_checks import Refused, check
     from mesh.http.server import EdgeLimits, run
@@ -52,5 +64,7 @@ def serve(
         keepalive_timeout=srv.keepalive_timeout, max_connections=srv.max_connections,
         write_timeout=srv.write_timeout,
     )
+    if workers > 1:
+        gc.enable()  # this process supervises; each worker process starts its own app
     run("mesh.app:app_from_environment", host=host, port=port, workers=workers, edge=edge,
         forwarded_allow_ips=srv.forwarded_allow_ips)
