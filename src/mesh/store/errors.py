@@ -9,34 +9,42 @@ through unchanged: they are bugs or conflicts, not outages.
 
 from __future__ import annotations
 
-import asyncpg
+import sys
+
 from sqlalchemy import exc as sa
 
-# asyncpg's connection-level failures (its statement errors are PostgresError subclasses
-# that are not these).
-_PG_CONNECTION = (
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-)
 
-
-_CONNECTION = (OSError, TimeoutError, *_PG_CONNECTION)
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """OSError, TimeoutError and asyncpg's connection-level failures (its statement errors
+    are PostgresError subclasses that are not these). An asyncpg error exists only once
+    SQLAlchemy has loaded the driver for a PostgreSQL database: with SQLite it is not
+    imported at all (it was ~20 ms of every start)."""
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None:
+        return (OSError, TimeoutError)
+    return (
+        OSError,
+        TimeoutError,
+        asyncpg.exceptions.PostgresConnectionError,
+        asyncpg.exceptions.InterfaceError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.TooManyConnectionsError,
+        asyncpg.exceptions.AdminShutdownError,
+        asyncpg.exceptions.CrashShutdownError,
+    )
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the database could not be reached or the connection was lost."""
+    connection = _connection_errors()
     if isinstance(exc, sa.DBAPIError):
         if exc.connection_invalidated:
             return True
         # SQLAlchemy's asyncpg adapter wraps the driver's error in its own: look at both.
         for err in (exc.orig, getattr(exc.orig, "__cause__", None)):
-            if isinstance(err, _CONNECTION):
+            if isinstance(err, connection):
                 return True
         return isinstance(exc, sa.InterfaceError)
     if isinstance(exc, sa.TimeoutError):  # the pool had no connection to give
         return True
-    return isinstance(exc, _CONNECTION)
+    return isinstance(exc, connection)
