@@ -4,7 +4,7 @@ COMMIT reply change nothing, charges beyond a hold, output caps, checkpoints, ou
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 from decimal import Decimal
 
 from sqlalchemy import func, select, text
@@ -21,7 +21,7 @@ from mesh.billing.settlement import Settlement
 from mesh.canonical import Usage
 from mesh.config import Pricing
 from mesh.errors import DatabaseUnavailable, InsufficientCredits
-from mesh.store import Database
+from mesh.store import Database, utcnow
 from mesh.store.tables import accounts, api_keys, holds, ledger
 
 
@@ -139,6 +139,34 @@ async def test_capture_run_again_after_its_commit_changes_nothing(db: Database) 
     again = await book.capture(adm, batch, close=True)  # as if the first reply had been lost
     assert dict(again.charged) == dict(first.charged) and again.written == frozenset()
     assert await check_invariants(db, book, p.account_id) == (10_000 - 120, 0)
+
+
+async def test_a_captures_ledger_rows_are_written_column_by_column(db: Database) -> None:
+    # Every column of the rows a capture inserts, in the batch's order: amounts, running
+    # balances, the key, the shortfall memo of the charge the balance could not cover, and
+    # one created_at for the batch that reads back as the aware UTC time it was written at.
+    book, p, _ = await setup(db, 1_000)
+    adm = await book.admit(p, PRICING, "r1", 10, 100)  # holds 210
+    before = utcnow()
+    batch = [Settlement("usage:r1:1", "r1", 150), Settlement("usage:r1:2", "r1", 600),
+             Settlement("usage:r1", "r1", 900)]
+    done = await book.capture(adm, batch, close=True)
+    assert dict(done.charged) == {"usage:r1:1": 150, "usage:r1:2": 600, "usage:r1": 250}
+    async with db.read() as conn:
+        rows = (await conn.execute(
+            select(ledger).where(ledger.c.kind == "usage").order_by(ledger.c.id))).mappings().all()
+    assert [(r["idempotency_key"], r["amount"], r["balance_after"], r["reversed_after"], r["request_id"],
+             r["key_id"], r["account_id"], r["memo"]) for r in rows] == [
+        ("usage:r1:1", -150, 850, 0, "r1", p.key_id, p.account_id, None),
+        ("usage:r1:2", -600, 250, 0, "r1", p.key_id, p.account_id, None),
+        ("usage:r1", -250, 0, 0, "r1", p.key_id, p.account_id, "shortfall: cost 0.000900, charged 0.000250"),
+    ]
+    stamps = {r["created_at"] for r in rows}
+    assert len(stamps) == 1
+    (at,) = stamps
+    at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite reads back naive UTC
+    assert before <= at <= utcnow()
+    assert await check_invariants(db, book, p.account_id) == (0, 0)
 
 
 async def test_a_lost_reply_on_a_lease_flush_is_rewritten_once(db: Database) -> None:

@@ -214,10 +214,11 @@ def test_sqlite_timestamps_are_the_text_strftime_made() -> None:
     # not change (whole seconds keep their .000000, early years their padding).
     from datetime import timezone
 
-    from mesh.billing.usage import _SQLITE_DATETIME, _row
+    from mesh.billing.usage import _row
+    from mesh.store.sqlite_rows import DATETIME_FORMAT
 
     for at in (NOON, NOON.replace(microsecond=7), datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),
                datetime(2030, 5, 17, 23, 30, 0, 999999, tzinfo=timezone(timedelta(hours=-3)))):
         row = _row(record(1, at=at), False)
-        assert row[14] == at.astimezone(UTC).replace(tzinfo=None).strftime(_SQLITE_DATETIME)
+        assert row[14] == at.astimezone(UTC).replace(tzinfo=None).strftime(DATETIME_FORMAT)
         assert _row(record(1, at=at), True)[14] == at

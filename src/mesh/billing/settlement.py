@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
@@ -304,7 +305,8 @@ def capture(
         room = int(key.spend_limit) - int(key.spent) - int(key.held)
     balance = int(acct.balance)
     now = utcnow()
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []  # ledger rows, _LEDGER_ROW's columns but created_at (``now`` for all)
+    reversed_after = int(acct.reversed)
     for s in settlements:
         if s.key in charged:
             continue  # written before (a retry after a lost COMMIT reply, or a second settle)
@@ -321,12 +323,8 @@ def capture(
         charged[s.key] = charge
         if charge:
             balance -= charge
-            rows.append({
-                "account_id": account_id, "kind": "usage", "amount": -charge, "balance_after": balance,
-                "reversed_after": int(acct.reversed),
-                "idempotency_key": s.key, "request_id": s.request_id, "key_id": key_id,
-                "memo": _shortfall(s.due, charge), "created_at": now,
-            })
+            rows.append((account_id, "usage", -charge, balance, reversed_after, s.key, s.request_id, key_id,
+                         _shortfall(s.due, charge)))
 
     total = int(acct.balance) - balance
     released = held_here - from_hold + (from_hold if close else 0)
@@ -343,16 +341,18 @@ def capture(
         else:
             conn.execute(_SET_HOLD, {"r": hold_id, "left": left, "now": now})
     if rows:
-        _insert_rows(conn, rows)
-    return Captured(charged, frozenset(r["idempotency_key"] for r in rows), left)
+        _insert_rows(conn, rows, now)
+    return Captured(charged, frozenset(r[_KEY] for r in rows), left)
 
 
 # The two statements of a capture that grow with its batch, in plain SQL in the driver's
 # parameter style: Core recompiled the IN list and the many-row INSERT at every flush (the
 # larger part of a capture's CPU). The values are the ones Core would bind.
-# created_at stays last: it is bound apart (an aware UTC datetime, or SQLite's text form).
+# created_at stays last: every row of a capture has the same, bound apart (an aware UTC
+# datetime, or SQLite's text form made once per batch).
 _LEDGER_ROW = ("account_id", "kind", "amount", "balance_after", "reversed_after", "idempotency_key", "request_id",
                "key_id", "memo", "created_at")
+_KEY = _LEDGER_ROW.index("idempotency_key")
 _PG_TYPES = ("text", "text", "bigint", "bigint", "bigint", "text", "text", "text", "text", "timestamptz")
 # Rows go in in the batch's order (ORDER BY their ordinal), as Core's multi-row INSERT did:
 # ledger ids follow the order of balance_after.
@@ -362,7 +362,6 @@ _INSERT_LEDGER_PG = (
     + f") WITH ORDINALITY AS t({', '.join(_LEDGER_ROW)}, n) ORDER BY n "
     "ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key"
 )
-_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's SQLite DateTime storage format
 
 
 def _ledger_amounts(conn: Connection, keys: list[str]) -> list[tuple[str, int]]:
@@ -379,28 +378,25 @@ def _ledger_amounts(conn: Connection, keys: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+def _insert_rows(conn: Connection, rows: list[tuple[Any, ...]], at: datetime) -> None:
+    """Insert ledger ``rows`` (all but created_at, which is ``at`` for each), all or none."""
     written: set[str] = set()
-    for r in rows:
-        if r["created_at"].tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
     if conn.dialect.name == "postgresql":
-        columns: list[list[Any]] = [[r[c] for r in rows] for c in _LEDGER_ROW[:-1]]
-        columns.append([r["created_at"].astimezone(UTC) for r in rows])
+        if at.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
+        columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
+        columns.append([at.astimezone(UTC)] * len(rows))
         written.update(str(row[0]) for row in conn.exec_driver_sql(_INSERT_LEDGER_PG, tuple(columns)))
     else:
+        stamp = sqlite_rows.datetime_text(at)
         for chunk in sqlite_rows.chunks(rows):
-            params: list[Any] = []
-            for r in chunk:
-                params.extend(r[c] for c in _LEDGER_ROW[:-1])
-                params.append(r["created_at"].astimezone(UTC).replace(tzinfo=None).strftime(_SQLITE_DATETIME))
             values = sqlite_rows.values(len(chunk), len(_LEDGER_ROW))
             sql = (f"INSERT INTO ledger ({', '.join(_LEDGER_ROW)}) VALUES {values} "
                    "ON CONFLICT (idempotency_key) DO NOTHING")
             # The count of rows inserted, not RETURNING: reading each returned row back is a
             # step of its own, and each hands the GIL over (a busy event loop keeps it).
-            if conn.exec_driver_sql(sql, tuple(params)).rowcount == len(chunk):
-                written.update(r["idempotency_key"] for r in chunk)
+            if conn.exec_driver_sql(sql, tuple(chain.from_iterable((*r, stamp) for r in chunk))).rowcount == len(chunk):
+                written.update(r[_KEY] for r in chunk)
     if len(written) != len(rows):
         raise LedgerRace(f"{len(rows) - len(written)} ledger rows were written by another transaction")
 

@@ -261,37 +261,24 @@ def _many_rows(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
                              tuple(chain.from_iterable(chunk)))
 
 
-# SQLAlchemy's SQLite DateTime and Date storage formats (what Core wrote, and reads back).
-_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
-
-
 def _json(value: Any) -> str:
     # As SQLAlchemy's JSON type binds: None is JSON null, not SQL NULL. Most requests have
     # neither tags nor metadata: json.dumps was a fifth of the usage writer's CPU.
     return "null" if value is None else json.dumps(value)
 
 
-def _sqlite_datetime(at: datetime) -> str:
-    """``at`` (naive, UTC) as :data:`_SQLITE_DATETIME` formats it: isoformat with a space and
-    always six digits of microseconds is the same text, without strftime's cost (a year
-    before 1000 is padded differently: strftime then)."""
-    if at.year < 1000:
-        return at.strftime(_SQLITE_DATETIME)
-    return at.isoformat(" ", "microseconds")
-
-
 def _row(r: UsageRecord, pg: bool) -> tuple[Any, ...]:
     at = r.created_at
-    tz = at.tzinfo
-    if tz is None:
-        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-    if tz is not UTC:  # utcnow()'s are UTC already: astimezone would only copy them
-        at = at.astimezone(UTC)
+    if pg:
+        if at.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
+        if at.tzinfo is not UTC:  # utcnow()'s are UTC already: astimezone would only copy them
+            at = at.astimezone(UTC)
     tags, meta = r.tags, r.metadata
     return (
         r.request_id, r.account_id, r.key_id, r.model, r.replica, r.protocol, r.input_tokens, r.cached_tokens,
         r.output_tokens, r.reasoning_tokens, int(r.cost), r.status, r.ttft_ms, r.duration_ms,
-        at if pg else _sqlite_datetime(at.replace(tzinfo=None)), r.end_user,
+        at if pg else sqlite_rows.datetime_text(at), r.end_user,
         "null" if not tags else _json(list(tags)), "null" if meta is None else _json(dict(meta)), r.finish_reason,
     )
 
