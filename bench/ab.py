@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.measure import Point, run_load, summarize
 from bench.targets import (
+    ROOT,
     create_pg_database,
     drop_pg_database,
     mesh_config,
@@ -61,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             targets += [start_floor(work, engine.url), start_floor(work, engine.url, stream_upstream=True)]
         targets.append(start_mesh("base", "Mesh (--base)", work, mesh_config(database("base"), engine.url),
                                   env={"PYTHONPATH": str(Path(a.base).resolve())}))
-        targets.append(start_mesh("this", "Mesh (this checkout)", work, mesh_config(database("this"), engine.url)))
+        # Its own src by absolute path: a relative PYTHONPATH (``PYTHONPATH=src``) means nothing in
+        # the gateway's working directory, where the environment's installed Mesh would be run instead.
+        targets.append(start_mesh("this", "Mesh (this checkout)", work, mesh_config(database("this"), engine.url),
+                                  env={"PYTHONPATH": str(ROOT / "src")}))
         point = Point(a.mode, a.concurrency)
         key = "cpu_us_per_chunk" if a.mode == "stream" else "cpu_ms_per_req"
         seen: dict[str, list[float]] = {t.name: [] for t in targets}
