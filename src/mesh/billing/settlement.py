@@ -395,7 +395,8 @@ def _insert_rows(conn: Connection, rows: list[tuple[Any, ...]], at: datetime) ->
                    "ON CONFLICT (idempotency_key) DO NOTHING")
             # The count of rows inserted, not RETURNING: reading each returned row back is a
             # step of its own, and each hands the GIL over (a busy event loop keeps it).
-            if conn.exec_driver_sql(sql, tuple(chain.from_iterable((*r, stamp) for r in chunk))).rowcount == len(chunk):
+            params = tuple(chain.from_iterable((*r, stamp) for r in chunk))
+            if conn.exec_driver_sql(sql, params).rowcount == len(chunk):
                 written.update(r[_KEY] for r in chunk)
     if len(written) != len(rows):
         raise LedgerRace(f"{len(rows) - len(written)} ledger rows were written by another transaction")

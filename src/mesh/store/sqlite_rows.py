@@ -1,4 +1,4 @@
-"""Many rows per SQLite statement.
+"""Many rows per SQLite statement, and the text a SQLite row stores for a datetime.
 
 A batch written with ``executemany`` runs one statement per row on the database thread, and
 each hands the GIL to the event loop and waits to get it back (up to the 5 ms switch
