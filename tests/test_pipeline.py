@@ -155,6 +155,71 @@ async def test_a_hang_up_while_queued_leaves_the_queue_and_settles() -> None:
     assert_all_given_back(r)
 
 
+async def _admitted(r: Rig) -> tuple[RequestContext, CanonicalRequest]:
+    ctx = RequestContext(request_id=f"req_{next(_ids)}", protocol="test")
+    ctx.principal = FakePrincipal()
+    req = await r.pipeline.resolve(ctx, request(stream=True))
+    return ctx, await r.pipeline.admit(ctx, req)
+
+
+async def test_an_inline_route_past_its_patience_calls_impatient_once_and_routes_on() -> None:
+    r = rig()
+    r.engine.gate = asyncio.Event()
+    ctx, req = await _admitted(r)
+    calls: list[bool] = []
+    asyncio.get_running_loop().call_later(0.05, r.engine.gate.set)
+    routed = await r.pipeline.route(ctx, req, patience=0.01, impatient=lambda: calls.append(r.replica.in_flight == 1))
+    assert isinstance(routed, RoutedStream) and ctx.stream is routed
+    assert calls == [True]  # once, while the route was still under way (and in the request's task)
+    events = await consume(r.pipeline.metered(ctx, routed))
+    await r.pipeline.finish(ctx)
+    assert sum(isinstance(e, TextDelta) for e in events) == 3
+    assert [s["status"] for s in r.ledger.settled] == ["ok"]
+    assert_all_given_back(r)
+
+
+async def test_an_inline_route_within_its_patience_never_calls_impatient() -> None:
+    r = rig()
+    ctx, req = await _admitted(r)
+    calls: list[int] = []
+    routed = await r.pipeline.route(ctx, req, patience=0.05, impatient=lambda: calls.append(1))
+    await asyncio.sleep(0.1)
+    assert calls == []  # its timer was cancelled
+    await consume(r.pipeline.metered(ctx, routed))
+    await r.pipeline.finish(ctx)
+    assert_all_given_back(r)
+
+
+@pytest.mark.parametrize("capacity", [None, 1])  # waiting for the first token; queued for a slot
+async def test_an_inline_route_cancelled_in_its_task_gives_everything_back(capacity: int | None) -> None:
+    r = rig(capacity=capacity)
+    r.engine.gate = asyncio.Event()
+    first_ctx = None
+    if capacity:
+        first_ctx, first = await r.start(patience=0.01)  # holds the one slot, waiting for its first token
+    principal = limited(concurrent=1)
+    ctx = RequestContext(request_id=f"req_{next(_ids)}", protocol="test")
+    ctx.principal = principal
+    req = await r.pipeline.admit(ctx, await r.pipeline.resolve(ctx, request(stream=True)))
+    task = asyncio.ensure_future(r.pipeline.route(ctx, req, patience=0.01, impatient=lambda: None))
+    await asyncio.sleep(0.03)
+    assert len(r.pool.queue) == (1 if capacity else 0)
+    task.cancel()  # a hang-up heard past the patience cancels the request's task
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ctx.settled and ctx.status == "cancelled" and len(r.pool.queue) == 0
+    await r.pipeline.finish(ctx)
+    assert await r.free(principal)
+    if first_ctx is not None:
+        r.engine.gate.set()
+        await consume(r.pipeline.metered(first_ctx, first))
+        await r.pipeline.finish(first_ctx)
+    else:
+        assert r.engine.cancelled == 1
+    assert ("cancelled", 0) in [(s["status"], s["charged"]) for s in r.ledger.settled]
+    assert_all_given_back(r)
+
+
 async def test_a_hang_up_after_routing_but_before_the_body_started_closes_the_stream() -> None:
     r = rig()
     ctx, routed = await r.start(patience=1.0)

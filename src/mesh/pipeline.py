@@ -252,13 +252,17 @@ class Pipeline:
 
     # 4. route: a replica that produced its first event --------------------------------------
     async def route(
-        self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None
+        self, ctx: RequestContext, request: CanonicalRequest, *, patience: float | None = None,
+        impatient: Callable[[], object] | None = None,
     ) -> RoutedStream | PendingStream:
         """Open the request on a replica (failing over, then over fallback models).
 
-        With ``patience``, a request still waiting for a slot after that many seconds comes
-        back as a :class:`PendingStream`, so a streaming response can start and send
-        keep-alives while it waits; its errors then surface from iteration.
+        With ``patience`` and ``impatient``, the route runs in the caller's task and
+        ``impatient`` is called (from the event loop) if it is still under way after that
+        many seconds: a streaming response starts there and sends keep-alives while the
+        route goes on (``api/inference.py``). With ``patience`` alone, the route runs in a
+        task of its own and, still waiting after that many seconds, comes back as a
+        :class:`PendingStream`, whose errors then surface from iteration.
         """
         loop = asyncio.get_running_loop()
         timeout = self.settings.routing.request_timeout
@@ -266,6 +270,12 @@ class Pipeline:
             ctx.deadline = loop.time() + timeout - (time.monotonic() - ctx.started)
         if patience is None:
             return await self._route(ctx, request)
+        if impatient is not None:
+            timer = loop.call_later(patience, impatient)
+            try:
+                return await self._route(ctx, request)
+            finally:
+                timer.cancel()
         task = loop.create_task(self._route(ctx, request))
         pending = PendingStream(task)
         ctx.stream = pending  # owned from now on: finish() cancels it if nobody iterates it

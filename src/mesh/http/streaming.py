@@ -35,7 +35,11 @@ class StreamResponse:
     then flows with no wrapper around it. With ``idle_ping`` instead (Anthropic's ``ping``
     event), that event goes out whenever nothing was sent for a ``keepalive`` tick, queued
     or mid-stream (an idle gap gets its first ping after one to two ticks): a timer that
-    only acts when idle, so a flowing body pays nothing per chunk for it."""
+    only acts when idle, so a flowing body pays nothing per chunk for it.
+
+    :meth:`start_early` sends the head (and the keep-alives, or the body's first chunk and
+    the pings) from a task of its own while the request's task is still busy routing;
+    calling the response then goes on where that task is, once it is done."""
 
     def __init__(
         self,
@@ -56,6 +60,22 @@ class StreamResponse:
         self.keepalive = keepalive
         self.idle_ping = idle_ping
         self._sent = False  # something went out since the last idle tick
+        self._early: asyncio.Task[None] | None = None  # start_early's task: the head went out there
+        self._timer: asyncio.TimerHandle | None = None  # the idle pings' next tick
+        self._pinging: asyncio.Task[None] | None = None
+
+    def start_early(self, send: Send) -> None:
+        """Start the response now, from a task of its own, while the request's task is busy
+        (still routing): the head, then keep-alives until ``waiting`` is done or, with
+        ``idle_ping``, the body's first chunk (Anthropic's ``message_start``, which waits on
+        no event) and the idle timer's pings. Calling the response later waits for that task
+        before the body goes on (never two sends at once, no keep-alive after the body's
+        first chunk); closing it cancels the task."""
+        self._early = asyncio.get_running_loop().create_task(self._open_early(send))
+
+    async def aclose(self) -> None:
+        """Close a response that will never be called: its early task, pings, body and ``on_close``."""
+        await self._close(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         on_disconnect = scope.get(ON_DISCONNECT)
@@ -121,6 +141,14 @@ class StreamResponse:
 
     async def _close(self, failure: Exception | None) -> None:
         """Close the body and run ``on_close``, whatever happened; then raise ``failure``."""
+        self._stop_pings()
+        early = self._early
+        if early is not None:
+            if not early.done():
+                early.cancel()
+                await asyncio.wait((early,))
+            if not early.cancelled():
+                early.exception()  # retrieved: a client gone while the head went out
         try:
             try:
                 aclose = getattr(self.body, "aclose", None)
@@ -134,14 +162,13 @@ class StreamResponse:
                 raise failure  # the first failure is the one to see (a later one is its context)
 
     async def _pump(self, send: Send) -> None:
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        await send({"type": "http.response.start", "status": self.status, "headers": raw})
-        waiting = self.waiting
-        if waiting is not None:
-            while not waiting.done():
-                done, _ = await asyncio.wait({waiting}, timeout=self.keepalive)
-                if not done:
-                    await send({"type": "http.response.body", "body": SSE_COMMENT, "more_body": True})
+        early = self._early
+        if early is None:
+            await send(self._start())
+            if self.waiting is not None:
+                await self._keep_alive(send, self.waiting)
+        else:
+            await early  # the head went out from there; it ends once ``waiting`` is done
         if self.idle_ping is None:
             async for chunk in self.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -149,34 +176,67 @@ class StreamResponse:
             await self._pump_with_pings(send, self.idle_ping)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    def _start(self) -> Message:
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        return {"type": "http.response.start", "status": self.status, "headers": raw}
+
+    async def _keep_alive(self, send: Send, waiting: asyncio.Future[Any]) -> None:
+        """A keep-alive every ``keepalive`` seconds until ``waiting`` is done."""
+        while not waiting.done():
+            done, _ = await asyncio.wait({waiting}, timeout=self.keepalive)
+            if not done:
+                await send({"type": "http.response.body", "body": SSE_COMMENT, "more_body": True})
+
+    async def _open_early(self, send: Send) -> None:
+        await send(self._start())
+        if self.waiting is not None:
+            await self._keep_alive(send, self.waiting)
+        ping = self.idle_ping
+        if ping is not None:
+            self._arm_pings(send, ping)
+            try:
+                chunk = await anext(self.body)
+            except StopAsyncIteration:
+                return
+            self._sent = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
     async def _pump_with_pings(self, send: Send, ping: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        message = {"type": "http.response.body", "body": ping, "more_body": True}
-        pinging: asyncio.Task[None] | None = None
-        timer: asyncio.TimerHandle
-
-        async def send_ping() -> None:
-            await send(message)
-
-        def tick() -> None:
-            nonlocal timer, pinging
-            if not self._sent and (pinging is None or pinging.done()):
-                # Idle for a whole tick. A ping between two whole events is always valid;
-                # behind a client that reads slowly it queues after the pending chunk.
-                pinging = loop.create_task(send_ping())
-                pinging.add_done_callback(_retrieve)
-            self._sent = False
-            timer = loop.call_later(self.keepalive, tick)
-
-        timer = loop.call_later(self.keepalive, tick)
+        if self._timer is None:  # else armed by start_early
+            self._arm_pings(send, ping)
         try:
             async for chunk in self.body:
                 self._sent = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
+            self._stop_pings()  # never a ping after the body's end
+
+    def _arm_pings(self, send: Send, ping: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        message = {"type": "http.response.body", "body": ping, "more_body": True}
+
+        async def send_ping() -> None:
+            await send(message)
+
+        def tick() -> None:
+            pinging = self._pinging
+            if not self._sent and (pinging is None or pinging.done()):
+                # Idle for a whole tick. A ping between two whole events is always valid;
+                # behind a client that reads slowly it queues after the pending chunk.
+                self._pinging = pinging = loop.create_task(send_ping())
+                pinging.add_done_callback(_retrieve)
+            self._sent = False
+            self._timer = loop.call_later(self.keepalive, tick)
+
+        self._timer = loop.call_later(self.keepalive, tick)
+
+    def _stop_pings(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
             timer.cancel()
-            if pinging is not None and not pinging.done():
-                pinging.cancel()  # never after the body's end
+        pinging, self._pinging = self._pinging, None
+        if pinging is not None and not pinging.done():
+            pinging.cancel()
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -12,9 +12,12 @@ from mesh.routing.router import RoutedStream
 
 
 class PendingStream:
-    """A stream still waiting for a replica slot: iterating it waits, then relays."""
+    """A stream still waiting for a replica slot: iterating it waits, then relays.
 
-    def __init__(self, task: asyncio.Task[RoutedStream]) -> None:
+    ``task`` is the route's task, or the future a request's own task resolves when the
+    route it runs ends (``api/inference.py``: a stream that started its response early)."""
+
+    def __init__(self, task: asyncio.Future[RoutedStream]) -> None:
         self.task = task
 
     async def routed_within(self, seconds: float) -> bool:
