@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.targets import Target, mesh_config, start_engine, start_mesh
+from bench.targets import ROOT, Target, mesh_config, start_engine, start_mesh
 
 
 def serve(out: Path, argv: list[str], instrument: Callable[[], None], gathered: object) -> None:
@@ -53,8 +53,10 @@ def gateway(script: str, prefix: str) -> Iterator[Run]:
                 "--config", str(config), "serve", "--port", str(port)]
 
     try:
+        # This checkout's src by absolute path: the gateway runs in ``work``, where a relative
+        # PYTHONPATH (``PYTHONPATH=src``) means nothing and the environment's installed Mesh would run.
         mesh = start_mesh("mesh", "Mesh (SQLite)", work, mesh_config(f"sqlite:///{work}/mesh.db", engine.url),
-                          command=command)
+                          command=command, env={"PYTHONPATH": str(ROOT / "src")})
         run = Run(engine, mesh)
         try:
             yield run
