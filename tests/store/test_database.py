@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -313,3 +315,73 @@ async def test_aclose_with_the_first_run_write_queued_leaves_no_writer_thread(tm
     await asyncio.sleep(0.1)
     assert db._writer is None
     assert _writer_threads() - before == set()
+
+
+_FIRST_ERROR = """
+import asyncio, sys
+from sqlalchemy import text
+from mesh.errors import DatabaseUnavailable
+from mesh.store import Database
+
+async def main() -> None:
+    assert "asyncpg" not in sys.modules, "asyncpg loaded before the database was made"
+    db = Database(sys.argv[1])
+    try:
+        async with db.read() as conn:
+            await conn.execute(text("SELECT 1"))
+    except DatabaseUnavailable as exc:
+        print("unavailable", type(exc.__cause__).__name__)
+    except Exception as exc:
+        print("raised", type(exc).__name__, exc)
+    else:
+        print("connected")
+    await db.engine.dispose()
+
+asyncio.run(main())
+"""
+
+
+def _refusing_postgres(code: str) -> socket.socket:
+    """A server that answers PostgreSQL's startup (after declining SSL) with a FATAL ``code``."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while True:
+                    size = conn.recv(4)
+                    if len(size) < 4:
+                        break
+                    rest = b""
+                    while len(rest) < int.from_bytes(size, "big") - 4:
+                        rest += conn.recv(65536)
+                    if rest[:4] == (80877103).to_bytes(4, "big"):  # SSLRequest
+                        conn.sendall(b"N")
+                        continue
+                    fields = b"SFATAL\0VFATAL\0C" + code.encode() + b"\0Mrefused by the test\0\0"
+                    conn.sendall(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+                    break
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("code", ["53300", "57P03"])  # too many connections; the database is starting up
+def test_a_postgres_refusal_before_any_connection_of_the_process_is_unavailable(code: str) -> None:
+    """The first error of a process that never connected (asyncpg not imported before the
+    engine was made) is told as an outage, like every later one."""
+    server = _refusing_postgres(code)
+    try:
+        port = server.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-c", _FIRST_ERROR, f"postgresql://mesh@127.0.0.1:{port}/test"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        server.close()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "unavailable", out.stdout + out.stderr
