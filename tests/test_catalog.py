@@ -345,3 +345,19 @@ def test_not_yaml_or_not_a_mapping() -> None:
         parse_catalog("models: [")
     with pytest.raises(CatalogError, match="mapping"):
         parse_catalog("- a\n- b\n")
+
+
+def test_the_packaged_catalog_parses_the_same_with_libyaml_as_with_pure_python() -> None:
+    # parse_catalog uses libyaml's CSafeLoader when PyYAML has it: the same data, and the
+    # same catalog (a recipe's argv from the cached split included), as yaml.safe_load.
+    text = resources.files("mesh").joinpath("catalog.yaml").read_text(encoding="utf-8")
+    assert hasattr(yaml, "CSafeLoader")  # else this compares the pure loader with itself
+    assert yaml.load(text, Loader=yaml.CSafeLoader) == yaml.safe_load(text)
+    fast, pure = parse_catalog(text), Catalog.model_validate(yaml.safe_load(text))
+    assert fast == pure
+    assert any(entry.recipes for entry in fast.models)
+    for entry in fast.models:
+        for recipe in entry.recipes:
+            words = recipe.argv
+            words.append("--mutated")  # a caller's list: never the cached split itself
+            assert recipe.argv == words[:-1]
