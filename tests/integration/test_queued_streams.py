@@ -580,3 +580,43 @@ def test_a_stream_still_queued_when_the_graceful_stop_runs_out_is_settled_and_th
         after = admin.balance(account)
         admin.close()
     assert after["held"] == "0.000000"
+
+
+def test_a_replica_failing_ahead_of_a_stream_queued_past_its_patience_leaves_it_well_formed(
+    engine: EngineProcess, tmp_path: Any,
+) -> None:
+    """The request ahead fails on the one replica (its breaker at threshold 1) while a
+    stream waits for that replica's slot past its patience: the stream is answered or ends
+    in its error event (the routing policy's choice), whole either way, with its books
+    balanced."""
+    engines = [{"type": "openai", "base_url": engine.base_url, "model": "test-model", "name": "solo",
+                "capacity": 1}]
+    config = {
+        "database": f"sqlite:///{tmp_path}/mesh.db",
+        "routing": {"keepalive_interval": 0.2, "max_attempts": 1, "failure_threshold": 1,
+                    "breaker_cooldown": 60.0, "health_interval": 60.0},
+        "models": [{"id": "solo", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines}],
+    }
+    with GatewayProcess(config, tmp_path) as gw:
+        admin = Admin(gw.url)
+        account = admin.account("failing-ahead", credits="10")
+        key = admin.key(account, rate_limits={"concurrent": 2})["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        ahead = threading.Thread(target=lambda: httpx.post(
+            gw.base_url + "/chat/completions", json=chat("solo", "[delay:1.8] [fault:500] fails", stream=False),
+            headers=auth, timeout=30))
+        ahead.start()
+        assert wait_for(lambda: pool(admin, "solo")["in_flight"] == 1)
+        _, _, lines = streamed(gw.base_url + "/chat/completions", chat("solo", "[tokens:3] queued"), auth)
+        ahead.join()
+        assert lines[0][1] == ": keep-alive", lines
+        data = [line.removeprefix("data: ") for _, line in lines if line.startswith("data: ")]
+        if data[-1] == "[DONE]":
+            text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or ""
+                           for d in data[:-1] if json.loads(d)["choices"])
+            assert text.count("tok") == 3, data
+        else:
+            assert len(data) == 1 and json.loads(data[0])["error"]["message"], data
+        after = settled(admin, account, "solo")
+        assert after["held"] == "0.000000"
+        admin.close()
