@@ -147,3 +147,23 @@ def limited(concurrent: int | None = None, rpm: int | None = None) -> FakePrinci
 def request(model: str = "m", *, stream: bool = True, text: str = "hello") -> CanonicalRequest:
     return CanonicalRequest(model=model, messages=(Message("user", (TextPart(text),)),), stream=stream,
                             max_tokens=16)
+
+
+class SlowSource:
+    """A streamed body whose chunks come after delays; records whether it was cancelled or closed."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = delays
+        self.cancelled = False
+        self.closed = False
+
+    async def run(self) -> AsyncIterator[bytes]:
+        try:
+            for i, delay in enumerate(self.delays):
+                await asyncio.sleep(delay)
+                yield f"chunk{i}".encode()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        finally:
+            self.closed = True

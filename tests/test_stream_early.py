@@ -5,30 +5,13 @@ when the response is called, closed or hung up on."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
+from fakes import SlowSource
 from mesh.http.streaming import ON_DISCONNECT, StreamResponse
 
 PING = b"event: ping\ndata: {}\n\n"
-
-
-class SlowSource:
-    def __init__(self, delays: list[float]) -> None:
-        self.delays = delays
-        self.cancelled = False
-        self.closed = False
-
-    async def run(self) -> AsyncIterator[bytes]:
-        try:
-            for i, delay in enumerate(self.delays):
-                await asyncio.sleep(delay)
-                yield f"chunk{i}".encode()
-        except asyncio.CancelledError:
-            self.cancelled = True
-            raise
-        finally:
-            self.closed = True
 
 
 class Client:

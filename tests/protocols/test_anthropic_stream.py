@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 
+from fakes import SlowSource
 from mesh.canonical import (
     Event,
     Finish,
@@ -193,26 +194,6 @@ async def test_failure_after_start_ends_with_error_event(error: Exception, kind:
 
 
 # ---- pings ---------------------------------------------------------------------------------------
-
-
-class SlowSource:
-    """Yields chunks after delays; records whether it was cancelled or closed."""
-
-    def __init__(self, delays: list[float]) -> None:
-        self.delays = delays
-        self.cancelled = False
-        self.closed = False
-
-    async def run(self) -> AsyncIterator[bytes]:
-        try:
-            for i, delay in enumerate(self.delays):
-                await asyncio.sleep(delay)
-                yield f"chunk{i}".encode()
-        except asyncio.CancelledError:
-            self.cancelled = True
-            raise
-        finally:
-            self.closed = True
 
 
 async def respond(body: AsyncIterator[bytes], interval: float, hang_up_after: float | None = None) -> list[bytes]:
