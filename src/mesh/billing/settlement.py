@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import chain
 from typing import Any
 
@@ -49,6 +49,7 @@ from mesh.config import Pricing
 from mesh.errors import NotFound
 from mesh.store import sqlite_rows, utcnow
 from mesh.store.tables import accounts, api_keys, holds, key_user_spend
+from mesh.store.types import as_utc
 
 log = logging.getLogger("mesh.billing.settlement")
 
@@ -382,10 +383,8 @@ def _insert_rows(conn: Connection, rows: list[tuple[Any, ...]], at: datetime) ->
     """Insert ledger ``rows`` (all but created_at, which is ``at`` for each), all or none."""
     written: set[str] = set()
     if conn.dialect.name == "postgresql":
-        if at.tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
         columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
-        columns.append([at.astimezone(UTC)] * len(rows))
+        columns.append([as_utc(at)] * len(rows))
         written.update(str(row[0]) for row in conn.exec_driver_sql(_INSERT_LEDGER_PG, tuple(columns)))
     else:
         stamp = sqlite_rows.datetime_text(at)

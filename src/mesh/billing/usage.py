@@ -28,6 +28,7 @@ from mesh.billing.money import MicroCredits
 from mesh.billing.stream import outbox_row
 from mesh.store import Database, sqlite_rows, utcnow
 from mesh.store.tables import settlement_outbox, usage_daily, usage_records
+from mesh.store.types import as_utc
 
 DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_BATCH_SIZE = 500
@@ -269,16 +270,11 @@ def _json(value: Any) -> str:
 
 def _row(r: UsageRecord, pg: bool) -> tuple[Any, ...]:
     at = r.created_at
-    if pg:
-        if at.tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-        if at.tzinfo is not UTC:  # utcnow()'s are UTC already: astimezone would only copy them
-            at = at.astimezone(UTC)
     tags, meta = r.tags, r.metadata
     return (
         r.request_id, r.account_id, r.key_id, r.model, r.replica, r.protocol, r.input_tokens, r.cached_tokens,
         r.output_tokens, r.reasoning_tokens, int(r.cost), r.status, r.ttft_ms, r.duration_ms,
-        at if pg else sqlite_rows.datetime_text(at), r.end_user,
+        as_utc(at) if pg else sqlite_rows.datetime_text(at), r.end_user,
         "null" if not tags else _json(list(tags)), "null" if meta is None else _json(dict(meta)), r.finish_reason,
     )
 

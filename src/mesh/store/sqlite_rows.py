@@ -9,8 +9,10 @@ with many ``VALUES`` rows, or a long ``IN`` list, crosses once per chunk.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
+
+from mesh.store.types import as_utc
 
 # Rows (or keys) per statement: 500 rows of 19 parameters, far under SQLite's 32,766.
 ROWS_PER_STATEMENT = 500
@@ -35,9 +37,5 @@ def datetime_text(at: datetime) -> str:
     """``at`` (aware) in UTC as :data:`DATETIME_FORMAT` formats it: isoformat with a space
     and always six digits of microseconds is the same text, without strftime's cost (a year
     before 1000 is padded differently: strftime then)."""
-    if at.tzinfo is None:
-        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-    if at.tzinfo is not UTC:  # utcnow()'s are UTC already: astimezone would only copy them
-        at = at.astimezone(UTC)
-    at = at.replace(tzinfo=None)
+    at = as_utc(at).replace(tzinfo=None)
     return at.strftime(DATETIME_FORMAT) if at.year < 1000 else at.isoformat(" ", "microseconds")

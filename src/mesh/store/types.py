@@ -25,9 +25,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
-        value = value.astimezone(UTC)
+        value = as_utc(value)
         if dialect.name == "sqlite":
             return value.replace(tzinfo=None)
         return value
@@ -39,6 +37,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` (aware) in UTC, as every stored timestamp is; a naive one is refused."""
+    tz = value.tzinfo
+    if tz is None:
+        raise ValueError("naive datetimes are not stored; pass an aware UTC datetime")
+    return value if tz is UTC else value.astimezone(UTC)  # utcnow()'s are UTC already
 
 
 def utcnow() -> datetime:
