@@ -1,8 +1,8 @@
 """An OpenAI-compatible engine server (vLLM, SGLang, llama.cpp server, TGI, Ollama) over HTTP.
 
-Chat requests go through a pool of keep-alive connections per replica (``engines/http1.py``,
-leaner than aiohttp's general client on the request path); health checks and the tokenizer
-use an aiohttp session. A response read to its end returns its connection to the pool.
+Chat requests, health checks and the tokenizer go through one pool of keep-alive
+connections per replica (``engines/http1.py``, leaner than aiohttp's general client, which
+the gateway then never imports). A response read to its end returns its connection to the pool.
 Upstream is always a stream with usage, whatever the client asked; closing the event
 iterator before the end closes the connection, which makes vLLM and SGLang abort the
 request at once.
@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from opentelemetry.trace import INVALID_SPAN, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -124,6 +123,12 @@ class _SSEReader:
                 return batch
 
 
+def _target(url: str) -> str:
+    """A request line's target: ``url``'s path and query."""
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 def _answers(ev: Event) -> bool:
     """Output the first-token deadline waits for: not usage alone, nor a relayed chunk that
     carries none (the role-only chunk engines send first)."""
@@ -164,31 +169,39 @@ class OpenAIEngine:
         self._headers = {"Content-Type": "application/json"}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
-        self._session: aiohttp.ClientSession | None = None  # health checks and the tokenizer
-        self._chat: Http1Client | None = None  # the request path's own client
+        self._chat: Http1Client | None = None  # chat requests, health checks and the tokenizer
         self._chat_head = b""
+        self._health_head = self._models_head = self._tokenize_head = b""
         self._draining: set[asyncio.Task[None]] = set()  # answers whose end is still being read
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
-                ),
-                json_serialize=lambda o: orjson.dumps(o).decode(),
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
 
     def _chat_client(self) -> Http1Client:
         if self._chat is None:
             client = Http1Client(self._chat_url, connect_timeout=self.config.connect_timeout,
                                  read_timeout=self.config.read_timeout)
-            url = urlsplit(self._chat_url)
-            self._chat_head = client.request_head(url.path + (f"?{url.query}" if url.query else ""), self._headers)
+            self._chat_head = client.request_head(_target(self._chat_url), self._headers)
+            # The health check asks without the key (a liveness probe), as it always did.
+            self._health_head = client.request_head(_target(self._health_url), {}, "GET")
+            self._models_head = client.request_head(_target(self._models_url), self._headers, "GET")
+            self._tokenize_head = client.request_head(_target(self._tokenize_url), self._headers)
             self._chat = client
         return self._chat
+
+    async def _ask(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        """A short request on the pool (a health check, a token count): its status and body
+        (at most 1 MiB), by ``connect_timeout`` at the latest (TimeoutError)."""
+        assert self._chat is not None
+        deadline = asyncio.get_running_loop().time() + self.config.connect_timeout
+        resp = await self._chat.post(head, body, None, deadline)
+        try:
+            payload = await resp.read()
+        except BaseException:
+            resp.close()  # cut short (timed out, cancelled): the rest of it must not meet the next request
+            raise
+        if resp.ended:
+            resp.release()
+        else:
+            resp.close()  # longer than read() takes
+        return resp.status, payload
 
     def stream(self, request: CanonicalRequest) -> AsyncIterator[Event]:
         return self._generate(request, ChunkDecoder())
@@ -307,14 +320,13 @@ class OpenAIEngine:
         raise EngineError("The engine closed the stream before answering.")
 
     async def health(self) -> bool:
+        if self._chat is None:
+            self._chat_client()  # the requests' heads
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                async with self._client().get(self._health_url, allow_redirects=False) as resp:
-                    if resp.status == 200:
-                        return True
-                async with self._client().get(self._models_url, headers=self._headers, allow_redirects=False) as resp:
-                    return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            if (await self._ask(self._health_head))[0] == 200:
+                return True
+            return (await self._ask(self._models_head))[0] == 200
+        except (TimeoutError, OSError):  # ConnectFailed and UpstreamClosed are OSErrors
             return False
 
     async def count_tokens(self, messages: Sequence[Message], request: CanonicalRequest) -> int | None:
@@ -323,17 +335,16 @@ class OpenAIEngine:
         }
         if request.tools:
             body["tools"] = encode_tools(request.tools)  # vLLM's chat template renders them too
+        if self._chat is None:
+            self._chat_client()
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                async with self._client().post(
-                    self._tokenize_url, data=orjson.dumps(body), headers=self._headers, allow_redirects=False
-                ) as r:
-                    if r.status != 200:
-                        return None
-                    data = orjson.loads(await r.read())
-                    count = data.get("count")
-                    return int(count) if isinstance(count, int) else None
-        except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
+            status, payload = await self._ask(self._tokenize_head, orjson.dumps(body))
+            if status != 200:
+                return None
+            data = orjson.loads(payload)
+            count = data.get("count") if isinstance(data, dict) else None
+            return count if isinstance(count, int) and not isinstance(count, bool) else None
+        except (TimeoutError, OSError, orjson.JSONDecodeError, orjson.JSONEncodeError):
             return None
 
     async def aclose(self) -> None:
@@ -344,6 +355,3 @@ class OpenAIEngine:
         if self._chat is not None:
             await self._chat.aclose()
             self._chat = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
