@@ -72,3 +72,59 @@ async def test_an_admission_whose_answer_was_lost_frees_the_slot_it_may_have_tak
         await limiter.settle(lease, 0)
     finally:
         await limiter.aclose()
+
+
+async def _free_again(limiter: RedisLimiter, scopes: list[Scope], what: str) -> None:
+    deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
+    while True:
+        try:
+            lease = await limiter.acquire(scopes, 0)
+            break
+        except LimitExceeded:
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+    assert lease.state is not None
+    await limiter.settle(lease, 0)
+
+
+async def test_a_settlement_cut_short_by_cancellation_still_frees_the_slot(proxy: StallProxy) -> None:
+    """A request whose give-back is cancelled while Redis has not answered (a second
+    cancellation, a shutdown): the lease is no longer refreshed, and its slot must not wait
+    for its 60 s deadline."""
+    limiter = RedisLimiter(f"redis://127.0.0.1:{proxy.port}/0", prefix=unique_prefix(), ttl=60)
+    await limiter.start()
+    try:
+        scopes = one_slot()
+        lease = await limiter.acquire(scopes, 0)
+        proxy.stall()
+        settling = asyncio.ensure_future(limiter.settle(lease, 0))
+        await asyncio.sleep(0.2)  # sent, swallowed by the stalled proxy
+        assert not settling.done()
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        proxy.resume()
+        await _free_again(limiter, scopes, "the slot of a cancelled settlement was not given back")
+    finally:
+        await limiter.aclose()
+
+
+async def test_an_admission_cancelled_after_redis_took_the_slot_frees_it(proxy: StallProxy) -> None:
+    """The client hangs up while the admission script's answer is on its way: Redis took a
+    slot the request will never use or settle."""
+    limiter = RedisLimiter(f"redis://127.0.0.1:{proxy.port}/0", prefix=unique_prefix(), ttl=60)
+    await limiter.start()
+    try:
+        scopes = one_slot()
+        await limiter.settle(await limiter.acquire(scopes, 0), 0)  # connected, script loaded
+        proxy.lose_replies()  # Redis runs the script and takes the slot; the answer is lost
+        admitting = asyncio.ensure_future(limiter.acquire(scopes, 0))
+        await asyncio.sleep(0.3)
+        assert not admitting.done()
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        proxy.resume()
+        await _free_again(limiter, scopes, "the slot taken by a cancelled admission was never freed")
+    finally:
+        await limiter.aclose()

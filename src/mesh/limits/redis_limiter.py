@@ -255,6 +255,12 @@ class RedisLimiter:
             lease.scopes = ()
             lease.done = True
             return lease
+        except asyncio.CancelledError:
+            # Cut short (the client hung up while Redis was asked): the script may have run
+            # and taken a slot nobody will settle, which would block the key until its TTL.
+            if lease.concurrent:
+                self._keep(lease.id, self._keys(scopes), [0, lease.id, *self._limit_args(scopes)])
+            raise
         ok, wait, who, dim = int(out[0]), float(out[1]) / 1000, int(out[2]), int(out[3])
         state = self._state(scopes, [float(x) for x in out[4:]])
         if not ok:
@@ -305,6 +311,10 @@ class RedisLimiter:
         except redis_errors() as exc:
             self._warn("could not settle rate limits on Redis (%s); retrying", exc)
             self._keep(lease.id, keys, args)
+        except asyncio.CancelledError:
+            # The lease is no longer refreshed: settled by the retry, not left to its TTL.
+            self._keep(lease.id, keys, args)
+            raise
 
     @staticmethod
     def _limit_args(scopes: Sequence[Scope]) -> list[Any]:
