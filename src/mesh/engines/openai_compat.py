@@ -23,7 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from mesh.canonical import CanonicalRequest, Event, Message, Relayed, Usage
 from mesh.config import OpenAIEngineConfig
-from mesh.engines.http1 import ConnectFailed, Http1Client, Response
+from mesh.engines.http1 import ConnectFailed, Http1Client, Response, UpstreamClosed
 from mesh.engines.openai_relay import RelayDecoder
 from mesh.engines.openai_wire import ChunkDecoder, encode_messages, encode_tools, request_body
 from mesh.errors import (
@@ -189,7 +189,8 @@ class OpenAIEngine:
     async def _ask(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
         """A short request on the pool (a health check, a token count): its status and body
         (at most 1 MiB), by ``connect_timeout`` at the latest (TimeoutError)."""
-        assert self._chat is not None
+        if self._chat is None:  # closed (a reload) while the probe ran: its first request ended
+            raise UpstreamClosed("the engine's client was closed")
         deadline = asyncio.get_running_loop().time() + self.config.connect_timeout
         resp = await self._chat.post(head, body, None, deadline)
         try:
