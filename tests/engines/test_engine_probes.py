@@ -192,3 +192,20 @@ async def test_a_cancelled_probe_leaves_no_connection_behind() -> None:
             assert engine._chat is not None and not engine._chat._open and not engine._chat._idle
         finally:
             await engine.aclose()
+
+
+async def test_a_closed_engine_is_unhealthy_and_opens_no_connection_again() -> None:
+    """A probe that starts after aclose() (a replica removed while the monitor's round was
+    under way) must not reopen the pool: its kept connection would outlive the replica."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while await read_request(reader) is not None:
+            writer.write(answer("200 OK", b'{"count":3}'))
+            await writer.drain()
+
+    async with serve(handler) as (state, url):
+        engine = engine_at(url)
+        assert await engine.health() is True
+        await engine.aclose()
+        assert await engine.health() is False
+        assert await engine.count_tokens(prompt(), prompt_request()) is None
+        assert engine._chat is None and state.connections == 1

@@ -173,6 +173,7 @@ class OpenAIEngine:
         self._chat_head = b""
         self._health_head = self._models_head = self._tokenize_head = b""
         self._draining: set[asyncio.Task[None]] = set()  # answers whose end is still being read
+        self._closed = False  # probes after aclose() (a replica just removed) open nothing again
 
     def _chat_client(self) -> Http1Client:
         if self._chat is None:
@@ -321,6 +322,8 @@ class OpenAIEngine:
         raise EngineError("The engine closed the stream before answering.")
 
     async def health(self) -> bool:
+        if self._closed:
+            return False
         if self._chat is None:
             self._chat_client()  # the requests' heads
         try:
@@ -336,6 +339,8 @@ class OpenAIEngine:
         }
         if request.tools:
             body["tools"] = encode_tools(request.tools)  # vLLM's chat template renders them too
+        if self._closed:
+            return None
         if self._chat is None:
             self._chat_client()
         try:
@@ -349,6 +354,7 @@ class OpenAIEngine:
             return None
 
     async def aclose(self) -> None:
+        self._closed = True
         draining = list(self._draining)
         for task in draining:
             task.cancel()
