@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.limits import LimitExceeded, RateLimits, RedisLimiter, Scope
+from mesh.limits import Lease, LimitExceeded, RateLimits, RedisLimiter, Scope
 from mesh.limits.redis_limiter import RETRY_INTERVAL
 from support.redis import unique_prefix
 from support.stallproxy import StallProxy
@@ -25,6 +25,17 @@ def one_slot() -> list[Scope]:
     return [Scope("key", "key_stall", "acct_stall", RateLimits(concurrent=1))]
 
 
+async def free_again(limiter: RedisLimiter, scopes: list[Scope], what: str) -> Lease:
+    """The slot, taken again once the retries gave it back (``what`` if they never do)."""
+    deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
+    while True:
+        try:
+            return await limiter.acquire(scopes, 0)
+        except LimitExceeded:
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+
+
 async def test_a_slot_released_during_a_redis_stall_is_free_as_soon_as_redis_answers(proxy: StallProxy) -> None:
     limiter = RedisLimiter(f"redis://127.0.0.1:{proxy.port}/0", prefix=unique_prefix(), ttl=60)
     await limiter.start()
@@ -37,14 +48,7 @@ async def test_a_slot_released_during_a_redis_stall_is_free_as_soon_as_redis_ans
         await limiter.settle(lease, 0)  # the request ends while Redis does not answer: lost
         proxy.resume()
         # Without a retry the slot would stay taken until its 60 s deadline.
-        deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
-        while True:
-            try:
-                again = await limiter.acquire(scopes, 0)
-                break
-            except LimitExceeded:
-                assert time.monotonic() < deadline, "the slot was not given back after the stall"
-                await asyncio.sleep(0.1)
+        again = await free_again(limiter, scopes, "the slot was not given back after the stall")
         await limiter.settle(again, 0)
     finally:
         await limiter.aclose()
@@ -60,31 +64,11 @@ async def test_an_admission_whose_answer_was_lost_frees_the_slot_it_may_have_tak
         failed_open = await limiter.acquire(scopes, 0)  # fails open: unlimited, nothing to settle
         assert failed_open.done and failed_open.state is None
         proxy.resume()
-        deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
-        while True:
-            try:
-                lease = await limiter.acquire(scopes, 0)
-                break
-            except LimitExceeded:
-                assert time.monotonic() < deadline, "the slot taken by the lost admission was never freed"
-                await asyncio.sleep(0.1)
+        lease = await free_again(limiter, scopes, "the slot taken by the lost admission was never freed")
         assert lease.state is not None  # a real slot, counted on Redis
         await limiter.settle(lease, 0)
     finally:
         await limiter.aclose()
-
-
-async def _free_again(limiter: RedisLimiter, scopes: list[Scope], what: str) -> None:
-    deadline = time.monotonic() + 4 * RETRY_INTERVAL + 2
-    while True:
-        try:
-            lease = await limiter.acquire(scopes, 0)
-            break
-        except LimitExceeded:
-            assert time.monotonic() < deadline, what
-            await asyncio.sleep(0.1)
-    assert lease.state is not None
-    await limiter.settle(lease, 0)
 
 
 async def test_a_settlement_cut_short_by_cancellation_still_frees_the_slot(proxy: StallProxy) -> None:
@@ -104,7 +88,9 @@ async def test_a_settlement_cut_short_by_cancellation_still_frees_the_slot(proxy
         with pytest.raises(asyncio.CancelledError):
             await settling
         proxy.resume()
-        await _free_again(limiter, scopes, "the slot of a cancelled settlement was not given back")
+        lease = await free_again(limiter, scopes, "the slot of a cancelled settlement was not given back")
+        assert lease.state is not None
+        await limiter.settle(lease, 0)
     finally:
         await limiter.aclose()
 
@@ -125,6 +111,8 @@ async def test_an_admission_cancelled_after_redis_took_the_slot_frees_it(proxy: 
         with pytest.raises(asyncio.CancelledError):
             await admitting
         proxy.resume()
-        await _free_again(limiter, scopes, "the slot taken by a cancelled admission was never freed")
+        lease = await free_again(limiter, scopes, "the slot taken by a cancelled admission was never freed")
+        assert lease.state is not None
+        await limiter.settle(lease, 0)
     finally:
         await limiter.aclose()
