@@ -27,7 +27,7 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.errors import EngineError, EngineOverloaded
-from mesh.http.streaming import StreamResponse
+from mesh.http.streaming import LastChunk, StreamResponse
 from mesh.protocols.anthropic_messages import StreamMeta, encode_stream
 from mesh.protocols.anthropic_stream import PING
 
@@ -237,3 +237,14 @@ async def test_a_fast_stream_passes_unchanged_and_no_ping_follows_its_end() -> N
     count = len(out)
     await asyncio.sleep(0.1)  # a ping timer left running would still be sending
     assert len(out) == count and out[-1] == b"chunk1"
+
+
+@pytest.mark.parametrize("fail", [None, EngineError("engine fell over")])
+async def test_the_closing_event_alone_is_the_last_chunk(fail: Exception | None) -> None:
+    # message_delta + message_stop, or the error event, go out with the response's end.
+    chunks = [c async for c in encode_stream(_events([TextDelta("Hi"), Finish("stop"), Usage(3, 1)], fail), META)]
+    assert [type(c) for c in chunks[:-1]] == [bytes] * (len(chunks) - 1)
+    last = chunks[-1]
+    assert type(last) is LastChunk
+    names = [name for name, _ in sse(bytes(last))]
+    assert names == (["error"] if fail is not None else ["content_block_stop", "message_delta", "message_stop"])

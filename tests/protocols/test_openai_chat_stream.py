@@ -18,10 +18,11 @@ from typing import Any
 import orjson
 import pytest
 
-from mesh.canonical import Event, Relayed, Usage
+from mesh.canonical import Event, Finish, Relayed, TextDelta, Usage
 from mesh.engines.openai_relay import RelayDecoder
 from mesh.engines.openai_wire import ChunkDecoder
 from mesh.errors import EngineError
+from mesh.http.streaming import LastChunk
 from mesh.protocols.openai_chat import StreamMeta, encode_stream
 from mesh.routing.resume import Delivered
 
@@ -295,3 +296,25 @@ def test_an_error_read_together_with_output_comes_after_that_output(relay: bool)
     events, done = decoder.decode_batch(payloads)
     assert not done and events and decoder.failure is not None and "boom" in decoder.failure.message
     assert b"never" not in encode(events, meta())
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("fail", [None, EngineError("engine fell over")])
+async def test_the_closing_event_alone_is_the_last_chunk(include_usage: bool, fail: Exception | None) -> None:
+    # [DONE] (with the usage chunk before it) or the in-band error goes out with the
+    # response's end (http/streaming.py); nothing before it is marked.
+    async def events() -> AsyncIterator[Event]:
+        yield TextDelta("Hi")
+        yield Finish("stop")
+        yield Usage(input_tokens=3, output_tokens=1)
+        if fail is not None:
+            raise fail
+
+    chunks = [c async for c in encode_stream(events(), meta(include_usage))]
+    assert [type(c) for c in chunks[:-1]] == [bytes] * (len(chunks) - 1)
+    last = chunks[-1]
+    assert type(last) is LastChunk
+    if fail is not None:
+        assert b"engine fell over" in last and b"[DONE]" not in last
+    else:
+        assert last.endswith(b"data: [DONE]\n\n") and (b'"usage":{' in last) == include_usage

@@ -39,6 +39,7 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.errors import EngineError, InvalidRequest, RateLimited
+from mesh.http.streaming import LastChunk
 from mesh.protocols import openai_responses as r
 from mesh.protocols.openai_responses_items import decode_reasoning, encode_reasoning
 
@@ -449,3 +450,15 @@ async def test_stream_carries_logprobs_and_encrypted_reasoning() -> None:
     assert delta["logprobs"] == [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]
     done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
     assert decode_reasoning(done[0]["encrypted_content"]) == "hmm"
+
+
+@pytest.mark.parametrize("fail", [None, EngineError("engine fell over")])
+async def test_the_terminal_event_alone_is_the_last_chunk(fail: Exception | None) -> None:
+    # response.completed (or response.failed) goes out with the response's end.
+    chunks = [c async for c in r.encode_stream(_events([TextDelta("Hi"), Finish("stop"), Usage(3, 1)], fail), meta())]
+    assert [type(c) for c in chunks[:-1]] == [bytes] * (len(chunks) - 1)
+    last = chunks[-1]
+    assert type(last) is LastChunk
+    events = [e["type"] for e in sse(b"".join(chunks))]
+    assert [line for line in last.decode().splitlines() if line.startswith("event:")] == [f"event: {events[-1]}"]
+    assert events[-1] == ("response.failed" if fail is not None else "response.completed")

@@ -18,6 +18,16 @@ SSE_COMMENT = b": keep-alive\n\n"
 # the client hangs up: ``scope[ON_DISCONNECT](callback)`` (False: gone already), ``None`` to
 # stop being called.
 ON_DISCONNECT = "mesh.on_disconnect"
+
+
+class LastChunk(bytes):
+    """A body's last chunk (the protocol's closing event, ``[DONE]`` and what comes just
+    before it): it goes out with the response's end, one write and one packet instead of
+    two or three. The body yields nothing after it; its generator still runs to its end."""
+
+    __slots__ = ()
+
+
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -63,6 +73,7 @@ class StreamResponse:
         self._early: asyncio.Task[None] | None = None  # start_early's task: the head went out there
         self._timer: asyncio.TimerHandle | None = None  # the idle pings' next tick
         self._pinging: asyncio.Task[None] | None = None
+        self._ended = False  # the response's end went out (with a LastChunk)
 
     def start_early(self, send: Send) -> None:
         """Start the response now, from a task of its own, while the request's task is busy
@@ -171,10 +182,17 @@ class StreamResponse:
             await early  # the head went out from there; it ends once ``waiting`` is done
         if self.idle_ping is None:
             async for chunk in self.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send(self._body_message(chunk))
         else:
             await self._pump_with_pings(send, self.idle_ping)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not self._ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _body_message(self, chunk: bytes) -> Message:
+        if chunk.__class__ is LastChunk:
+            self._ended = True
+            return {"type": "http.response.body", "body": chunk, "more_body": False}
+        return {"type": "http.response.body", "body": chunk, "more_body": True}
 
     def _start(self) -> Message:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -199,7 +217,7 @@ class StreamResponse:
             except StopAsyncIteration:
                 return
             self._sent = True
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send(self._body_message(chunk))
 
     async def _pump_with_pings(self, send: Send, ping: bytes) -> None:
         if self._timer is None:  # else armed by start_early
@@ -207,7 +225,7 @@ class StreamResponse:
         try:
             async for chunk in self.body:
                 self._sent = True
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send(self._body_message(chunk))
         finally:
             self._stop_pings()  # never a ping after the body's end
 

@@ -40,6 +40,7 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.errors import InternalError, MeshError
+from mesh.http.streaming import LastChunk
 from mesh.protocols.anthropic_errors import stream_error_event
 from mesh.protocols.anthropic_render import StreamMeta, stop_reason, usage_body
 
@@ -197,9 +198,10 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
                     finish = ev
             if out:
                 yield out
-        yield blocks.message_end(finish, usage or Usage())
+        yield LastChunk(blocks.message_end(finish, usage or Usage()))
     except MeshError as err:
-        yield stream_error_event(err, meta.request_id)
+        yield LastChunk(stream_error_event(err, meta.request_id))
     except Exception:
         log.exception("stream failed")
-        yield stream_error_event(InternalError("The stream failed because of an internal error."), meta.request_id)
+        yield LastChunk(stream_error_event(InternalError("The stream failed because of an internal error."),
+                                           meta.request_id))

@@ -41,6 +41,7 @@ from mesh.canonical import (
     Usage,
 )
 from mesh.errors import InternalError, InvalidRequest, MeshError
+from mesh.http.streaming import LastChunk
 from mesh.protocols import openai_chat_wire as w
 from mesh.protocols.extensions import keep_known
 from mesh.protocols.openai_errors import render_error, stream_error_event
@@ -339,6 +340,8 @@ def _finish(reason: str) -> str:
 
 # The spellings engines use for reasoning text in a delta (vLLM's newer ``reasoning``).
 _ENGINE_REASONING = ("reasoning_content", "reasoning")
+_DONE = b"data: [DONE]\n\n"
+_LAST_DONE = LastChunk(_DONE)
 
 
 class _ChunkWriter:
@@ -445,10 +448,11 @@ async def encode_stream(events: AsyncIterator[Event], meta: StreamMeta) -> Async
                     )
         if meta.include_usage:
             u = usage or Usage()
-            yield out.usage(usage_body(u, meta.usage_extras(u) if meta.usage_extras else None))
-        yield b"data: [DONE]\n\n"
+            yield LastChunk(out.usage(usage_body(u, meta.usage_extras(u) if meta.usage_extras else None)) + _DONE)
+        else:
+            yield _LAST_DONE
     except MeshError as err:
-        yield stream_error_event(err)
+        yield LastChunk(stream_error_event(err))
     except Exception:
         log.exception("stream failed")
-        yield stream_error_event(InternalError("The stream failed because of an internal error."))
+        yield LastChunk(stream_error_event(InternalError("The stream failed because of an internal error.")))

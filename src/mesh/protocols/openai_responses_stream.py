@@ -30,6 +30,7 @@ import orjson
 
 from mesh.canonical import Event, Finish, FinishReason, ReasoningDelta, TextDelta, ToolArgsDelta, ToolCallStart, Usage
 from mesh.errors import InternalError, MeshError
+from mesh.http.streaming import LastChunk
 from mesh.protocols.openai_responses_output import (
     ItemStatus,
     ResponseMeta,
@@ -218,9 +219,9 @@ async def encode_stream(
         if on_final is not None:
             await on_final(final)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-        yield enc.event(kind, {"response": final})
+        yield LastChunk(enc.event(kind, {"response": final}))
     except MeshError as err:
-        yield enc.failed(err)
+        yield LastChunk(enc.failed(err))
     except Exception:
         log.exception("responses stream failed")
-        yield enc.failed(InternalError("The stream failed because of an internal error."))
+        yield LastChunk(enc.failed(InternalError("The stream failed because of an internal error.")))

@@ -1,0 +1,122 @@
+"""A stream's last chunk (``LastChunk``: the protocol's closing event) leaves with the
+response's end in one write, where the body's last bytes, an empty end and the chunked
+terminator took two or three; a body that yields after it fails loudly, and what the
+response held still comes back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from mesh.http.server import _HeadersWithBody, _MeshCycle
+from mesh.http.streaming import ON_DISCONNECT, LastChunk, StreamResponse
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class Flow:
+    write_paused = False
+
+
+def cycle() -> tuple[_MeshCycle, Recorder, list[str]]:
+    t = Recorder()
+    completed: list[str] = []
+    c = _MeshCycle(
+        scope={"type": "http", "method": "POST"},  # type: ignore[typeddict-item]
+        transport=_HeadersWithBody(t, asyncio.get_running_loop()),  # type: ignore[arg-type]
+        flow=Flow(), logger=None, access_logger=None, access_log=False,  # type: ignore[arg-type]
+        default_headers=[], message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+        on_response=lambda: completed.append("done"),
+    )
+    return c, t, completed
+
+
+async def serve(body: AsyncIterator[bytes], closed: list[str] | None = None) -> tuple[Recorder, list[str], list[str]]:
+    c, t, completed = cycle()
+    closed = [] if closed is None else closed
+
+    async def on_close() -> None:
+        closed.append("closed")
+
+    response = StreamResponse(body, {}, on_close=on_close)
+    scope: dict[str, Any] = {"type": "http", ON_DISCONNECT: lambda callback: True}
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("not read under Mesh's server")
+
+    await response(scope, receive, c.send)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # anything the transport still held
+    return t, completed, closed
+
+
+async def test_the_last_chunk_goes_out_with_the_terminator_in_one_write() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0)  # the next chunk in a later turn, as an engine's next read
+        yield b"data: 2\n\n"
+        yield LastChunk(b"data: [DONE]\n\n")
+
+    t, completed, closed = await serve(body())
+    assert len(t.writes) == 3, t.writes  # head + first chunk, second chunk, last chunk + end
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and t.writes[0].endswith(b"9\r\ndata: 1\n\n\r\n")
+    assert t.writes[1] == b"9\r\ndata: 2\n\n\r\n"
+    assert t.writes[2] == b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+    assert completed == ["done"] and closed == ["closed"]
+
+
+async def test_without_a_last_chunk_the_end_is_a_write_of_its_own() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0)
+        yield b"data: [DONE]\n\n"
+
+    t, completed, closed = await serve(body())
+    assert t.writes[1:] == [b"e\r\ndata: [DONE]\n\n\r\n", b"0\r\n\r\n"]
+    assert completed == ["done"] and closed == ["closed"]
+
+
+async def test_a_body_that_goes_on_after_its_last_chunk_fails_and_still_closes() -> None:
+    finished: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b"data: 1\n\n"
+            yield LastChunk(b"data: [DONE]\n\n")
+            yield b"data: late\n\n"
+        finally:
+            finished.append("body closed")
+
+    closed: list[str] = []
+    with pytest.raises(RuntimeError):
+        await serve(body(), closed)
+    assert finished == ["body closed"] and closed == ["closed"]
+
+
+async def test_the_generator_runs_to_its_end_after_its_last_chunk() -> None:
+    # What a body does after its last yield (its epilogue) is not cut short by the end
+    # having gone out already.
+    after: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield LastChunk(b"data: [DONE]\n\n")
+        await asyncio.sleep(0)
+        after.append("epilogue")
+
+    t, completed, closed = await serve(body())
+    assert after == ["epilogue"] and closed == ["closed"] and completed == ["done"]
+    assert t.writes[-1].endswith(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
