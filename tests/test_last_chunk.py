@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from mesh.http.server import _HeadersWithBody, _MeshCycle
 from mesh.http.streaming import ON_DISCONNECT, LastChunk, StreamResponse
@@ -120,3 +121,64 @@ async def test_the_generator_runs_to_its_end_after_its_last_chunk() -> None:
     t, completed, closed = await serve(body())
     assert after == ["epilogue"] and closed == ["closed"] and completed == ["done"]
     assert t.writes[-1].endswith(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+async def test_under_another_server_the_generator_still_runs_to_its_end_after_its_last_chunk() -> None:
+    # Under an ASGI server other than Mesh's (``StreamResponse._watched``), uvicorn's own
+    # cycle: once the response is complete, ``receive()`` answers ``http.disconnect`` at
+    # once. That end is the body's own, not a hang-up: its epilogue is not cancelled.
+    t = Recorder()
+    flow = Flow()
+    flow.resume_reading = lambda: None  # type: ignore[attr-defined]
+    c = RequestResponseCycle(
+        scope={"type": "http", "method": "POST"},  # type: ignore[typeddict-item]
+        transport=t,  # type: ignore[arg-type]
+        flow=flow, logger=None, access_logger=None, access_log=False,  # type: ignore[arg-type]
+        default_headers=[], message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+        on_response=lambda: None,
+    )
+    after: list[str] = []
+    closed: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield LastChunk(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.01)
+        after.append("epilogue")
+
+    async def on_close() -> None:
+        closed.append("closed")
+
+    response = StreamResponse(body(), {}, on_close=on_close)
+    await response({"type": "http"}, c.receive, c.send)  # type: ignore[arg-type]
+    assert after == ["epilogue"] and closed == ["closed"]
+    assert t.writes[-1].endswith(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["called", "start-early"])
+async def test_no_idle_ping_is_tried_after_the_last_chunk(early: bool) -> None:
+    # The response's end went out with the last chunk: the idle timer has nothing left to
+    # send while the body's generator runs to its end (start_early: the early task sent it).
+    after_end: list[dict[str, Any]] = []
+    ended = False
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal ended
+        if ended:
+            after_end.append(message)
+            raise RuntimeError("sent after the response's end")
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            ended = True
+
+    async def body() -> AsyncIterator[bytes]:
+        if not early:
+            yield b"event: message_start\ndata: {}\n\n"
+        yield LastChunk(b"event: message_stop\ndata: {}\n\n")
+        await asyncio.sleep(0.1)  # several idle ticks
+
+    response = StreamResponse(body(), {}, idle_ping=b"event: ping\ndata: {}\n\n", keepalive=0.01)
+    if early:
+        response.start_early(send)  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the early task sends the head and the body's first (and last) chunk
+    await response({"type": "http", ON_DISCONNECT: lambda callback: True}, None, send)  # type: ignore[arg-type]
+    assert ended and after_end == []

@@ -135,6 +135,10 @@ class StreamResponse:
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+            if self._ended and not pump.done():
+                # The end went out with a LastChunk, and a complete response's ``receive()``
+                # says ``http.disconnect`` (uvicorn): no hang-up, the body runs to its end.
+                await asyncio.wait((pump,))
         finally:
             for task in (pump, watch):
                 if not task.done():
@@ -191,6 +195,7 @@ class StreamResponse:
     def _body_message(self, chunk: bytes) -> Message:
         if chunk.__class__ is LastChunk:
             self._ended = True
+            self._stop_pings()  # nothing may follow the end, while the body runs to its end
             return {"type": "http.response.body", "body": chunk, "more_body": False}
         return {"type": "http.response.body", "body": chunk, "more_body": True}
 
@@ -220,7 +225,7 @@ class StreamResponse:
             await send(self._body_message(chunk))
 
     async def _pump_with_pings(self, send: Send, ping: bytes) -> None:
-        if self._timer is None:  # else armed by start_early
+        if self._timer is None and not self._ended:  # else armed by start_early (or its chunk was the last)
             self._arm_pings(send, ping)
         try:
             async for chunk in self.body:
