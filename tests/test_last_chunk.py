@@ -182,3 +182,30 @@ async def test_no_idle_ping_is_tried_after_the_last_chunk(early: bool) -> None:
         await asyncio.sleep(0)  # the early task sends the head and the body's first (and last) chunk
     await response({"type": "http", ON_DISCONNECT: lambda callback: True}, None, send)  # type: ignore[arg-type]
     assert ended and after_end == []
+
+
+async def test_under_another_server_a_hang_up_while_the_last_chunk_waits_in_send_still_closes() -> None:
+    # A client that stops reading (``send`` blocks, as on a full socket) and hangs up while
+    # the last chunk is being sent: the end never went out, so the hang-up cancels the pump.
+    gone = asyncio.Event()
+    closed: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            gone.set()
+            await asyncio.Event().wait()  # cancelled by the response when it sees the hang-up
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield LastChunk(b"data: [DONE]\n\n")
+
+    async def on_close() -> None:
+        closed.append("closed")
+
+    response = StreamResponse(body(), {}, on_close=on_close)
+    await asyncio.wait_for(response({"type": "http"}, receive, send), 2)  # type: ignore[arg-type]
+    assert closed == ["closed"]

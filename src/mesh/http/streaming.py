@@ -131,11 +131,19 @@ class StreamResponse:
     async def _watched(self, receive: Receive, send: Send) -> None:
         """Under any other ASGI server: the body in a task of its own, raced against a task
         waiting for ``http.disconnect``."""
-        pump = asyncio.ensure_future(self._pump(send))
+        complete = False
+
+        async def sending(message: Message) -> None:
+            nonlocal complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+
+        pump = asyncio.ensure_future(self._pump(sending))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
-            if self._ended and not pump.done():
+            if complete and not pump.done():
                 # The end went out with a LastChunk, and a complete response's ``receive()``
                 # says ``http.disconnect`` (uvicorn): no hang-up, the body runs to its end.
                 await asyncio.wait((pump,))
