@@ -150,7 +150,9 @@ def _as_api_request(request: Request, payload: bytes, key: str) -> Request:
             return {"type": "http.request", "body": payload, "more_body": False}
         return await request.receive()
 
-    return Request(scope, receive)
+    # The connection's own send: a stream queued past its patience starts its response
+    # from a task of its own (``api/inference.py``), before this handler returns it.
+    return Request(scope, receive, request._send)
 
 
 def playground_routes(console: Console) -> list[Route]:
