@@ -14,36 +14,14 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from mesh.http.server import _HeadersWithBody, _MeshCycle
 from mesh.http.streaming import ON_DISCONNECT, LastChunk, StreamResponse
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-
-class Flow:
-    write_paused = False
+from support.cycle import Recorder, response_cycle
 
 
 def cycle() -> tuple[_MeshCycle, Recorder, list[str]]:
     t = Recorder()
     completed: list[str] = []
-    c = _MeshCycle(
-        scope={"type": "http", "method": "POST"},  # type: ignore[typeddict-item]
-        transport=_HeadersWithBody(t, asyncio.get_running_loop()),  # type: ignore[arg-type]
-        flow=Flow(), logger=None, access_logger=None, access_log=False,  # type: ignore[arg-type]
-        default_headers=[], message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
-        on_response=lambda: completed.append("done"),
-    )
+    c = response_cycle(_MeshCycle, _HeadersWithBody(t, asyncio.get_running_loop()),  # type: ignore[arg-type]
+                       on_response=lambda: completed.append("done"))
     return c, t, completed
 
 
@@ -128,15 +106,7 @@ async def test_under_another_server_the_generator_still_runs_to_its_end_after_it
     # cycle: once the response is complete, ``receive()`` answers ``http.disconnect`` at
     # once. That end is the body's own, not a hang-up: its epilogue is not cancelled.
     t = Recorder()
-    flow = Flow()
-    flow.resume_reading = lambda: None  # type: ignore[attr-defined]
-    c = RequestResponseCycle(
-        scope={"type": "http", "method": "POST"},  # type: ignore[typeddict-item]
-        transport=t,  # type: ignore[arg-type]
-        flow=flow, logger=None, access_logger=None, access_log=False,  # type: ignore[arg-type]
-        default_headers=[], message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
-        on_response=lambda: None,
-    )
+    c = response_cycle(RequestResponseCycle, t)
     after: list[str] = []
     closed: list[str] = []
 

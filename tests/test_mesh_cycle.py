@@ -3,41 +3,19 @@ does, keeps the same response state, and refuses the same bad names and values."
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from mesh.http.server import _MeshCycle
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-
-class Flow:
-    write_paused = False
+from support.cycle import Recorder, response_cycle
 
 
 def _cycle(cls: type[RequestResponseCycle], method: str, keep_alive: bool) -> tuple[RequestResponseCycle, Recorder]:
     t = Recorder()
-    cycle = cls(
-        scope={"type": "http", "method": method},  # type: ignore[typeddict-item]
-        transport=t, flow=Flow(), logger=None, access_logger=None, access_log=False,  # type: ignore[arg-type]
-        default_headers=[(b"date", b"Mon, 07 Dec 2026 09:00:00 GMT")], message_event=asyncio.Event(),
-        expect_100_continue=False, keep_alive=keep_alive, on_response=lambda: None,
-    )
+    cycle = response_cycle(cls, t, method=method, keep_alive=keep_alive,
+                           default_headers=[(b"date", b"Mon, 07 Dec 2026 09:00:00 GMT")])
     return cycle, t
 
 

@@ -46,12 +46,8 @@ def billed(
             "billing": {"usage_flush_interval": 0.05},
             "routing": {"relay": relay},
         }
-        with GatewayProcess(config, work) as gw:
-            admin = Admin(gw.url)
-            try:
-                yield gw, admin
-            finally:
-                admin.close()
+        with GatewayProcess(config, work) as gw, Admin(gw.url) as admin:
+            yield gw, admin
 
 
 def credits(text: str) -> Decimal:

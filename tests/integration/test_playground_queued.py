@@ -40,12 +40,8 @@ def console_gw(
         "models": [{"id": "solo", "context_length": 4096, "pricing": TEST_PRICING, "engines": engines}],
         "console": {"secret": "s" * 48, "signups_per_ip_per_hour": 10_000, "verify_email": False},
     }
-    with GatewayProcess(config, work) as gw:
-        admin = Admin(gw.url)
-        try:
-            yield gw, admin
-        finally:
-            admin.close()
+    with GatewayProcess(config, work) as gw, Admin(gw.url) as admin:
+        yield gw, admin
 
 
 def signed_in(gw: GatewayProcess) -> tuple[httpx.Client, str]:

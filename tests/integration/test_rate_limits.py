@@ -40,12 +40,8 @@ def limited(
     }
     if request.param == "redis":
         config |= {"redis": require_redis(request), "redis_prefix": unique_prefix()}
-    with GatewayProcess(config, work) as gw:
-        admin = Admin(gw.url)
-        try:
-            yield gw, admin
-        finally:
-            admin.close()
+    with GatewayProcess(config, work) as gw, Admin(gw.url) as admin:
+        yield gw, admin
 
 
 def seconds(duration: str) -> float:

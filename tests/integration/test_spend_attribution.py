@@ -31,12 +31,8 @@ def gw_admin(
     work = tmp_path_factory.mktemp(f"attribution-{request.param}")
     with temporary_database(request, request.param, work) as url:
         config = {"database": url, "models": engine_models(engine.base_url), "billing": {"usage_flush_interval": 0.05}}
-        with GatewayProcess(config, work) as gw:
-            admin = Admin(gw.url)
-            try:
-                yield gw, admin
-            finally:
-                admin.close()
+        with GatewayProcess(config, work) as gw, Admin(gw.url) as admin:
+            yield gw, admin
 
 
 def _get(gw: GatewayProcess, key: str, path: str, **params: Any) -> httpx.Response:

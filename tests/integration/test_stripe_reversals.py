@@ -51,12 +51,8 @@ def shop(
                 "verify_email": False,  # these customers sign in at once; verification has its own tests
             },
         }
-        with GatewayProcess(config, work) as gw:
-            admin = Admin(gw.url)
-            try:
-                yield gw, admin
-            finally:
-                admin.close()
+        with GatewayProcess(config, work) as gw, Admin(gw.url) as admin:
+            yield gw, admin
 
 
 class Customer:

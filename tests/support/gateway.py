@@ -189,3 +189,9 @@ class Admin:
 
     def close(self) -> None:
         self.client.close()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
